@@ -1,0 +1,95 @@
+//! The `arbiter.v1.Authorizer` gRPC service: convert, decide, convert back.
+
+use std::sync::Arc;
+
+use prost::Message;
+use tonic::{Request, Response, Status};
+
+use super::convert::{self, Limits, Semantic};
+use super::pb::v1::{self as pb, authorizer_server::Authorizer};
+use crate::decision::{CheckError, Decider, Outcome};
+
+pub struct AuthorizerService {
+    decider: Arc<Decider>,
+    limits: Limits,
+}
+
+impl AuthorizerService {
+    pub fn new(decider: Arc<Decider>, limits: Limits) -> Self {
+        Self { decider, limits }
+    }
+}
+
+/// The one place decision errors become gRPC statuses.
+fn status(e: CheckError) -> Status {
+    match e {
+        CheckError::NotReady => Status::unavailable("no policy bundle is active yet; retry shortly"),
+        CheckError::Invalid(e) => Status::invalid_argument(e.to_string()),
+    }
+}
+
+#[tonic::async_trait]
+impl Authorizer for AuthorizerService {
+    async fn check(&self, request: Request<pb::CheckRequest>) -> Result<Response<pb::CheckResponse>, Status> {
+        let msg = request.into_inner();
+        convert::check_size(msg.encoded_len(), &self.limits)?;
+        let req = convert::request(msg, &self.limits)?;
+        let answer = self.decider.check(&req).map_err(status)?;
+        Ok(Response::new(convert::answer(&answer)))
+    }
+
+    async fn check_batch(
+        &self,
+        request: Request<pb::CheckBatchRequest>,
+    ) -> Result<Response<pb::CheckBatchResponse>, Status> {
+        let msg = request.into_inner();
+        convert::check_size(msg.encoded_len(), &self.limits)?;
+        let (items, semantic) = convert::batch(msg, &self.limits)?;
+        // One revision decides the whole batch.
+        let active = self.decider.snapshot().ok_or_else(|| status(CheckError::NotReady))?;
+        let mut results = Vec::with_capacity(items.len());
+        for item in items {
+            let result = item.and_then(|req| self.decider.check_on(&active, &req).map_err(status));
+            let stop = match &result {
+                Ok(a) => match semantic {
+                    Semantic::ExecuteAll => false,
+                    Semantic::DenyOnFirstDeny => a.decision.outcome != Outcome::Allow,
+                    Semantic::PermitOnFirstPermit => a.decision.outcome == Outcome::Allow,
+                },
+                // An item error is not a permit: it stops deny-on-first-deny.
+                Err(_) => semantic == Semantic::DenyOnFirstDeny,
+            };
+            results.push(pb::BatchResult {
+                result: Some(match result {
+                    Ok(answer) => pb::batch_result::Result::Decision(convert::answer(&answer)),
+                    Err(s) => pb::batch_result::Result::Error(pb::ItemError {
+                        code: format!("{:?}", s.code()).to_uppercase_snake(),
+                        message: s.message().to_owned(),
+                    }),
+                }),
+            });
+            if stop {
+                break;
+            }
+        }
+        Ok(Response::new(pb::CheckBatchResponse { results }))
+    }
+}
+
+/// `InvalidArgument` → `INVALID_ARGUMENT`, the gRPC spelling of a code.
+trait UpperSnake {
+    fn to_uppercase_snake(&self) -> String;
+}
+
+impl UpperSnake for String {
+    fn to_uppercase_snake(&self) -> String {
+        let mut out = String::with_capacity(self.len() + 4);
+        for (i, c) in self.chars().enumerate() {
+            if c.is_uppercase() && i > 0 {
+                out.push('_');
+            }
+            out.push(c.to_ascii_uppercase());
+        }
+        out
+    }
+}

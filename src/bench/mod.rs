@@ -1,0 +1,426 @@
+//! `arbiter bench`: drives a real sidecar over gRPC on loopback with C
+//! concurrent callers on one HTTP/2 connection, and in the same run a bare
+//! tonic echo of the same message size, and prints throughput, latency
+//! percentiles, server CPU per call (from `/proc/PID/stat`) and the ratios to
+//! the echo baseline.
+//!
+//! Run it pinned so the figures mean something: `taskset -c 0 arbiter bench`
+//! (the servers it starts are pinned to `--server-cpu`, default 1).
+
+mod echo;
+pub mod scenario;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use serde_json::Value;
+use tonic::transport::{Channel, Endpoint};
+
+pub use echo::{EchoArgs, run_echo};
+
+use crate::api::json::{request_from_json, request_to_pb};
+use crate::api::pb::{bench as echo_pb, v1 as pb};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scenario {
+    /// The 4-policy peer scenario (`examples/peer-bench`).
+    Peer,
+    /// Peer policies + 1,000 policies over 50 resource types × 20 actions.
+    Scope,
+    /// Peer policies + 1,000 per-tenant policies sharing one scope.
+    Tenant,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Scenarios to run.
+    #[arg(long, value_delimiter = ',', default_value = "peer,scope,tenant")]
+    scenarios: Vec<Scenario>,
+    /// Concurrent callers (all on one HTTP/2 connection); one run per value.
+    #[arg(long, value_delimiter = ',', default_value = "1,32")]
+    concurrency: Vec<usize>,
+    /// Measured seconds per run.
+    #[arg(long, default_value_t = 5.0)]
+    duration: f64,
+    /// Unmeasured seconds before each run.
+    #[arg(long, default_value_t = 1.0)]
+    warmup: f64,
+    /// CPU list the servers are pinned to with `taskset` (`none` to not pin).
+    #[arg(long, default_value = "1")]
+    server_cpu: String,
+    /// Distinct requests cycled through (same shape and outcome, other ids).
+    #[arg(long, default_value_t = 1024)]
+    distinct: usize,
+    /// Decision cache settings to run: `off`, `on` or both.
+    #[arg(long, value_delimiter = ',', default_value = "off,on")]
+    cache: Vec<String>,
+    /// Compare the policy index with whole-set evaluation (adds runs with the index off).
+    #[arg(long)]
+    index_off_too: bool,
+}
+
+/// A server process under test.
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Server {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+/// user+system CPU time of a process, from `/proc/PID/stat`.
+fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start at `state`.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    // USER_HZ is 100 on Linux for every mainstream architecture.
+    Some(Duration::from_millis((utime + stime) * 10))
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn spawn(server_cpu: &str, args: &[String], addr_from: fn(&str) -> Option<String>, stderr: bool) -> Result<Server, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let pin = server_cpu != "none" && Command::new("taskset").arg("-V").output().is_ok();
+    let mut cmd = if pin {
+        let mut c = Command::new("taskset");
+        c.arg("-c").arg(server_cpu).arg(&exe);
+        c
+    } else {
+        Command::new(&exe)
+    };
+    cmd.args(args).stdin(Stdio::null());
+    if stderr {
+        cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+    } else {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
+    }
+    let mut child = cmd.spawn().map_err(|e| format!("cannot start {}: {e}", exe.display()))?;
+    let pipe: Box<dyn std::io::Read + Send> = if stderr {
+        Box::new(child.stderr.take().ok_or("no stderr")?)
+    } else {
+        Box::new(child.stdout.take().ok_or("no stdout")?)
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut sent = false;
+        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+            if !sent && let Some(addr) = addr_from(&line) {
+                let _ = tx.send(addr);
+                sent = true;
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(60))
+        .map_err(|_| format!("{} did not report its address", args.join(" ")))?;
+    Ok(Server { child, addr })
+}
+
+fn sidecar_addr(line: &str) -> Option<String> {
+    let v: Value = serde_json::from_str(line).ok()?;
+    Some(v.get("fields")?.get("grpc_addr")?.as_str()?.to_owned())
+}
+
+fn echo_addr(line: &str) -> Option<String> {
+    line.strip_prefix("listening ").map(str::to_owned)
+}
+
+/// What one measured run produced.
+struct RunStats {
+    calls: u64,
+    failures: u64,
+    elapsed: Duration,
+    cpu: Option<Duration>,
+    latency: Histogram<u64>,
+}
+
+impl RunStats {
+    fn rate(&self) -> f64 {
+        self.calls as f64 / self.elapsed.as_secs_f64()
+    }
+    fn cpu_per_call_us(&self) -> Option<f64> {
+        self.cpu.map(|c| c.as_secs_f64() * 1e6 / self.calls.max(1) as f64)
+    }
+    fn pct_us(&self, q: f64) -> f64 {
+        self.latency.value_at_quantile(q) as f64 / 1000.0
+    }
+}
+
+#[derive(Clone)]
+enum Caller {
+    Echo(echo_pb::echo_client::EchoClient<Channel>, std::sync::Arc<Vec<echo_pb::EchoMessage>>),
+    Sidecar(pb::authorizer_client::AuthorizerClient<Channel>, std::sync::Arc<Vec<pb::CheckRequest>>),
+}
+
+impl Caller {
+    async fn call(&mut self, i: usize) -> bool {
+        match self {
+            Caller::Echo(c, msgs) => c.echo(msgs[i % msgs.len()].clone()).await.is_ok(),
+            Caller::Sidecar(c, msgs) => c
+                .check(msgs[i % msgs.len()].clone())
+                .await
+                .is_ok_and(|r| r.get_ref().outcome == pb::Outcome::Allow as i32),
+        }
+    }
+}
+
+async fn connect(addr: &str) -> Result<Channel, String> {
+    Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| e.to_string())?
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .map_err(|e| format!("cannot connect to {addr}: {e}"))
+}
+
+async fn drive(caller: Caller, pid: u32, concurrency: usize, warmup: Duration, duration: Duration) -> RunStats {
+    let start = Instant::now();
+    let measure_from = start + warmup;
+    let end = measure_from + duration;
+    let mut tasks = Vec::with_capacity(concurrency);
+    for w in 0..concurrency {
+        let mut caller = caller.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).ok();
+            let (mut calls, mut failures) = (0u64, 0u64);
+            let mut i = w * 7919;
+            loop {
+                let t = Instant::now();
+                if t >= end {
+                    break;
+                }
+                let ok = caller.call(i).await;
+                i += 1;
+                if t >= measure_from {
+                    calls += 1;
+                    failures += u64::from(!ok);
+                    if let Some(h) = hist.as_mut() {
+                        let _ = h.record(t.elapsed().as_nanos() as u64);
+                    }
+                }
+            }
+            (calls, failures, hist)
+        }));
+    }
+    tokio::time::sleep_until(measure_from.into()).await;
+    let cpu_start = cpu_time(pid);
+    let wall_start = Instant::now();
+    tokio::time::sleep_until(end.into()).await;
+    let cpu_end = cpu_time(pid);
+    let elapsed = wall_start.elapsed();
+    let mut stats = RunStats {
+        calls: 0,
+        failures: 0,
+        elapsed,
+        cpu: cpu_start.zip(cpu_end).map(|(a, b)| b.saturating_sub(a)),
+        latency: Histogram::new_with_bounds(1, 60_000_000_000, 3).unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable!())),
+    };
+    for t in tasks {
+        if let Ok((calls, failures, hist)) = t.await {
+            stats.calls += calls;
+            stats.failures += failures;
+            if let Some(h) = hist {
+                let _ = stats.latency.add(h);
+            }
+        }
+    }
+    stats
+}
+
+fn row(label: &str, c: usize, s: &RunStats, echo: Option<&RunStats>) -> String {
+    let cpu = s.cpu_per_call_us().map_or("n/a".into(), |v| format!("{v:.1}"));
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
+        _ => "-".into(),
+    };
+    let cpu_ratio = ratio(s.cpu_per_call_us(), echo.and_then(RunStats::cpu_per_call_us));
+    let p50_ratio = ratio(Some(s.pct_us(0.5)), echo.map(|e| e.pct_us(0.5)));
+    format!(
+        "{label:<28} {c:>4} {:>10.0} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>8} {:>7} {:>7} {:>6}",
+        s.rate(),
+        s.pct_us(0.5),
+        s.pct_us(0.9),
+        s.pct_us(0.99),
+        s.pct_us(0.999),
+        cpu,
+        cpu_ratio,
+        p50_ratio,
+        s.failures
+    )
+}
+
+const HEADER: &str = "target                          C      req/s   p50 µs   p90 µs   p99 µs p99.9 µs  cpu µs  cpu/echo p50/echo  fails";
+
+struct Prepared {
+    name: &'static str,
+    dir: PathBuf,
+    requests: Vec<pb::CheckRequest>,
+}
+
+fn prepare(s: Scenario, tmp: &Path, distinct: usize) -> Result<Prepared, String> {
+    let io = |e: std::io::Error| e.to_string();
+    let base = scenario::peer_request();
+    let (name, dir, tenant) = match s {
+        Scenario::Peer => ("peer (4 policies)", PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/peer-bench"), None),
+        Scenario::Scope => {
+            let dir = tmp.join("scope");
+            scenario::write_scope_bundle(&dir).map_err(io)?;
+            ("scope-1000 (+4)", dir, None)
+        }
+        Scenario::Tenant => {
+            let dir = tmp.join("tenant");
+            scenario::write_tenant_bundle(&dir).map_err(io)?;
+            ("tenant-1000 (+4)", dir, Some("t7"))
+        }
+    };
+    let requests = scenario::request_mix(&base, distinct.max(1), tenant)
+        .into_iter()
+        .map(|v| request_from_json(v).map(|r| request_to_pb(&r)))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Prepared { name, dir, requests })
+}
+
+pub fn run(args: BenchArgs) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run_async(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run_async(args: BenchArgs) -> Result<(), String> {
+    let tmp = std::env::temp_dir().join(format!("arbiter-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).map_err(|e| e.to_string())?;
+    let warmup = Duration::from_secs_f64(args.warmup);
+    let duration = Duration::from_secs_f64(args.duration);
+    let threads = if args.server_cpu == "none" { "0".to_owned() } else { cpu_count(&args.server_cpu).to_string() };
+    println!(
+        "arbiter bench: {} s per run after {} s warm-up; servers pinned to CPU {}; one HTTP/2 connection; {} distinct requests",
+        args.duration, args.warmup, args.server_cpu, args.distinct
+    );
+
+    let echo_server = spawn(
+        &args.server_cpu,
+        &["bench-echo".into(), "--worker-threads".into(), threads.clone()],
+        echo_addr,
+        false,
+    )?;
+    let echo_channel = connect(&echo_server.addr).await?;
+
+    for s in &args.scenarios {
+        let prepared = prepare(*s, &tmp, args.distinct)?;
+        let payloads: Vec<echo_pb::EchoMessage> = prepared
+            .requests
+            .iter()
+            .map(|r| echo_pb::EchoMessage {
+                payload: prost::Message::encode_to_vec(r),
+            })
+            .collect();
+        println!("\n== scenario {} ({} bytes per request)", prepared.name, payloads[0].payload.len());
+        println!("{HEADER}");
+        let echo_caller = Caller::Echo(echo_pb::echo_client::EchoClient::new(echo_channel.clone()), payloads.into());
+        let mut echo_runs = Vec::new();
+        for &c in &args.concurrency {
+            let stats = drive(echo_caller.clone(), echo_server.pid(), c, warmup, duration).await;
+            println!("{}", row("echo (bare tonic)", c, &stats, None));
+            echo_runs.push(stats);
+        }
+        let mut variants: Vec<(String, Vec<String>)> = Vec::new();
+        for cache in &args.cache {
+            let entries = if cache == "on" { "100000" } else { "0" };
+            variants.push((format!("arbiter cache {cache}"), vec!["--cache-entries".into(), entries.into()]));
+        }
+        if args.index_off_too {
+            variants.push(("arbiter index off".into(), vec!["--config".into(), write_index_off(&tmp)?]));
+        }
+        for (label, extra) in variants {
+            let config = write_threads_config(&tmp, &threads)?;
+            let mut serve_args: Vec<String> = vec![
+                "serve".into(),
+                "--bundle".into(),
+                prepared.dir.display().to_string(),
+                "--grpc-addr".into(),
+                "127.0.0.1:0".into(),
+                "--http-addr".into(),
+                "127.0.0.1:0".into(),
+                "--log-format".into(),
+                "json".into(),
+                "--log-level".into(),
+                "warn,arbiter::server=info".into(),
+            ];
+            if !extra.iter().any(|a| a == "--config") {
+                serve_args.extend(["--config".into(), config]);
+            }
+            serve_args.extend(extra);
+            let sidecar = spawn(&args.server_cpu, &serve_args, sidecar_addr, true)?;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let idle_rss = rss_kib(sidecar.pid());
+            let channel = connect(&sidecar.addr).await?;
+            let caller = Caller::Sidecar(pb::authorizer_client::AuthorizerClient::new(channel), prepared.requests.clone().into());
+            for (i, &c) in args.concurrency.iter().enumerate() {
+                let stats = drive(caller.clone(), sidecar.pid(), c, warmup, duration).await;
+                println!("{}", row(&label, c, &stats, echo_runs.get(i)));
+            }
+            if let Some(kib) = idle_rss {
+                println!("  idle RSS of the sidecar ({label}): {:.1} MiB", kib as f64 / 1024.0);
+            }
+        }
+    }
+    if let Some(kib) = rss_kib(echo_server.pid()) {
+        println!("\nRSS of the echo server after the runs: {:.1} MiB", kib as f64 / 1024.0);
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+    Ok(())
+}
+
+fn cpu_count(list: &str) -> usize {
+    list.split(',')
+        .map(|part| match part.split_once('-') {
+            Some((a, b)) => b.parse::<usize>().unwrap_or(0).saturating_sub(a.parse().unwrap_or(0)) + 1,
+            None => 1,
+        })
+        .sum::<usize>()
+        .max(1)
+}
+
+fn write_threads_config(tmp: &Path, threads: &str) -> Result<String, String> {
+    let path = tmp.join(format!("threads-{threads}.toml"));
+    std::fs::write(&path, format!("[server]\nworker_threads = {threads}\n")).map_err(|e| e.to_string())?;
+    Ok(path.display().to_string())
+}
+
+fn write_index_off(tmp: &Path) -> Result<String, String> {
+    let path = tmp.join("index-off.toml");
+    std::fs::write(&path, "[server]\nworker_threads = 1\n[policy]\nindex = false\n").map_err(|e| e.to_string())?;
+    Ok(path.display().to_string())
+}

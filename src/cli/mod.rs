@@ -1,0 +1,3 @@
+//! Subcommands other than `serve`: tools for policy authors and CI.
+
+pub mod check;

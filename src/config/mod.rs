@@ -1,0 +1,244 @@
+//! Configuration: typed sections read from a TOML file, overridden by flags
+//! and `ARBITER_*` environment variables, and validated before any port is
+//! bound. Every field has a safe default (loopback addresses, cache off).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::telemetry::LogFormat;
+
+/// The whole `arbiter serve` configuration.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub bundle: BundleConfig,
+    pub limits: LimitsConfig,
+    pub cache: CacheConfig,
+    pub policy: PolicyConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Where the gRPC API listens. Port 0 picks a free port (logged at start).
+    pub grpc_addr: SocketAddr,
+    /// Where `/metrics`, `/healthz` and `/readyz` listen.
+    pub http_addr: SocketAddr,
+    /// Seconds in-flight calls get to finish after SIGTERM/SIGINT.
+    pub shutdown_grace_secs: u64,
+    /// Tokio worker threads; 0 means one per available CPU.
+    pub worker_threads: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            grpc_addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 9464)),
+            shutdown_grace_secs: 10,
+            worker_threads: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BundleConfig {
+    /// The bundle directory to serve.
+    pub dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest request message accepted, in bytes.
+    pub max_request_bytes: usize,
+    /// Most evaluations in one `CheckBatch`.
+    pub max_batch_items: usize,
+    /// Deepest nesting of properties and context values.
+    pub max_depth: usize,
+    /// Calls served at once per connection; more wait (then time out).
+    pub max_concurrent_calls: usize,
+    /// Milliseconds a call may take before it fails with DEADLINE_EXCEEDED.
+    pub request_timeout_ms: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_request_bytes: 1024 * 1024,
+            max_batch_items: 256,
+            max_depth: 32,
+            max_concurrent_calls: 1024,
+            request_timeout_ms: 5_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Decisions kept in the decision cache; 0 (the default) turns it off.
+    pub max_entries: u64,
+    /// Seconds a cached decision is served.
+    pub ttl_secs: u64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            max_entries: 0,
+            ttl_secs: 60,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// Evaluate only the policies that can apply to a request (scope and
+    /// equality index). Turning it off evaluates the whole set.
+    pub index: bool,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        Self { index: true }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// Level filter, e.g. `info` or `arbiter=debug`; `RUST_LOG` overrides it.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+/// Why the configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file `{path}`: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file `{path}` is invalid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message,
+        })
+    }
+
+    pub fn from_toml(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())
+    }
+
+    /// Checks what types alone cannot. Runs before any port is bound.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        let Some(dir) = &self.bundle.dir else {
+            return bad("no bundle: pass `--bundle DIR` or set `[bundle] dir`".into());
+        };
+        if !dir.is_dir() {
+            return bad(format!("bundle directory `{}` does not exist", dir.display()));
+        }
+        if self.server.grpc_addr == self.server.http_addr && self.server.grpc_addr.port() != 0 {
+            return bad(format!(
+                "`server.grpc_addr` and `server.http_addr` are both `{}`",
+                self.server.grpc_addr
+            ));
+        }
+        let l = &self.limits;
+        if !(1024..=64 * 1024 * 1024).contains(&l.max_request_bytes) {
+            return bad(format!(
+                "`limits.max_request_bytes` is {}; use 1024 to 67108864",
+                l.max_request_bytes
+            ));
+        }
+        for (name, value) in [
+            ("limits.max_batch_items", l.max_batch_items),
+            ("limits.max_depth", l.max_depth),
+            ("limits.max_concurrent_calls", l.max_concurrent_calls),
+        ] {
+            if value == 0 {
+                return bad(format!("`{name}` must be at least 1"));
+            }
+        }
+        if l.max_depth > 64 {
+            return bad(format!("`limits.max_depth` is {}; use at most 64", l.max_depth));
+        }
+        if l.request_timeout_ms == 0 {
+            return bad("`limits.request_timeout_ms` must be at least 1".into());
+        }
+        if self.cache.max_entries > 0 && self.cache.ttl_secs == 0 {
+            return bad("`cache.ttl_secs` must be at least 1 when the cache is on".into());
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+            .map_err(|e| ConfigError::Invalid(format!("`log.level` `{}`: {e}", self.log.level)))?;
+        Ok(())
+    }
+
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.server.shutdown_grace_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_bind_loopback_and_cache_off() {
+        let c = Config::default();
+        assert!(c.server.grpc_addr.ip().is_loopback());
+        assert!(c.server.http_addr.ip().is_loopback());
+        assert_eq!(c.cache.max_entries, 0);
+        assert!(c.policy.index);
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let err = Config::from_toml("[server]\ngrpc_adr = \"127.0.0.1:1\"\n").expect_err("typo");
+        assert!(err.contains("grpc_adr"), "{err}");
+    }
+
+    #[test]
+    fn example_config_parses_and_validates() {
+        let text = include_str!("../../examples/arbiter.toml");
+        let mut c = Config::from_toml(text).expect("example parses");
+        c.bundle.dir = Some(PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/documents")));
+        c.validate().expect("example validates");
+    }
+
+    #[test]
+    fn limits_are_checked() {
+        let mut c = Config::default();
+        c.bundle.dir = Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+        c.limits.max_batch_items = 0;
+        let err = c.validate().expect_err("zero batch");
+        assert!(err.to_string().contains("max_batch_items"));
+    }
+}

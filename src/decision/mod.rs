@@ -1,0 +1,148 @@
+//! The decision service: the one place every API adapter calls. It holds the
+//! active engine behind an atomic pointer, the decision cache, metrics, and the
+//! sink that records decisions.
+//!
+//! ```text
+//! adapter ──Request──▶ Decider::check ──▶ active Engine (ArcSwap load, no lock)
+//!                          │  cache (per revision, optional)
+//!                          ├─▶ metrics (atomic adds)
+//!                          └─▶ DecisionSink (non-blocking hand-off)
+//! ```
+
+mod model;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+use moka::sync::Cache;
+
+pub use model::{Answer, Decision, EntityRef, Obligation, Outcome, Request, StepUp};
+
+use crate::policy::{Engine, RequestError};
+use crate::telemetry::Metrics;
+
+/// Receives every answered decision. Implementations must not block: the
+/// decision path calls this inline (the decision trail hands records to a
+/// bounded queue here).
+pub trait DecisionSink: Send + Sync {
+    fn record(&self, request: &Request, answer: &Answer, took: Duration);
+}
+
+/// Decision cache settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheSettings {
+    /// Most decisions kept; 0 turns the cache off.
+    pub max_entries: u64,
+    /// How long a cached decision is served.
+    pub ttl: Duration,
+}
+
+impl CacheSettings {
+    pub const OFF: CacheSettings = CacheSettings {
+        max_entries: 0,
+        ttl: Duration::ZERO,
+    };
+}
+
+/// An engine and the cache of its decisions. The cache lives and dies with
+/// its revision, so a cached decision can never outlive the bundle that made it.
+pub struct Active {
+    pub engine: Engine,
+    cache: Option<Cache<Vec<u8>, Arc<Decision>>>,
+}
+
+/// Why a check got no decision.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    #[error("no policy bundle is active yet")]
+    NotReady,
+    #[error(transparent)]
+    Invalid(#[from] RequestError),
+}
+
+pub struct Decider {
+    active: ArcSwapOption<Active>,
+    cache: CacheSettings,
+    metrics: Arc<Metrics>,
+    sink: Option<Arc<dyn DecisionSink>>,
+}
+
+impl Decider {
+    pub fn new(cache: CacheSettings, metrics: Arc<Metrics>, sink: Option<Arc<dyn DecisionSink>>) -> Self {
+        Self {
+            active: ArcSwapOption::empty(),
+            cache,
+            metrics,
+            sink,
+        }
+    }
+
+    /// Makes `engine` answer every decision from now on. In-flight decisions
+    /// finish on the engine they started with.
+    pub fn activate(&self, engine: Engine) {
+        self.metrics
+            .bundle_activated(engine.name(), engine.revision(), engine.policy_count());
+        let cache = (self.cache.max_entries > 0).then(|| {
+            Cache::builder()
+                .max_capacity(self.cache.max_entries)
+                .time_to_live(self.cache.ttl)
+                .build()
+        });
+        self.active.store(Some(Arc::new(Active { engine, cache })));
+    }
+
+    /// The active engine, if any; hold it to decide several requests on one revision.
+    pub fn snapshot(&self) -> Option<Arc<Active>> {
+        self.active.load_full()
+    }
+
+    pub fn check(&self, request: &Request) -> Result<Answer, CheckError> {
+        let active = self.snapshot().ok_or(CheckError::NotReady)?;
+        self.check_on(&active, request)
+    }
+
+    /// Decides on a given snapshot (a batch decides every item on one revision).
+    pub fn check_on(&self, active: &Arc<Active>, request: &Request) -> Result<Answer, CheckError> {
+        let start = Instant::now();
+        let decided = match &active.cache {
+            None => active.engine.decide(request).map(Arc::new),
+            Some(cache) => {
+                let key = request.canonical_bytes();
+                match cache.get(&key) {
+                    Some(hit) => {
+                        self.metrics.cache(true);
+                        Ok(hit)
+                    }
+                    None => {
+                        self.metrics.cache(false);
+                        active.engine.decide(request).map(|d| {
+                            let d = Arc::new(d);
+                            cache.insert(key, d.clone());
+                            d
+                        })
+                    }
+                }
+            }
+        };
+        let decision = match decided {
+            Ok(d) => d,
+            Err(e) => {
+                self.metrics.rejected();
+                return Err(e.into());
+            }
+        };
+        let took = start.elapsed();
+        self.metrics.decided(decision.outcome, took);
+        let answer = Answer {
+            decision_id: uuid::Uuid::new_v7(uuid::Timestamp::now(uuid::NoContext)),
+            bundle: active.engine.name().clone(),
+            revision: active.engine.revision().clone(),
+            decision,
+        };
+        if let Some(sink) = &self.sink {
+            sink.record(request, &answer, took);
+        }
+        Ok(answer)
+    }
+}

@@ -1,0 +1,178 @@
+//! The `arbiter` command: parses the command line and hands each subcommand
+//! to the part that does it.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use arbiter::config::Config;
+use arbiter::telemetry::{LogFormat, init_logging};
+
+/// Exit codes, after sysexits.h.
+const EXIT_USAGE: u8 = 64;
+const EXIT_DATAERR: u8 = 65;
+
+#[derive(Parser)]
+#[command(name = "arbiter", version, about = "A policy decision point sidecar")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve decisions over gRPC (and metrics/health over HTTP) from a bundle.
+    Serve(ServeArgs),
+    /// Evaluate one JSON request, offline against a bundle or on a running sidecar.
+    Check(CheckArgs),
+    /// Load-test a sidecar against a bare gRPC echo baseline.
+    Bench(arbiter::bench::BenchArgs),
+    /// The echo server `bench` measures against (started by `bench`).
+    #[command(hide = true)]
+    BenchEcho(arbiter::bench::EchoArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// TOML configuration file; flags and environment override it.
+    #[arg(long, env = "ARBITER_CONFIG")]
+    config: Option<PathBuf>,
+    /// Bundle directory to serve.
+    #[arg(long, env = "ARBITER_BUNDLE")]
+    bundle: Option<PathBuf>,
+    /// gRPC listen address [default: 127.0.0.1:50051].
+    #[arg(long, env = "ARBITER_GRPC_ADDR")]
+    grpc_addr: Option<std::net::SocketAddr>,
+    /// HTTP (metrics, health) listen address [default: 127.0.0.1:9464].
+    #[arg(long, env = "ARBITER_HTTP_ADDR")]
+    http_addr: Option<std::net::SocketAddr>,
+    /// Log level filter, e.g. `info` or `arbiter=debug`.
+    #[arg(long, env = "ARBITER_LOG_LEVEL")]
+    log_level: Option<String>,
+    /// Log format.
+    #[arg(long, env = "ARBITER_LOG_FORMAT")]
+    log_format: Option<LogFormat>,
+    /// Decisions kept in the decision cache (0 = off).
+    #[arg(long, env = "ARBITER_CACHE_ENTRIES")]
+    cache_entries: Option<u64>,
+}
+
+#[derive(Args)]
+struct CheckArgs {
+    /// JSON request file (AuthZEN shape), or `-` for stdin.
+    request: PathBuf,
+    /// Bundle directory to evaluate against offline.
+    #[arg(long, conflicts_with = "addr", required_unless_present = "addr")]
+    bundle: Option<PathBuf>,
+    /// Send to a running sidecar instead, e.g. `http://127.0.0.1:50051`.
+    #[arg(long)]
+    addr: Option<String>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Exit 1 unless the outcome is this (ALLOW, DENY, STEP_UP, APPROVAL_REQUIRED).
+    #[arg(long)]
+    expect: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::Check(args) => check(args),
+        Command::Bench(args) => arbiter::bench::run(args),
+        Command::BenchEcho(args) => arbiter::bench::run_echo(args),
+    }
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    let mut config = match &args.config {
+        Some(path) => match Config::from_file(path) {
+            Ok(c) => c,
+            Err(e) => return usage(e),
+        },
+        None => Config::default(),
+    };
+    if let Some(v) = args.bundle {
+        config.bundle.dir = Some(v);
+    }
+    if let Some(v) = args.grpc_addr {
+        config.server.grpc_addr = v;
+    }
+    if let Some(v) = args.http_addr {
+        config.server.http_addr = v;
+    }
+    if let Some(v) = args.log_level {
+        config.log.level = v;
+    }
+    if let Some(v) = args.log_format {
+        config.log.format = v;
+    }
+    if let Some(v) = args.cache_entries {
+        config.cache.max_entries = v;
+    }
+    if let Err(e) = config.validate() {
+        return usage(e);
+    }
+    init_logging(&config.log.level, config.log.format);
+
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if config.server.worker_threads > 0 {
+        runtime.worker_threads(config.server.worker_threads);
+    }
+    let runtime = match runtime.build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(arbiter::server::serve(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e @ (arbiter::server::ServeError::BundleRead(_) | arbiter::server::ServeError::BundleInvalid(_))) => {
+            tracing::error!("refusing to start: {e}");
+            ExitCode::from(EXIT_DATAERR)
+        }
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check(args: CheckArgs) -> ExitCode {
+    let report = match (&args.addr, &args.bundle) {
+        (Some(addr), _) => match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(rt) => rt.block_on(arbiter::cli::check::remote(addr, &args.request)),
+            Err(e) => Err(format!("cannot start the runtime: {e}")),
+        },
+        (None, Some(bundle)) => arbiter::cli::check::offline(bundle, &args.request),
+        (None, None) => Err("pass `--bundle DIR` or `--addr URL`".into()),
+    };
+    let report = match report {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+    } else {
+        print!("{}", report.render());
+    }
+    match args.expect {
+        Some(want) if !want.eq_ignore_ascii_case(&report.outcome) => {
+            eprintln!("expected {want}, got {}", report.outcome);
+            ExitCode::FAILURE
+        }
+        _ => ExitCode::SUCCESS,
+    }
+}
+
+fn usage(e: impl std::fmt::Display) -> ExitCode {
+    eprintln!("error: {e}");
+    ExitCode::from(EXIT_USAGE)
+}

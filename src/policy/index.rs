@@ -1,0 +1,313 @@
+//! The policy index: at load time, the policy set is cut into slices so a
+//! decision evaluates only the policies that can apply to it.
+//!
+//! Two kinds of key, both exact (a slice gives the same decision, reasons and
+//! errors as the whole set):
+//!
+//! - **Scope**: (action, principal type, resource type). A policy joins every
+//!   scope its head can match; a head that cannot match is never evaluated by
+//!   Cedar either, so dropping it changes nothing.
+//! - **Leading equality**: within a scope, policies whose `when` condition
+//!   *starts* with `principal.a == lit`, `resource.a == lit` or
+//!   `context.a == lit`. When the request's value differs from `lit`, Cedar
+//!   would stop at that first conjunct with `false` and no error, so only
+//!   policies with the matching literal (and those without the constraint)
+//!   are kept. When the request lacks the attribute (where Cedar would record
+//!   an error) or holds a non-literal value, the whole scope is evaluated.
+
+use std::collections::{HashMap, HashSet};
+
+use cedar_policy::{
+    ActionConstraint, Effect, Entities, EntityTypeName, EntityUid, Policy, PolicySet,
+    PrincipalConstraint, ResourceConstraint, Schema,
+};
+use serde_json::{Map, Value};
+
+use super::convert::Prepared;
+use super::schema::TypeModel;
+
+/// Fewer constrained policies than this in a scope are not worth a lookup.
+const MIN_EQ_INDEXED: usize = 4;
+
+/// Policies evaluated together, and the permits among them (used to learn
+/// whether a permit applies once conditional forbids are set aside).
+pub(crate) struct Slice {
+    pub(crate) all: PolicySet,
+    pub(crate) permits: PolicySet,
+}
+
+impl Slice {
+    fn new<'a>(policies: impl IntoIterator<Item = &'a Policy>) -> Self {
+        let mut all = PolicySet::new();
+        let mut permits = PolicySet::new();
+        for p in policies {
+            // Ids are unique (checked at compile), so adding cannot fail.
+            if p.effect() == Effect::Permit {
+                let _ = permits.add(p.clone());
+            }
+            let _ = all.add(p.clone());
+        }
+        Self { all, permits }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.all.policies().count()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Var {
+    Principal,
+    Resource,
+    Context,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Literal {
+    Str(String),
+    Long(i64),
+    Bool(bool),
+}
+
+impl Literal {
+    fn of_json(v: &Value) -> Option<Self> {
+        match v {
+            Value::String(s) => Some(Literal::Str(s.clone())),
+            Value::Bool(b) => Some(Literal::Bool(*b)),
+            Value::Number(n) => n.as_i64().map(Literal::Long),
+            _ => None,
+        }
+    }
+}
+
+struct EqIndex {
+    var: Var,
+    attr: String,
+    by_value: HashMap<Literal, Slice>,
+    /// Policies without the constraint: what applies when no literal matches.
+    rest: Slice,
+}
+
+struct Scope {
+    principal: String,
+    resource: String,
+    full: Slice,
+    eq: Option<EqIndex>,
+}
+
+pub(crate) struct PolicyIndex {
+    by_action: HashMap<EntityUid, Vec<Scope>>,
+    /// Every policy: used when a request falls outside every known scope.
+    everything: Slice,
+}
+
+impl PolicyIndex {
+    /// With `enabled` false every request evaluates the whole set (the model
+    /// the index must agree with).
+    pub(crate) fn build(
+        policies: &[Policy],
+        schema: &Schema,
+        model: &TypeModel,
+        actions: &Entities,
+        enabled: bool,
+    ) -> Self {
+        let everything = Slice::new(policies);
+        if !enabled {
+            return Self {
+                by_action: HashMap::new(),
+                everything,
+            };
+        }
+        let leading: Vec<Option<(Var, String, Literal)>> = policies.iter().map(leading_equality).collect();
+        let mut by_action: HashMap<EntityUid, Vec<Scope>> = HashMap::new();
+        for info in model.actions.values() {
+            let groups: HashSet<&EntityUid> = actions.ancestors(&info.uid).into_iter().flatten().collect();
+            for p_type in &info.principals {
+                for r_type in &info.resources {
+                    let (Some(pt), Some(rt)) = (model.entities.get(p_type), model.entities.get(r_type)) else {
+                        continue;
+                    };
+                    let members: Vec<usize> = (0..policies.len())
+                        .filter(|&i| {
+                            let p = &policies[i];
+                            action_matches(p, &info.uid, &groups)
+                                && principal_matches(p, &pt.name, schema)
+                                && resource_matches(p, &rt.name, schema)
+                        })
+                        .collect();
+                    let scope = Scope {
+                        principal: p_type.clone(),
+                        resource: r_type.clone(),
+                        full: Slice::new(members.iter().map(|&i| &policies[i])),
+                        eq: EqIndex::build(&members, policies, &leading),
+                    };
+                    by_action.entry(info.uid.clone()).or_default().push(scope);
+                }
+            }
+        }
+        Self {
+            by_action,
+            everything,
+        }
+    }
+
+    /// The slice to evaluate for a prepared request.
+    pub(crate) fn select(&self, req: &Prepared<'_>) -> &Slice {
+        let Some(scope) = self.by_action.get(req.action).and_then(|scopes| {
+            scopes
+                .iter()
+                .find(|s| s.principal == req.principal_type && s.resource == req.resource_type)
+        }) else {
+            return &self.everything;
+        };
+        let Some(eq) = &scope.eq else {
+            return &scope.full;
+        };
+        let source: &Map<String, Value> = match eq.var {
+            Var::Principal => &req.principal_attrs,
+            Var::Resource => &req.resource_attrs,
+            Var::Context => req.context,
+        };
+        match source.get(&eq.attr).map(Literal::of_json) {
+            Some(Some(lit)) => eq.by_value.get(&lit).unwrap_or(&eq.rest),
+            // Missing (Cedar would record an error) or not a plain literal.
+            _ => &scope.full,
+        }
+    }
+}
+
+impl EqIndex {
+    fn build(members: &[usize], policies: &[Policy], leading: &[Option<(Var, String, Literal)>]) -> Option<Self> {
+        let mut counts: HashMap<(Var, &str), usize> = HashMap::new();
+        for &i in members {
+            if let Some((var, attr, _)) = &leading[i] {
+                *counts.entry((*var, attr.as_str())).or_default() += 1;
+            }
+        }
+        let ((var, attr), count) = counts.into_iter().max_by_key(|(key, n)| (*n, key.1.to_owned()))?;
+        if count < MIN_EQ_INDEXED {
+            return None;
+        }
+        let constrained = |i: usize| match &leading[i] {
+            Some((v, a, lit)) if *v == var && a == attr => Some(lit),
+            _ => None,
+        };
+        let rest_ids: Vec<usize> = members.iter().copied().filter(|&i| constrained(i).is_none()).collect();
+        let mut groups: HashMap<&Literal, Vec<usize>> = HashMap::new();
+        for &i in members {
+            if let Some(lit) = constrained(i) {
+                groups.entry(lit).or_default().push(i);
+            }
+        }
+        let by_value = groups
+            .into_iter()
+            .map(|(lit, ids)| {
+                let mut all = ids;
+                all.extend(&rest_ids);
+                all.sort_unstable();
+                (lit.clone(), Slice::new(all.iter().map(|&i| &policies[i])))
+            })
+            .collect();
+        Some(Self {
+            var,
+            attr: attr.to_owned(),
+            by_value,
+            rest: Slice::new(rest_ids.iter().map(|&i| &policies[i])),
+        })
+    }
+}
+
+fn action_matches(p: &Policy, action: &EntityUid, groups: &HashSet<&EntityUid>) -> bool {
+    match p.action_constraint() {
+        ActionConstraint::Any => true,
+        ActionConstraint::Eq(uid) => uid == *action,
+        ActionConstraint::In(uids) => uids.iter().any(|g| g == action || groups.contains(g)),
+    }
+}
+
+/// Whether an entity of type `ty` can be `in` an entity of type `target`.
+fn can_be_in(ty: &EntityTypeName, target: &EntityTypeName, schema: &Schema) -> bool {
+    ty == target || schema.ancestors(ty).is_none_or(|mut a| a.any(|t| t == target))
+}
+
+fn principal_matches(p: &Policy, ty: &EntityTypeName, schema: &Schema) -> bool {
+    match p.principal_constraint() {
+        PrincipalConstraint::Any => true,
+        PrincipalConstraint::Eq(uid) => uid.type_name() == ty,
+        PrincipalConstraint::In(uid) => can_be_in(ty, uid.type_name(), schema),
+        PrincipalConstraint::Is(t) => t == *ty,
+        PrincipalConstraint::IsIn(t, uid) => t == *ty && can_be_in(ty, uid.type_name(), schema),
+    }
+}
+
+fn resource_matches(p: &Policy, ty: &EntityTypeName, schema: &Schema) -> bool {
+    match p.resource_constraint() {
+        ResourceConstraint::Any => true,
+        ResourceConstraint::Eq(uid) => uid.type_name() == ty,
+        ResourceConstraint::In(uid) => can_be_in(ty, uid.type_name(), schema),
+        ResourceConstraint::Is(t) => t == *ty,
+        ResourceConstraint::IsIn(t, uid) => t == *ty && can_be_in(ty, uid.type_name(), schema),
+    }
+}
+
+/// The first conjunct of a policy's first condition, when it is a `when`
+/// comparing `var.attr` with a string, number or boolean literal. Read from
+/// Cedar's JSON policy form, which exposes the expression tree.
+fn leading_equality(p: &Policy) -> Option<(Var, String, Literal)> {
+    let json = p.to_json().ok()?;
+    let first = json.get("conditions")?.as_array()?.first()?;
+    if first.get("kind")?.as_str()? != "when" {
+        return None;
+    }
+    let mut expr = first.get("body")?;
+    while let Some(and) = expr.get("&&") {
+        expr = and.get("left")?;
+    }
+    let eq = expr.get("==")?;
+    let (left, right) = (eq.get("left")?, eq.get("right")?);
+    attr_access(left)
+        .zip(literal(right))
+        .or_else(|| attr_access(right).zip(literal(left)))
+        .map(|((var, attr), lit)| (var, attr, lit))
+}
+
+fn attr_access(e: &Value) -> Option<(Var, String)> {
+    let dot = e.get(".")?;
+    let var = match dot.get("left")?.get("Var")?.as_str()? {
+        "principal" => Var::Principal,
+        "resource" => Var::Resource,
+        "context" => Var::Context,
+        _ => return None,
+    };
+    Some((var, dot.get("attr")?.as_str()?.to_owned()))
+}
+
+fn literal(e: &Value) -> Option<Literal> {
+    Literal::of_json(e.get("Value")?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(src: &str) -> Policy {
+        Policy::parse(None, src).expect("policy parses")
+    }
+
+    #[test]
+    fn finds_leading_equality_only_first() {
+        let p = policy(r#"permit(principal, action, resource) when { resource.tenant == "t1" && principal.x == 2 };"#);
+        assert_eq!(
+            leading_equality(&p),
+            Some((Var::Resource, "tenant".into(), Literal::Str("t1".into())))
+        );
+        let p = policy(r#"permit(principal, action, resource) when { 3 == context.level };"#);
+        assert_eq!(leading_equality(&p), Some((Var::Context, "level".into(), Literal::Long(3))));
+        let p = policy(r#"permit(principal, action, resource) when { principal.ok && resource.tenant == "t1" };"#);
+        assert_eq!(leading_equality(&p), None);
+        let p = policy(r#"permit(principal, action, resource) unless { resource.tenant == "t1" };"#);
+        assert_eq!(leading_equality(&p), None);
+        let p = policy(r#"permit(principal, action, resource) when { resource.owner == principal };"#);
+        assert_eq!(leading_equality(&p), None);
+    }
+}

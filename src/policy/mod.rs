@@ -1,0 +1,303 @@
+//! The policy engine: a bundle compiled for deciding. Cedar evaluates; this
+//! part adds what Cedar leaves to the host: schema-typed request conversion,
+//! the policy index, and the mapping of annotations to outcomes.
+//!
+//! An [`Engine`] is immutable. A new bundle revision is a new `Engine`,
+//! swapped in whole by the decision service.
+
+mod convert;
+mod index;
+pub mod outcome;
+mod schema;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use cedar_policy::{
+    Authorizer, Effect, Entity, EntityUid, Policy, PolicyId, PolicySet, Schema, ValidationMode,
+    Validator,
+};
+use miette::Diagnostic;
+
+pub use convert::RequestError;
+use convert::{Converter, StaticEntities};
+use index::PolicyIndex;
+use outcome::PolicyMeta;
+pub use schema::TypeModel;
+
+use crate::bundle::Bundle;
+use crate::decision::{Decision, Request};
+
+/// How a bundle is compiled.
+#[derive(Debug, Clone, Copy)]
+pub struct CompileOptions {
+    /// Evaluate only the policies that can apply (see `index`). Off only to
+    /// compare against the whole-set model.
+    pub index: bool,
+}
+
+impl Default for CompileOptions {
+    fn default() -> Self {
+        Self { index: true }
+    }
+}
+
+/// One problem found while compiling a bundle, located in its files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BundleProblem {
+    pub file: String,
+    pub line: Option<usize>,
+    pub policy_id: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for BundleProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file)?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        if let Some(id) = &self.policy_id {
+            write!(f, ": policy `{id}`")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// Why a bundle cannot be activated: every problem found, not just the first.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("bundle `{bundle}` is invalid:\n{}", .problems.iter().map(|p| format!("  {p}")).collect::<Vec<_>>().join("\n"))]
+pub struct CompileError {
+    pub bundle: String,
+    pub problems: Vec<BundleProblem>,
+}
+
+/// A compiled bundle, ready to decide.
+pub struct Engine {
+    name: Arc<str>,
+    revision: Arc<str>,
+    model: TypeModel,
+    statics: StaticEntities,
+    action_entities: HashMap<EntityUid, Entity>,
+    index: PolicyIndex,
+    meta: HashMap<PolicyId, PolicyMeta>,
+    authorizer: Authorizer,
+    policy_count: usize,
+}
+
+impl fmt::Debug for Engine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Engine")
+            .field("name", &self.name)
+            .field("revision", &self.revision)
+            .field("policies", &self.policy_count)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    /// Parses the schema, parses and strictly validates every policy against
+    /// it, checks annotations and static entities, and builds the index.
+    pub fn compile(bundle: &Bundle, options: CompileOptions) -> Result<Self, CompileError> {
+        let fail = |problems| CompileError {
+            bundle: bundle.source.display().to_string(),
+            problems,
+        };
+        let problem = |file: &str, line, policy_id: Option<&str>, message: String| BundleProblem {
+            file: file.to_owned(),
+            line,
+            policy_id: policy_id.map(str::to_owned),
+            message,
+        };
+        const SCHEMA_FILE: &str = "schema.cedarschema";
+
+        let schema = match Schema::from_cedarschema_str(&bundle.schema) {
+            Ok((schema, _warnings)) => schema,
+            Err(e) => {
+                let line = first_label_line(&e, &bundle.schema);
+                return Err(fail(vec![problem(SCHEMA_FILE, line, None, flatten(&e))]));
+            }
+        };
+        let model = TypeModel::from_schema_text(&bundle.schema)
+            .map_err(|m| fail(vec![problem(SCHEMA_FILE, None, None, m)]))?;
+
+        let mut problems = Vec::new();
+        let mut policies: Vec<Policy> = Vec::new();
+        let mut meta = HashMap::new();
+        // Where each policy id is defined: file index and line.
+        let mut origin: HashMap<String, (usize, usize)> = HashMap::new();
+        for (file_idx, file) in bundle.policies.iter().enumerate() {
+            let set = match PolicySet::from_str(&file.text) {
+                Ok(set) => set,
+                Err(e) => {
+                    let line = first_label_line(&e, &file.text);
+                    problems.push(problem(&file.name, line, None, flatten(&e)));
+                    continue;
+                }
+            };
+            if set.templates().next().is_some() {
+                problems.push(problem(&file.name, None, None, "policy templates are not supported in bundles yet".into()));
+            }
+            for policy in set.policies() {
+                let text = policy.to_string();
+                let line = file.text.find(text.as_str()).map(|at| line_of(&file.text, at)).unwrap_or(1);
+                let Some(id) = policy.annotation("id").map(str::to_owned) else {
+                    problems.push(problem(
+                        &file.name,
+                        Some(line),
+                        None,
+                        "policy has no `@id(\"...\")` annotation; every policy needs a unique id so decisions can name it".into(),
+                    ));
+                    continue;
+                };
+                if id.trim().is_empty() {
+                    problems.push(problem(&file.name, Some(line), None, "`@id` must not be empty".into()));
+                    continue;
+                }
+                if let Some((other_file, other_line)) = origin.get(&id) {
+                    problems.push(problem(
+                        &file.name,
+                        Some(line),
+                        Some(&id),
+                        format!("duplicate id, first defined at {}:{other_line}", bundle.policies[*other_file].name),
+                    ));
+                    continue;
+                }
+                let is_forbid = policy.effect() == Effect::Forbid;
+                match PolicyMeta::from_annotations(&id, is_forbid, policy.annotations()) {
+                    Ok(m) => {
+                        meta.insert(PolicyId::new(&id), m);
+                    }
+                    Err(message) => {
+                        problems.push(problem(&file.name, Some(line), Some(&id), message));
+                        continue;
+                    }
+                }
+                origin.insert(id.clone(), (file_idx, line));
+                policies.push(policy.new_id(PolicyId::new(&id)));
+            }
+        }
+        if !problems.is_empty() {
+            return Err(fail(problems));
+        }
+
+        let mut all = PolicySet::new();
+        for p in &policies {
+            if let Err(e) = all.add(p.clone()) {
+                problems.push(problem("", None, Some(p.id().as_ref()), e.to_string()));
+            }
+        }
+        let validation = Validator::new(schema.clone()).validate(&all, ValidationMode::Strict);
+        for err in validation.validation_errors() {
+            let id = err.policy_id().to_string();
+            let (file_idx, start) = origin.get(&id).copied().unwrap_or((0, 1));
+            let file = &bundle.policies[file_idx];
+            let line = first_label_line(err, &file.text).or(Some(start));
+            problems.push(problem(&file.name, line, Some(&id), flatten(err)));
+        }
+        if !problems.is_empty() {
+            return Err(fail(problems));
+        }
+
+        let statics = StaticEntities::new(&bundle.entities, &schema)
+            .map_err(|m| fail(vec![problem("entities.json", None, None, m)]))?;
+        let actions = schema
+            .action_entities()
+            .map_err(|e| fail(vec![problem(SCHEMA_FILE, None, None, e.to_string())]))?;
+        let action_entities = model
+            .actions
+            .values()
+            .filter_map(|a| actions.get(&a.uid).map(|e| (a.uid.clone(), e.clone())))
+            .collect();
+        let index = PolicyIndex::build(&policies, &schema, &model, &actions, options.index);
+
+        Ok(Self {
+            name: bundle.manifest.name.as_str().into(),
+            revision: bundle.manifest.revision.as_str().into(),
+            model,
+            statics,
+            action_entities,
+            index,
+            meta,
+            authorizer: Authorizer::new(),
+            policy_count: policies.len(),
+        })
+    }
+
+    pub fn name(&self) -> &Arc<str> {
+        &self.name
+    }
+
+    pub fn revision(&self) -> &Arc<str> {
+        &self.revision
+    }
+
+    pub fn policy_count(&self) -> usize {
+        self.policy_count
+    }
+
+    /// Decides one request. A request the bundle cannot make sense of is an
+    /// error for the caller to fix; anything that goes wrong while evaluating
+    /// is a DENY that carries the error (fail closed).
+    pub fn decide(&self, request: &Request) -> Result<Decision, RequestError> {
+        let converter = Converter {
+            model: &self.model,
+            statics: &self.statics,
+            action_entities: &self.action_entities,
+        };
+        let prepared = converter.prepare(request)?;
+        let slice = self.index.select(&prepared);
+        let response = self.authorizer.is_authorized(&prepared.request, &slice.all, &prepared.entities);
+        let errors: Vec<String> = response.diagnostics().errors().map(|e| e.to_string()).collect();
+        if !errors.is_empty() {
+            return Ok(Decision::deny(Vec::new(), errors));
+        }
+        let reason: Vec<&PolicyMeta> = response.diagnostics().reason().filter_map(|id| self.meta.get(id)).collect();
+        if response.decision() == cedar_policy::Decision::Allow {
+            return Ok(outcome::allow(&reason));
+        }
+        if !outcome::deny_is_conditional(&reason) {
+            return Ok(outcome::deny(&reason, &[]));
+        }
+        // Every forbid that applied is conditional: would a permit apply
+        // without them?
+        let permits = self.authorizer.is_authorized(&prepared.request, &slice.permits, &prepared.entities);
+        let errors: Vec<String> = permits.diagnostics().errors().map(|e| e.to_string()).collect();
+        if !errors.is_empty() {
+            return Ok(Decision::deny(Vec::new(), errors));
+        }
+        let applying: Vec<&PolicyMeta> = if permits.decision() == cedar_policy::Decision::Allow {
+            permits.diagnostics().reason().filter_map(|id| self.meta.get(id)).collect()
+        } else {
+            Vec::new()
+        };
+        Ok(outcome::deny(&reason, &applying))
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text.get(..offset).map_or(1, |head| head.matches('\n').count() + 1)
+}
+
+fn first_label_line(diag: &dyn Diagnostic, text: &str) -> Option<usize> {
+    let label = diag.labels()?.next()?;
+    Some(line_of(text, label.offset()))
+}
+
+/// A diagnostic with its help and nested causes, on one line.
+fn flatten(diag: &dyn Diagnostic) -> String {
+    let mut out = diag.to_string();
+    if let Some(related) = diag.related() {
+        for r in related {
+            out.push_str("; ");
+            out.push_str(&r.to_string());
+        }
+    }
+    if let Some(help) = diag.help() {
+        out.push_str(&format!(" (help: {help})"));
+    }
+    out
+}
+

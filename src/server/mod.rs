@@ -1,0 +1,196 @@
+//! The composition root of `arbiter serve`: builds every part from the
+//! configuration, serves, and owns the shutdown order.
+//!
+//! Shutdown order (SIGTERM or SIGINT):
+//! 1. readiness goes false (`/readyz` 503, gRPC health NOT_SERVING), so
+//!    callers and load balancers stop sending new work;
+//! 2. both listeners stop accepting and in-flight calls drain, bounded by
+//!    `server.shutdown_grace_secs`;
+//! 3. the process exits (decision records and telemetry flush here once
+//!    those parts exist).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+
+use crate::api::grpc::AuthorizerService;
+use crate::api::http::{OpsState, router};
+use crate::api::pb::v1::authorizer_server::AuthorizerServer;
+use crate::api::{Limits, pb};
+use crate::bundle::{Bundle, BundleError};
+use crate::config::Config;
+use crate::decision::{CacheSettings, Decider};
+use crate::policy::{CompileError, CompileOptions, Engine};
+use crate::telemetry::Metrics;
+
+/// Why the sidecar could not start or stopped uncleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    BundleRead(#[from] BundleError),
+    #[error(transparent)]
+    BundleInvalid(#[from] CompileError),
+    #[error("cannot listen on `{addr}`: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("gRPC server failed: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+    #[error("HTTP server failed: {0}")]
+    Http(std::io::Error),
+}
+
+/// Reads and compiles a bundle directory.
+pub fn load_bundle(dir: &std::path::Path, options: CompileOptions) -> Result<Engine, ServeError> {
+    let bundle = Bundle::read_dir(dir)?;
+    Ok(Engine::compile(&bundle, options)?)
+}
+
+/// Runs the sidecar until SIGTERM/SIGINT, then drains.
+pub async fn serve(config: Config) -> Result<(), ServeError> {
+    serve_until(config, shutdown_signal()).await
+}
+
+/// Runs the sidecar until `shutdown` resolves, then drains.
+pub async fn serve_until(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
+    let metrics = Arc::new(Metrics::new());
+    let cache = if config.cache.max_entries == 0 {
+        CacheSettings::OFF
+    } else {
+        CacheSettings {
+            max_entries: config.cache.max_entries,
+            ttl: Duration::from_secs(config.cache.ttl_secs),
+        }
+    };
+    let decider = Arc::new(Decider::new(cache, metrics.clone(), None));
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_not_serving::<AuthorizerServer<AuthorizerService>>().await;
+    health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+
+    // Validated config names a bundle directory.
+    let dir = config.bundle.dir.clone().unwrap_or_default();
+    let engine = load_bundle(&dir, CompileOptions { index: config.policy.index })?;
+    tracing::info!(
+        bundle = %engine.name(),
+        revision = %engine.revision(),
+        policies = engine.policy_count(),
+        path = %dir.display(),
+        "bundle activated"
+    );
+    decider.activate(engine);
+    health.set_serving::<AuthorizerServer<AuthorizerService>>().await;
+    health.set_service_status("", tonic_health::ServingStatus::Serving).await;
+
+    let grpc_listener = bind(config.server.grpc_addr).await?;
+    let http_listener = bind(config.server.http_addr).await?;
+    let grpc_addr = local(&grpc_listener, config.server.grpc_addr);
+    let http_addr = local(&http_listener, config.server.http_addr);
+    tracing::info!(%grpc_addr, %http_addr, "arbiter listening");
+
+    let limits = Limits {
+        max_request_bytes: config.limits.max_request_bytes,
+        max_batch_items: config.limits.max_batch_items,
+        max_depth: config.limits.max_depth,
+    };
+    let authorizer = AuthorizerServer::new(AuthorizerService::new(decider.clone(), limits))
+        // The transport's hard cap; messages between the configured limit
+        // and this get a clear INVALID_ARGUMENT from the service.
+        .max_decoding_message_size(limits.max_request_bytes.saturating_mul(4));
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::AUTHORIZER_DESCRIPTOR)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServeError::Http(std::io::Error::other(e.to_string())))?;
+
+    let draining = Arc::new(AtomicBool::new(false));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+
+    // The gRPC stack, outermost first:
+    let grpc = Server::builder()
+        // decisions are small request/response pairs: send them at once.
+        .tcp_nodelay(true)
+        // bound a call's life so a stuck client cannot hold resources.
+        .timeout(Duration::from_millis(config.limits.request_timeout_ms))
+        // cap the work one connection can queue on the runtime.
+        .concurrency_limit_per_connection(config.limits.max_concurrent_calls)
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(authorizer)
+        .serve_with_incoming_shutdown(TcpIncoming::from(grpc_listener), stopped(stop_rx.clone()));
+
+    let ops = router(OpsState {
+        decider: decider.clone(),
+        metrics: metrics.clone(),
+        draining: draining.clone(),
+    });
+    let http = axum::serve(http_listener, ops).with_graceful_shutdown(stopped(stop_rx.clone()));
+
+    let grpc_task = tokio::spawn(grpc);
+    let http_task = tokio::spawn(async move { http.await });
+
+    shutdown.await;
+    tracing::info!("shutting down: no longer ready, draining in-flight calls");
+    draining.store(true, Ordering::Relaxed);
+    health.set_not_serving::<AuthorizerServer<AuthorizerService>>().await;
+    health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+    let _ = stop_tx.send(true);
+
+    let grace = config.shutdown_grace();
+    let drained = tokio::time::timeout(grace, async {
+        let grpc = grpc_task.await;
+        let http = http_task.await;
+        (grpc, http)
+    })
+    .await;
+    match drained {
+        Ok((grpc, http)) => {
+            if let Ok(Err(e)) = grpc {
+                return Err(e.into());
+            }
+            if let Ok(Err(e)) = http {
+                return Err(ServeError::Http(e));
+            }
+            tracing::info!("drained; bye");
+        }
+        Err(_) => tracing::warn!(grace_secs = grace.as_secs(), "calls still in flight after the grace period; exiting"),
+    }
+    Ok(())
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {
+    TcpListener::bind(addr).await.map_err(|source| ServeError::Bind { addr, source })
+}
+
+fn local(l: &TcpListener, asked: SocketAddr) -> SocketAddr {
+    l.local_addr().unwrap_or(asked)
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}

@@ -1,0 +1,179 @@
+//! Prometheus metrics. Handles are resolved once at start so recording on the
+//! decision path is a few atomic adds, never a map lookup or a lock.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::metrics::{MetricType, TypedMetric};
+use prometheus_client::registry::Registry;
+
+use crate::decision::Outcome;
+
+/// Latency bucket bounds in seconds: decisions take microseconds, so the
+/// buckets start at 5 µs.
+const LATENCY_BOUNDS: [f64; 14] = [
+    5e-6, 10e-6, 20e-6, 50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 2e-3, 5e-3, 10e-3, 50e-3, 100e-3, 1.0,
+];
+
+/// A histogram whose observations are atomic adds (prometheus-client's own
+/// takes a mutex per observation).
+#[derive(Debug, Default, Clone)]
+pub struct AtomicHistogram(Arc<HistogramCells>);
+
+#[derive(Debug, Default)]
+struct HistogramCells {
+    buckets: [AtomicU64; LATENCY_BOUNDS.len() + 1],
+    sum_nanos: AtomicU64,
+}
+
+impl AtomicHistogram {
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = LATENCY_BOUNDS.iter().position(|b| secs <= *b).unwrap_or(LATENCY_BOUNDS.len());
+        self.0.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.0.sum_nanos.fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
+    }
+}
+
+impl TypedMetric for AtomicHistogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for AtomicHistogram {
+    fn encode(&self, mut encoder: MetricEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let mut cumulative = 0;
+        let mut buckets = Vec::with_capacity(self.0.buckets.len());
+        for (i, b) in self.0.buckets.iter().enumerate() {
+            cumulative += b.load(Ordering::Relaxed);
+            buckets.push((LATENCY_BOUNDS.get(i).copied().unwrap_or(f64::MAX), cumulative));
+        }
+        let sum = self.0.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+        encoder.encode_histogram::<prometheus_client::encoding::NoLabelSet>(sum, cumulative, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BundleLabel {
+    bundle: String,
+    revision: String,
+}
+
+/// Every metric the sidecar exports.
+pub struct Metrics {
+    registry: Registry,
+    by_outcome: [Counter; 4],
+    rejected: Counter,
+    latency: AtomicHistogram,
+    cache_hits: Counter,
+    cache_misses: Counter,
+    bundle: Family<BundleLabel, Gauge>,
+    policies: Gauge,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("arbiter");
+        let decisions = Family::<OutcomeLabel, Counter>::default();
+        registry.register("decisions", "Decisions answered, by outcome", decisions.clone());
+        let by_outcome = Outcome::ALL.map(|o| decisions.get_or_create(&OutcomeLabel { outcome: o.as_str() }).clone());
+        let rejected = Counter::default();
+        registry.register(
+            "requests_rejected",
+            "Requests rejected as invalid before a decision",
+            rejected.clone(),
+        );
+        let latency = AtomicHistogram::default();
+        registry.register(
+            "decision_duration_seconds",
+            "Time to decide, from request conversion to outcome",
+            latency.clone(),
+        );
+        let cache_hits = Counter::default();
+        let cache_misses = Counter::default();
+        registry.register("decision_cache_hits", "Decisions answered from the cache", cache_hits.clone());
+        registry.register("decision_cache_misses", "Decisions the cache did not hold", cache_misses.clone());
+        let bundle = Family::<BundleLabel, Gauge>::default();
+        registry.register(
+            "bundle_active",
+            "1 for the bundle revision answering decisions",
+            bundle.clone(),
+        );
+        let policies = Gauge::default();
+        registry.register("bundle_policies", "Policies in the active bundle", policies.clone());
+        registry.register(
+            "build",
+            "Build information",
+            Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
+        );
+        Self {
+            registry,
+            by_outcome,
+            rejected,
+            latency,
+            cache_hits,
+            cache_misses,
+            bundle,
+            policies,
+        }
+    }
+
+    pub fn decided(&self, outcome: Outcome, took: Duration) {
+        let i = Outcome::ALL.iter().position(|o| *o == outcome).unwrap_or(1);
+        self.by_outcome[i].inc();
+        self.latency.observe(took);
+    }
+
+    pub fn rejected(&self) {
+        self.rejected.inc();
+    }
+
+    pub fn cache(&self, hit: bool) {
+        if hit { &self.cache_hits } else { &self.cache_misses }.inc();
+    }
+
+    pub fn bundle_activated(&self, name: &str, revision: &str, policies: usize) {
+        self.bundle.clear();
+        self.bundle
+            .get_or_create(&BundleLabel {
+                bundle: name.to_owned(),
+                revision: revision.to_owned(),
+            })
+            .set(1);
+        self.policies.set(policies as i64);
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
