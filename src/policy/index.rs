@@ -50,9 +50,6 @@ impl Slice {
         Self { all, permits }
     }
 
-    pub(crate) fn len(&self) -> usize {
-        self.all.policies().count()
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -149,6 +146,13 @@ impl PolicyIndex {
             by_action,
             everything,
         }
+    }
+
+    /// How many scopes, and how many of them have an equality index.
+    pub(crate) fn stats(&self) -> (usize, usize) {
+        let scopes = self.by_action.values().flatten();
+        let eq = scopes.clone().filter(|s| s.eq.is_some()).count();
+        (scopes.count(), eq)
     }
 
     /// The slice to evaluate for a prepared request.

@@ -238,6 +238,11 @@ impl Engine {
         self.policy_count
     }
 
+    /// Scopes in the policy index, and how many have an equality index.
+    pub fn index_stats(&self) -> (usize, usize) {
+        self.index.stats()
+    }
+
     /// Decides one request. A request the bundle cannot make sense of is an
     /// error for the caller to fix; anything that goes wrong while evaluating
     /// is a DENY that carries the error (fail closed).
@@ -250,7 +255,7 @@ impl Engine {
         let prepared = converter.prepare(request)?;
         let slice = self.index.select(&prepared);
         let response = self.authorizer.is_authorized(&prepared.request, &slice.all, &prepared.entities);
-        let errors: Vec<String> = response.diagnostics().errors().map(|e| e.to_string()).collect();
+        let errors = sorted_errors(&response);
         if !errors.is_empty() {
             return Ok(Decision::deny(Vec::new(), errors));
         }
@@ -264,7 +269,7 @@ impl Engine {
         // Every forbid that applied is conditional: would a permit apply
         // without them?
         let permits = self.authorizer.is_authorized(&prepared.request, &slice.permits, &prepared.entities);
-        let errors: Vec<String> = permits.diagnostics().errors().map(|e| e.to_string()).collect();
+        let errors = sorted_errors(&permits);
         if !errors.is_empty() {
             return Ok(Decision::deny(Vec::new(), errors));
         }
@@ -275,6 +280,12 @@ impl Engine {
         };
         Ok(outcome::deny(&reason, &applying))
     }
+}
+
+fn sorted_errors(r: &cedar_policy::Response) -> Vec<String> {
+    let mut errors: Vec<String> = r.diagnostics().errors().map(|e| e.to_string()).collect();
+    errors.sort();
+    errors
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -301,3 +312,5 @@ fn flatten(diag: &dyn Diagnostic) -> String {
     out
 }
 
+#[cfg(test)]
+mod tests;

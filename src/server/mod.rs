@@ -117,10 +117,13 @@ pub async fn serve_until(config: Config, shutdown: impl Future<Output = ()>) -> 
     let grpc = Server::builder()
         // decisions are small request/response pairs: send them at once.
         .tcp_nodelay(true)
+        // cap the calls one connection can have in flight, at the HTTP/2
+        // layer (a tower concurrency limit costs a semaphore per call).
+        // Deadlines come from the caller's `grpc-timeout`: a decision never
+        // waits on I/O, so a server-wide timer per call would be pure cost.
+        .max_concurrent_streams(u32::try_from(config.limits.max_concurrent_calls).unwrap_or(u32::MAX))
         // bound a call's life so a stuck client cannot hold resources.
-        .timeout(Duration::from_millis(config.limits.request_timeout_ms))
         // cap the work one connection can queue on the runtime.
-        .concurrency_limit_per_connection(config.limits.max_concurrent_calls)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(authorizer)
