@@ -6,7 +6,10 @@ use std::{env, fs, path::PathBuf};
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = PathBuf::from(env::var("OUT_DIR")?);
     for (proto, descriptor) in [
-        ("proto/arbiter/v1/authorizer.proto", "authorizer_descriptor.bin"),
+        (
+            "proto/arbiter/v1/authorizer.proto",
+            "authorizer_descriptor.bin",
+        ),
         ("proto/arbiter/bench/v1/echo.proto", "echo_descriptor.bin"),
     ] {
         println!("cargo:rerun-if-changed={proto}");

@@ -131,7 +131,10 @@ fn serve(args: ServeArgs) -> ExitCode {
     };
     match runtime.block_on(arbiter::server::serve(config)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e @ (arbiter::server::ServeError::BundleRead(_) | arbiter::server::ServeError::BundleInvalid(_))) => {
+        Err(
+            e @ (arbiter::server::ServeError::BundleRead(_)
+            | arbiter::server::ServeError::BundleInvalid(_)),
+        ) => {
             tracing::error!("refusing to start: {e}");
             ExitCode::from(EXIT_DATAERR)
         }
@@ -144,7 +147,10 @@ fn serve(args: ServeArgs) -> ExitCode {
 
 fn check(args: CheckArgs) -> ExitCode {
     let report = match (&args.addr, &args.bundle) {
-        (Some(addr), _) => match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        (Some(addr), _) => match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
             Ok(rt) => rt.block_on(arbiter::cli::check::remote(addr, &args.request)),
             Err(e) => Err(format!("cannot start the runtime: {e}")),
         },
@@ -159,7 +165,10 @@ fn check(args: CheckArgs) -> ExitCode {
         }
     };
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).unwrap_or_default()
+        );
     } else {
         print!("{}", report.render());
     }

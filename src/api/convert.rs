@@ -43,7 +43,11 @@ pub fn request(msg: pb::CheckRequest, limits: &Limits) -> Result<Request, Status
         context,
     } = msg;
     let subject = subject.ok_or_else(|| missing("subject"))?;
-    let pb::Subject { r#type, id, properties } = subject;
+    let pb::Subject {
+        r#type,
+        id,
+        properties,
+    } = subject;
     let subject = entity("subject", r#type, id, properties, limits)?;
     let pb::Action { name, properties } = action.ok_or_else(|| missing("action"))?;
     if name.is_empty() {
@@ -54,7 +58,11 @@ pub fn request(msg: pb::CheckRequest, limits: &Limits) -> Result<Request, Status
             "`action.properties` is not supported: Cedar actions carry no attributes; send these facts in `context`",
         ));
     }
-    let pb::Resource { r#type, id, properties } = resource.ok_or_else(|| missing("resource"))?;
+    let pb::Resource {
+        r#type,
+        id,
+        properties,
+    } = resource.ok_or_else(|| missing("resource"))?;
     let resource = entity("resource", r#type, id, properties, limits)?;
     let context = match context {
         Some(s) => object(s, "context", 1, limits)?,
@@ -70,7 +78,10 @@ pub fn request(msg: pb::CheckRequest, limits: &Limits) -> Result<Request, Status
 
 /// Splits a batch into requests, each default-filled; an item that does not
 /// convert carries its own error instead of failing the batch.
-pub fn batch(msg: pb::CheckBatchRequest, limits: &Limits) -> Result<(Vec<Result<Request, Status>>, Semantic), Status> {
+pub fn batch(
+    msg: pb::CheckBatchRequest,
+    limits: &Limits,
+) -> Result<(Vec<Result<Request, Status>>, Semantic), Status> {
     let pb::CheckBatchRequest {
         subject,
         action,
@@ -90,7 +101,11 @@ pub fn batch(msg: pb::CheckBatchRequest, limits: &Limits) -> Result<(Vec<Result<
         Ok(pb::EvaluationsSemantic::ExecuteAll) => Semantic::ExecuteAll,
         Ok(pb::EvaluationsSemantic::DenyOnFirstDeny) => Semantic::DenyOnFirstDeny,
         Ok(pb::EvaluationsSemantic::PermitOnFirstPermit) => Semantic::PermitOnFirstPermit,
-        Err(_) => return Err(Status::invalid_argument(format!("unknown `semantic` value {semantic}"))),
+        Err(_) => {
+            return Err(Status::invalid_argument(format!(
+                "unknown `semantic` value {semantic}"
+            )));
+        }
     };
     // AuthZEN: with no evaluations, the defaults are the one request.
     let items = if evaluations.is_empty() {
@@ -173,10 +188,19 @@ fn entity(
     let properties = properties
         .map(|p| object(p, &format!("{role}.properties"), 1, limits))
         .transpose()?;
-    Ok(EntityRef { kind, id, properties })
+    Ok(EntityRef {
+        kind,
+        id,
+        properties,
+    })
 }
 
-fn object(s: prost_types::Struct, path: &str, depth: usize, limits: &Limits) -> Result<Map<String, Value>, Status> {
+fn object(
+    s: prost_types::Struct,
+    path: &str,
+    depth: usize,
+    limits: &Limits,
+) -> Result<Map<String, Value>, Status> {
     if depth > limits.max_depth {
         return Err(Status::invalid_argument(format!(
             "`{path}` nests deeper than {} levels (limits.max_depth)",
@@ -192,7 +216,12 @@ fn object(s: prost_types::Struct, path: &str, depth: usize, limits: &Limits) -> 
         .collect()
 }
 
-fn value(v: prost_types::Value, path: &str, depth: usize, limits: &Limits) -> Result<Value, Status> {
+fn value(
+    v: prost_types::Value,
+    path: &str,
+    depth: usize,
+    limits: &Limits,
+) -> Result<Value, Status> {
     Ok(match v.kind {
         None | Some(Kind::NullValue(_)) => Value::Null,
         Some(Kind::BoolValue(b)) => Value::Bool(b),

@@ -23,14 +23,19 @@ impl AuthorizerService {
 /// The one place decision errors become gRPC statuses.
 fn status(e: CheckError) -> Status {
     match e {
-        CheckError::NotReady => Status::unavailable("no policy bundle is active yet; retry shortly"),
+        CheckError::NotReady => {
+            Status::unavailable("no policy bundle is active yet; retry shortly")
+        }
         CheckError::Invalid(e) => Status::invalid_argument(e.to_string()),
     }
 }
 
 #[tonic::async_trait]
 impl Authorizer for AuthorizerService {
-    async fn check(&self, request: Request<pb::CheckRequest>) -> Result<Response<pb::CheckResponse>, Status> {
+    async fn check(
+        &self,
+        request: Request<pb::CheckRequest>,
+    ) -> Result<Response<pb::CheckResponse>, Status> {
         let msg = request.into_inner();
         convert::check_size(msg.encoded_len(), &self.limits)?;
         let req = convert::request(msg, &self.limits)?;
@@ -46,7 +51,10 @@ impl Authorizer for AuthorizerService {
         convert::check_size(msg.encoded_len(), &self.limits)?;
         let (items, semantic) = convert::batch(msg, &self.limits)?;
         // One revision decides the whole batch.
-        let active = self.decider.snapshot().ok_or_else(|| status(CheckError::NotReady))?;
+        let active = self
+            .decider
+            .snapshot()
+            .ok_or_else(|| status(CheckError::NotReady))?;
         let mut results = Vec::with_capacity(items.len());
         for item in items {
             let result = item.and_then(|req| self.decider.check_on(&active, &req).map_err(status));
@@ -63,7 +71,7 @@ impl Authorizer for AuthorizerService {
                 result: Some(match result {
                     Ok(answer) => pb::batch_result::Result::Decision(convert::answer(&answer)),
                     Err(s) => pb::batch_result::Result::Error(pb::ItemError {
-                        code: format!("{:?}", s.code()).to_uppercase_snake(),
+                        code: code_name(s.code()),
                         message: s.message().to_owned(),
                     }),
                 }),
@@ -76,20 +84,14 @@ impl Authorizer for AuthorizerService {
     }
 }
 
-/// `InvalidArgument` → `INVALID_ARGUMENT`, the gRPC spelling of a code.
-trait UpperSnake {
-    fn to_uppercase_snake(&self) -> String;
-}
-
-impl UpperSnake for String {
-    fn to_uppercase_snake(&self) -> String {
-        let mut out = String::with_capacity(self.len() + 4);
-        for (i, c) in self.chars().enumerate() {
-            if c.is_uppercase() && i > 0 {
-                out.push('_');
-            }
-            out.push(c.to_ascii_uppercase());
+/// The gRPC spelling of a status code, e.g. `INVALID_ARGUMENT`.
+fn code_name(code: tonic::Code) -> String {
+    let mut out = String::new();
+    for (i, c) in format!("{code:?}").chars().enumerate() {
+        if c.is_uppercase() && i > 0 {
+            out.push('_');
         }
-        out
+        out.push(c.to_ascii_uppercase());
     }
+    out
 }

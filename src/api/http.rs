@@ -32,14 +32,20 @@ pub fn router(state: OpsState) -> Router {
 
 async fn metrics(State(s): State<OpsState>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         s.metrics.render(),
     )
 }
 
 async fn readyz(State(s): State<OpsState>) -> impl IntoResponse {
     if s.draining.load(Ordering::Relaxed) {
-        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n".to_owned());
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting down\n".to_owned(),
+        );
     }
     match s.decider.snapshot() {
         Some(active) => (
@@ -50,6 +56,9 @@ async fn readyz(State(s): State<OpsState>) -> impl IntoResponse {
                 active.engine.revision()
             ),
         ),
-        None => (StatusCode::SERVICE_UNAVAILABLE, "no bundle active\n".to_owned()),
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no bundle active\n".to_owned(),
+        ),
     }
 }

@@ -5,8 +5,8 @@
 pub mod codec;
 pub mod convert;
 pub mod grpc;
-pub mod json;
 pub mod http;
+pub mod json;
 pub mod pb;
 
 pub use convert::Limits;

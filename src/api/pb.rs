@@ -11,6 +11,7 @@ pub mod bench {
 }
 
 /// Descriptor of `arbiter.v1`, served by gRPC reflection.
-pub const AUTHORIZER_DESCRIPTOR: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/authorizer_descriptor.bin"));
+pub const AUTHORIZER_DESCRIPTOR: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/authorizer_descriptor.bin"));
 /// Descriptor of the benchmark echo service.
 pub const ECHO_DESCRIPTOR: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/echo_descriptor.bin"));

@@ -37,7 +37,9 @@ pub fn run_echo(args: EchoArgs) -> ExitCode {
         return ExitCode::FAILURE;
     };
     let result: Result<(), String> = rt.block_on(async {
-        let listener = tokio::net::TcpListener::bind(args.addr).await.map_err(|e| e.to_string())?;
+        let listener = tokio::net::TcpListener::bind(args.addr)
+            .await
+            .map_err(|e| e.to_string())?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
         println!("listening {addr}");
         tonic::transport::Server::builder()

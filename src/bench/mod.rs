@@ -99,7 +99,12 @@ fn rss_kib(pid: u32) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-fn spawn(server_cpu: &str, args: &[String], addr_from: fn(&str) -> Option<String>, stderr: bool) -> Result<Server, String> {
+fn spawn(
+    server_cpu: &str,
+    args: &[String],
+    addr_from: fn(&str) -> Option<String>,
+    stderr: bool,
+) -> Result<Server, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let pin = server_cpu != "none" && Command::new("taskset").arg("-V").output().is_ok();
     let mut cmd = if pin {
@@ -115,7 +120,9 @@ fn spawn(server_cpu: &str, args: &[String], addr_from: fn(&str) -> Option<String
     } else {
         cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
     }
-    let mut child = cmd.spawn().map_err(|e| format!("cannot start {}: {e}", exe.display()))?;
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", exe.display()))?;
     let pipe: Box<dyn std::io::Read + Send> = if stderr {
         Box::new(child.stderr.take().ok_or("no stderr")?)
     } else {
@@ -160,7 +167,8 @@ impl RunStats {
         self.calls as f64 / self.elapsed.as_secs_f64()
     }
     fn cpu_per_call_us(&self) -> Option<f64> {
-        self.cpu.map(|c| c.as_secs_f64() * 1e6 / self.calls.max(1) as f64)
+        self.cpu
+            .map(|c| c.as_secs_f64() * 1e6 / self.calls.max(1) as f64)
     }
     fn pct_us(&self, q: f64) -> f64 {
         self.latency.value_at_quantile(q) as f64 / 1000.0
@@ -169,8 +177,14 @@ impl RunStats {
 
 #[derive(Clone)]
 enum Caller {
-    Echo(echo_pb::echo_client::EchoClient<Channel>, std::sync::Arc<Vec<echo_pb::EchoMessage>>),
-    Sidecar(pb::authorizer_client::AuthorizerClient<Channel>, std::sync::Arc<Vec<pb::CheckRequest>>),
+    Echo(
+        echo_pb::echo_client::EchoClient<Channel>,
+        std::sync::Arc<Vec<echo_pb::EchoMessage>>,
+    ),
+    Sidecar(
+        pb::authorizer_client::AuthorizerClient<Channel>,
+        std::sync::Arc<Vec<pb::CheckRequest>>,
+    ),
 }
 
 impl Caller {
@@ -194,7 +208,13 @@ async fn connect(addr: &str) -> Result<Channel, String> {
         .map_err(|e| format!("cannot connect to {addr}: {e}"))
 }
 
-async fn drive(caller: Caller, pid: u32, concurrency: usize, warmup: Duration, duration: Duration) -> RunStats {
+async fn drive(
+    caller: Caller,
+    pid: u32,
+    concurrency: usize,
+    warmup: Duration,
+    duration: Duration,
+) -> RunStats {
     let start = Instant::now();
     let measure_from = start + warmup;
     let end = measure_from + duration;
@@ -234,7 +254,8 @@ async fn drive(caller: Caller, pid: u32, concurrency: usize, warmup: Duration, d
         failures: 0,
         elapsed,
         cpu: cpu_start.zip(cpu_end).map(|(a, b)| b.saturating_sub(a)),
-        latency: Histogram::new_with_bounds(1, 60_000_000_000, 3).unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable!())),
+        latency: Histogram::new_with_bounds(1, 60_000_000_000, 3)
+            .unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable!())),
     };
     for t in tasks {
         if let Ok((calls, failures, hist)) = t.await {
@@ -249,12 +270,17 @@ async fn drive(caller: Caller, pid: u32, concurrency: usize, warmup: Duration, d
 }
 
 fn row(label: &str, c: usize, s: &RunStats, echo: Option<&RunStats>) -> String {
-    let cpu = s.cpu_per_call_us().map_or("n/a".into(), |v| format!("{v:.1}"));
+    let cpu = s
+        .cpu_per_call_us()
+        .map_or("n/a".into(), |v| format!("{v:.1}"));
     let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
         (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
         _ => "-".into(),
     };
-    let cpu_ratio = ratio(s.cpu_per_call_us(), echo.and_then(RunStats::cpu_per_call_us));
+    let cpu_ratio = ratio(
+        s.cpu_per_call_us(),
+        echo.and_then(RunStats::cpu_per_call_us),
+    );
     let p50_ratio = ratio(Some(s.pct_us(0.5)), echo.map(|e| e.pct_us(0.5)));
     format!(
         "{label:<28} {c:>4} {:>10.0} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>8} {:>7} {:>7} {:>6}",
@@ -282,7 +308,11 @@ fn prepare(s: Scenario, tmp: &Path, distinct: usize) -> Result<Prepared, String>
     let io = |e: std::io::Error| e.to_string();
     let base = scenario::peer_request();
     let (name, dir, tenant) = match s {
-        Scenario::Peer => ("peer (4 policies)", PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/peer-bench"), None),
+        Scenario::Peer => (
+            "peer (4 policies)",
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/peer-bench"),
+            None,
+        ),
         Scenario::Scope => {
             let dir = tmp.join("scope");
             scenario::write_scope_bundle(&dir).map_err(io)?;
@@ -298,11 +328,18 @@ fn prepare(s: Scenario, tmp: &Path, distinct: usize) -> Result<Prepared, String>
         .into_iter()
         .map(|v| request_from_json(v).map(|r| request_to_pb(&r)))
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(Prepared { name, dir, requests })
+    Ok(Prepared {
+        name,
+        dir,
+        requests,
+    })
 }
 
 pub fn run(args: BenchArgs) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: {e}");
@@ -323,7 +360,11 @@ async fn run_async(args: BenchArgs) -> Result<(), String> {
     std::fs::create_dir_all(&tmp).map_err(|e| e.to_string())?;
     let warmup = Duration::from_secs_f64(args.warmup);
     let duration = Duration::from_secs_f64(args.duration);
-    let threads = if args.server_cpu == "none" { "0".to_owned() } else { cpu_count(&args.server_cpu).to_string() };
+    let threads = if args.server_cpu == "none" {
+        "0".to_owned()
+    } else {
+        cpu_count(&args.server_cpu).to_string()
+    };
     println!(
         "arbiter bench: {} s per run after {} s warm-up; servers pinned to CPU {}; one HTTP/2 connection; {} distinct requests",
         args.duration, args.warmup, args.server_cpu, args.distinct
@@ -331,7 +372,11 @@ async fn run_async(args: BenchArgs) -> Result<(), String> {
 
     let echo_server = spawn(
         &args.server_cpu,
-        &["bench-echo".into(), "--worker-threads".into(), threads.clone()],
+        &[
+            "bench-echo".into(),
+            "--worker-threads".into(),
+            threads.clone(),
+        ],
         echo_addr,
         false,
     )?;
@@ -346,9 +391,16 @@ async fn run_async(args: BenchArgs) -> Result<(), String> {
                 payload: prost::Message::encode_to_vec(r),
             })
             .collect();
-        println!("\n== scenario {} ({} bytes per request)", prepared.name, payloads[0].payload.len());
+        println!(
+            "\n== scenario {} ({} bytes per request)",
+            prepared.name,
+            payloads[0].payload.len()
+        );
         println!("{HEADER}");
-        let echo_caller = Caller::Echo(echo_pb::echo_client::EchoClient::new(echo_channel.clone()), payloads.into());
+        let echo_caller = Caller::Echo(
+            echo_pb::echo_client::EchoClient::new(echo_channel.clone()),
+            payloads.into(),
+        );
         let mut echo_runs = Vec::new();
         for &c in &args.concurrency {
             let stats = drive(echo_caller.clone(), echo_server.pid(), c, warmup, duration).await;
@@ -358,10 +410,16 @@ async fn run_async(args: BenchArgs) -> Result<(), String> {
         let mut variants: Vec<(String, Vec<String>)> = Vec::new();
         for cache in &args.cache {
             let entries = if cache == "on" { "100000" } else { "0" };
-            variants.push((format!("arbiter cache {cache}"), vec!["--cache-entries".into(), entries.into()]));
+            variants.push((
+                format!("arbiter cache {cache}"),
+                vec!["--cache-entries".into(), entries.into()],
+            ));
         }
         if args.index_off_too {
-            variants.push(("arbiter index off".into(), vec!["--config".into(), write_index_off(&tmp)?]));
+            variants.push((
+                "arbiter index off".into(),
+                vec!["--config".into(), write_index_off(&tmp)?],
+            ));
         }
         for (label, extra) in variants {
             let config = write_threads_config(&tmp, &threads)?;
@@ -386,18 +444,27 @@ async fn run_async(args: BenchArgs) -> Result<(), String> {
             tokio::time::sleep(Duration::from_millis(300)).await;
             let idle_rss = rss_kib(sidecar.pid());
             let channel = connect(&sidecar.addr).await?;
-            let caller = Caller::Sidecar(pb::authorizer_client::AuthorizerClient::new(channel), prepared.requests.clone().into());
+            let caller = Caller::Sidecar(
+                pb::authorizer_client::AuthorizerClient::new(channel),
+                prepared.requests.clone().into(),
+            );
             for (i, &c) in args.concurrency.iter().enumerate() {
                 let stats = drive(caller.clone(), sidecar.pid(), c, warmup, duration).await;
                 println!("{}", row(&label, c, &stats, echo_runs.get(i)));
             }
             if let Some(kib) = idle_rss {
-                println!("  idle RSS of the sidecar ({label}): {:.1} MiB", kib as f64 / 1024.0);
+                println!(
+                    "  idle RSS of the sidecar ({label}): {:.1} MiB",
+                    kib as f64 / 1024.0
+                );
             }
         }
     }
     if let Some(kib) = rss_kib(echo_server.pid()) {
-        println!("\nRSS of the echo server after the runs: {:.1} MiB", kib as f64 / 1024.0);
+        println!(
+            "\nRSS of the echo server after the runs: {:.1} MiB",
+            kib as f64 / 1024.0
+        );
     }
     let _ = std::fs::remove_dir_all(&tmp);
     Ok(())
@@ -406,7 +473,12 @@ async fn run_async(args: BenchArgs) -> Result<(), String> {
 fn cpu_count(list: &str) -> usize {
     list.split(',')
         .map(|part| match part.split_once('-') {
-            Some((a, b)) => b.parse::<usize>().unwrap_or(0).saturating_sub(a.parse().unwrap_or(0)) + 1,
+            Some((a, b)) => {
+                b.parse::<usize>()
+                    .unwrap_or(0)
+                    .saturating_sub(a.parse().unwrap_or(0))
+                    + 1
+            }
             None => 1,
         })
         .sum::<usize>()
@@ -415,12 +487,17 @@ fn cpu_count(list: &str) -> usize {
 
 fn write_threads_config(tmp: &Path, threads: &str) -> Result<String, String> {
     let path = tmp.join(format!("threads-{threads}.toml"));
-    std::fs::write(&path, format!("[server]\nworker_threads = {threads}\n")).map_err(|e| e.to_string())?;
+    std::fs::write(&path, format!("[server]\nworker_threads = {threads}\n"))
+        .map_err(|e| e.to_string())?;
     Ok(path.display().to_string())
 }
 
 fn write_index_off(tmp: &Path) -> Result<String, String> {
     let path = tmp.join("index-off.toml");
-    std::fs::write(&path, "[server]\nworker_threads = 1\n[policy]\nindex = false\n").map_err(|e| e.to_string())?;
+    std::fs::write(
+        &path,
+        "[server]\nworker_threads = 1\n[policy]\nindex = false\n",
+    )
+    .map_err(|e| e.to_string())?;
     Ok(path.display().to_string())
 }

@@ -59,12 +59,18 @@ pub fn write_scope_bundle(dir: &Path) -> std::io::Result<()> {
     );
     let types: Vec<String> = (0..50).map(|t| format!("Res{t}")).collect();
     for t in &types {
-        let _ = writeln!(schema, "entity {t} = {{ owner: User, department: String, status: String }};");
+        let _ = writeln!(
+            schema,
+            "entity {t} = {{ owner: User, department: String, status: String }};"
+        );
     }
     let _ = writeln!(
         schema,
         "action {} appliesTo {{ principal: User, resource: [{}] }};",
-        (0..20).map(|a| format!("op{a}")).collect::<Vec<_>>().join(", "),
+        (0..20)
+            .map(|a| format!("op{a}"))
+            .collect::<Vec<_>>()
+            .join(", "),
         types.join(", ")
     );
     let mut policies = String::from(PEER_POLICIES);

@@ -67,12 +67,13 @@ impl Bundle {
     /// result does not depend on the file system's listing order.
     pub fn read_dir(dir: &Path) -> Result<Self, BundleError> {
         let manifest_path = dir.join("manifest.json");
-        let manifest: Manifest = serde_json::from_str(&read_text(&manifest_path)?).map_err(|e| {
-            BundleError::Malformed {
-                path: manifest_path.clone(),
-                message: e.to_string(),
-            }
-        })?;
+        let manifest: Manifest =
+            serde_json::from_str(&read_text(&manifest_path)?).map_err(|e| {
+                BundleError::Malformed {
+                    path: manifest_path.clone(),
+                    message: e.to_string(),
+                }
+            })?;
         if manifest.name.trim().is_empty() || manifest.revision.trim().is_empty() {
             return Err(BundleError::Malformed {
                 path: manifest_path,
@@ -165,7 +166,11 @@ mod tests {
     #[test]
     fn reads_files_in_name_order() {
         let dir = tempfile::tempdir().expect("tempdir");
-        write(dir.path(), "manifest.json", r#"{"name":"b","revision":"r1"}"#);
+        write(
+            dir.path(),
+            "manifest.json",
+            r#"{"name":"b","revision":"r1"}"#,
+        );
         write(dir.path(), "schema.cedarschema", "entity User;");
         write(dir.path(), "z.cedar", "");
         write(dir.path(), "a.cedar", "");
@@ -185,7 +190,11 @@ mod tests {
     #[test]
     fn unknown_manifest_field_is_rejected() {
         let dir = tempfile::tempdir().expect("tempdir");
-        write(dir.path(), "manifest.json", r#"{"name":"b","revision":"r1","extra":1}"#);
+        write(
+            dir.path(),
+            "manifest.json",
+            r#"{"name":"b","revision":"r1","extra":1}"#,
+        );
         let err = Bundle::read_dir(dir.path()).expect_err("unknown field");
         assert!(err.to_string().contains("extra"), "{err}");
     }

@@ -39,7 +39,11 @@ impl Report {
         let mut out = format!(
             "outcome:   {}\npolicies:  {}\nbundle:    {} (revision {})\ndecision:  {}\n",
             self.outcome,
-            if self.policy_ids.is_empty() { "(none)".to_owned() } else { self.policy_ids.join(", ") },
+            if self.policy_ids.is_empty() {
+                "(none)".to_owned()
+            } else {
+                self.policy_ids.join(", ")
+            },
             self.bundle,
             self.revision,
             self.decision_id
@@ -68,7 +72,8 @@ fn read_request(path: &Path) -> Result<serde_json::Value, String> {
     let text = if path.as_os_str() == "-" {
         std::io::read_to_string(std::io::stdin()).map_err(|e| format!("cannot read stdin: {e}"))?
     } else {
-        std::fs::read_to_string(path).map_err(|e| format!("cannot read `{}`: {e}", path.display()))?
+        std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read `{}`: {e}", path.display()))?
     };
     serde_json::from_str(&text).map_err(|e| format!("`{}` is not JSON: {e}", path.display()))
 }
@@ -76,8 +81,11 @@ fn read_request(path: &Path) -> Result<serde_json::Value, String> {
 /// Decides offline against a bundle directory.
 pub fn offline(bundle: &Path, request: &Path) -> Result<Report, String> {
     let engine = load_bundle(bundle, CompileOptions::default()).map_err(|e| e.to_string())?;
-    let req = request_from_json(read_request(request)?).map_err(|e| format!("invalid request: {e}"))?;
-    let decision = engine.decide(&req).map_err(|e| format!("invalid request: {e}"))?;
+    let req =
+        request_from_json(read_request(request)?).map_err(|e| format!("invalid request: {e}"))?;
+    let decision = engine
+        .decide(&req)
+        .map_err(|e| format!("invalid request: {e}"))?;
     Ok(Report {
         outcome: decision.outcome.as_str().to_owned(),
         decision: decision.outcome == Outcome::Allow,
@@ -99,7 +107,8 @@ pub fn offline(bundle: &Path, request: &Path) -> Result<Report, String> {
 
 /// Sends the request to a running sidecar.
 pub async fn remote(addr: &str, request: &Path) -> Result<Report, String> {
-    let req = request_from_json(read_request(request)?).map_err(|e| format!("invalid request: {e}"))?;
+    let req =
+        request_from_json(read_request(request)?).map_err(|e| format!("invalid request: {e}"))?;
     let endpoint = tonic::transport::Endpoint::from_shared(addr.to_owned())
         .map_err(|e| format!("bad address `{addr}`: {e}"))?
         .connect_timeout(Duration::from_secs(5))
@@ -112,11 +121,20 @@ pub async fn remote(addr: &str, request: &Path) -> Result<Report, String> {
     let r = client
         .check(request_to_pb(&req))
         .await
-        .map_err(|s| format!("sidecar refused the request ({:?}): {}", s.code(), s.message()))?
+        .map_err(|s| {
+            format!(
+                "sidecar refused the request ({:?}): {}",
+                s.code(),
+                s.message()
+            )
+        })?
         .into_inner();
     let outcome = pb::Outcome::try_from(r.outcome).unwrap_or(pb::Outcome::Unspecified);
     Ok(Report {
-        outcome: outcome.as_str_name().trim_start_matches("OUTCOME_").to_owned(),
+        outcome: outcome
+            .as_str_name()
+            .trim_start_matches("OUTCOME_")
+            .to_owned(),
         decision: r.decision,
         policy_ids: r.policy_ids,
         bundle: r.bundle,

@@ -62,10 +62,8 @@ pub struct LimitsConfig {
     pub max_batch_items: usize,
     /// Deepest nesting of properties and context values.
     pub max_depth: usize,
-    /// Calls served at once per connection; more wait (then time out).
+    /// Calls one connection may have in flight (HTTP/2 concurrent streams).
     pub max_concurrent_calls: usize,
-    /// Milliseconds a call may take before it fails with DEADLINE_EXCEEDED.
-    pub request_timeout_ms: u64,
 }
 
 impl Default for LimitsConfig {
@@ -75,7 +73,6 @@ impl Default for LimitsConfig {
             max_batch_items: 256,
             max_depth: 32,
             max_concurrent_calls: 1024,
-            request_timeout_ms: 5_000,
         }
     }
 }
@@ -133,7 +130,10 @@ impl Default for LogConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file `{path}`: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("config file `{path}` is invalid: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("invalid configuration: {0}")]
@@ -163,7 +163,10 @@ impl Config {
             return bad("no bundle: pass `--bundle DIR` or set `[bundle] dir`".into());
         };
         if !dir.is_dir() {
-            return bad(format!("bundle directory `{}` does not exist", dir.display()));
+            return bad(format!(
+                "bundle directory `{}` does not exist",
+                dir.display()
+            ));
         }
         if self.server.grpc_addr == self.server.http_addr && self.server.grpc_addr.port() != 0 {
             return bad(format!(
@@ -188,10 +191,10 @@ impl Config {
             }
         }
         if l.max_depth > 64 {
-            return bad(format!("`limits.max_depth` is {}; use at most 64", l.max_depth));
-        }
-        if l.request_timeout_ms == 0 {
-            return bad("`limits.request_timeout_ms` must be at least 1".into());
+            return bad(format!(
+                "`limits.max_depth` is {}; use at most 64",
+                l.max_depth
+            ));
         }
         if self.cache.max_entries > 0 && self.cache.ttl_secs == 0 {
             return bad("`cache.ttl_secs` must be at least 1 when the cache is on".into());
@@ -229,7 +232,10 @@ mod tests {
     fn example_config_parses_and_validates() {
         let text = include_str!("../../examples/arbiter.toml");
         let mut c = Config::from_toml(text).expect("example parses");
-        c.bundle.dir = Some(PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/documents")));
+        c.bundle.dir = Some(PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/examples/documents"
+        )));
         c.validate().expect("example validates");
     }
 

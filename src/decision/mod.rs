@@ -69,7 +69,11 @@ pub struct Decider {
 }
 
 impl Decider {
-    pub fn new(cache: CacheSettings, metrics: Arc<Metrics>, sink: Option<Arc<dyn DecisionSink>>) -> Self {
+    pub fn new(
+        cache: CacheSettings,
+        metrics: Arc<Metrics>,
+        sink: Option<Arc<dyn DecisionSink>>,
+    ) -> Self {
         Self {
             active: ArcSwapOption::empty(),
             cache,

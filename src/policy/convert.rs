@@ -11,9 +11,7 @@ use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 
-use cedar_policy::{
-    Context, Entities, Entity, EntityId, EntityUid, RestrictedExpression, Schema,
-};
+use cedar_policy::{Context, Entities, Entity, EntityId, EntityUid, RestrictedExpression, Schema};
 use serde_json::{Map, Value};
 
 use super::schema::{AttrType, Extension, RecordType, TypeModel};
@@ -40,11 +38,19 @@ impl StaticEntities {
     /// Parses `entities.json`, checked against the schema by Cedar, and adds
     /// the schema's action entities so `action in Group` works.
     pub(crate) fn new(json: &Value, schema: &Schema) -> Result<Self, String> {
-        let store = Entities::from_json_value(json.clone(), Some(schema)).map_err(|e| e.to_string())?;
+        let store =
+            Entities::from_json_value(json.clone(), Some(schema)).map_err(|e| e.to_string())?;
         let mut raw = HashMap::new();
         for item in json.as_array().into_iter().flatten() {
-            let uid = item.get("uid").and_then(entity_uid_of).ok_or("entity without `uid`")?;
-            let attrs = item.get("attrs").and_then(Value::as_object).cloned().unwrap_or_default();
+            let uid = item
+                .get("uid")
+                .and_then(entity_uid_of)
+                .ok_or("entity without `uid`")?;
+            let attrs = item
+                .get("attrs")
+                .and_then(Value::as_object)
+                .cloned()
+                .unwrap_or_default();
             let parents = item
                 .get("parents")
                 .and_then(Value::as_array)
@@ -90,6 +96,9 @@ impl<'a> Path<'a> {
     }
 }
 
+/// An entity's attributes as the request (or the bundle) gave them.
+type Attrs<'r> = Cow<'r, Map<String, Value>>;
+
 /// A request in Cedar's terms, plus the attribute values the policy index
 /// looks at.
 pub(crate) struct Prepared<'r> {
@@ -119,8 +128,20 @@ impl<'m> Converter<'m> {
         let action = self.model.action(&req.action).map_err(RequestError)?;
         let subject_path = Path::root("subject");
         let resource_path = Path::root("resource");
-        self.check_applies(&subject_path, &req.subject, &action.principals, "principal", &req.action)?;
-        self.check_applies(&resource_path, &req.resource, &action.resources, "resource", &req.action)?;
+        self.check_applies(
+            &subject_path,
+            &req.subject,
+            &action.principals,
+            "principal",
+            &req.action,
+        )?;
+        self.check_applies(
+            &resource_path,
+            &req.resource,
+            &action.resources,
+            "resource",
+            &req.action,
+        )?;
 
         let (principal, principal_attrs) = self.entity(&subject_path, &req.subject)?;
         let (resource, resource_attrs) = self.entity(&resource_path, &req.resource)?;
@@ -128,8 +149,12 @@ impl<'m> Converter<'m> {
         let context_pairs = self.record_fields(&ctx_path, &req.context, &action.context)?;
         let context = Context::from_pairs(context_pairs).map_err(|e| ctx_path.err(e))?;
 
-        let principal_uid = principal.as_ref().map_or_else(|| uid(self.model, &req.subject), |e| Ok(e.uid()))?;
-        let resource_uid = resource.as_ref().map_or_else(|| uid(self.model, &req.resource), |e| Ok(e.uid()))?;
+        let principal_uid = principal
+            .as_ref()
+            .map_or_else(|| uid(self.model, &req.subject), |e| Ok(e.uid()))?;
+        let resource_uid = resource
+            .as_ref()
+            .map_or_else(|| uid(self.model, &req.resource), |e| Ok(e.uid()))?;
         let request = cedar_policy::Request::new(
             principal_uid,
             action.uid.clone(),
@@ -183,11 +208,15 @@ impl<'m> Converter<'m> {
                 e.kind
             )));
         }
-        if !allowed.iter().any(|t| *t == e.kind) {
+        if !allowed.contains(&e.kind) {
             return Err(path.child("type").err(format!(
                 "action `{action}` does not apply to {role} type `{}` (it applies to: {})",
                 e.kind,
-                if allowed.is_empty() { "none".to_owned() } else { allowed.join(", ") }
+                if allowed.is_empty() {
+                    "none".to_owned()
+                } else {
+                    allowed.join(", ")
+                }
             )));
         }
         if e.id.is_empty() {
@@ -203,13 +232,17 @@ impl<'m> Converter<'m> {
         &self,
         path: &Path<'_>,
         e: &'r EntityRef,
-    ) -> Result<(Option<Entity>, Cow<'r, Map<String, Value>>), RequestError>
+    ) -> Result<(Option<Entity>, Attrs<'r>), RequestError>
     where
         'm: 'r,
     {
         let info = &self.model.entities[&e.kind];
         let entity_uid = EntityUid::from_type_name_and_id(info.name.clone(), EntityId::new(&e.id));
-        let stored = if self.statics.len() == 0 { None } else { self.statics.raw.get(&entity_uid) };
+        let stored = if self.statics.len() == 0 {
+            None
+        } else {
+            self.statics.raw.get(&entity_uid)
+        };
         let attrs: Cow<'r, Map<String, Value>> = match (&e.properties, stored) {
             (None, Some(stored)) => return Ok((None, Cow::Borrowed(&stored.attrs))),
             (Some(props), None) => Cow::Borrowed(props),
@@ -222,8 +255,11 @@ impl<'m> Converter<'m> {
         };
         let props_path = path.child("properties");
         let pairs = self.record_fields(&props_path, &attrs, &info.shape)?;
-        let parents: HashSet<EntityUid> = stored.map(|s| s.parents.iter().cloned().collect()).unwrap_or_default();
-        let entity = Entity::new(entity_uid, pairs.into_iter().collect(), parents).map_err(|err| props_path.err(err))?;
+        let parents: HashSet<EntityUid> = stored
+            .map(|s| s.parents.iter().cloned().collect())
+            .unwrap_or_default();
+        let entity = Entity::new(entity_uid, pairs.into_iter().collect(), parents)
+            .map_err(|err| props_path.err(err))?;
         Ok((Some(entity), attrs))
     }
 
@@ -244,7 +280,11 @@ impl<'m> Converter<'m> {
                     known.sort_unstable();
                     return Err(field.err(format!(
                         "not in the bundle schema (expected: {})",
-                        if known.is_empty() { "no attributes".to_owned() } else { known.join(", ") }
+                        if known.is_empty() {
+                            "no attributes".to_owned()
+                        } else {
+                            known.join(", ")
+                        }
                     )));
                 }
             };
@@ -252,20 +292,28 @@ impl<'m> Converter<'m> {
         }
         for (name, spec) in &ty.attrs {
             if spec.required && !obj.contains_key(name) {
-                return Err(path.child(name).err("required by the bundle schema but missing"));
+                return Err(path
+                    .child(name)
+                    .err("required by the bundle schema but missing"));
             }
         }
         Ok(out)
     }
 
-    fn value(&self, path: &Path<'_>, v: &Value, ty: &AttrType) -> Result<RestrictedExpression, RequestError> {
+    fn value(
+        &self,
+        path: &Path<'_>,
+        v: &Value,
+        ty: &AttrType,
+    ) -> Result<RestrictedExpression, RequestError> {
         let mismatch = || path.err(format!("expected {}, got {}", describe(ty), kind_of(v)));
         Ok(match (ty, v) {
             (AttrType::String, Value::String(s)) => RestrictedExpression::new_string(s.clone()),
             (AttrType::Bool, Value::Bool(b)) => RestrictedExpression::new_bool(*b),
-            (AttrType::Long, Value::Number(n)) => {
-                RestrictedExpression::new_long(n.as_i64().ok_or_else(|| path.err(format!("expected a whole number, got `{n}`")))?)
-            }
+            (AttrType::Long, Value::Number(n)) => RestrictedExpression::new_long(
+                n.as_i64()
+                    .ok_or_else(|| path.err(format!("expected a whole number, got `{n}`")))?,
+            ),
             (AttrType::Set(elem), Value::Array(items)) => {
                 let mut out = Vec::with_capacity(items.len());
                 for (i, item) in items.iter().enumerate() {
@@ -275,15 +323,21 @@ impl<'m> Converter<'m> {
                 RestrictedExpression::new_set(out)
             }
             (AttrType::Record(rec), Value::Object(obj)) => {
-                RestrictedExpression::new_record(self.record_fields(path, obj, rec)?).map_err(|e| path.err(e))?
+                RestrictedExpression::new_record(self.record_fields(path, obj, rec)?)
+                    .map_err(|e| path.err(e))?
             }
             (AttrType::Entity(expected), Value::Object(obj)) => {
                 let (kind, id) = entity_ref_parts(obj).ok_or_else(mismatch)?;
                 if kind != expected {
-                    return Err(path.err(format!("expected an entity of type `{expected}`, got `{kind}`")));
+                    return Err(path.err(format!(
+                        "expected an entity of type `{expected}`, got `{kind}`"
+                    )));
                 }
                 let info = self.model.entities.get(expected).ok_or_else(mismatch)?;
-                RestrictedExpression::new_entity_uid(EntityUid::from_type_name_and_id(info.name.clone(), EntityId::new(id)))
+                RestrictedExpression::new_entity_uid(EntityUid::from_type_name_and_id(
+                    info.name.clone(),
+                    EntityId::new(id),
+                ))
             }
             (AttrType::Extension(ext), Value::String(s)) => extension(*ext, s),
             (AttrType::Extension(ext), Value::Object(obj)) => {
@@ -304,7 +358,10 @@ fn uid(model: &TypeModel, e: &EntityRef) -> Result<EntityUid, RequestError> {
         .entities
         .get(&e.kind)
         .ok_or_else(|| RequestError(format!("unknown entity type `{}`", e.kind)))?;
-    Ok(EntityUid::from_type_name_and_id(info.name.clone(), EntityId::new(&e.id)))
+    Ok(EntityUid::from_type_name_and_id(
+        info.name.clone(),
+        EntityId::new(&e.id),
+    ))
 }
 
 fn extension(ext: Extension, s: &str) -> RestrictedExpression {
@@ -322,7 +379,8 @@ fn untyped(path: &Path<'_>, v: &Value) -> Result<RestrictedExpression, RequestEr
         Value::String(s) => RestrictedExpression::new_string(s.clone()),
         Value::Bool(b) => RestrictedExpression::new_bool(*b),
         Value::Number(n) => RestrictedExpression::new_long(
-            n.as_i64().ok_or_else(|| path.err(format!("expected a whole number, got `{n}`")))?,
+            n.as_i64()
+                .ok_or_else(|| path.err(format!("expected a whole number, got `{n}`")))?,
         ),
         Value::Array(items) => {
             let mut out = Vec::with_capacity(items.len());

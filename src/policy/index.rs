@@ -49,7 +49,6 @@ impl Slice {
         }
         Self { all, permits }
     }
-
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -115,13 +114,17 @@ impl PolicyIndex {
                 everything,
             };
         }
-        let leading: Vec<Option<(Var, String, Literal)>> = policies.iter().map(leading_equality).collect();
+        let leading: Vec<Option<(Var, String, Literal)>> =
+            policies.iter().map(leading_equality).collect();
         let mut by_action: HashMap<EntityUid, Vec<Scope>> = HashMap::new();
         for info in model.actions.values() {
-            let groups: HashSet<&EntityUid> = actions.ancestors(&info.uid).into_iter().flatten().collect();
+            let groups: HashSet<&EntityUid> =
+                actions.ancestors(&info.uid).into_iter().flatten().collect();
             for p_type in &info.principals {
                 for r_type in &info.resources {
-                    let (Some(pt), Some(rt)) = (model.entities.get(p_type), model.entities.get(r_type)) else {
+                    let (Some(pt), Some(rt)) =
+                        (model.entities.get(p_type), model.entities.get(r_type))
+                    else {
                         continue;
                     };
                     let members: Vec<usize> = (0..policies.len())
@@ -181,14 +184,20 @@ impl PolicyIndex {
 }
 
 impl EqIndex {
-    fn build(members: &[usize], policies: &[Policy], leading: &[Option<(Var, String, Literal)>]) -> Option<Self> {
+    fn build(
+        members: &[usize],
+        policies: &[Policy],
+        leading: &[Option<(Var, String, Literal)>],
+    ) -> Option<Self> {
         let mut counts: HashMap<(Var, &str), usize> = HashMap::new();
         for &i in members {
             if let Some((var, attr, _)) = &leading[i] {
                 *counts.entry((*var, attr.as_str())).or_default() += 1;
             }
         }
-        let ((var, attr), count) = counts.into_iter().max_by_key(|(key, n)| (*n, key.1.to_owned()))?;
+        let ((var, attr), count) = counts
+            .into_iter()
+            .max_by_key(|(key, n)| (*n, key.1.to_owned()))?;
         if count < MIN_EQ_INDEXED {
             return None;
         }
@@ -196,7 +205,11 @@ impl EqIndex {
             Some((v, a, lit)) if *v == var && a == attr => Some(lit),
             _ => None,
         };
-        let rest_ids: Vec<usize> = members.iter().copied().filter(|&i| constrained(i).is_none()).collect();
+        let rest_ids: Vec<usize> = members
+            .iter()
+            .copied()
+            .filter(|&i| constrained(i).is_none())
+            .collect();
         let mut groups: HashMap<&Literal, Vec<usize>> = HashMap::new();
         for &i in members {
             if let Some(lit) = constrained(i) {
@@ -231,7 +244,10 @@ fn action_matches(p: &Policy, action: &EntityUid, groups: &HashSet<&EntityUid>) 
 
 /// Whether an entity of type `ty` can be `in` an entity of type `target`.
 fn can_be_in(ty: &EntityTypeName, target: &EntityTypeName, schema: &Schema) -> bool {
-    ty == target || schema.ancestors(ty).is_none_or(|mut a| a.any(|t| t == target))
+    ty == target
+        || schema
+            .ancestors(ty)
+            .is_none_or(|mut a| a.any(|t| t == target))
 }
 
 fn principal_matches(p: &Policy, ty: &EntityTypeName, schema: &Schema) -> bool {
@@ -300,18 +316,27 @@ mod tests {
 
     #[test]
     fn finds_leading_equality_only_first() {
-        let p = policy(r#"permit(principal, action, resource) when { resource.tenant == "t1" && principal.x == 2 };"#);
+        let p = policy(
+            r#"permit(principal, action, resource) when { resource.tenant == "t1" && principal.x == 2 };"#,
+        );
         assert_eq!(
             leading_equality(&p),
             Some((Var::Resource, "tenant".into(), Literal::Str("t1".into())))
         );
         let p = policy(r#"permit(principal, action, resource) when { 3 == context.level };"#);
-        assert_eq!(leading_equality(&p), Some((Var::Context, "level".into(), Literal::Long(3))));
-        let p = policy(r#"permit(principal, action, resource) when { principal.ok && resource.tenant == "t1" };"#);
+        assert_eq!(
+            leading_equality(&p),
+            Some((Var::Context, "level".into(), Literal::Long(3)))
+        );
+        let p = policy(
+            r#"permit(principal, action, resource) when { principal.ok && resource.tenant == "t1" };"#,
+        );
         assert_eq!(leading_equality(&p), None);
-        let p = policy(r#"permit(principal, action, resource) unless { resource.tenant == "t1" };"#);
+        let p =
+            policy(r#"permit(principal, action, resource) unless { resource.tenant == "t1" };"#);
         assert_eq!(leading_equality(&p), None);
-        let p = policy(r#"permit(principal, action, resource) when { resource.owner == principal };"#);
+        let p =
+            policy(r#"permit(principal, action, resource) when { resource.owner == principal };"#);
         assert_eq!(leading_equality(&p), None);
     }
 }

@@ -138,11 +138,20 @@ impl Engine {
                 }
             };
             if set.templates().next().is_some() {
-                problems.push(problem(&file.name, None, None, "policy templates are not supported in bundles yet".into()));
+                problems.push(problem(
+                    &file.name,
+                    None,
+                    None,
+                    "policy templates are not supported in bundles yet".into(),
+                ));
             }
             for policy in set.policies() {
                 let text = policy.to_string();
-                let line = file.text.find(text.as_str()).map(|at| line_of(&file.text, at)).unwrap_or(1);
+                let line = file
+                    .text
+                    .find(text.as_str())
+                    .map(|at| line_of(&file.text, at))
+                    .unwrap_or(1);
                 let Some(id) = policy.annotation("id").map(str::to_owned) else {
                     problems.push(problem(
                         &file.name,
@@ -153,7 +162,12 @@ impl Engine {
                     continue;
                 };
                 if id.trim().is_empty() {
-                    problems.push(problem(&file.name, Some(line), None, "`@id` must not be empty".into()));
+                    problems.push(problem(
+                        &file.name,
+                        Some(line),
+                        None,
+                        "`@id` must not be empty".into(),
+                    ));
                     continue;
                 }
                 if let Some((other_file, other_line)) = origin.get(&id) {
@@ -161,7 +175,10 @@ impl Engine {
                         &file.name,
                         Some(line),
                         Some(&id),
-                        format!("duplicate id, first defined at {}:{other_line}", bundle.policies[*other_file].name),
+                        format!(
+                            "duplicate id, first defined at {}:{other_line}",
+                            bundle.policies[*other_file].name
+                        ),
                     ));
                     continue;
                 }
@@ -254,12 +271,18 @@ impl Engine {
         };
         let prepared = converter.prepare(request)?;
         let slice = self.index.select(&prepared);
-        let response = self.authorizer.is_authorized(&prepared.request, &slice.all, &prepared.entities);
+        let response =
+            self.authorizer
+                .is_authorized(&prepared.request, &slice.all, &prepared.entities);
         let errors = sorted_errors(&response);
         if !errors.is_empty() {
             return Ok(Decision::deny(Vec::new(), errors));
         }
-        let reason: Vec<&PolicyMeta> = response.diagnostics().reason().filter_map(|id| self.meta.get(id)).collect();
+        let reason: Vec<&PolicyMeta> = response
+            .diagnostics()
+            .reason()
+            .filter_map(|id| self.meta.get(id))
+            .collect();
         if response.decision() == cedar_policy::Decision::Allow {
             return Ok(outcome::allow(&reason));
         }
@@ -268,13 +291,19 @@ impl Engine {
         }
         // Every forbid that applied is conditional: would a permit apply
         // without them?
-        let permits = self.authorizer.is_authorized(&prepared.request, &slice.permits, &prepared.entities);
+        let permits =
+            self.authorizer
+                .is_authorized(&prepared.request, &slice.permits, &prepared.entities);
         let errors = sorted_errors(&permits);
         if !errors.is_empty() {
             return Ok(Decision::deny(Vec::new(), errors));
         }
         let applying: Vec<&PolicyMeta> = if permits.decision() == cedar_policy::Decision::Allow {
-            permits.diagnostics().reason().filter_map(|id| self.meta.get(id)).collect()
+            permits
+                .diagnostics()
+                .reason()
+                .filter_map(|id| self.meta.get(id))
+                .collect()
         } else {
             Vec::new()
         };
@@ -289,7 +318,8 @@ fn sorted_errors(r: &cedar_policy::Response) -> Vec<String> {
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
-    text.get(..offset).map_or(1, |head| head.matches('\n').count() + 1)
+    text.get(..offset)
+        .map_or(1, |head| head.matches('\n').count() + 1)
 }
 
 fn first_label_line(diag: &dyn Diagnostic, text: &str) -> Option<usize> {

@@ -31,9 +31,13 @@ impl PolicyMeta {
         for (key, value) in annotations {
             match key {
                 "step_up" => {
-                    let acr_values: Vec<String> = value.split_whitespace().map(str::to_owned).collect();
+                    let acr_values: Vec<String> =
+                        value.split_whitespace().map(str::to_owned).collect();
                     if acr_values.is_empty() {
-                        return Err("`@step_up` needs at least one acr value, e.g. `@step_up(\"aal2\")`".into());
+                        return Err(
+                            "`@step_up` needs at least one acr value, e.g. `@step_up(\"aal2\")`"
+                                .into(),
+                        );
                     }
                     meta.step_up = Some(StepUp {
                         acr_values,
@@ -47,7 +51,10 @@ impl PolicyMeta {
                 }
                 "approval" => {
                     if value.trim().is_empty() {
-                        return Err("`@approval` needs the approver group, e.g. `@approval(\"finance\")`".into());
+                        return Err(
+                            "`@approval` needs the approver group, e.g. `@approval(\"finance\")`"
+                                .into(),
+                        );
                     }
                     meta.approver_group = Some(value.trim().to_owned());
                 }
@@ -111,7 +118,10 @@ pub fn deny(forbids: &[&PolicyMeta], permits: &[&PolicyMeta]) -> Decision {
     };
     let step_ups: Vec<&StepUp> = forbids.iter().filter_map(|f| f.step_up.as_ref()).collect();
     if step_ups.is_empty() {
-        let mut groups: Vec<String> = forbids.iter().filter_map(|f| f.approver_group.clone()).collect();
+        let mut groups: Vec<String> = forbids
+            .iter()
+            .filter_map(|f| f.approver_group.clone())
+            .collect();
         groups.sort();
         groups.dedup();
         decision.approver_groups = groups;
@@ -230,7 +240,9 @@ mod tests {
 
     #[test]
     fn bad_annotations_are_rejected() {
-        let bad = |forbid, ann: &[(&str, &str)]| PolicyMeta::from_annotations("x", forbid, ann.iter().copied()).expect_err("invalid");
+        let bad = |forbid, ann: &[(&str, &str)]| {
+            PolicyMeta::from_annotations("x", forbid, ann.iter().copied()).expect_err("invalid")
+        };
         assert!(bad(true, &[("step_up", " ")]).contains("acr"));
         assert!(bad(true, &[("step_up", "aal2"), ("max_age", "soon")]).contains("seconds"));
         assert!(bad(true, &[("max_age", "60")]).contains("only meaningful"));
@@ -240,7 +252,14 @@ mod tests {
 
     #[test]
     fn allow_carries_obligations_of_permits() {
-        let p = meta("p", false, &[("obligation_max_credential_lifetime", "15m"), ("description", "x")]);
+        let p = meta(
+            "p",
+            false,
+            &[
+                ("obligation_max_credential_lifetime", "15m"),
+                ("description", "x"),
+            ],
+        );
         let d = allow(&[&p]);
         assert_eq!(d.outcome, Outcome::Allow);
         assert_eq!(

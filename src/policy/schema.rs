@@ -109,7 +109,11 @@ impl TypeModel {
                     applies
                         .and_then(|a| a.get(key))
                         .and_then(Value::as_array)
-                        .map(|v| v.iter().filter_map(|t| t.as_str().map(str::to_owned)).collect())
+                        .map(|v| {
+                            v.iter()
+                                .filter_map(|t| t.as_str().map(str::to_owned))
+                                .collect()
+                        })
                         .unwrap_or_default()
                 };
                 let context = match applies.and_then(|a| a.get("context")) {
@@ -145,7 +149,9 @@ impl TypeModel {
             Some(None) => Err(format!(
                 "action `{name}` is defined in several namespaces; name it in full, e.g. `Ns::Action::\"{name}\"`"
             )),
-            None => Err(format!("unknown action `{name}`: the bundle schema does not define it")),
+            None => Err(format!(
+                "unknown action `{name}`: the bundle schema does not define it"
+            )),
         }
     }
 }
@@ -177,7 +183,10 @@ impl Resolver<'_> {
         if depth > 64 {
             return Err("schema types nest deeper than 64 levels".into());
         }
-        let kind = v.get("type").and_then(Value::as_str).ok_or("schema type without `type`")?;
+        let kind = v
+            .get("type")
+            .and_then(Value::as_str)
+            .ok_or("schema type without `type`")?;
         Ok(match kind {
             "String" => AttrType::String,
             "Long" => AttrType::Long,
@@ -187,7 +196,10 @@ impl Resolver<'_> {
             )),
             "Record" => AttrType::Record(self.record(v, depth + 1)?),
             "Entity" => AttrType::Entity(
-                v.get("name").and_then(Value::as_str).ok_or("entity type without `name`")?.to_owned(),
+                v.get("name")
+                    .and_then(Value::as_str)
+                    .ok_or("entity type without `name`")?
+                    .to_owned(),
             ),
             "Extension" => extension(v.get("name").and_then(Value::as_str).unwrap_or_default())?,
             "ipaddr" | "decimal" | "datetime" | "duration" => extension(kind)?,
@@ -207,7 +219,10 @@ impl Resolver<'_> {
         }
         let mut attrs = HashMap::new();
         for (name, spec) in obj(v, "attributes") {
-            let required = spec.get("required").and_then(Value::as_bool).unwrap_or(true);
+            let required = spec
+                .get("required")
+                .and_then(Value::as_bool)
+                .unwrap_or(true);
             attrs.insert(
                 name.clone(),
                 AttrSpec {
@@ -252,7 +267,10 @@ mod tests {
     fn resolves_common_types_and_namespaces() {
         let model = TypeModel::from_schema_text(SCHEMA).expect("schema");
         let user = &model.entities["Acme::User"].shape;
-        assert_eq!(user.attrs["roles"].ty, AttrType::Set(Box::new(AttrType::String)));
+        assert_eq!(
+            user.attrs["roles"].ty,
+            AttrType::Set(Box::new(AttrType::String))
+        );
         assert_eq!(user.attrs["ip"].ty, AttrType::Extension(Extension::IpAddr));
         assert_eq!(user.attrs["mgr"].ty, AttrType::Entity("Acme::User".into()));
         assert!(!user.attrs["mgr"].required);

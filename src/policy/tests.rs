@@ -13,7 +13,9 @@ use crate::bundle::{Bundle, Manifest, PolicyFile};
 use crate::decision::{Obligation, Outcome};
 
 fn example(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples")
+        .join(name)
 }
 
 fn compile_dir(dir: &Path, index: bool) -> Engine {
@@ -82,8 +84,10 @@ impl<'de> Deserialize<'de> for Outcome {
 #[test]
 fn example_corpus_decides_as_expected_with_and_without_index() {
     let dir = example("documents");
-    let cases: Vec<Case> =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("tests/cases.json")).expect("corpus")).expect("corpus parses");
+    let cases: Vec<Case> = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("tests/cases.json")).expect("corpus"),
+    )
+    .expect("corpus parses");
     assert!(cases.len() >= 10);
     let seen: std::collections::HashSet<Outcome> = cases.iter().map(|c| c.expect.outcome).collect();
     assert_eq!(seen.len(), 4, "the corpus covers every outcome");
@@ -91,23 +95,42 @@ fn example_corpus_decides_as_expected_with_and_without_index() {
         let engine = compile_dir(&dir, index);
         for case in &cases {
             let text = std::fs::read_to_string(dir.join(&case.request)).expect("request file");
-            let req = request_from_json(serde_json::from_str(&text).expect("json")).expect("request");
-            let d = engine.decide(&req).unwrap_or_else(|e| panic!("{}: {e}", case.name));
+            let req =
+                request_from_json(serde_json::from_str(&text).expect("json")).expect("request");
+            let d = engine
+                .decide(&req)
+                .unwrap_or_else(|e| panic!("{}: {e}", case.name));
             let e = &case.expect;
             assert_eq!(d.outcome, e.outcome, "{}", case.name);
             assert_eq!(d.policy_ids, e.policy_ids, "{}", case.name);
             assert!(d.errors.is_empty(), "{}: {:?}", case.name, d.errors);
-            assert_eq!(d.step_up.as_ref().map(|s| s.acr_values.clone()), e.acr_values, "{}", case.name);
-            assert_eq!(d.step_up.as_ref().and_then(|s| s.max_age), e.max_age, "{}", case.name);
+            assert_eq!(
+                d.step_up.as_ref().map(|s| s.acr_values.clone()),
+                e.acr_values,
+                "{}",
+                case.name
+            );
+            assert_eq!(
+                d.step_up.as_ref().and_then(|s| s.max_age),
+                e.max_age,
+                "{}",
+                case.name
+            );
             assert_eq!(d.approver_groups, e.approver_groups, "{}", case.name);
             let got: Vec<ObligationExpect> = d
                 .obligations
                 .iter()
-                .map(|Obligation { key, value, policy_id }| ObligationExpect {
-                    key: key.clone(),
-                    value: value.clone(),
-                    policy_id: policy_id.clone(),
-                })
+                .map(
+                    |Obligation {
+                         key,
+                         value,
+                         policy_id,
+                     }| ObligationExpect {
+                        key: key.clone(),
+                        value: value.clone(),
+                        policy_id: policy_id.clone(),
+                    },
+                )
                 .collect();
             assert_eq!(got, e.obligations, "{}", case.name);
         }
@@ -120,7 +143,10 @@ fn peer_scenario_allows_by_edit_department() {
     let text = std::fs::read_to_string(example("peer-bench/request.json")).expect("request");
     let req = request_from_json(serde_json::from_str(&text).expect("json")).expect("request");
     let d = engine.decide(&req).expect("decides");
-    assert_eq!((d.outcome, d.policy_ids), (Outcome::Allow, vec!["edit-department".to_owned()]));
+    assert_eq!(
+        (d.outcome, d.policy_ids),
+        (Outcome::Allow, vec!["edit-department".to_owned()])
+    );
 }
 
 const SCHEMA: &str = r#"
@@ -150,12 +176,18 @@ fn ok_props() -> (Value, Value) {
 }
 
 fn engine(policies: &str) -> Engine {
-    Engine::compile(&bundle(SCHEMA, policies, json!([])), CompileOptions::default()).expect("compiles")
+    Engine::compile(
+        &bundle(SCHEMA, policies, json!([])),
+        CompileOptions::default(),
+    )
+    .expect("compiles")
 }
 
 #[test]
 fn bad_requests_name_the_field() {
-    let e = engine(r#"@id("p") permit(principal, action, resource) when { resource.department == principal.department };"#);
+    let e = engine(
+        r#"@id("p") permit(principal, action, resource) when { resource.department == principal.department };"#,
+    );
     let (s, r) = ok_props();
     let err = |r: Request| e.decide(&r).expect_err("invalid").to_string();
 
@@ -167,25 +199,53 @@ fn bad_requests_name_the_field() {
     bad.action = "fly".into();
     assert!(err(bad).contains("unknown action `fly`"));
 
-    let m = err(view(json!({"department": 7, "roles": []}), r.clone(), json!({})));
-    assert!(m.contains("subject.properties.department") && m.contains("expected a string"), "{m}");
+    let m = err(view(
+        json!({"department": 7, "roles": []}),
+        r.clone(),
+        json!({}),
+    ));
+    assert!(
+        m.contains("subject.properties.department") && m.contains("expected a string"),
+        "{m}"
+    );
 
     let m = err(view(json!({"roles": []}), r.clone(), json!({})));
-    assert!(m.contains("subject.properties.department") && m.contains("missing"), "{m}");
+    assert!(
+        m.contains("subject.properties.department") && m.contains("missing"),
+        "{m}"
+    );
 
-    let m = err(view(json!({"department": "eng", "roles": [1]}), r.clone(), json!({})));
+    let m = err(view(
+        json!({"department": "eng", "roles": [1]}),
+        r.clone(),
+        json!({}),
+    ));
     assert!(m.contains("subject.properties.roles.0"), "{m}");
 
-    let m = err(view(s.clone(), json!({"owner": {"type": "Document", "id": "x"}, "department": "eng"}), json!({})));
-    assert!(m.contains("resource.properties.owner") && m.contains("`User`"), "{m}");
+    let m = err(view(
+        s.clone(),
+        json!({"owner": {"type": "Document", "id": "x"}, "department": "eng"}),
+        json!({}),
+    ));
+    assert!(
+        m.contains("resource.properties.owner") && m.contains("`User`"),
+        "{m}"
+    );
 
     let m = err(view(s.clone(), r.clone(), json!({"mfa": "yes"})));
     assert!(m.contains("context.mfa") && m.contains("boolean"), "{m}");
 
     let m = err(view(s.clone(), r.clone(), json!({"extra": 1})));
-    assert!(m.contains("context.extra") && m.contains("not in the bundle schema"), "{m}");
+    assert!(
+        m.contains("context.extra") && m.contains("not in the bundle schema"),
+        "{m}"
+    );
 
-    let m = err(view(json!({"department": "eng", "roles": [], "level": 1.5}), r.clone(), json!({})));
+    let m = err(view(
+        json!({"department": "eng", "roles": [], "level": 1.5}),
+        r.clone(),
+        json!({}),
+    ));
     assert!(m.contains("whole number"), "{m}");
 
     let mut bad = view(s, r, json!({}));
@@ -200,14 +260,24 @@ fn evaluation_errors_fail_closed() {
     // errors too: Cedar alone would allow by `p2`, Arbiter denies.
     let e = engine(
         r#"@id("p2") permit(principal, action, resource);
-           @id("f") forbid(principal, action, resource) when { principal.level * 9223372036854775807 > 1 };"#,
+           @id("f") forbid(principal, action, resource) when { principal has level && principal.level * 9223372036854775807 > 1 };"#,
     );
     let (_, r) = ok_props();
     let d = e
-        .decide(&view(json!({"department": "eng", "roles": [], "level": 5}), r, json!({})))
+        .decide(&view(
+            json!({"department": "eng", "roles": [], "level": 5}),
+            r,
+            json!({}),
+        ))
         .expect("decides");
     assert_eq!(d.outcome, Outcome::Deny);
-    assert!(d.errors.iter().any(|m| m.contains("`f`") && m.contains("overflow")), "{:?}", d.errors);
+    assert!(
+        d.errors
+            .iter()
+            .any(|m| m.contains("`f`") && m.contains("overflow")),
+        "{:?}",
+        d.errors
+    );
 }
 
 #[test]
@@ -219,25 +289,46 @@ fn optional_attribute_missing_is_an_error_not_a_silent_allow() {
            @id("f") forbid(principal, action, resource) when { principal has level && principal.level > 3 };"#,
     );
     let (s, r) = ok_props();
-    assert_eq!(e.decide(&view(s, r.clone(), json!({}))).expect("ok").outcome, Outcome::Allow);
+    assert_eq!(
+        e.decide(&view(s, r.clone(), json!({})))
+            .expect("ok")
+            .outcome,
+        Outcome::Allow
+    );
     let d = e
-        .decide(&view(json!({"department": "eng", "roles": [], "level": 9}), r, json!({})))
+        .decide(&view(
+            json!({"department": "eng", "roles": [], "level": 9}),
+            r,
+            json!({}),
+        ))
         .expect("ok");
-    assert_eq!((d.outcome, d.policy_ids), (Outcome::Deny, vec!["f".to_owned()]));
+    assert_eq!(
+        (d.outcome, d.policy_ids),
+        (Outcome::Deny, vec!["f".to_owned()])
+    );
 }
 
 #[test]
 fn invalid_bundles_report_file_line_and_policy() {
     let problems = |policies: &str| {
-        Engine::compile(&bundle(SCHEMA, policies, json!([])), CompileOptions::default())
-            .expect_err("invalid")
-            .problems
+        Engine::compile(
+            &bundle(SCHEMA, policies, json!([])),
+            CompileOptions::default(),
+        )
+        .expect_err("invalid")
+        .problems
     };
-    let p = problems("\n\n@id(\"a\") permit(principal, action, resource) when { resource.nope == 1 };");
-    assert_eq!((p[0].file.as_str(), p[0].line, p[0].policy_id.as_deref()), ("p.cedar", Some(3), Some("a")));
+    let p =
+        problems("\n\n@id(\"a\") permit(principal, action, resource) when { resource.nope == 1 };");
+    assert_eq!(
+        (p[0].file.as_str(), p[0].line, p[0].policy_id.as_deref()),
+        ("p.cedar", Some(3), Some("a"))
+    );
     assert!(p[0].message.contains("nope"), "{}", p[0].message);
 
-    let p = problems("@id(\"a\") permit(principal, action, resource);\n@id(\"a\") forbid(principal, action, resource);");
+    let p = problems(
+        "@id(\"a\") permit(principal, action, resource);\n@id(\"a\") forbid(principal, action, resource);",
+    );
     assert!(p[0].message.contains("duplicate id"), "{:?}", p);
     assert_eq!(p[0].line, Some(2));
 
@@ -254,7 +345,11 @@ fn invalid_bundles_report_file_line_and_policy() {
     let p = problems("@id(\"a\") permit(principal, action == Action::\"fly\", resource);");
     assert!(p[0].message.contains("fly"), "{:?}", p);
 
-    let err = Engine::compile(&bundle("entity User = {", "", json!([])), CompileOptions::default()).expect_err("bad schema");
+    let err = Engine::compile(
+        &bundle("entity User = {", "", json!([])),
+        CompileOptions::default(),
+    )
+    .expect_err("bad schema");
     assert_eq!(err.problems[0].file, "schema.cedarschema");
 
     let err = Engine::compile(
@@ -274,8 +369,10 @@ fn request_properties_extend_stored_entities() {
     )
     .expect("compiles");
     let (_, r) = ok_props();
-    let only_id = req(json!({"subject": {"type": "User", "id": "alice"}, "action": {"name": "view"},
-        "resource": {"type": "Document", "id": "d1", "properties": r.clone()}, "context": {}}));
+    let only_id = req(
+        json!({"subject": {"type": "User", "id": "alice"}, "action": {"name": "view"},
+        "resource": {"type": "Document", "id": "d1", "properties": r.clone()}, "context": {}}),
+    );
     assert_eq!(e.decide(&only_id).expect("ok").outcome, Outcome::Deny);
     let extended = view(json!({"level": 2}), r, json!({}));
     assert_eq!(e.decide(&extended).expect("ok").outcome, Outcome::Allow);
@@ -288,11 +385,17 @@ fn request_properties_extend_stored_entities() {
 fn random_bundle(rng: &mut fastrand::Rng, n: usize) -> Bundle {
     let mut schema = String::new();
     for t in ["U0", "U1", "U2"] {
-        let _ = writeln!(schema, "entity {t} in [Grp] = {{ tenant: String, level: Long, flag: Bool }};");
+        let _ = writeln!(
+            schema,
+            "entity {t} in [Grp] = {{ tenant: String, level: Long, flag: Bool }};"
+        );
     }
     schema.push_str("entity Grp;\n");
     for t in ["R0", "R1", "R2"] {
-        let _ = writeln!(schema, "entity {t} = {{ tenant: String, level: Long, flag: Bool }};");
+        let _ = writeln!(
+            schema,
+            "entity {t} = {{ tenant: String, level: Long, flag: Bool }};"
+        );
     }
     schema.push_str("action g0;\naction a0, a1 in [g0] appliesTo { principal: [U0, U1, U2], resource: [R0, R1, R2], context: { tenant: String } };\n");
     schema.push_str("action a2, a3, a4 appliesTo { principal: [U0, U1, U2], resource: [R0, R1, R2], context: { tenant: String } };\n");
@@ -308,33 +411,73 @@ fn random_bundle(rng: &mut fastrand::Rng, n: usize) -> Bundle {
                 _ => {}
             }
         }
-        let principal = pick(rng, &["principal", "principal is U0", "principal is U1", "principal == U2::\"u1\"", "principal in Grp::\"g\""]);
-        let action = pick(rng, &["action", "action == Action::\"a0\"", "action == Action::\"a3\"", "action in [Action::\"g0\"]", "action in [Action::\"a2\", Action::\"a4\"]"]);
-        let resource = pick(rng, &["resource", "resource is R0", "resource is R2", "resource == R1::\"r1\""]);
+        let principal = pick(
+            rng,
+            &[
+                "principal",
+                "principal is U0",
+                "principal is U1",
+                "principal == U2::\"u1\"",
+                "principal in Grp::\"g\"",
+            ],
+        );
+        let action = pick(
+            rng,
+            &[
+                "action",
+                "action == Action::\"a0\"",
+                "action == Action::\"a3\"",
+                "action in [Action::\"g0\"]",
+                "action in [Action::\"a2\", Action::\"a4\"]",
+            ],
+        );
+        let resource = pick(
+            rng,
+            &[
+                "resource",
+                "resource is R0",
+                "resource is R2",
+                "resource == R1::\"r1\"",
+            ],
+        );
         let lead = match rng.u8(..6) {
             0 => None,
             1 => Some(format!("principal.level == {}", rng.u8(..3))),
             2 => Some(format!("context.tenant == \"t{}\"", rng.u8(..3))),
             _ => Some(format!("resource.tenant == \"t{}\"", rng.u8(..3))),
         };
-        let rest = pick(rng, &["true", "resource.level > 1", "principal.flag", "resource.level * 4611686018427387904 > 0", "principal.tenant == resource.tenant"]);
+        let rest = pick(
+            rng,
+            &[
+                "true",
+                "resource.level > 1",
+                "principal.flag",
+                "resource.level * 4611686018427387904 > 0",
+                "principal.tenant == resource.tenant",
+            ],
+        );
         let cond = match lead {
             Some(l) => format!(" when {{ {l} && {rest} }}"),
             None if rng.bool() => format!(" when {{ {rest} }}"),
             None => String::new(),
         };
-        let unless = if rng.u8(..5) == 0 { " unless { resource.flag }" } else { "" };
+        let unless = if rng.u8(..5) == 0 {
+            " unless { resource.flag }"
+        } else {
+            ""
+        };
         let effect = if forbid { "forbid" } else { "permit" };
-        let _ = writeln!(policies, "{ann}\n{effect}({principal}, {action}, {resource}){cond}{unless};");
+        let _ = writeln!(
+            policies,
+            "{ann}\n{effect}({principal}, {action}, {resource}){cond}{unless};"
+        );
     }
     let entities = json!([{"uid": {"type": "Grp", "id": "g"}, "attrs": {}, "parents": []}]);
     bundle(&schema, &policies, entities)
 }
 
 fn random_request(rng: &mut fastrand::Rng) -> Request {
-    let props = |rng: &mut fastrand::Rng| {
-        json!({"tenant": format!("t{}", rng.u8(..4)), "level": rng.i64(0..4), "flag": rng.bool()})
-    };
+    let props = |rng: &mut fastrand::Rng| json!({"tenant": format!("t{}", rng.u8(..4)), "level": rng.i64(0..4), "flag": rng.bool()});
     let p = props(rng);
     let r = props(rng);
     req(json!({
@@ -352,23 +495,33 @@ fn index_gives_exactly_the_decisions_of_the_whole_set() {
     for seed in 0..12u64 {
         let mut rng = fastrand::Rng::with_seed(seed);
         let b = random_bundle(&mut rng, 150);
-        let indexed = Engine::compile(&b, CompileOptions { index: true }).expect("random bundle compiles");
-        let whole = Engine::compile(&b, CompileOptions { index: false }).expect("random bundle compiles");
+        let indexed =
+            Engine::compile(&b, CompileOptions { index: true }).expect("random bundle compiles");
+        let whole =
+            Engine::compile(&b, CompileOptions { index: false }).expect("random bundle compiles");
         eq_indexed += indexed.index_stats().1;
         for _ in 0..400 {
             let r = random_request(&mut rng);
             let a = indexed.decide(&r).expect("valid request");
             let b = whole.decide(&r).expect("valid request");
             assert_eq!(a, b, "seed {seed}: {r:?}");
-            *outcomes.entry((a.outcome, a.errors.is_empty())).or_insert(0) += 1;
+            *outcomes
+                .entry((a.outcome, a.errors.is_empty()))
+                .or_insert(0) += 1;
         }
     }
     assert!(eq_indexed > 0, "the equality index was exercised");
     // The generator reaches every outcome, and evaluation errors.
     for o in Outcome::ALL {
-        assert!(outcomes.contains_key(&(o, true)), "{o:?} not reached: {outcomes:?}");
+        assert!(
+            outcomes.contains_key(&(o, true)),
+            "{o:?} not reached: {outcomes:?}"
+        );
     }
-    assert!(outcomes.contains_key(&(Outcome::Deny, false)), "errors not reached: {outcomes:?}");
+    assert!(
+        outcomes.contains_key(&(Outcome::Deny, false)),
+        "errors not reached: {outcomes:?}"
+    );
 }
 
 #[test]
@@ -379,14 +532,21 @@ fn generated_bench_bundles_are_indexed() {
     let scope = compile_dir(&dir.path().join("s"), true);
     assert_eq!(scope.policy_count(), 1004);
     let tenant = compile_dir(&dir.path().join("t"), true);
-    assert!(tenant.index_stats().1 >= 1, "tenant scope has an equality index");
+    assert!(
+        tenant.index_stats().1 >= 1,
+        "tenant scope has an equality index"
+    );
     let base = crate::bench::scenario::peer_request();
     for (engine, tenant) in [(&scope, None), (&tenant, Some("t7"))] {
         let r = crate::bench::scenario::request_mix(&base, 1, tenant).remove(0);
-        let d = engine.decide(&request_from_json(r).expect("request")).expect("decides");
+        let d = engine
+            .decide(&request_from_json(r).expect("request"))
+            .expect("decides");
         assert_eq!(d.outcome, Outcome::Allow);
     }
     let r = crate::bench::scenario::request_mix(&base, 1, Some("t7")).remove(0);
-    let d = tenant.decide(&request_from_json(r).expect("request")).expect("decides");
+    let d = tenant
+        .decide(&request_from_json(r).expect("request"))
+        .expect("decides");
     assert_eq!(d.policy_ids, ["edit-department", "tenant-t7"]);
 }

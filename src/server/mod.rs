@@ -37,7 +37,10 @@ pub enum ServeError {
     #[error(transparent)]
     BundleInvalid(#[from] CompileError),
     #[error("cannot listen on `{addr}`: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("gRPC server failed: {0}")]
     Grpc(#[from] tonic::transport::Error),
     #[error("HTTP server failed: {0}")]
@@ -56,7 +59,10 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
 }
 
 /// Runs the sidecar until `shutdown` resolves, then drains.
-pub async fn serve_until(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
+pub async fn serve_until(
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
     let metrics = Arc::new(Metrics::new());
     let cache = if config.cache.max_entries == 0 {
         CacheSettings::OFF
@@ -69,12 +75,21 @@ pub async fn serve_until(config: Config, shutdown: impl Future<Output = ()>) -> 
     let decider = Arc::new(Decider::new(cache, metrics.clone(), None));
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_not_serving::<AuthorizerServer<AuthorizerService>>().await;
-    health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+    health
+        .set_not_serving::<AuthorizerServer<AuthorizerService>>()
+        .await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
 
     // Validated config names a bundle directory.
     let dir = config.bundle.dir.clone().unwrap_or_default();
-    let engine = load_bundle(&dir, CompileOptions { index: config.policy.index })?;
+    let engine = load_bundle(
+        &dir,
+        CompileOptions {
+            index: config.policy.index,
+        },
+    )?;
     tracing::info!(
         bundle = %engine.name(),
         revision = %engine.revision(),
@@ -83,8 +98,12 @@ pub async fn serve_until(config: Config, shutdown: impl Future<Output = ()>) -> 
         "bundle activated"
     );
     decider.activate(engine);
-    health.set_serving::<AuthorizerServer<AuthorizerService>>().await;
-    health.set_service_status("", tonic_health::ServingStatus::Serving).await;
+    health
+        .set_serving::<AuthorizerServer<AuthorizerService>>()
+        .await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
 
     let grpc_listener = bind(config.server.grpc_addr).await?;
     let http_listener = bind(config.server.http_addr).await?;
@@ -121,7 +140,9 @@ pub async fn serve_until(config: Config, shutdown: impl Future<Output = ()>) -> 
         // layer (a tower concurrency limit costs a semaphore per call).
         // Deadlines come from the caller's `grpc-timeout`: a decision never
         // waits on I/O, so a server-wide timer per call would be pure cost.
-        .max_concurrent_streams(u32::try_from(config.limits.max_concurrent_calls).unwrap_or(u32::MAX))
+        .max_concurrent_streams(
+            u32::try_from(config.limits.max_concurrent_calls).unwrap_or(u32::MAX),
+        )
         // bound a call's life so a stuck client cannot hold resources.
         // cap the work one connection can queue on the runtime.
         .add_service(health_service)
@@ -142,8 +163,12 @@ pub async fn serve_until(config: Config, shutdown: impl Future<Output = ()>) -> 
     shutdown.await;
     tracing::info!("shutting down: no longer ready, draining in-flight calls");
     draining.store(true, Ordering::Relaxed);
-    health.set_not_serving::<AuthorizerServer<AuthorizerService>>().await;
-    health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+    health
+        .set_not_serving::<AuthorizerServer<AuthorizerService>>()
+        .await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
     let _ = stop_tx.send(true);
 
     let grace = config.shutdown_grace();
@@ -163,13 +188,18 @@ pub async fn serve_until(config: Config, shutdown: impl Future<Output = ()>) -> 
             }
             tracing::info!("drained; bye");
         }
-        Err(_) => tracing::warn!(grace_secs = grace.as_secs(), "calls still in flight after the grace period; exiting"),
+        Err(_) => tracing::warn!(
+            grace_secs = grace.as_secs(),
+            "calls still in flight after the grace period; exiting"
+        ),
     }
     Ok(())
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {
-    TcpListener::bind(addr).await.map_err(|source| ServeError::Bind { addr, source })
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind { addr, source })
 }
 
 fn local(l: &TcpListener, asked: SocketAddr) -> SocketAddr {

@@ -35,9 +35,14 @@ struct HistogramCells {
 impl AtomicHistogram {
     pub fn observe(&self, d: Duration) {
         let secs = d.as_secs_f64();
-        let i = LATENCY_BOUNDS.iter().position(|b| secs <= *b).unwrap_or(LATENCY_BOUNDS.len());
+        let i = LATENCY_BOUNDS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(LATENCY_BOUNDS.len());
         self.0.buckets[i].fetch_add(1, Ordering::Relaxed);
-        self.0.sum_nanos.fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
+        self.0
+            .sum_nanos
+            .fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
     }
 }
 
@@ -51,10 +56,15 @@ impl EncodeMetric for AtomicHistogram {
         let mut buckets = Vec::with_capacity(self.0.buckets.len());
         for (i, b) in self.0.buckets.iter().enumerate() {
             cumulative += b.load(Ordering::Relaxed);
-            buckets.push((LATENCY_BOUNDS.get(i).copied().unwrap_or(f64::MAX), cumulative));
+            buckets.push((
+                LATENCY_BOUNDS.get(i).copied().unwrap_or(f64::MAX),
+                cumulative,
+            ));
         }
         let sum = self.0.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
-        encoder.encode_histogram::<prometheus_client::encoding::NoLabelSet>(sum, cumulative, &buckets, None)
+        encoder.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+            sum, cumulative, &buckets, None,
+        )
     }
 
     fn metric_type(&self) -> MetricType {
@@ -101,8 +111,18 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("arbiter");
         let decisions = Family::<OutcomeLabel, Counter>::default();
-        registry.register("decisions", "Decisions answered, by outcome", decisions.clone());
-        let by_outcome = Outcome::ALL.map(|o| decisions.get_or_create(&OutcomeLabel { outcome: o.as_str() }).clone());
+        registry.register(
+            "decisions",
+            "Decisions answered, by outcome",
+            decisions.clone(),
+        );
+        let by_outcome = Outcome::ALL.map(|o| {
+            decisions
+                .get_or_create(&OutcomeLabel {
+                    outcome: o.as_str(),
+                })
+                .clone()
+        });
         let rejected = Counter::default();
         registry.register(
             "requests_rejected",
@@ -117,8 +137,16 @@ impl Metrics {
         );
         let cache_hits = Counter::default();
         let cache_misses = Counter::default();
-        registry.register("decision_cache_hits", "Decisions answered from the cache", cache_hits.clone());
-        registry.register("decision_cache_misses", "Decisions the cache did not hold", cache_misses.clone());
+        registry.register(
+            "decision_cache_hits",
+            "Decisions answered from the cache",
+            cache_hits.clone(),
+        );
+        registry.register(
+            "decision_cache_misses",
+            "Decisions the cache did not hold",
+            cache_misses.clone(),
+        );
         let bundle = Family::<BundleLabel, Gauge>::default();
         registry.register(
             "bundle_active",
@@ -126,7 +154,11 @@ impl Metrics {
             bundle.clone(),
         );
         let policies = Gauge::default();
-        registry.register("bundle_policies", "Policies in the active bundle", policies.clone());
+        registry.register(
+            "bundle_policies",
+            "Policies in the active bundle",
+            policies.clone(),
+        );
         registry.register(
             "build",
             "Build information",
@@ -155,7 +187,12 @@ impl Metrics {
     }
 
     pub fn cache(&self, hit: bool) {
-        if hit { &self.cache_hits } else { &self.cache_misses }.inc();
+        if hit {
+            &self.cache_hits
+        } else {
+            &self.cache_misses
+        }
+        .inc();
     }
 
     pub fn bundle_activated(&self, name: &str, revision: &str, policies: usize) {

@@ -1,0 +1,159 @@
+//! The command line: `check` offline and against a sidecar, and refusals to
+//! start on bad bundles and bad configuration.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::process::Command;
+
+use common::{BIN, Sidecar, example};
+
+fn run(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(BIN).args(args).output().expect("arbiter runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn path(p: &str) -> String {
+    example(p).display().to_string()
+}
+
+#[test]
+fn check_offline_prints_outcome_and_policies() {
+    let (code, out, err) = run(&[
+        "check",
+        "--bundle",
+        &path("documents"),
+        &path("documents/requests/step-up-delete.json"),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("STEP_UP"), "{out}");
+    assert!(out.contains("delete-needs-recent-mfa, delete-own"), "{out}");
+    assert!(out.contains("acr_values=aal2 max_age=600"), "{out}");
+
+    let (code, out, _) = run(&[
+        "check",
+        "--json",
+        "--bundle",
+        &path("documents"),
+        &path("documents/requests/allow-share-internal.json"),
+    ]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["outcome"], "ALLOW");
+    assert_eq!(v["policy_ids"][0], "share-department");
+
+    let (code, _, err) = run(&[
+        "check",
+        "--expect",
+        "ALLOW",
+        "--bundle",
+        &path("documents"),
+        &path("documents/requests/deny-suspended-user.json"),
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("expected ALLOW, got DENY"), "{err}");
+}
+
+#[test]
+fn check_reports_bad_requests_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let req = dir.path().join("r.json");
+    std::fs::write(
+        &req,
+        r#"{"subject": {"type": "User", "id": "a"}, "action": {"name": "edit"}}"#,
+    )
+    .unwrap();
+    let (code, _, err) = run(&[
+        "check",
+        "--bundle",
+        &path("documents"),
+        req.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2);
+    assert!(err.contains("resource"), "{err}");
+}
+
+#[tokio::test]
+async fn check_against_a_running_sidecar() {
+    let sidecar = Sidecar::start(&example("documents"), &[]);
+    let addr = format!("http://{}", sidecar.grpc_addr);
+    let out = tokio::task::spawn_blocking(move || {
+        run(&[
+            "check",
+            "--addr",
+            &addr,
+            &path("documents/requests/approval-share-external.json"),
+        ])
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.0, 0, "{}", out.2);
+    assert!(out.1.contains("APPROVAL_REQUIRED"), "{}", out.1);
+    assert!(out.1.contains("approvers: document-owners"), "{}", out.1);
+    assert!(out.1.contains("revision 2026-11-24.1"), "{}", out.1);
+}
+
+#[test]
+fn serve_refuses_an_invalid_bundle_with_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    for f in [
+        "manifest.json",
+        "schema.cedarschema",
+        "documents.cedar",
+        "entities.json",
+    ] {
+        std::fs::copy(example("documents").join(f), dir.path().join(f)).unwrap();
+    }
+    std::fs::write(
+        dir.path().join("broken.cedar"),
+        "// a typo\n@id(\"typo\")\npermit (principal, action == Action::\"view\", resource)\nwhen { resource.departmnt == \"x\" };\n",
+    )
+    .unwrap();
+    let (code, _, err) = run(&[
+        "serve",
+        "--bundle",
+        dir.path().to_str().unwrap(),
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--http-addr",
+        "127.0.0.1:0",
+    ]);
+    assert_eq!(code, 65, "{err}");
+    assert!(err.contains("broken.cedar:4: policy `typo`"), "{err}");
+    assert!(err.contains("departmnt"), "{err}");
+}
+
+#[test]
+fn serve_refuses_bad_configuration_before_binding() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bad.toml");
+    std::fs::write(&cfg, "[limits]\nmax_batch_items = 0\n").unwrap();
+    let (code, _, err) = run(&[
+        "serve",
+        "--bundle",
+        &path("documents"),
+        "--config",
+        cfg.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("max_batch_items"), "{err}");
+
+    std::fs::write(&cfg, "[server]\ngrpc_adr = \"127.0.0.1:1\"\n").unwrap();
+    let (code, _, err) = run(&[
+        "serve",
+        "--bundle",
+        &path("documents"),
+        "--config",
+        cfg.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("grpc_adr"), "{err}");
+
+    let (code, _, err) = run(&["serve", "--bundle", "/nonexistent/bundle"]);
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("does not exist"), "{err}");
+}

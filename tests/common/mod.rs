@@ -1,0 +1,144 @@
+//! Test harness: start the real `arbiter` binary on ephemeral loopback ports
+//! and talk to it with real clients. Every wait is bounded.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use arbiter::api::pb::v1::authorizer_client::AuthorizerClient;
+use serde_json::Value;
+use tonic::transport::Channel;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_arbiter");
+
+pub fn example(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples")
+        .join(name)
+}
+
+/// A running sidecar; killed when dropped.
+pub struct Sidecar {
+    pub child: Child,
+    pub grpc_addr: String,
+    pub http_addr: String,
+    /// Log lines after the listening line, for tests that read them.
+    pub logs: mpsc::Receiver<String>,
+}
+
+impl Sidecar {
+    pub fn start(bundle: &Path, extra: &[&str]) -> Self {
+        let mut child = Command::new(BIN)
+            .args(["serve", "--bundle"])
+            .arg(bundle)
+            .args([
+                "--grpc-addr",
+                "127.0.0.1:0",
+                "--http-addr",
+                "127.0.0.1:0",
+                "--log-format",
+                "json",
+            ])
+            .args(extra)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("arbiter starts");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Ok(line) = rx.recv_timeout(left) else {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("sidecar did not report its addresses in time");
+            };
+            let Ok(v) = serde_json::from_str::<Value>(&line) else {
+                continue;
+            };
+            let fields = &v["fields"];
+            if fields["message"] == "arbiter listening" {
+                return Self {
+                    grpc_addr: fields["grpc_addr"].as_str().unwrap().to_owned(),
+                    http_addr: fields["http_addr"].as_str().unwrap().to_owned(),
+                    child,
+                    logs: rx,
+                };
+            }
+        }
+    }
+
+    pub async fn channel(&self) -> Channel {
+        tonic::transport::Endpoint::from_shared(format!("http://{}", self.grpc_addr))
+            .unwrap()
+            .timeout(Duration::from_secs(10))
+            .connect()
+            .await
+            .expect("connects")
+    }
+
+    pub async fn client(&self) -> AuthorizerClient<Channel> {
+        AuthorizerClient::new(self.channel().await)
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        let r = reqwest::Client::new()
+            .get(format!("http://{}{path}", self.http_addr))
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .expect("http get");
+        (r.status().as_u16(), r.text().await.unwrap())
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the process to exit.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill runs");
+        wait_bounded(&mut self.child, Duration::from_secs(20))
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn wait_bounded(child: &mut Child, limit: Duration) -> ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("process did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Reads an example request file as the gRPC message.
+pub fn example_request(file: &str) -> arbiter::api::pb::v1::CheckRequest {
+    let text = std::fs::read_to_string(example("documents").join(file)).unwrap();
+    let req = arbiter::api::json::request_from_json(serde_json::from_str(&text).unwrap()).unwrap();
+    arbiter::api::json::request_to_pb(&req)
+}
