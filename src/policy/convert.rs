@@ -115,8 +115,9 @@ pub(crate) struct Prepared<'r> {
 pub(crate) struct Converter<'m> {
     pub(crate) model: &'m TypeModel,
     pub(crate) statics: &'m StaticEntities,
-    /// Each action's entity with its groups as parents, so `action in` works
-    /// without copying every action of the schema into each request.
+    /// The entity of each action that is in a group, with its groups as
+    /// parents, so `action in` works without copying every action of the
+    /// schema into each request.
     pub(crate) action_entities: &'m HashMap<EntityUid, Entity>,
 }
 

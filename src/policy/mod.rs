@@ -223,9 +223,12 @@ impl Engine {
         let actions = schema
             .action_entities()
             .map_err(|e| fail(vec![problem(SCHEMA_FILE, None, None, e.to_string())]))?;
+        // Only actions in a group need their entity in a request's store:
+        // for the others, `action in [...]` is plain equality.
         let action_entities = model
             .actions
             .values()
+            .filter(|a| actions.ancestors(&a.uid).is_some_and(|mut g| g.next().is_some()))
             .filter_map(|a| actions.get(&a.uid).map(|e| (a.uid.clone(), e.clone())))
             .collect();
         let index = PolicyIndex::build(&policies, &schema, &model, &actions, options.index);
