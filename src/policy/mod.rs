@@ -228,7 +228,11 @@ impl Engine {
         let action_entities = model
             .actions
             .values()
-            .filter(|a| actions.ancestors(&a.uid).is_some_and(|mut g| g.next().is_some()))
+            .filter(|a| {
+                actions
+                    .ancestors(&a.uid)
+                    .is_some_and(|mut g| g.next().is_some())
+            })
             .filter_map(|a| actions.get(&a.uid).map(|e| (a.uid.clone(), e.clone())))
             .collect();
         let index = PolicyIndex::build(&policies, &schema, &model, &actions, options.index);

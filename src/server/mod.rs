@@ -18,6 +18,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
 
 use crate::api::grpc::AuthorizerService;
 use crate::api::http::{OpsState, router};
@@ -75,12 +77,7 @@ pub async fn serve_until(
     let decider = Arc::new(Decider::new(cache, metrics.clone(), None));
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_not_serving::<AuthorizerServer<AuthorizerService>>()
-        .await;
-    health
-        .set_service_status("", tonic_health::ServingStatus::NotServing)
-        .await;
+    set_health(&health, ServingStatus::NotServing).await;
 
     // Validated config names a bundle directory.
     let dir = config.bundle.dir.clone().unwrap_or_default();
@@ -98,12 +95,7 @@ pub async fn serve_until(
         "bundle activated"
     );
     decider.activate(engine);
-    health
-        .set_serving::<AuthorizerServer<AuthorizerService>>()
-        .await;
-    health
-        .set_service_status("", tonic_health::ServingStatus::Serving)
-        .await;
+    set_health(&health, ServingStatus::Serving).await;
 
     let grpc_listener = bind(config.server.grpc_addr).await?;
     let http_listener = bind(config.server.http_addr).await?;
@@ -163,12 +155,7 @@ pub async fn serve_until(
     shutdown.await;
     tracing::info!("shutting down: no longer ready, draining in-flight calls");
     draining.store(true, Ordering::Relaxed);
-    health
-        .set_not_serving::<AuthorizerServer<AuthorizerService>>()
-        .await;
-    health
-        .set_service_status("", tonic_health::ServingStatus::NotServing)
-        .await;
+    set_health(&health, ServingStatus::NotServing).await;
     let _ = stop_tx.send(true);
 
     let grace = config.shutdown_grace();
@@ -194,6 +181,17 @@ pub async fn serve_until(
         ),
     }
     Ok(())
+}
+
+/// Sets the status of the whole server (`""`) and of the Authorizer service.
+async fn set_health(health: &HealthReporter, status: ServingStatus) {
+    health.set_service_status("", status).await;
+    health
+        .set_service_status(
+            <AuthorizerServer<AuthorizerService> as tonic::server::NamedService>::NAME,
+            status,
+        )
+        .await;
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {
