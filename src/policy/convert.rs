@@ -1,18 +1,33 @@
 //! Request → Cedar: properties become entity attributes and context, converted
 //! straight to Cedar values using the schema's types.
 //!
-//! Converting with the types (instead of Cedar's JSON entity parser plus its
-//! schema check) halves the per-decision cost, so this module must do that
-//! check itself: a missing required attribute or a wrong type is an error
-//! here, never a silent non-match (a `forbid` that silently does not match is
-//! an allow).
+//! Values, entities and the per-request entity store are built with
+//! `cedar-policy-core` directly: Cedar's public constructors would evaluate
+//! each value again as an expression and recompute the transitive closure of
+//! the store on every request, which is most of a decision's cost. Neither is
+//! needed here: values are built already evaluated, and a request entity's
+//! ancestors are taken from the bundle's store, where the closure was computed
+//! once at load.
+//!
+//! Converting with the types (instead of Cedar's JSON parser plus its schema
+//! check) means this module must do that check itself: a missing required
+//! attribute or a wrong type is an error here, never a silent non-match (a
+//! `forbid` that silently does not match is an allow).
 
 use std::borrow::Cow;
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::str::FromStr;
+use std::sync::Arc;
 
-use cedar_policy::{Context, Entities, Entity, EntityId, EntityUid, RestrictedExpression, Schema};
+use cedar_policy::{EntityUid, Schema};
+use cedar_policy_core::ast::{
+    self, Eid, EntityUIDEntry, Name, PartialValue, RestrictedExpr, Value as CedarValue,
+};
+use cedar_policy_core::entities::{Entities as CoreEntities, NoEntitiesSchema, TCComputation};
+use cedar_policy_core::evaluator::RestrictedEvaluator;
+use cedar_policy_core::extensions::Extensions;
 use serde_json::{Map, Value};
+use smol_str::SmolStr;
 
 use super::schema::{AttrType, Extension, RecordType, TypeModel};
 use crate::decision::{EntityRef, Request};
@@ -23,48 +38,97 @@ use crate::decision::{EntityRef, Request};
 pub struct RequestError(pub String);
 
 /// The bundle's static entities: Cedar's store (closed under `in`), plus the
-/// raw attributes and parents so a request can extend a stored entity.
+/// raw attributes so a request can extend a stored entity.
 pub(crate) struct StaticEntities {
-    store: Entities,
-    raw: HashMap<EntityUid, RawEntity>,
+    store: CoreEntities,
+    raw: HashMap<ast::EntityUID, RawEntity>,
 }
 
 struct RawEntity {
     attrs: Map<String, Value>,
-    parents: Vec<EntityUid>,
+    /// Every ancestor (the closure), so an extended entity keeps its groups.
+    ancestors: HashSet<ast::EntityUID>,
 }
 
 impl StaticEntities {
-    /// Parses `entities.json`, checked against the schema by Cedar, and adds
-    /// the schema's action entities so `action in Group` works.
-    pub(crate) fn new(json: &Value, schema: &Schema) -> Result<Self, String> {
-        let store =
-            Entities::from_json_value(json.clone(), Some(schema)).map_err(|e| e.to_string())?;
+    /// Parses `entities.json`. Cedar checks it against the schema (for its
+    /// error messages); the store itself is built with this module's
+    /// converter, so stored and request entities are made the same way.
+    pub(crate) fn new(json: &Value, schema: &Schema, model: &TypeModel) -> Result<Self, String> {
+        cedar_policy::Entities::from_json_value(json.clone(), Some(schema))
+            .map_err(|e| e.to_string())?;
+        let converter = Converter {
+            model,
+            statics: &Self::empty(),
+            action_entities: &HashMap::new(),
+        };
+        let mut entities = Vec::new();
         let mut raw = HashMap::new();
         for item in json.as_array().into_iter().flatten() {
-            let uid = item
+            let (kind, id) = item
                 .get("uid")
-                .and_then(entity_uid_of)
+                .and_then(Value::as_object)
+                .and_then(entity_ref_parts)
                 .ok_or("entity without `uid`")?;
             let attrs = item
                 .get("attrs")
                 .and_then(Value::as_object)
                 .cloned()
                 .unwrap_or_default();
-            let parents = item
+            let parents: HashSet<ast::EntityUID> = item
                 .get("parents")
                 .and_then(Value::as_array)
                 .into_iter()
                 .flatten()
-                .filter_map(entity_uid_of)
+                .filter_map(|p| {
+                    let (kind, id) = entity_ref_parts(p.as_object()?)?;
+                    core_uid(kind, id).ok()
+                })
                 .collect();
-            raw.insert(uid, RawEntity { attrs, parents });
+            let info = model
+                .entities
+                .get(kind)
+                .ok_or_else(|| format!("unknown entity type `{kind}`"))?;
+            let uid = ast::EntityUID::from_components(info.core.clone(), Eid::new(id), None);
+            let path = Path::root("entities.json");
+            let pairs = converter
+                .record_fields(&path, &attrs, &info.shape)
+                .map_err(|e| e.0)?;
+            entities.push(ast::Entity::new_with_attr_partial_value(
+                uid.clone(),
+                pairs.into_iter().map(|(k, v)| (k, PartialValue::Value(v))),
+                HashSet::new(),
+                parents,
+                [],
+            ));
+            raw.insert(
+                uid,
+                RawEntity {
+                    attrs,
+                    ancestors: HashSet::new(),
+                },
+            );
+        }
+        let store = CoreEntities::from_entities(
+            entities,
+            None::<&NoEntitiesSchema>,
+            TCComputation::ComputeNow,
+            Extensions::all_available(),
+        )
+        .map_err(|e| e.to_string())?;
+        for (uid, entry) in &mut raw {
+            if let cedar_policy_core::entities::Dereference::Data(e) = store.entity(uid) {
+                entry.ancestors = e.ancestors().cloned().collect();
+            }
         }
         Ok(Self { store, raw })
     }
 
-    pub(crate) fn len(&self) -> usize {
-        self.raw.len()
+    fn empty() -> Self {
+        Self {
+            store: CoreEntities::new(),
+            raw: HashMap::new(),
+        }
     }
 }
 
@@ -103,12 +167,12 @@ type Attrs<'r> = Cow<'r, Map<String, Value>>;
 /// looks at.
 pub(crate) struct Prepared<'r> {
     pub(crate) request: cedar_policy::Request,
-    pub(crate) entities: Entities,
+    pub(crate) entities: cedar_policy::Entities,
     pub(crate) principal_type: &'r str,
     pub(crate) resource_type: &'r str,
     pub(crate) action: &'r EntityUid,
-    pub(crate) principal_attrs: Cow<'r, Map<String, Value>>,
-    pub(crate) resource_attrs: Cow<'r, Map<String, Value>>,
+    pub(crate) principal_attrs: Attrs<'r>,
+    pub(crate) resource_attrs: Attrs<'r>,
     pub(crate) context: &'r Map<String, Value>,
 }
 
@@ -116,9 +180,9 @@ pub(crate) struct Converter<'m> {
     pub(crate) model: &'m TypeModel,
     pub(crate) statics: &'m StaticEntities,
     /// The entity of each action that is in a group, with its groups as
-    /// parents, so `action in` works without copying every action of the
+    /// ancestors, so `action in` works without copying every action of the
     /// schema into each request.
-    pub(crate) action_entities: &'m HashMap<EntityUid, Entity>,
+    pub(crate) action_entities: &'m HashMap<EntityUid, Arc<ast::Entity>>,
 }
 
 impl<'m> Converter<'m> {
@@ -144,48 +208,53 @@ impl<'m> Converter<'m> {
             &req.action,
         )?;
 
-        let (principal, principal_attrs) = self.entity(&subject_path, &req.subject)?;
-        let (resource, resource_attrs) = self.entity(&resource_path, &req.resource)?;
+        let (principal_uid, principal, principal_attrs) =
+            self.entity(&subject_path, &req.subject)?;
+        let (resource_uid, resource, resource_attrs) =
+            self.entity(&resource_path, &req.resource)?;
         let ctx_path = Path::root("context");
-        let context_pairs = self.record_fields(&ctx_path, &req.context, &action.context)?;
-        let context = Context::from_pairs(context_pairs).map_err(|e| ctx_path.err(e))?;
+        let context: BTreeMap<SmolStr, CedarValue> = self
+            .record_fields(&ctx_path, &req.context, &action.context)?
+            .into_iter()
+            .collect();
 
-        let principal_uid = principal
-            .as_ref()
-            .map_or_else(|| uid(self.model, &req.subject), |e| Ok(e.uid()))?;
-        let resource_uid = resource
-            .as_ref()
-            .map_or_else(|| uid(self.model, &req.resource), |e| Ok(e.uid()))?;
-        let request = cedar_policy::Request::new(
-            principal_uid,
-            action.uid.clone(),
-            resource_uid,
-            context,
-            None,
-        )
-        .map_err(|e| RequestError(e.to_string()))?;
-
-        let mut fresh: Vec<Entity> = Vec::with_capacity(3);
-        fresh.extend(principal);
+        let mut fresh: Vec<Arc<ast::Entity>> = Vec::with_capacity(3);
+        fresh.extend(principal.map(Arc::new));
         if let Some(r) = resource {
             if fresh.first().is_some_and(|p| p.uid() == r.uid()) {
                 return Err(RequestError(
                     "subject and resource name the same entity with different properties; give the properties once".into(),
                 ));
             }
-            fresh.push(r);
+            fresh.push(Arc::new(r));
         }
         fresh.extend(self.action_entities.get(&action.uid).cloned());
-        let entities = if self.statics.len() == 0 {
-            Entities::from_entities(fresh, None)
+        // Every entity added here is already closed under `in` (see the
+        // module comment), so the closure is not recomputed.
+        let base = if self.statics.raw.is_empty() {
+            CoreEntities::new()
         } else {
-            self.statics.store.clone().upsert_entities(fresh, None)
-        }
-        .map_err(|e| RequestError(e.to_string()))?;
+            self.statics.store.clone()
+        };
+        let entities = base
+            .upsert_entities(
+                fresh,
+                None::<&NoEntitiesSchema>,
+                TCComputation::AssumeAlreadyComputed,
+                Extensions::all_available(),
+            )
+            .map_err(|e| RequestError(e.to_string()))?;
+
+        let request = ast::Request::new_unchecked(
+            EntityUIDEntry::known(principal_uid, None),
+            EntityUIDEntry::known(action.uid.as_ref().clone(), None),
+            EntityUIDEntry::known(resource_uid, None),
+            Some(ast::Context::Value(Arc::new(context))),
+        );
 
         Ok(Prepared {
-            request,
-            entities,
+            request: request.into(),
+            entities: entities.into(),
             principal_type: &req.subject.kind,
             resource_type: &req.resource.kind,
             action: &action.uid,
@@ -226,26 +295,26 @@ impl<'m> Converter<'m> {
         Ok(())
     }
 
-    /// The entity to add for a request's subject or resource, or `None` when
-    /// the bundle's stored entity serves as it is. Also returns the attributes
-    /// that entity has, for the policy index.
+    /// The uid of a request's subject or resource, and the entity to add for
+    /// it (`None` when the bundle's stored entity serves as it is), with the
+    /// attributes that entity has, for the policy index.
     fn entity<'r>(
         &self,
         path: &Path<'_>,
         e: &'r EntityRef,
-    ) -> Result<(Option<Entity>, Attrs<'r>), RequestError>
+    ) -> Result<(ast::EntityUID, Option<ast::Entity>, Attrs<'r>), RequestError>
     where
         'm: 'r,
     {
         let info = &self.model.entities[&e.kind];
-        let entity_uid = EntityUid::from_type_name_and_id(info.name.clone(), EntityId::new(&e.id));
-        let stored = if self.statics.len() == 0 {
+        let uid = ast::EntityUID::from_components(info.core.clone(), Eid::new(e.id.as_str()), None);
+        let stored = if self.statics.raw.is_empty() {
             None
         } else {
-            self.statics.raw.get(&entity_uid)
+            self.statics.raw.get(&uid)
         };
-        let attrs: Cow<'r, Map<String, Value>> = match (&e.properties, stored) {
-            (None, Some(stored)) => return Ok((None, Cow::Borrowed(&stored.attrs))),
+        let attrs: Attrs<'r> = match (&e.properties, stored) {
+            (None, Some(stored)) => return Ok((uid, None, Cow::Borrowed(&stored.attrs))),
             (Some(props), None) => Cow::Borrowed(props),
             (Some(props), Some(stored)) => {
                 let mut merged = stored.attrs.clone();
@@ -254,14 +323,16 @@ impl<'m> Converter<'m> {
             }
             (None, None) => Cow::Owned(Map::new()),
         };
-        let props_path = path.child("properties");
-        let pairs = self.record_fields(&props_path, &attrs, &info.shape)?;
-        let parents: HashSet<EntityUid> = stored
-            .map(|s| s.parents.iter().cloned().collect())
-            .unwrap_or_default();
-        let entity = Entity::new(entity_uid, pairs.into_iter().collect(), parents)
-            .map_err(|err| props_path.err(err))?;
-        Ok((Some(entity), attrs))
+        let pairs = self.record_fields(&path.child("properties"), &attrs, &info.shape)?;
+        let ancestors = stored.map(|s| s.ancestors.clone()).unwrap_or_default();
+        let entity = ast::Entity::new_with_attr_partial_value(
+            uid.clone(),
+            pairs.into_iter().map(|(k, v)| (k, PartialValue::Value(v))),
+            HashSet::new(),
+            ancestors,
+            [],
+        );
+        Ok((uid, Some(entity), attrs))
     }
 
     fn record_fields(
@@ -269,11 +340,11 @@ impl<'m> Converter<'m> {
         path: &Path<'_>,
         obj: &Map<String, Value>,
         ty: &RecordType,
-    ) -> Result<Vec<(String, RestrictedExpression)>, RequestError> {
+    ) -> Result<Vec<(SmolStr, CedarValue)>, RequestError> {
         let mut out = Vec::with_capacity(obj.len());
         for (name, value) in obj {
             let field = path.child(name);
-            let expr = match ty.attrs.get(name) {
+            let v = match ty.attrs.get(name) {
                 Some(spec) => self.value(&field, value, &spec.ty)?,
                 None if ty.open => untyped(&field, value)?,
                 None => {
@@ -289,7 +360,7 @@ impl<'m> Converter<'m> {
                     )));
                 }
             };
-            out.push((name.clone(), expr));
+            out.push((SmolStr::new(name), v));
         }
         for (name, spec) in &ty.attrs {
             if spec.required && !obj.contains_key(name) {
@@ -301,17 +372,12 @@ impl<'m> Converter<'m> {
         Ok(out)
     }
 
-    fn value(
-        &self,
-        path: &Path<'_>,
-        v: &Value,
-        ty: &AttrType,
-    ) -> Result<RestrictedExpression, RequestError> {
+    fn value(&self, path: &Path<'_>, v: &Value, ty: &AttrType) -> Result<CedarValue, RequestError> {
         let mismatch = || path.err(format!("expected {}, got {}", describe(ty), kind_of(v)));
         Ok(match (ty, v) {
-            (AttrType::String, Value::String(s)) => RestrictedExpression::new_string(s.clone()),
-            (AttrType::Bool, Value::Bool(b)) => RestrictedExpression::new_bool(*b),
-            (AttrType::Long, Value::Number(n)) => RestrictedExpression::new_long(
+            (AttrType::String, Value::String(s)) => CedarValue::from(s.as_str()),
+            (AttrType::Bool, Value::Bool(b)) => CedarValue::from(*b),
+            (AttrType::Long, Value::Number(n)) => CedarValue::from(
                 n.as_i64()
                     .ok_or_else(|| path.err(format!("expected a whole number, got `{n}`")))?,
             ),
@@ -321,11 +387,10 @@ impl<'m> Converter<'m> {
                     let idx = i.to_string();
                     out.push(self.value(&path.child(&idx), item, elem)?);
                 }
-                RestrictedExpression::new_set(out)
+                CedarValue::set(out, None)
             }
             (AttrType::Record(rec), Value::Object(obj)) => {
-                RestrictedExpression::new_record(self.record_fields(path, obj, rec)?)
-                    .map_err(|e| path.err(e))?
+                CedarValue::record(self.record_fields(path, obj, rec)?, None)
             }
             (AttrType::Entity(expected), Value::Object(obj)) => {
                 let (kind, id) = entity_ref_parts(obj).ok_or_else(mismatch)?;
@@ -335,51 +400,56 @@ impl<'m> Converter<'m> {
                     )));
                 }
                 let info = self.model.entities.get(expected).ok_or_else(mismatch)?;
-                RestrictedExpression::new_entity_uid(EntityUid::from_type_name_and_id(
-                    info.name.clone(),
-                    EntityId::new(id),
+                CedarValue::from(ast::EntityUID::from_components(
+                    info.core.clone(),
+                    Eid::new(id),
+                    None,
                 ))
             }
-            (AttrType::Extension(ext), Value::String(s)) => extension(*ext, s),
+            (AttrType::Extension(ext), Value::String(s)) => extension(path, *ext, s)?,
             (AttrType::Extension(ext), Value::Object(obj)) => {
                 let arg = obj
                     .get("__extn")
                     .and_then(|x| x.get("arg"))
                     .and_then(Value::as_str)
                     .ok_or_else(mismatch)?;
-                extension(*ext, arg)
+                extension(path, *ext, arg)?
             }
             _ => return Err(mismatch()),
         })
     }
 }
 
-fn uid(model: &TypeModel, e: &EntityRef) -> Result<EntityUid, RequestError> {
-    let info = model
-        .entities
-        .get(&e.kind)
-        .ok_or_else(|| RequestError(format!("unknown entity type `{}`", e.kind)))?;
-    Ok(EntityUid::from_type_name_and_id(
-        info.name.clone(),
-        EntityId::new(&e.id),
+fn core_uid(kind: &str, id: &str) -> Result<ast::EntityUID, String> {
+    let ty = cedar_policy::EntityTypeName::from_str(kind).map_err(|e| e.to_string())?;
+    Ok(ast::EntityUID::from_components(
+        ty.as_ref().clone(),
+        Eid::new(id),
+        None,
     ))
 }
 
-fn extension(ext: Extension, s: &str) -> RestrictedExpression {
-    match ext {
-        Extension::IpAddr => RestrictedExpression::new_ip(s),
-        Extension::Decimal => RestrictedExpression::new_decimal(s),
-        Extension::Datetime => RestrictedExpression::new_datetime(s),
-        Extension::Duration => RestrictedExpression::new_duration(s),
-    }
+/// Extension values are made by calling their constructor, as Cedar does.
+fn extension(path: &Path<'_>, ext: Extension, s: &str) -> Result<CedarValue, RequestError> {
+    let function = match ext {
+        Extension::IpAddr => "ip",
+        Extension::Decimal => "decimal",
+        Extension::Datetime => "datetime",
+        Extension::Duration => "duration",
+    };
+    let name = Name::from_str(function).map_err(|e| path.err(e))?;
+    let call = RestrictedExpr::call_extension_fn(name, [RestrictedExpr::val(s)]);
+    RestrictedEvaluator::new(Extensions::all_available())
+        .interpret(call.as_borrowed())
+        .map_err(|e| path.err(format!("`{s}` is not a valid {function} value: {e}")))
 }
 
 /// Values under `additionalAttributes` records have no declared type.
-fn untyped(path: &Path<'_>, v: &Value) -> Result<RestrictedExpression, RequestError> {
+fn untyped(path: &Path<'_>, v: &Value) -> Result<CedarValue, RequestError> {
     Ok(match v {
-        Value::String(s) => RestrictedExpression::new_string(s.clone()),
-        Value::Bool(b) => RestrictedExpression::new_bool(*b),
-        Value::Number(n) => RestrictedExpression::new_long(
+        Value::String(s) => CedarValue::from(s.as_str()),
+        Value::Bool(b) => CedarValue::from(*b),
+        Value::Number(n) => CedarValue::from(
             n.as_i64()
                 .ok_or_else(|| path.err(format!("expected a whole number, got `{n}`")))?,
         ),
@@ -389,14 +459,14 @@ fn untyped(path: &Path<'_>, v: &Value) -> Result<RestrictedExpression, RequestEr
                 let idx = i.to_string();
                 out.push(untyped(&path.child(&idx), item)?);
             }
-            RestrictedExpression::new_set(out)
+            CedarValue::set(out, None)
         }
         Value::Object(obj) => {
             let mut out = Vec::with_capacity(obj.len());
             for (k, item) in obj {
-                out.push((k.clone(), untyped(&path.child(k), item)?));
+                out.push((SmolStr::new(k), untyped(&path.child(k), item)?));
             }
-            RestrictedExpression::new_record(out).map_err(|e| path.err(e))?
+            CedarValue::record(out, None)
         }
         Value::Null => return Err(path.err("null is not a Cedar value; leave the field out")),
     })
@@ -412,12 +482,6 @@ fn entity_ref_parts(obj: &Map<String, Value>) -> Option<(&str, &str)> {
         return None;
     }
     Some((inner.get("type")?.as_str()?, inner.get("id")?.as_str()?))
-}
-
-fn entity_uid_of(v: &Value) -> Option<EntityUid> {
-    let (kind, id) = entity_ref_parts(v.as_object()?)?;
-    let ty = cedar_policy::EntityTypeName::from_str(kind).ok()?;
-    Some(EntityUid::from_type_name_and_id(ty, EntityId::new(id)))
 }
 
 fn describe(ty: &AttrType) -> String {

@@ -16,8 +16,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use cedar_policy::{
-    Authorizer, Effect, Entity, EntityUid, Policy, PolicyId, PolicySet, Schema, ValidationMode,
-    Validator,
+    Authorizer, Effect, EntityUid, Policy, PolicyId, PolicySet, Schema, ValidationMode, Validator,
 };
 use miette::Diagnostic;
 
@@ -80,7 +79,7 @@ pub struct Engine {
     revision: Arc<str>,
     model: TypeModel,
     statics: StaticEntities,
-    action_entities: HashMap<EntityUid, Entity>,
+    action_entities: HashMap<EntityUid, Arc<cedar_policy_core::ast::Entity>>,
     index: PolicyIndex,
     meta: HashMap<PolicyId, PolicyMeta>,
     authorizer: Authorizer,
@@ -218,7 +217,7 @@ impl Engine {
             return Err(fail(problems));
         }
 
-        let statics = StaticEntities::new(&bundle.entities, &schema)
+        let statics = StaticEntities::new(&bundle.entities, &schema, &model)
             .map_err(|m| fail(vec![problem("entities.json", None, None, m)]))?;
         let actions = schema
             .action_entities()
@@ -233,7 +232,11 @@ impl Engine {
                     .ancestors(&a.uid)
                     .is_some_and(|mut g| g.next().is_some())
             })
-            .filter_map(|a| actions.get(&a.uid).map(|e| (a.uid.clone(), e.clone())))
+            .filter_map(|a| {
+                actions
+                    .get(&a.uid)
+                    .map(|e| (a.uid.clone(), Arc::new(e.as_ref().clone())))
+            })
             .collect();
         let index = PolicyIndex::build(&policies, &schema, &model, &actions, options.index);
 

@@ -49,6 +49,8 @@ pub struct AttrSpec {
 #[derive(Debug, Clone)]
 pub struct EntityTypeInfo {
     pub name: EntityTypeName,
+    /// The same name in cedar-policy-core's terms, for building entities.
+    pub core: cedar_policy_core::ast::EntityType,
     pub shape: RecordType,
 }
 
@@ -95,6 +97,7 @@ impl TypeModel {
                 model.entities.insert(
                     full,
                     EntityTypeInfo {
+                        core: type_name.as_ref().clone(),
                         name: type_name,
                         shape,
                     },

@@ -550,3 +550,60 @@ fn generated_bench_bundles_are_indexed() {
         .expect("decides");
     assert_eq!(d.policy_ids, ["edit-department", "tenant-t7"]);
 }
+
+#[test]
+fn stored_groups_apply_transitively_also_to_extended_entities() {
+    let schema = "entity Team in [Team];\nentity User in [Team] = { department: String, roles: Set<String> };\n\
+                  entity Document = { owner: User, department: String };\n\
+                  action view appliesTo { principal: User, resource: Document };";
+    let stored = json!([
+        {"uid": {"type": "Team", "id": "b"}, "attrs": {}, "parents": []},
+        {"uid": {"type": "Team", "id": "a"}, "attrs": {}, "parents": [{"type": "Team", "id": "b"}]},
+        {"uid": {"type": "User", "id": "u"}, "attrs": {"department": "eng", "roles": []}, "parents": [{"type": "Team", "id": "a"}]}
+    ]);
+    let policies = r#"@id("p") permit(principal, action, resource);
+                      @id("f") forbid(principal in Team::"b", action, resource);"#;
+    let e = Engine::compile(&bundle(schema, policies, stored), CompileOptions::default())
+        .expect("compiles");
+    let (_, r) = ok_props();
+    for subject in [
+        json!({"type": "User", "id": "u"}),
+        json!({"type": "User", "id": "u", "properties": {"roles": ["x"]}}),
+    ] {
+        let d = e
+            .decide(&req(json!({"subject": subject, "action": {"name": "view"},
+                "resource": {"type": "Document", "id": "d", "properties": r.clone()}, "context": {}})))
+            .expect("decides");
+        assert_eq!(
+            (d.outcome, d.policy_ids),
+            (Outcome::Deny, vec!["f".to_owned()])
+        );
+    }
+}
+
+#[test]
+fn extension_values_convert_and_bad_ones_are_named() {
+    let schema = "entity User = { ip: ipaddr, limit: decimal };\nentity Api;\n\
+                  action call appliesTo { principal: User, resource: Api, context: { at: datetime } };";
+    let policies = r#"@id("p") permit(principal, action, resource)
+        when { principal.ip.isInRange(ip("10.0.0.0/8")) && principal.limit.lessThan(decimal("2.5")) && context.at < datetime("2030-01-01") };"#;
+    let e = Engine::compile(
+        &bundle(schema, policies, json!([])),
+        CompileOptions::default(),
+    )
+    .expect("compiles");
+    let ask = |ip: &str| {
+        e.decide(&req(
+            json!({"subject": {"type": "User", "id": "u", "properties": {"ip": ip, "limit": "1.5"}},
+            "action": {"name": "call"}, "resource": {"type": "Api", "id": "a", "properties": {}},
+            "context": {"at": "2026-11-24"}}),
+        ))
+    };
+    assert_eq!(ask("10.1.2.3").expect("ok").outcome, Outcome::Allow);
+    assert_eq!(ask("192.168.0.1").expect("ok").outcome, Outcome::Deny);
+    let err = ask("not-an-ip").expect_err("bad ip").to_string();
+    assert!(
+        err.contains("subject.properties.ip") && err.contains("not-an-ip"),
+        "{err}"
+    );
+}
