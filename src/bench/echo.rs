@@ -43,10 +43,9 @@ pub fn run_echo(args: EchoArgs) -> ExitCode {
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
         println!("listening {addr}");
         tonic::transport::Server::builder()
-            .tcp_nodelay(true)
             .add_service(echo_server::EchoServer::new(Echo))
             .serve_with_incoming_shutdown(
-                tonic::transport::server::TcpIncoming::from(listener),
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
                 crate::server::shutdown_signal(),
             )
             .await

@@ -126,8 +126,6 @@ pub async fn serve_until(
 
     // The gRPC stack, outermost first:
     let grpc = Server::builder()
-        // decisions are small request/response pairs: send them at once.
-        .tcp_nodelay(true)
         // cap the calls one connection can have in flight, at the HTTP/2
         // layer (a tower concurrency limit costs a semaphore per call).
         // Deadlines come from the caller's `grpc-timeout`: a decision never
@@ -140,7 +138,12 @@ pub async fn serve_until(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(authorizer)
-        .serve_with_incoming_shutdown(TcpIncoming::from(grpc_listener), stopped(stop_rx.clone()));
+        .serve_with_incoming_shutdown(
+            // Decisions are small request/response pairs: send them at once (the
+            // builder's `tcp_nodelay` does not apply to a listener passed in).
+            TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
+            stopped(stop_rx.clone()),
+        );
 
     let ops = router(OpsState {
         decider: decider.clone(),
