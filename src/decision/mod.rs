@@ -150,3 +150,92 @@ impl Decider {
         Ok(answer)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bundle::{Bundle, Manifest, PolicyFile};
+    use crate::policy::CompileOptions;
+
+    fn engine(revision: &str, effect: &str) -> Engine {
+        let bundle = Bundle {
+            manifest: Manifest {
+                name: "b".into(),
+                revision: revision.into(),
+                description: None,
+            },
+            policies: vec![PolicyFile {
+                name: "p.cedar".into(),
+                text: format!("@id(\"{effect}-all\") {effect}(principal, action, resource);"),
+            }],
+            schema:
+                "entity User; entity Doc; action view appliesTo { principal: User, resource: Doc };"
+                    .into(),
+            entities: serde_json::json!([]),
+            source: "test".into(),
+        };
+        Engine::compile(&bundle, CompileOptions::default()).expect("compiles")
+    }
+
+    fn request() -> Request {
+        let e = |kind: &str| EntityRef {
+            kind: kind.into(),
+            id: "x".into(),
+            properties: None,
+        };
+        Request {
+            subject: e("User"),
+            action: "view".into(),
+            resource: e("Doc"),
+            context: serde_json::Map::new(),
+        }
+    }
+
+    #[test]
+    fn cached_decisions_never_cross_revisions() {
+        let cache = CacheSettings {
+            max_entries: 100,
+            ttl: Duration::from_secs(60),
+        };
+        let decider = Decider::new(cache, Arc::new(Metrics::new()), None);
+        assert!(matches!(
+            decider.check(&request()),
+            Err(CheckError::NotReady)
+        ));
+
+        decider.activate(engine("r1", "permit"));
+        let first = decider.check(&request()).expect("decides");
+        let again = decider.check(&request()).expect("decides");
+        assert_eq!(
+            (first.decision.outcome, &*first.revision),
+            (Outcome::Allow, "r1")
+        );
+        assert!(
+            Arc::ptr_eq(&first.decision, &again.decision),
+            "second answer came from the cache"
+        );
+        assert_ne!(first.decision_id, again.decision_id);
+
+        decider.activate(engine("r2", "forbid"));
+        let after = decider.check(&request()).expect("decides");
+        assert_eq!(
+            (after.decision.outcome, &*after.revision),
+            (Outcome::Deny, "r2")
+        );
+        assert_eq!(after.decision.policy_ids, ["forbid-all"]);
+    }
+
+    #[test]
+    fn a_held_snapshot_keeps_deciding_on_its_revision() {
+        let decider = Decider::new(CacheSettings::OFF, Arc::new(Metrics::new()), None);
+        decider.activate(engine("r1", "permit"));
+        let held = decider.snapshot().expect("active");
+        decider.activate(engine("r2", "forbid"));
+        let old = decider.check_on(&held, &request()).expect("decides");
+        assert_eq!(
+            (old.decision.outcome, &*old.revision),
+            (Outcome::Allow, "r1")
+        );
+        assert_eq!(&*decider.check(&request()).expect("decides").revision, "r2");
+    }
+}
