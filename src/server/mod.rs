@@ -47,6 +47,8 @@ pub enum ServeError {
     Grpc(#[from] tonic::transport::Error),
     #[error("HTTP server failed: {0}")]
     Http(std::io::Error),
+    #[error("cannot build the gRPC reflection service: {0}")]
+    Reflection(String),
 }
 
 /// Reads and compiles a bundle directory.
@@ -116,7 +118,7 @@ pub async fn serve_until(
         .register_encoded_file_descriptor_set(pb::AUTHORIZER_DESCRIPTOR)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
-        .map_err(|e| ServeError::Http(std::io::Error::other(e.to_string())))?;
+        .map_err(|e| ServeError::Reflection(e.to_string()))?;
 
     let draining = Arc::new(AtomicBool::new(false));
     let (stop_tx, stop_rx) = watch::channel(false);
