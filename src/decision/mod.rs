@@ -163,6 +163,7 @@ mod tests {
                 name: "b".into(),
                 revision: revision.into(),
                 description: None,
+                files: Default::default(),
             },
             policies: vec![PolicyFile {
                 name: "p.cedar".into(),
@@ -172,6 +173,7 @@ mod tests {
                 "entity User; entity Doc; action view appliesTo { principal: User, resource: Doc };"
                     .into(),
             entities: serde_json::json!([]),
+            files: Default::default(),
             source: "test".into(),
         };
         Engine::compile(&bundle, CompileOptions::default()).expect("compiles")

@@ -29,6 +29,7 @@ fn bundle(schema: &str, policies: &str, entities: Value) -> Bundle {
             name: "t".into(),
             revision: "1".into(),
             description: None,
+            files: Default::default(),
         },
         policies: vec![PolicyFile {
             name: "p.cedar".into(),
@@ -36,6 +37,7 @@ fn bundle(schema: &str, policies: &str, entities: Value) -> Bundle {
         }],
         schema: schema.into(),
         entities,
+        files: Default::default(),
         source: PathBuf::from("test"),
     }
 }
