@@ -17,6 +17,7 @@
 //!
 //! - [`bundle`]: reads a bundle from disk.
 //! - [`policy`]: compiles a bundle into an [`policy::Engine`] and decides.
+//! - [`policytest`]: the policy tests a bundle carries (`tests/*.json`).
 //! - [`decision`]: the decision vocabulary and the service every adapter calls.
 //! - [`api`]: gRPC and HTTP adapters and the generated protobuf code.
 //! - [`config`]: typed, validated configuration.
@@ -32,5 +33,6 @@ pub mod cli;
 pub mod config;
 pub mod decision;
 pub mod policy;
+pub mod policytest;
 pub mod server;
 pub mod telemetry;

@@ -26,6 +26,11 @@ enum Command {
     Serve(ServeArgs),
     /// Evaluate one JSON request, offline against a bundle or on a running sidecar.
     Check(CheckArgs),
+    /// Build, sign and inspect policy bundles.
+    #[command(subcommand)]
+    Bundle(BundleCommand),
+    /// Run the policy tests a bundle carries (`tests/*.json`).
+    Test(TestArgs),
     /// Load-test a sidecar against a bare gRPC echo baseline.
     Bench(arbiter::bench::BenchArgs),
     /// The echo server `bench` measures against (started by `bench`).
@@ -33,14 +38,66 @@ enum Command {
     BenchEcho(arbiter::bench::EchoArgs),
 }
 
+#[derive(Subcommand)]
+enum BundleCommand {
+    /// Validate, test and pack a bundle directory into an archive.
+    Build {
+        /// The bundle directory.
+        dir: PathBuf,
+        /// Where to write the archive (`.tar.gz`).
+        #[arg(short, long)]
+        out: PathBuf,
+        /// Sign with this private key (PEM) as well.
+        #[arg(long)]
+        sign_key: Option<PathBuf>,
+    },
+    /// Make an Ed25519 key pair: PREFIX.key.pem (private) and PREFIX.pub.pem.
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Add a signature to an archive (in place unless `-o`).
+    Sign {
+        file: PathBuf,
+        /// Private key (PEM).
+        #[arg(long)]
+        key: PathBuf,
+        #[arg(short, long)]
+        out: Option<PathBuf>,
+    },
+    /// Show an archive's revision, files, digests, signers and policy count.
+    Inspect {
+        file: PathBuf,
+        /// Also verify against these public keys.
+        #[arg(long = "trusted-key")]
+        trusted_keys: Vec<PathBuf>,
+    },
+}
+
+#[derive(Args)]
+struct TestArgs {
+    /// The bundle directory.
+    dir: PathBuf,
+    /// Also write a JUnit XML report here.
+    #[arg(long)]
+    junit: Option<PathBuf>,
+}
+
 #[derive(Args)]
 struct ServeArgs {
     /// TOML configuration file; flags and environment override it.
     #[arg(long, env = "ARBITER_CONFIG")]
     config: Option<PathBuf>,
-    /// Bundle directory to serve.
+    /// Bundle to serve: a directory, or a signed archive (needs --trusted-key).
     #[arg(long, env = "ARBITER_BUNDLE")]
     bundle: Option<PathBuf>,
+    /// Public key (PEM) whose signatures are accepted; repeat for rotation.
+    #[arg(
+        long = "trusted-key",
+        env = "ARBITER_TRUSTED_KEYS",
+        value_delimiter = ','
+    )]
+    trusted_keys: Vec<PathBuf>,
     /// gRPC listen address [default: 127.0.0.1:50051].
     #[arg(long, env = "ARBITER_GRPC_ADDR")]
     grpc_addr: Option<std::net::SocketAddr>,
@@ -62,9 +119,12 @@ struct ServeArgs {
 struct CheckArgs {
     /// JSON request file (AuthZEN shape), or `-` for stdin.
     request: PathBuf,
-    /// Bundle directory to evaluate against offline.
+    /// Bundle directory or signed archive to evaluate against offline.
     #[arg(long, conflicts_with = "addr", required_unless_present = "addr")]
     bundle: Option<PathBuf>,
+    /// Public key (PEM) to verify an archive with.
+    #[arg(long = "trusted-key")]
+    trusted_keys: Vec<PathBuf>,
     /// Send to a running sidecar instead, e.g. `http://127.0.0.1:50051`.
     #[arg(long)]
     addr: Option<String>,
@@ -81,6 +141,18 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Serve(args) => serve(args),
         Command::Check(args) => check(args),
+        Command::Bundle(cmd) => bundle(cmd),
+        Command::Test(args) => match arbiter::cli::bundle::test(&args.dir, args.junit.as_deref()) {
+            Ok((text, passed)) => {
+                print!("{text}");
+                if passed {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                }
+            }
+            Err(f) => failure(f),
+        },
         Command::Bench(args) => arbiter::bench::run(args),
         Command::BenchEcho(args) => arbiter::bench::run_echo(args),
     }
@@ -95,7 +167,10 @@ fn serve(args: ServeArgs) -> ExitCode {
         None => Config::default(),
     };
     if let Some(v) = args.bundle {
-        config.bundle.dir = Some(v);
+        config.bundle.path = Some(v);
+    }
+    if !args.trusted_keys.is_empty() {
+        config.bundle.trusted_keys = args.trusted_keys;
     }
     if let Some(v) = args.grpc_addr {
         config.server.grpc_addr = v;
@@ -133,7 +208,8 @@ fn serve(args: ServeArgs) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(
             e @ (arbiter::server::ServeError::BundleRead(_)
-            | arbiter::server::ServeError::BundleInvalid(_)),
+            | arbiter::server::ServeError::BundleInvalid(_)
+            | arbiter::server::ServeError::BundleRefused { .. }),
         ) => {
             tracing::error!("refusing to start: {e}");
             ExitCode::from(EXIT_DATAERR)
@@ -154,7 +230,9 @@ fn check(args: CheckArgs) -> ExitCode {
             Ok(rt) => rt.block_on(arbiter::cli::check::remote(addr, &args.request)),
             Err(e) => Err(format!("cannot start the runtime: {e}")),
         },
-        (None, Some(bundle)) => arbiter::cli::check::offline(bundle, &args.request),
+        (None, Some(bundle)) => {
+            arbiter::cli::check::offline(bundle, &args.trusted_keys, &args.request)
+        }
         (None, None) => Err("pass `--bundle DIR` or `--addr URL`".into()),
     };
     let report = match report {
@@ -179,6 +257,28 @@ fn check(args: CheckArgs) -> ExitCode {
         }
         _ => ExitCode::SUCCESS,
     }
+}
+
+fn bundle(cmd: BundleCommand) -> ExitCode {
+    use arbiter::cli::bundle as b;
+    let result = match cmd {
+        BundleCommand::Build { dir, out, sign_key } => b::build(&dir, &out, sign_key.as_deref()),
+        BundleCommand::Keygen { out } => b::keygen(&out),
+        BundleCommand::Sign { file, key, out } => b::sign(&file, &key, out.as_deref()),
+        BundleCommand::Inspect { file, trusted_keys } => b::inspect(&file, &trusted_keys),
+    };
+    match result {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(f) => failure(f),
+    }
+}
+
+fn failure(f: arbiter::cli::bundle::Failure) -> ExitCode {
+    eprintln!("error: {}", f.message);
+    ExitCode::from(f.code)
 }
 
 fn usage(e: impl std::fmt::Display) -> ExitCode {

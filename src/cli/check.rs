@@ -78,9 +78,15 @@ fn read_request(path: &Path) -> Result<serde_json::Value, String> {
     serde_json::from_str(&text).map_err(|e| format!("`{}` is not JSON: {e}", path.display()))
 }
 
-/// Decides offline against a bundle directory.
-pub fn offline(bundle: &Path, request: &Path) -> Result<Report, String> {
-    let engine = load_bundle(bundle, CompileOptions::default()).map_err(|e| e.to_string())?;
+/// Decides offline against a bundle directory or a signed archive.
+pub fn offline(
+    bundle: &Path,
+    trusted: &[std::path::PathBuf],
+    request: &Path,
+) -> Result<Report, String> {
+    let trusted = crate::bundle::keys::TrustedKeys::load(trusted).map_err(|e| e.to_string())?;
+    let engine =
+        load_bundle(bundle, &trusted, CompileOptions::default()).map_err(|e| e.to_string())?;
     let req =
         request_from_json(read_request(request)?).map_err(|e| format!("invalid request: {e}"))?;
     let decision = engine

@@ -1,3 +1,4 @@
 //! Subcommands other than `serve`: tools for policy authors and CI.
 
+pub mod bundle;
 pub mod check;

@@ -49,8 +49,12 @@ impl Default for ServerConfig {
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct BundleConfig {
-    /// The bundle directory to serve.
-    pub dir: Option<PathBuf>,
+    /// The bundle to serve: a directory (development) or a signed archive
+    /// built by `arbiter bundle build`.
+    pub path: Option<PathBuf>,
+    /// Public keys (PEM) whose signatures are accepted on archives. Several
+    /// keys allow rotation.
+    pub trusted_keys: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
@@ -159,14 +163,22 @@ impl Config {
     /// Checks what types alone cannot. Runs before any port is bound.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
-        let Some(dir) = &self.bundle.dir else {
-            return bad("no bundle: pass `--bundle DIR` or set `[bundle] dir`".into());
+        let Some(path) = &self.bundle.path else {
+            return bad("no bundle: pass `--bundle PATH` or set `[bundle] path`".into());
         };
-        if !dir.is_dir() {
+        if !path.exists() {
+            return bad(format!("bundle `{}` does not exist", path.display()));
+        }
+        if path.is_file() && self.bundle.trusted_keys.is_empty() {
             return bad(format!(
-                "bundle directory `{}` does not exist",
-                dir.display()
+                "bundle `{}` is an archive but no key is trusted: pass `--trusted-key PUBLIC.pem` or set `[bundle] trusted_keys`",
+                path.display()
             ));
+        }
+        for key in &self.bundle.trusted_keys {
+            if !key.is_file() {
+                return bad(format!("trusted key `{}` does not exist", key.display()));
+            }
         }
         if self.server.grpc_addr == self.server.http_addr && self.server.grpc_addr.port() != 0 {
             return bad(format!(
@@ -232,7 +244,7 @@ mod tests {
     fn example_config_parses_and_validates() {
         let text = include_str!("../../examples/arbiter.toml");
         let mut c = Config::from_toml(text).expect("example parses");
-        c.bundle.dir = Some(PathBuf::from(concat!(
+        c.bundle.path = Some(PathBuf::from(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/examples/documents"
         )));
@@ -242,7 +254,7 @@ mod tests {
     #[test]
     fn limits_are_checked() {
         let mut c = Config::default();
-        c.bundle.dir = Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+        c.bundle.path = Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")));
         c.limits.max_batch_items = 0;
         let err = c.validate().expect_err("zero batch");
         assert!(err.to_string().contains("max_batch_items"));

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 /// An entity named by a request: a Cedar entity type, an id, and the
@@ -37,7 +37,7 @@ impl Request {
 }
 
 /// The outcome that drives the caller's journey.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum Outcome {
     Allow,
@@ -74,7 +74,8 @@ pub struct StepUp {
 }
 
 /// A duty carried by an annotation of a deciding policy.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Obligation {
     pub key: String,
     pub value: String,

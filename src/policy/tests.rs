@@ -4,13 +4,12 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::*;
 use crate::api::json::request_from_json;
 use crate::bundle::{Bundle, Manifest, PolicyFile};
-use crate::decision::{Obligation, Outcome};
+use crate::decision::Outcome;
 
 fn example(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -42,100 +41,20 @@ fn bundle(schema: &str, policies: &str, entities: Value) -> Bundle {
     }
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Case {
-    name: String,
-    request: String,
-    expect: Expect,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Expect {
-    outcome: Outcome,
-    policy_ids: Vec<String>,
-    #[serde(default)]
-    acr_values: Option<Vec<String>>,
-    #[serde(default)]
-    max_age: Option<u64>,
-    #[serde(default)]
-    approver_groups: Vec<String>,
-    #[serde(default)]
-    obligations: Vec<ObligationExpect>,
-}
-
-#[derive(Deserialize, PartialEq, Debug)]
-#[serde(deny_unknown_fields)]
-struct ObligationExpect {
-    key: String,
-    value: String,
-    policy_id: String,
-}
-
-impl<'de> Deserialize<'de> for Outcome {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        Outcome::ALL
-            .into_iter()
-            .find(|o| o.as_str() == s)
-            .ok_or_else(|| serde::de::Error::custom(format!("unknown outcome `{s}`")))
-    }
-}
-
 #[test]
 fn example_corpus_decides_as_expected_with_and_without_index() {
     let dir = example("documents");
-    let cases: Vec<Case> = serde_json::from_str(
-        &std::fs::read_to_string(dir.join("tests/cases.json")).expect("corpus"),
-    )
-    .expect("corpus parses");
+    let bundle = Bundle::read_dir(&dir).expect("bundle reads");
+    let cases = crate::policytest::load(&bundle).expect("corpus parses");
     assert!(cases.len() >= 10);
-    let seen: std::collections::HashSet<Outcome> = cases.iter().map(|c| c.expect.outcome).collect();
+    let seen: std::collections::HashSet<Outcome> =
+        cases.iter().map(|(_, c)| c.expect.outcome).collect();
     assert_eq!(seen.len(), 4, "the corpus covers every outcome");
     for index in [true, false] {
-        let engine = compile_dir(&dir, index);
-        for case in &cases {
-            let text = std::fs::read_to_string(dir.join(&case.request)).expect("request file");
-            let req =
-                request_from_json(serde_json::from_str(&text).expect("json")).expect("request");
-            let d = engine
-                .decide(&req)
-                .unwrap_or_else(|e| panic!("{}: {e}", case.name));
-            let e = &case.expect;
-            assert_eq!(d.outcome, e.outcome, "{}", case.name);
-            assert_eq!(d.policy_ids, e.policy_ids, "{}", case.name);
-            assert!(d.errors.is_empty(), "{}: {:?}", case.name, d.errors);
-            assert_eq!(
-                d.step_up.as_ref().map(|s| s.acr_values.clone()),
-                e.acr_values,
-                "{}",
-                case.name
-            );
-            assert_eq!(
-                d.step_up.as_ref().and_then(|s| s.max_age),
-                e.max_age,
-                "{}",
-                case.name
-            );
-            assert_eq!(d.approver_groups, e.approver_groups, "{}", case.name);
-            let got: Vec<ObligationExpect> = d
-                .obligations
-                .iter()
-                .map(
-                    |Obligation {
-                         key,
-                         value,
-                         policy_id,
-                     }| ObligationExpect {
-                        key: key.clone(),
-                        value: value.clone(),
-                        policy_id: policy_id.clone(),
-                    },
-                )
-                .collect();
-            assert_eq!(got, e.obligations, "{}", case.name);
-        }
+        let engine = Engine::compile(&bundle, CompileOptions { index }).expect("compiles");
+        let report = crate::policytest::run(&bundle, &engine).expect("runs");
+        assert_eq!(report.results.len(), cases.len());
+        assert_eq!(report.failed(), 0, "index {index}:\n{}", report.render());
     }
 }
 

@@ -25,7 +25,8 @@ use crate::api::grpc::AuthorizerService;
 use crate::api::http::{OpsState, router};
 use crate::api::pb::v1::authorizer_server::AuthorizerServer;
 use crate::api::{Limits, pb};
-use crate::bundle::{Bundle, BundleError};
+use crate::bundle::keys::{KeyError, TrustedKeys};
+use crate::bundle::{ArchiveLimits, Bundle, BundleError, VerifyError};
 use crate::config::Config;
 use crate::decision::{CacheSettings, Decider};
 use crate::policy::{CompileError, CompileOptions, Engine};
@@ -38,6 +39,13 @@ pub enum ServeError {
     BundleRead(#[from] BundleError),
     #[error(transparent)]
     BundleInvalid(#[from] CompileError),
+    #[error("bundle `{path}` refused: {source}")]
+    BundleRefused {
+        path: std::path::PathBuf,
+        source: VerifyError,
+    },
+    #[error(transparent)]
+    Key(#[from] KeyError),
     #[error("cannot listen on `{addr}`: {source}")]
     Bind {
         addr: SocketAddr,
@@ -51,10 +59,31 @@ pub enum ServeError {
     Reflection(String),
 }
 
-/// Reads and compiles a bundle directory.
-pub fn load_bundle(dir: &std::path::Path, options: CompileOptions) -> Result<Engine, ServeError> {
-    let bundle = Bundle::read_dir(dir)?;
-    Ok(Engine::compile(&bundle, options)?)
+/// Reads and compiles a bundle: a directory as it is, an archive only once
+/// its signature (by one of `trusted`) and every digest check out.
+pub fn load_bundle(
+    path: &std::path::Path,
+    trusted: &TrustedKeys,
+    options: CompileOptions,
+) -> Result<Engine, ServeError> {
+    if path.is_dir() {
+        return Ok(Engine::compile(&Bundle::read_dir(path)?, options)?);
+    }
+    let bytes = std::fs::read(path).map_err(|source| BundleError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let verified = crate::bundle::archive::verify(&bytes, trusted, &ArchiveLimits::default(), path)
+        .map_err(|source| ServeError::BundleRefused {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    tracing::info!(
+        signer = verified.signer(),
+        digest = verified.digest(),
+        "bundle archive verified"
+    );
+    Ok(Engine::compile(verified.bundle(), options)?)
 }
 
 /// Runs the sidecar until SIGTERM/SIGINT, then drains.
@@ -81,10 +110,12 @@ pub async fn serve_until(
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, ServingStatus::NotServing).await;
 
-    // Validated config names a bundle directory.
-    let dir = config.bundle.dir.clone().unwrap_or_default();
+    // Validated config names a bundle.
+    let dir = config.bundle.path.clone().unwrap_or_default();
+    let trusted = TrustedKeys::load(&config.bundle.trusted_keys)?;
     let engine = load_bundle(
         &dir,
+        &trusted,
         CompileOptions {
             index: config.policy.index,
         },
