@@ -98,6 +98,21 @@ struct ServeArgs {
         value_delimiter = ','
     )]
     trusted_keys: Vec<PathBuf>,
+    /// Pull the bundle from this control plane (with --bundle-name).
+    #[arg(long = "control-plane", env = "ARBITER_CONTROL_PLANE")]
+    control_plane: Option<String>,
+    /// Name of the bundle to pull from the control plane.
+    #[arg(long, env = "ARBITER_BUNDLE_NAME")]
+    bundle_name: Option<String>,
+    /// Or pull the archive from this URL on any HTTP server.
+    #[arg(long, env = "ARBITER_BUNDLE_URL")]
+    bundle_url: Option<String>,
+    /// Where the last-known-good bundle is kept [default: .arbiter/bundles].
+    #[arg(long, env = "ARBITER_BUNDLE_CACHE")]
+    bundle_cache: Option<PathBuf>,
+    /// Milliseconds between polls [default: 10000].
+    #[arg(long, env = "ARBITER_POLL_INTERVAL_MS")]
+    poll_interval_ms: Option<u64>,
     /// gRPC listen address [default: 127.0.0.1:50051].
     #[arg(long, env = "ARBITER_GRPC_ADDR")]
     grpc_addr: Option<std::net::SocketAddr>,
@@ -171,6 +186,22 @@ fn serve(args: ServeArgs) -> ExitCode {
     }
     if !args.trusted_keys.is_empty() {
         config.bundle.trusted_keys = args.trusted_keys;
+    }
+    let cp = &mut config.control_plane;
+    if let Some(v) = args.control_plane {
+        cp.url = Some(v);
+    }
+    if let Some(v) = args.bundle_name {
+        cp.bundle_name = Some(v);
+    }
+    if let Some(v) = args.bundle_url {
+        cp.bundle_url = Some(v);
+    }
+    if let Some(v) = args.bundle_cache {
+        cp.cache_dir = v;
+    }
+    if let Some(v) = args.poll_interval_ms {
+        cp.poll_interval_ms = v;
     }
     if let Some(v) = args.grpc_addr {
         config.server.grpc_addr = v;

@@ -16,6 +16,7 @@ use crate::telemetry::LogFormat;
 pub struct Config {
     pub server: ServerConfig,
     pub bundle: BundleConfig,
+    pub control_plane: ControlPlaneConfig,
     pub limits: LimitsConfig,
     pub cache: CacheConfig,
     pub policy: PolicyConfig,
@@ -55,6 +56,54 @@ pub struct BundleConfig {
     /// Public keys (PEM) whose signatures are accepted on archives. Several
     /// keys allow rotation.
     pub trusted_keys: Vec<PathBuf>,
+}
+
+/// Where bundles come from when they are pulled rather than read locally.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlPlaneConfig {
+    /// Base URL of the control plane; the bundle is `{url}/bundles/{bundle_name}`.
+    pub url: Option<String>,
+    /// Name of the bundle to pull from the control plane.
+    pub bundle_name: Option<String>,
+    /// Or the full URL of the archive on any HTTP server or object store.
+    pub bundle_url: Option<String>,
+    /// Milliseconds between polls (with ±20 % jitter).
+    pub poll_interval_ms: u64,
+    /// Seconds a long-polling server may hold a request (`Prefer: wait`); 0 = off.
+    pub long_poll_secs: u64,
+    /// Milliseconds a fetch may take, beyond any long-poll wait.
+    pub fetch_timeout_ms: u64,
+    /// Longest wait between attempts after repeated failures, in seconds.
+    pub max_backoff_secs: u64,
+    /// Where the last-known-good archive is kept across restarts.
+    pub cache_dir: PathBuf,
+}
+
+impl Default for ControlPlaneConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            bundle_name: None,
+            bundle_url: None,
+            poll_interval_ms: 10_000,
+            long_poll_secs: 30,
+            fetch_timeout_ms: 10_000,
+            max_backoff_secs: 60,
+            cache_dir: PathBuf::from(".arbiter/bundles"),
+        }
+    }
+}
+
+impl ControlPlaneConfig {
+    /// The archive URL to poll, if bundles are pulled.
+    pub fn bundle_url(&self) -> Option<String> {
+        if let Some(url) = &self.bundle_url {
+            return Some(url.clone());
+        }
+        let (base, name) = (self.url.as_ref()?, self.bundle_name.as_ref()?);
+        Some(format!("{}/bundles/{name}", base.trim_end_matches('/')))
+    }
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
@@ -163,17 +212,45 @@ impl Config {
     /// Checks what types alone cannot. Runs before any port is bound.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
-        let Some(path) = &self.bundle.path else {
-            return bad("no bundle: pass `--bundle PATH` or set `[bundle] path`".into());
-        };
-        if !path.exists() {
-            return bad(format!("bundle `{}` does not exist", path.display()));
+        let cp = &self.control_plane;
+        if cp.url.is_some() != cp.bundle_name.is_some() {
+            return bad("`--control-plane` and `--bundle-name` go together".into());
         }
-        if path.is_file() && self.bundle.trusted_keys.is_empty() {
-            return bad(format!(
-                "bundle `{}` is an archive but no key is trusted: pass `--trusted-key PUBLIC.pem` or set `[bundle] trusted_keys`",
-                path.display()
-            ));
+        if cp.bundle_url.is_some() && cp.url.is_some() {
+            return bad(
+                "give `--bundle-url` or `--control-plane` with `--bundle-name`, not both".into(),
+            );
+        }
+        match (&self.bundle.path, cp.bundle_url()) {
+            (None, None) => {
+                return bad("no bundle: pass `--bundle PATH`, `--bundle-url URL`, or `--control-plane URL --bundle-name NAME`".into());
+            }
+            (Some(_), Some(_)) => {
+                return bad(
+                    "a local `--bundle` and a pulled bundle exclude each other; choose one".into(),
+                );
+            }
+            (Some(path), None) => {
+                if !path.exists() {
+                    return bad(format!("bundle `{}` does not exist", path.display()));
+                }
+                if path.is_file() && self.bundle.trusted_keys.is_empty() {
+                    return bad(format!(
+                        "bundle `{}` is an archive but no key is trusted: pass `--trusted-key PUBLIC.pem` or set `[bundle] trusted_keys`",
+                        path.display()
+                    ));
+                }
+            }
+            (None, Some(url)) => {
+                crate::controlplane::BundleClient::new(&url, Duration::from_secs(1), 1)
+                    .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+                if self.bundle.trusted_keys.is_empty() {
+                    return bad("pulled bundles must be signed: pass `--trusted-key PUBLIC.pem` or set `[bundle] trusted_keys`".into());
+                }
+                if cp.poll_interval_ms == 0 || cp.fetch_timeout_ms == 0 {
+                    return bad("`control_plane.poll_interval_ms` and `fetch_timeout_ms` must be at least 1".into());
+                }
+            }
         }
         for key in &self.bundle.trusted_keys {
             if !key.is_file() {

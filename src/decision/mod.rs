@@ -63,6 +63,8 @@ pub enum CheckError {
 
 pub struct Decider {
     active: ArcSwapOption<Active>,
+    /// The active revision, for whoever waits on activations (health).
+    revision: tokio::sync::watch::Sender<Option<Arc<str>>>,
     cache: CacheSettings,
     metrics: Arc<Metrics>,
     sink: Option<Arc<dyn DecisionSink>>,
@@ -76,6 +78,7 @@ impl Decider {
     ) -> Self {
         Self {
             active: ArcSwapOption::empty(),
+            revision: tokio::sync::watch::Sender::new(None),
             cache,
             metrics,
             sink,
@@ -93,7 +96,14 @@ impl Decider {
                 .time_to_live(self.cache.ttl)
                 .build()
         });
+        let revision = engine.revision().clone();
         self.active.store(Some(Arc::new(Active { engine, cache })));
+        self.revision.send_replace(Some(revision));
+    }
+
+    /// Follows activations: the receiver sees each newly active revision.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<Option<Arc<str>>> {
+        self.revision.subscribe()
     }
 
     /// The active engine, if any; hold it to decide several requests on one revision.

@@ -28,7 +28,9 @@ use crate::api::{Limits, pb};
 use crate::bundle::keys::{KeyError, TrustedKeys};
 use crate::bundle::{ArchiveLimits, Bundle, BundleError, VerifyError};
 use crate::config::Config;
+use crate::controlplane::BundleClient;
 use crate::decision::{CacheSettings, Decider};
+use crate::distribution::{self, Activator, PollSettings};
 use crate::policy::{CompileError, CompileOptions, Engine};
 use crate::telemetry::Metrics;
 
@@ -46,6 +48,8 @@ pub enum ServeError {
     },
     #[error(transparent)]
     Key(#[from] KeyError),
+    #[error("bundle source: {0}")]
+    Source(String),
     #[error("cannot listen on `{addr}`: {source}")]
     Bind {
         addr: SocketAddr,
@@ -110,25 +114,49 @@ pub async fn serve_until(
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, ServingStatus::NotServing).await;
 
-    // Validated config names a bundle.
-    let dir = config.bundle.path.clone().unwrap_or_default();
     let trusted = TrustedKeys::load(&config.bundle.trusted_keys)?;
-    let engine = load_bundle(
-        &dir,
-        &trusted,
-        CompileOptions {
-            index: config.policy.index,
-        },
-    )?;
-    tracing::info!(
-        bundle = %engine.name(),
-        revision = %engine.revision(),
-        policies = engine.policy_count(),
-        path = %dir.display(),
-        "bundle activated"
-    );
-    decider.activate(engine);
-    set_health(&health, ServingStatus::Serving).await;
+    let options = CompileOptions {
+        index: config.policy.index,
+    };
+    // Validated config names either a local bundle or one to pull.
+    let mut puller = None;
+    if let Some(path) = &config.bundle.path {
+        let engine = load_bundle(path, &trusted, options)?;
+        tracing::info!(
+            bundle = %engine.name(),
+            revision = %engine.revision(),
+            policies = engine.policy_count(),
+            path = %path.display(),
+            "bundle activated"
+        );
+        decider.activate(engine);
+    } else if let Some(url) = config.control_plane.bundle_url() {
+        let cp = &config.control_plane;
+        let limits = ArchiveLimits::default();
+        let client = BundleClient::new(
+            &url,
+            Duration::from_millis(cp.fetch_timeout_ms),
+            limits.max_archive_bytes as usize,
+        )
+        .map_err(|e| ServeError::Source(e.to_string()))?;
+        let activator = Arc::new(Activator {
+            decider: decider.clone(),
+            metrics: metrics.clone(),
+            trusted,
+            limits,
+            options,
+            store: cp.cache_dir.join("last-known-good.tar.gz"),
+        });
+        // Serve the last good bundle at once, even while the source is down.
+        let held = activator.load_last_known_good();
+        let settings = PollSettings {
+            interval: Duration::from_millis(cp.poll_interval_ms),
+            long_poll: (cp.long_poll_secs > 0).then(|| Duration::from_secs(cp.long_poll_secs)),
+            max_backoff: Duration::from_secs(cp.max_backoff_secs.max(1)),
+        };
+        tracing::info!(%url, "pulling the bundle");
+        puller = Some((client, activator, settings, held));
+    }
 
     let grpc_listener = bind(config.server.grpc_addr).await?;
     let http_listener = bind(config.server.http_addr).await?;
@@ -185,6 +213,31 @@ pub async fn serve_until(
     });
     let http = axum::serve(http_listener, ops).with_graceful_shutdown(stopped(stop_rx.clone()));
 
+    // Health follows activations: NOT_SERVING until a bundle is active.
+    let mut activations = decider.subscribe();
+    let follower_health = health.clone();
+    let follower_draining = draining.clone();
+    tokio::spawn(async move {
+        loop {
+            let active = activations.borrow_and_update().is_some();
+            if active && !follower_draining.load(Ordering::Relaxed) {
+                set_health(&follower_health, ServingStatus::Serving).await;
+            }
+            if activations.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    let poll_task = puller.map(|(client, activator, settings, held)| {
+        tokio::spawn(distribution::poll(
+            client,
+            activator,
+            settings,
+            held,
+            stop_rx.clone(),
+        ))
+    });
+
     let grpc_task = tokio::spawn(grpc);
     let http_task = tokio::spawn(async move { http.await });
 
@@ -193,6 +246,9 @@ pub async fn serve_until(
     draining.store(true, Ordering::Relaxed);
     set_health(&health, ServingStatus::NotServing).await;
     let _ = stop_tx.send(true);
+    if let Some(task) = poll_task {
+        let _ = task.await;
+    }
 
     let grace = config.shutdown_grace();
     let drained = tokio::time::timeout(grace, async {

@@ -93,6 +93,10 @@ pub struct Metrics {
     cache_misses: Counter,
     bundle: Family<BundleLabel, Gauge>,
     policies: Gauge,
+    fetch_failures: Counter,
+    bundles_rejected: Counter,
+    last_fetch: Gauge<f64, std::sync::atomic::AtomicU64>,
+    activation_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -159,6 +163,30 @@ impl Metrics {
             "Policies in the active bundle",
             policies.clone(),
         );
+        let fetch_failures = Counter::default();
+        registry.register(
+            "bundle_fetch_failures",
+            "Bundle fetches that failed",
+            fetch_failures.clone(),
+        );
+        let bundles_rejected = Counter::default();
+        registry.register(
+            "bundle_rejected",
+            "Bundles refused by verification, validation or their tests (the previous one stayed active)",
+            bundles_rejected.clone(),
+        );
+        let last_fetch = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "bundle_last_fetch_success_timestamp_seconds",
+            "When the bundle source last answered (Unix time)",
+            last_fetch.clone(),
+        );
+        let activation_seconds = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "bundle_activation_duration_seconds",
+            "Time the last activation took: verify, compile, test, swap",
+            activation_seconds.clone(),
+        );
         registry.register(
             "build",
             "Build information",
@@ -173,7 +201,27 @@ impl Metrics {
             cache_misses,
             bundle,
             policies,
+            fetch_failures,
+            bundles_rejected,
+            last_fetch,
+            activation_seconds,
         }
+    }
+
+    pub fn fetch_succeeded(&self, unix_secs: f64) {
+        self.last_fetch.set(unix_secs);
+    }
+
+    pub fn fetch_failed(&self) {
+        self.fetch_failures.inc();
+    }
+
+    pub fn bundle_rejected(&self) {
+        self.bundles_rejected.inc();
+    }
+
+    pub fn activation_took(&self, d: Duration) {
+        self.activation_seconds.set(d.as_secs_f64());
     }
 
     pub fn decided(&self, outcome: Outcome, took: Duration) {

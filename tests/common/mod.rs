@@ -30,10 +30,15 @@ pub struct Sidecar {
 }
 
 impl Sidecar {
+    /// Starts `arbiter serve`; an empty `bundle` path leaves `--bundle` out
+    /// (for sidecars that pull their bundle).
     pub fn start(bundle: &Path, extra: &[&str]) -> Self {
-        let mut child = Command::new(BIN)
-            .args(["serve", "--bundle"])
-            .arg(bundle)
+        let mut cmd = Command::new(BIN);
+        cmd.arg("serve");
+        if !bundle.as_os_str().is_empty() {
+            cmd.arg("--bundle").arg(bundle);
+        }
+        let mut child = cmd
             .args([
                 "--grpc-addr",
                 "127.0.0.1:0",

@@ -1,0 +1,292 @@
+//! Fetching a bundle archive with a conditional GET: `If-None-Match` when
+//! the server gave an `ETag`, `If-Modified-Since` when it gave only a
+//! `Last-Modified` (a plain file server), and `Prefer: wait=N` so a control
+//! plane that supports long polling can answer as soon as a new revision is
+//! published (others ignore it and answer at once).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, StatusCode, Uri, header};
+use http_body_util::{BodyExt, Empty, LengthLimitError, Limited};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+/// What the server said about the bundle we hold, to send back next time.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Validators {
+    pub etag: Option<String>,
+    pub last_modified: Option<String>,
+}
+
+#[derive(Debug)]
+pub enum Fetched {
+    /// The bundle we hold is still current.
+    NotModified,
+    /// A different archive (not yet verified: that is the activator's job).
+    New {
+        bytes: Bytes,
+        validators: Validators,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("bundle URL `{0}` is not a valid http:// URL")]
+    BadUrl(String),
+    #[error("cannot reach `{url}`: {message}")]
+    Unreachable { url: String, message: String },
+    #[error("`{url}` answered {status}")]
+    Status { url: String, status: u16 },
+    #[error("`{url}` did not answer within {secs} s")]
+    Timeout { url: String, secs: u64 },
+    #[error("`{url}` sent more than {limit} bytes")]
+    TooLarge { url: String, limit: usize },
+}
+
+/// Fetches one bundle URL. Cheap to clone.
+#[derive(Clone)]
+pub struct BundleClient {
+    http: Client<HttpConnector, Empty<Bytes>>,
+    url: Uri,
+    timeout: Duration,
+    max_bytes: usize,
+}
+
+impl BundleClient {
+    /// `timeout` bounds a whole exchange, beyond any long-poll wait.
+    pub fn new(url: &str, timeout: Duration, max_bytes: usize) -> Result<Self, FetchError> {
+        let uri: Uri = url
+            .parse()
+            .map_err(|_| FetchError::BadUrl(url.to_owned()))?;
+        if uri.scheme_str() != Some("http") || uri.host().is_none() {
+            return Err(FetchError::BadUrl(url.to_owned()));
+        }
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(timeout));
+        connector.set_nodelay(true);
+        Ok(Self {
+            http: Client::builder(TokioExecutor::new()).build(connector),
+            url: uri,
+            timeout,
+            max_bytes,
+        })
+    }
+
+    pub fn url(&self) -> String {
+        self.url.to_string()
+    }
+
+    /// One conditional GET. `wait` asks a long-polling server to hold the
+    /// answer up to that long.
+    pub async fn fetch(
+        &self,
+        held: &Validators,
+        wait: Option<Duration>,
+    ) -> Result<Fetched, FetchError> {
+        let url = self.url();
+        let mut req = Request::get(self.url.clone());
+        if let Some(etag) = held
+            .etag
+            .as_deref()
+            .and_then(|v| HeaderValue::from_str(v).ok())
+        {
+            req = req.header(header::IF_NONE_MATCH, etag);
+        } else if let Some(lm) = held
+            .last_modified
+            .as_deref()
+            .and_then(|v| HeaderValue::from_str(v).ok())
+        {
+            req = req.header(header::IF_MODIFIED_SINCE, lm);
+        }
+        if let Some(w) = wait {
+            req = req.header("prefer", format!("wait={}", w.as_secs()));
+        }
+        let req = req
+            .body(Empty::new())
+            .map_err(|_| FetchError::BadUrl(url.clone()))?;
+        let limit = self.timeout + wait.unwrap_or_default();
+        let exchange = async {
+            let resp = self
+                .http
+                .request(req)
+                .await
+                .map_err(|e| FetchError::Unreachable {
+                    url: url.clone(),
+                    message: error_chain(&e),
+                })?;
+            match resp.status() {
+                StatusCode::NOT_MODIFIED => return Ok(Fetched::NotModified),
+                StatusCode::OK => {}
+                status => {
+                    return Err(FetchError::Status {
+                        url: url.clone(),
+                        status: status.as_u16(),
+                    });
+                }
+            }
+            let header = |name| {
+                resp.headers()
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            };
+            let validators = Validators {
+                etag: header(header::ETAG),
+                last_modified: header(header::LAST_MODIFIED),
+            };
+            let body = Limited::new(resp.into_body(), self.max_bytes)
+                .collect()
+                .await
+                .map_err(|e| {
+                    if e.is::<LengthLimitError>() {
+                        FetchError::TooLarge {
+                            url: url.clone(),
+                            limit: self.max_bytes,
+                        }
+                    } else {
+                        FetchError::Unreachable {
+                            url: url.clone(),
+                            message: e.to_string(),
+                        }
+                    }
+                })?;
+            Ok(Fetched::New {
+                bytes: body.to_bytes(),
+                validators,
+            })
+        };
+        tokio::time::timeout(limit, exchange)
+            .await
+            .map_err(|_| FetchError::Timeout {
+                url: url.clone(),
+                secs: limit.as_secs(),
+            })?
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        cur = s.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// A one-connection-at-a-time server answering every request with `response`
+    /// (or never, when `None`). Returns its URL and the requests it saw.
+    async fn server(
+        response: Option<&'static [u8]>,
+    ) -> (String, tokio::sync::mpsc::UnboundedReceiver<String>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}/bundles/b", listener.local_addr().expect("addr"));
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                let mut buf = vec![0; 4096];
+                let n = sock.read(&mut buf).await.unwrap_or(0);
+                let _ = tx.send(String::from_utf8_lossy(&buf[..n]).into_owned());
+                match response {
+                    Some(r) => {
+                        let _ = sock.write_all(r).await;
+                    }
+                    None => tokio::time::sleep(Duration::from_secs(30)).await,
+                }
+            }
+        });
+        (url, rx)
+    }
+
+    fn client(url: &str) -> BundleClient {
+        BundleClient::new(url, Duration::from_millis(500), 1024).expect("client")
+    }
+
+    #[tokio::test]
+    async fn conditional_get_sends_validators_and_reads_new_ones() {
+        let (url, mut seen) = server(Some(b"HTTP/1.1 200 OK\r\nETag: \"v2\"\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello")).await;
+        let held = Validators {
+            etag: Some("\"v1\"".into()),
+            last_modified: None,
+        };
+        let got = client(&url)
+            .fetch(&held, Some(Duration::from_secs(1)))
+            .await
+            .expect("fetches");
+        let Fetched::New { bytes, validators } = got else {
+            panic!("expected a new bundle")
+        };
+        assert_eq!(&bytes[..], b"hello");
+        assert_eq!(validators.etag.as_deref(), Some("\"v2\""));
+        let req = seen.recv().await.expect("request").to_lowercase();
+        assert!(
+            req.contains("if-none-match: \"v1\"") && req.contains("prefer: wait=1"),
+            "{req}"
+        );
+    }
+
+    #[tokio::test]
+    async fn not_modified_errors_and_limits() {
+        let (url, _) = server(Some(
+            b"HTTP/1.1 304 Not Modified\r\nConnection: close\r\n\r\n",
+        ))
+        .await;
+        assert!(matches!(
+            client(&url).fetch(&Validators::default(), None).await,
+            Ok(Fetched::NotModified)
+        ));
+
+        let (url, _) = server(Some(
+            b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        ))
+        .await;
+        assert!(matches!(
+            client(&url).fetch(&Validators::default(), None).await,
+            Err(FetchError::Status { status: 500, .. })
+        ));
+
+        let (url, _) = server(None).await;
+        let start = std::time::Instant::now();
+        assert!(matches!(
+            client(&url).fetch(&Validators::default(), None).await,
+            Err(FetchError::Timeout { .. })
+        ));
+        assert!(start.elapsed() < Duration::from_secs(5));
+
+        let big: &'static [u8] = Box::leak(
+            format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: 4096\r\nConnection: close\r\n\r\n{}",
+                "x".repeat(4096)
+            )
+            .into_bytes()
+            .into_boxed_slice(),
+        );
+        let (url, _) = server(Some(big)).await;
+        assert!(matches!(
+            client(&url).fetch(&Validators::default(), None).await,
+            Err(FetchError::TooLarge { .. })
+        ));
+
+        let closed = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}/x", closed.local_addr().expect("addr"));
+        drop(closed);
+        assert!(matches!(
+            client(&url).fetch(&Validators::default(), None).await,
+            Err(FetchError::Unreachable { .. })
+        ));
+
+        assert!(matches!(
+            BundleClient::new("ftp://x/y", Duration::from_secs(1), 1),
+            Err(FetchError::BadUrl(_))
+        ));
+    }
+}

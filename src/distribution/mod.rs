@@ -1,0 +1,215 @@
+//! The sidecar's side of bundle distribution. Activation knows policy and
+//! nothing of HTTP: verify the archive, compile it, run its tests, swap it in,
+//! and keep it on disk as the last-known-good bundle. The poller feeds it
+//! from a `controlplane::BundleClient`, with backoff and jitter on errors.
+//!
+//! ```text
+//! start: last-known-good file ──verify, compile, test──▶ Decider::activate
+//! then:  poll ──GET (conditional, long poll)──▶ new archive ──same path──▶ activate, persist
+//!                                   └─ refused: logged, counted, previous bundle stays
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+
+use crate::bundle::keys::TrustedKeys;
+use crate::bundle::{ArchiveLimits, VerifyError, archive};
+use crate::controlplane::{BundleClient, Fetched, Validators};
+use crate::decision::Decider;
+use crate::policy::{CompileError, CompileOptions, Engine};
+use crate::policytest;
+use crate::telemetry::Metrics;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ActivationError {
+    #[error("refused: {0}")]
+    Refused(#[from] VerifyError),
+    #[error(transparent)]
+    Invalid(#[from] CompileError),
+    #[error("its policy tests fail:\n{0}")]
+    TestsFailed(String),
+}
+
+/// Verifies, compiles, tests and activates archives; persists what it activates.
+pub struct Activator {
+    pub decider: Arc<Decider>,
+    pub metrics: Arc<Metrics>,
+    pub trusted: TrustedKeys,
+    pub limits: ArchiveLimits,
+    pub options: CompileOptions,
+    /// Where the last-known-good archive is kept.
+    pub store: PathBuf,
+}
+
+impl Activator {
+    /// Makes `bytes` the active bundle, or leaves the active one alone.
+    pub fn activate(&self, bytes: &[u8], source: &Path) -> Result<Arc<str>, ActivationError> {
+        let start = Instant::now();
+        let verified = archive::verify(bytes, &self.trusted, &self.limits, source)?;
+        let engine = Engine::compile(verified.bundle(), self.options)?;
+        let report =
+            policytest::run(verified.bundle(), &engine).map_err(ActivationError::TestsFailed)?;
+        if report.failed() > 0 {
+            return Err(ActivationError::TestsFailed(report.render()));
+        }
+        let revision = engine.revision().clone();
+        self.decider.activate(engine);
+        self.metrics.activation_took(start.elapsed());
+        tracing::info!(
+            %revision,
+            signer = verified.signer(),
+            took_ms = start.elapsed().as_secs_f64() * 1e3,
+            "bundle activated"
+        );
+        Ok(revision)
+    }
+
+    /// Writes the archive as the last-known-good one: a temporary file,
+    /// synced, then renamed over the old one, so a crash leaves one or the
+    /// other, never half of either.
+    pub fn persist(&self, bytes: &[u8]) -> std::io::Result<()> {
+        use std::io::Write;
+        if let Some(dir) = self.store.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let tmp = self.store.with_extension("partial");
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &self.store)
+    }
+
+    /// Activates the last-known-good archive, re-verified. A corrupt or
+    /// refused one is set aside (`.rejected`) with a log line, never half-loaded.
+    pub fn load_last_known_good(&self) -> Option<[u8; 32]> {
+        let bytes = match std::fs::read(&self.store) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+            Err(e) => {
+                tracing::warn!(path = %self.store.display(), "cannot read the last-known-good bundle: {e}");
+                return None;
+            }
+        };
+        match self.activate(&bytes, &self.store) {
+            Ok(revision) => {
+                tracing::info!(%revision, path = %self.store.display(), "serving the last-known-good bundle");
+                Some(Sha256::digest(&bytes).into())
+            }
+            Err(e) => {
+                self.metrics.bundle_rejected();
+                tracing::warn!(path = %self.store.display(), "ignoring the last-known-good bundle: {e}");
+                let _ = std::fs::rename(&self.store, self.store.with_extension("rejected"));
+                None
+            }
+        }
+    }
+}
+
+/// How often to ask, and how long a long poll may be held.
+#[derive(Debug, Clone, Copy)]
+pub struct PollSettings {
+    pub interval: Duration,
+    pub long_poll: Option<Duration>,
+    /// Longest wait between attempts after repeated failures.
+    pub max_backoff: Duration,
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// ±20 % so a fleet of sidecars does not poll in step.
+fn jitter(d: Duration) -> Duration {
+    d.mul_f64(0.8 + fastrand::f64() * 0.4)
+}
+
+/// Polls until `shutdown` turns true. `held` is the digest of the archive
+/// already active (from the last-known-good file), so it is not re-activated.
+pub async fn poll(
+    client: BundleClient,
+    activator: Arc<Activator>,
+    settings: PollSettings,
+    mut held: Option<[u8; 32]>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut validators = Validators::default();
+    let mut failures: u32 = 0;
+    let source = PathBuf::from(client.url());
+    loop {
+        let asked = Instant::now();
+        let result = tokio::select! {
+            r = client.fetch(&validators, settings.long_poll) => r,
+            _ = shutdown.wait_for(|s| *s) => return,
+        };
+        match result {
+            Ok(fetched) => {
+                failures = 0;
+                activator.metrics.fetch_succeeded(unix_now());
+                if let Fetched::New {
+                    bytes,
+                    validators: fresh,
+                } = fetched
+                {
+                    let digest: [u8; 32] = Sha256::digest(&bytes).into();
+                    if held != Some(digest) {
+                        // Refused archives are remembered too, so the same bad
+                        // bytes are not re-verified on every poll.
+                        held = Some(digest);
+                        let (task_activator, task_source) = (activator.clone(), source.clone());
+                        // Compiling a large bundle takes milliseconds: keep it
+                        // off the threads that answer decisions.
+                        let outcome = tokio::task::spawn_blocking(move || {
+                            let r = task_activator.activate(&bytes, &task_source);
+                            if r.is_ok()
+                                && let Err(e) = task_activator.persist(&bytes)
+                            {
+                                tracing::warn!(path = %task_activator.store.display(), "cannot keep the bundle as last-known-good: {e}");
+                            }
+                            r
+                        })
+                        .await;
+                        match outcome {
+                            Ok(Ok(_)) => {}
+                            Ok(Err(e)) => {
+                                activator.metrics.bundle_rejected();
+                                tracing::warn!(url = %source.display(), "new bundle not activated, the previous one stays: {e}");
+                            }
+                            Err(e) => tracing::error!("bundle activation task failed: {e}"),
+                        }
+                    }
+                    validators = fresh;
+                }
+            }
+            Err(e) => {
+                failures = failures.saturating_add(1);
+                activator.metrics.fetch_failed();
+                if failures == 1 || failures.is_power_of_two() {
+                    tracing::warn!(failures, "bundle fetch failed: {e}");
+                }
+            }
+        }
+        // A long poll the server held has already waited; otherwise wait.
+        let held_long = settings.long_poll.is_some_and(|w| asked.elapsed() >= w / 2);
+        let delay = if failures > 0 {
+            settings
+                .interval
+                .saturating_mul(1 << failures.min(6))
+                .min(settings.max_backoff)
+        } else if held_long {
+            Duration::ZERO
+        } else {
+            settings.interval
+        };
+        tokio::select! {
+            () = tokio::time::sleep(jitter(delay)) => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+    }
+}
