@@ -29,6 +29,8 @@ enum Command {
     /// Build, sign and inspect policy bundles.
     #[command(subcommand)]
     Bundle(BundleCommand),
+    /// Run the reference control plane: stores bundles, serves them to sidecars.
+    ControlPlane(ControlPlaneArgs),
     /// Run the policy tests a bundle carries (`tests/*.json`).
     Test(TestArgs),
     /// Load-test a sidecar against a bare gRPC echo baseline.
@@ -65,6 +67,39 @@ enum BundleCommand {
         #[arg(short, long)]
         out: Option<PathBuf>,
     },
+    /// Publish an archive to a control plane (which makes it active).
+    Push {
+        file: PathBuf,
+        /// Control plane URL, e.g. `http://127.0.0.1:8181`.
+        #[arg(long)]
+        to: String,
+        /// Bearer token of the control plane.
+        #[arg(long, env = "ARBITER_CONTROL_PLANE_TOKEN", hide_env_values = true)]
+        token: String,
+    },
+    /// Make an earlier revision active again.
+    Rollback {
+        name: String,
+        #[arg(long = "to-revision")]
+        revision: String,
+        #[arg(long = "control-plane")]
+        control_plane: String,
+        #[arg(long, env = "ARBITER_CONTROL_PLANE_TOKEN", hide_env_values = true)]
+        token: String,
+    },
+    /// List a bundle's revisions on a control plane (`*` = active).
+    Revisions {
+        name: String,
+        #[arg(long = "control-plane")]
+        control_plane: String,
+        #[arg(
+            long,
+            env = "ARBITER_CONTROL_PLANE_TOKEN",
+            hide_env_values = true,
+            default_value = ""
+        )]
+        token: String,
+    },
     /// Show an archive's revision, files, digests, signers and policy count.
     Inspect {
         file: PathBuf,
@@ -72,6 +107,41 @@ enum BundleCommand {
         #[arg(long = "trusted-key")]
         trusted_keys: Vec<PathBuf>,
     },
+}
+
+#[derive(Args)]
+struct ControlPlaneArgs {
+    /// Listen address.
+    #[arg(
+        long,
+        env = "ARBITER_CONTROL_PLANE_ADDR",
+        default_value = "127.0.0.1:8181"
+    )]
+    addr: std::net::SocketAddr,
+    /// The SQLite database holding bundles.
+    #[arg(
+        long,
+        env = "ARBITER_CONTROL_PLANE_DB",
+        default_value = ".arbiter/control-plane.db"
+    )]
+    db: PathBuf,
+    /// Public key (PEM) whose signatures are accepted on publish; repeat for rotation.
+    #[arg(
+        long = "trusted-key",
+        env = "ARBITER_TRUSTED_KEYS",
+        value_delimiter = ',',
+        required = true
+    )]
+    trusted_keys: Vec<PathBuf>,
+    /// Bearer token operators must present to publish and roll back.
+    #[arg(long, env = "ARBITER_CONTROL_PLANE_TOKEN", hide_env_values = true)]
+    token: String,
+    /// Log level filter.
+    #[arg(long, env = "ARBITER_LOG_LEVEL", default_value = "info")]
+    log_level: String,
+    /// Log format.
+    #[arg(long, env = "ARBITER_LOG_FORMAT", default_value = "text")]
+    log_format: LogFormat,
 }
 
 #[derive(Args)]
@@ -157,6 +227,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(args),
         Command::Check(args) => check(args),
         Command::Bundle(cmd) => bundle(cmd),
+        Command::ControlPlane(args) => control_plane(args),
         Command::Test(args) => match arbiter::cli::bundle::test(&args.dir, args.junit.as_deref()) {
             Ok((text, passed)) => {
                 print!("{text}");
@@ -290,6 +361,44 @@ fn check(args: CheckArgs) -> ExitCode {
     }
 }
 
+fn control_plane(args: ControlPlaneArgs) -> ExitCode {
+    if args.token.len() < 16 {
+        return usage("the control plane token must be at least 16 characters");
+    }
+    let trusted = match arbiter::bundle::keys::TrustedKeys::load(&args.trusted_keys) {
+        Ok(t) => t,
+        Err(e) => return usage(e),
+    };
+    init_logging(&args.log_level, args.log_format);
+    let settings = arbiter::controlplane::server::Settings {
+        addr: args.addr,
+        db: args.db,
+        trusted,
+        token: args.token,
+        limits: arbiter::bundle::ArchiveLimits::default(),
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(arbiter::controlplane::server::serve(
+        settings,
+        arbiter::server::shutdown_signal(),
+    )) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn bundle(cmd: BundleCommand) -> ExitCode {
     use arbiter::cli::bundle as b;
     let result = match cmd {
@@ -297,6 +406,18 @@ fn bundle(cmd: BundleCommand) -> ExitCode {
         BundleCommand::Keygen { out } => b::keygen(&out),
         BundleCommand::Sign { file, key, out } => b::sign(&file, &key, out.as_deref()),
         BundleCommand::Inspect { file, trusted_keys } => b::inspect(&file, &trusted_keys),
+        BundleCommand::Push { file, to, token } => b::push(&file, &to, &token),
+        BundleCommand::Rollback {
+            name,
+            revision,
+            control_plane,
+            token,
+        } => b::rollback(&name, &revision, &control_plane, &token),
+        BundleCommand::Revisions {
+            name,
+            control_plane,
+            token,
+        } => b::revisions(&name, &control_plane, &token),
     };
     match result {
         Ok(text) => {

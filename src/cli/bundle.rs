@@ -158,3 +158,76 @@ pub fn inspect(file: &Path, trusted: &[PathBuf]) -> Result<String, Failure> {
     }
     Ok(out)
 }
+
+fn admin(url: &str, token: &str) -> Result<crate::controlplane::AdminClient, Failure> {
+    crate::controlplane::AdminClient::new(url, token, std::time::Duration::from_secs(30)).map_err(
+        |e| Failure {
+            message: e.to_string(),
+            code: 64,
+        },
+    )
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::io(format!("cannot start the runtime: {e}")))
+}
+
+fn refused(e: crate::controlplane::FetchError) -> Failure {
+    Failure {
+        message: e.to_string(),
+        code: 69,
+    }
+}
+
+/// `arbiter bundle push FILE --to URL`: publishes; the control plane checks
+/// the signature, the policies and their tests before storing it.
+pub fn push(file: &Path, to: &str, token: &str) -> Result<String, Failure> {
+    let bytes = std::fs::read(file)
+        .map_err(|e| Failure::io(format!("cannot read `{}`: {e}", file.display())))?;
+    let name = archive::unpack(&bytes, &ArchiveLimits::default())
+        .map_err(Failure::data)?
+        .manifest
+        .name;
+    let client = admin(to, token)?;
+    let answer = runtime()?
+        .block_on(client.push(&name, bytes.into()))
+        .map_err(refused)?;
+    Ok(format!("{answer}\n"))
+}
+
+/// `arbiter bundle rollback NAME --to-revision REV --control-plane URL`.
+pub fn rollback(name: &str, revision: &str, url: &str, token: &str) -> Result<String, Failure> {
+    let client = admin(url, token)?;
+    let answer = runtime()?
+        .block_on(client.rollback(name, revision))
+        .map_err(refused)?;
+    Ok(format!("{answer}\n"))
+}
+
+/// `arbiter bundle revisions NAME --control-plane URL`.
+pub fn revisions(name: &str, url: &str, token: &str) -> Result<String, Failure> {
+    let client = admin(url, token)?;
+    let answer = runtime()?
+        .block_on(client.revisions(name))
+        .map_err(refused)?;
+    let list: Vec<serde_json::Value> = serde_json::from_str(&answer).unwrap_or_default();
+    let mut out = String::new();
+    for r in list {
+        out.push_str(&format!(
+            "{} {:<24} {}  signer {}  {}\n",
+            if r["active"].as_bool() == Some(true) {
+                "*"
+            } else {
+                " "
+            },
+            r["revision"].as_str().unwrap_or(""),
+            r["published_at"].as_str().unwrap_or(""),
+            r["signer"].as_str().unwrap_or(""),
+            r["digest"].as_str().unwrap_or("")
+        ));
+    }
+    Ok(out)
+}

@@ -7,8 +7,9 @@
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::Method;
 use http::{HeaderValue, Request, StatusCode, Uri, header};
-use http_body_util::{BodyExt, Empty, LengthLimitError, Limited};
+use http_body_util::{BodyExt, Empty, Full, LengthLimitError, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -43,6 +44,8 @@ pub enum FetchError {
     Timeout { url: String, secs: u64 },
     #[error("`{url}` sent more than {limit} bytes")]
     TooLarge { url: String, limit: usize },
+    #[error("control plane refused ({status}): {message}")]
+    Refused { status: u16, message: String },
 }
 
 /// Fetches one bundle URL. Cheap to clone.
@@ -162,6 +165,99 @@ impl BundleClient {
             .map_err(|_| FetchError::Timeout {
                 url: url.clone(),
                 secs: limit.as_secs(),
+            })?
+    }
+}
+
+/// Operator calls to the control plane: publish, roll back, list revisions.
+pub struct AdminClient {
+    http: Client<HttpConnector, Full<Bytes>>,
+    base: String,
+    token: String,
+    timeout: Duration,
+}
+
+impl AdminClient {
+    pub fn new(base: &str, token: &str, timeout: Duration) -> Result<Self, FetchError> {
+        let uri: Uri = base
+            .parse()
+            .map_err(|_| FetchError::BadUrl(base.to_owned()))?;
+        if uri.scheme_str() != Some("http") || uri.host().is_none() {
+            return Err(FetchError::BadUrl(base.to_owned()));
+        }
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(timeout));
+        Ok(Self {
+            http: Client::builder(TokioExecutor::new()).build(connector),
+            base: base.trim_end_matches('/').to_owned(),
+            token: token.to_owned(),
+            timeout,
+        })
+    }
+
+    /// Publishes an archive as bundle `name`; returns the server's JSON answer.
+    pub async fn push(&self, name: &str, archive: Bytes) -> Result<String, FetchError> {
+        self.send(Method::PUT, &format!("/bundles/{name}"), archive)
+            .await
+    }
+
+    pub async fn rollback(&self, name: &str, revision: &str) -> Result<String, FetchError> {
+        let body = serde_json::json!({ "revision": revision }).to_string();
+        self.send(
+            Method::POST,
+            &format!("/bundles/{name}/rollback"),
+            Bytes::from(body),
+        )
+        .await
+    }
+
+    pub async fn revisions(&self, name: &str) -> Result<String, FetchError> {
+        self.send(
+            Method::GET,
+            &format!("/bundles/{name}/revisions"),
+            Bytes::new(),
+        )
+        .await
+    }
+
+    async fn send(&self, method: Method, path: &str, body: Bytes) -> Result<String, FetchError> {
+        let url = format!("{}{path}", self.base);
+        let req = Request::builder()
+            .method(method)
+            .uri(&url)
+            .header(header::AUTHORIZATION, format!("Bearer {}", self.token))
+            .body(Full::new(body))
+            .map_err(|_| FetchError::BadUrl(url.clone()))?;
+        let exchange = async {
+            let resp = self
+                .http
+                .request(req)
+                .await
+                .map_err(|e| FetchError::Unreachable {
+                    url: url.clone(),
+                    message: error_chain(&e),
+                })?;
+            let status = resp.status();
+            let text = resp
+                .into_body()
+                .collect()
+                .await
+                .map(|b| String::from_utf8_lossy(&b.to_bytes()).trim_end().to_owned())
+                .unwrap_or_default();
+            if status.is_success() {
+                Ok(text)
+            } else {
+                Err(FetchError::Refused {
+                    status: status.as_u16(),
+                    message: text,
+                })
+            }
+        };
+        tokio::time::timeout(self.timeout, exchange)
+            .await
+            .map_err(|_| FetchError::Timeout {
+                url: url.clone(),
+                secs: self.timeout.as_secs(),
             })?
     }
 }

@@ -1,8 +1,10 @@
-//! The sidecar's connection to the control plane (or to any HTTP server or
-//! object store that serves bundles): the one client that later capabilities
-//! extend — decision records flow back over it, approvals and session signals
-//! flow out. It knows HTTP, timeouts and limits, nothing of policy.
+//! The control plane, both sides: `client` is the sidecar's (and the CLI's)
+//! one connection to it — the channel later capabilities extend (decision
+//! records back, approvals and signals out) — and `server` + `store` are the
+//! reference control plane, `arbiter control-plane`.
 
 pub mod client;
+pub mod server;
+pub mod store;
 
-pub use client::{BundleClient, FetchError, Fetched, Validators};
+pub use client::{AdminClient, BundleClient, FetchError, Fetched, Validators};

@@ -144,6 +144,7 @@ pub async fn poll(
     let source = PathBuf::from(client.url());
     loop {
         let asked = Instant::now();
+        let mut changed = false;
         let result = tokio::select! {
             r = client.fetch(&validators, settings.long_poll) => r,
             _ = shutdown.wait_for(|s| *s) => return,
@@ -159,6 +160,7 @@ pub async fn poll(
                 {
                     let digest: [u8; 32] = Sha256::digest(&bytes).into();
                     if held != Some(digest) {
+                        changed = true;
                         // Refused archives are remembered too, so the same bad
                         // bytes are not re-verified on every poll.
                         held = Some(digest);
@@ -195,14 +197,17 @@ pub async fn poll(
                 }
             }
         }
-        // A long poll the server held has already waited; otherwise wait.
+        // With long polling, ask again at once after a change, or after a
+        // poll the server held (it has already waited). A quick "not
+        // modified", or the same bytes again, means the server does not long
+        // poll: wait the interval.
         let held_long = settings.long_poll.is_some_and(|w| asked.elapsed() >= w / 2);
         let delay = if failures > 0 {
             settings
                 .interval
                 .saturating_mul(1 << failures.min(6))
                 .min(settings.max_backoff)
-        } else if held_long {
+        } else if settings.long_poll.is_some() && (changed || held_long) {
             Duration::ZERO
         } else {
             settings.interval

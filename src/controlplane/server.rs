@@ -1,0 +1,370 @@
+//! `arbiter control-plane`: the reference control plane. It stores bundles by
+//! name and revision (SQLite), serves the active one to sidecars with an ETag
+//! and long polling, and accepts publishes and rollbacks from operators.
+//!
+//! ```text
+//! PUT  /bundles/{name}            publish (bearer token; signature, policies and tests checked)
+//! GET  /bundles/{name}            the active archive; ETag; If-None-Match → 304;
+//!                                 `Prefer: wait=N` holds a 304 up to N s (max 60) for a new revision
+//! GET  /bundles/{name}/revisions  every stored revision, newest first
+//! POST /bundles/{name}/rollback   {"revision": "..."} (bearer token)
+//! GET  /healthz
+//! ```
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use tokio::sync::watch;
+
+use super::store::{Put, Store, StoreError};
+use crate::bundle::keys::TrustedKeys;
+use crate::bundle::{ArchiveLimits, archive};
+use crate::policy::{CompileOptions, Engine};
+use crate::policytest;
+
+/// The longest a long poll is held.
+const MAX_WAIT: Duration = Duration::from_secs(60);
+
+pub struct Settings {
+    pub addr: SocketAddr,
+    pub db: PathBuf,
+    pub trusted: TrustedKeys,
+    /// Bearer token required to publish and roll back.
+    pub token: String,
+    pub limits: ArchiveLimits,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot listen on `{addr}`: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("control plane failed: {0}")]
+    Serve(std::io::Error),
+}
+
+/// The active revision of one bundle, as served.
+struct Published {
+    revision: String,
+    etag: String,
+    bytes: Bytes,
+}
+
+struct AppState {
+    store: Store,
+    trusted: TrustedKeys,
+    token: String,
+    limits: ArchiveLimits,
+    /// Per bundle name, the active revision; long polls wait on changes.
+    active: Mutex<HashMap<String, watch::Sender<Option<Arc<Published>>>>>,
+}
+
+impl AppState {
+    fn channel(&self, name: &str) -> watch::Sender<Option<Arc<Published>>> {
+        let mut map = self.active.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(name.to_owned())
+            .or_insert_with(|| watch::Sender::new(None))
+            .clone()
+    }
+
+    fn set(&self, name: &str, revision: String, digest: &str, bytes: Vec<u8>) {
+        self.channel(name).send_replace(Some(Arc::new(Published {
+            revision,
+            etag: format!("\"{digest}\""),
+            bytes: Bytes::from(bytes),
+        })));
+    }
+
+    fn authorized(&self, headers: &HeaderMap) -> bool {
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        // Length leaks nothing useful; the bytes are compared in constant time.
+        given.len() == self.token.len()
+            && given
+                .bytes()
+                .zip(self.token.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    }
+}
+
+fn message(status: StatusCode, text: impl std::fmt::Display) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        format!("{text}\n"),
+    )
+        .into_response()
+}
+
+fn json(status: StatusCode, value: serde_json::Value) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        value.to_string(),
+    )
+        .into_response()
+}
+
+/// Runs until `shutdown` resolves.
+pub async fn serve(
+    settings: Settings,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    if let Some(dir) = settings.db.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let store = Store::open(&settings.db)?;
+    let state = Arc::new(AppState {
+        store,
+        trusted: settings.trusted,
+        token: settings.token,
+        limits: settings.limits,
+        active: Mutex::new(HashMap::new()),
+    });
+    for a in state.store.all_active()? {
+        state.set(&a.name, a.revision, &a.digest, a.archive);
+    }
+    let listener = tokio::net::TcpListener::bind(settings.addr)
+        .await
+        .map_err(|source| ServerError::Bind {
+            addr: settings.addr,
+            source,
+        })?;
+    let addr = listener.local_addr().unwrap_or(settings.addr);
+    tracing::info!(%addr, db = %settings.db.display(), "control plane listening");
+    let app = router(state, settings.limits);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(ServerError::Serve)
+}
+
+fn router(state: Arc<AppState>, limits: ArchiveLimits) -> Router {
+    Router::new()
+        .route("/bundles/{name}", get(fetch).put(publish))
+        .route("/bundles/{name}/revisions", get(revisions))
+        .route("/bundles/{name}/rollback", post(rollback))
+        .route("/healthz", get(|| async { "ok\n" }))
+        // Archives are bigger than axum's default body limit.
+        .layer(DefaultBodyLimit::max(
+            usize::try_from(limits.max_archive_bytes).unwrap_or(usize::MAX),
+        ))
+        .with_state(state)
+}
+
+fn requested_wait(headers: &HeaderMap) -> Option<Duration> {
+    let prefer = headers.get("prefer")?.to_str().ok()?;
+    let secs: u64 = prefer
+        .split(',')
+        .find_map(|p| p.trim().strip_prefix("wait="))?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(Duration::from_secs(secs).min(MAX_WAIT))
+}
+
+async fn fetch(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let mut rx = state.channel(&name).subscribe();
+    let held = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let current = |rx: &mut watch::Receiver<Option<Arc<Published>>>| rx.borrow_and_update().clone();
+    let mut now = current(&mut rx);
+    let stale =
+        |p: &Option<Arc<Published>>| p.as_ref().is_none_or(|p| Some(&p.etag) == held.as_ref());
+    if stale(&now)
+        && let Some(wait) = requested_wait(&headers)
+    {
+        // Hold the request until a new revision is published, or the wait ends.
+        if let Ok(Ok(())) = tokio::time::timeout(wait, rx.changed()).await {
+            now = current(&mut rx);
+        }
+    }
+    match now {
+        None => message(
+            StatusCode::NOT_FOUND,
+            format_args!("no bundle named `{name}` has been published"),
+        ),
+        Some(p) if Some(&p.etag) == held.as_ref() => {
+            (StatusCode::NOT_MODIFIED, [(header::ETAG, p.etag.clone())]).into_response()
+        }
+        Some(p) => (
+            StatusCode::OK,
+            [
+                (header::ETAG, p.etag.clone()),
+                (header::CONTENT_TYPE, "application/gzip".to_owned()),
+                (
+                    header::HeaderName::from_static("x-arbiter-revision"),
+                    p.revision.clone(),
+                ),
+            ],
+            p.bytes.clone(),
+        )
+            .into_response(),
+    }
+}
+
+async fn publish(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if !state.authorized(&headers) {
+        return message(
+            StatusCode::UNAUTHORIZED,
+            "publishing needs `Authorization: Bearer <token>`",
+        );
+    }
+    let checker = state.clone();
+    let checked = tokio::task::spawn_blocking(move || {
+        let source = std::path::Path::new("upload");
+        let verified = archive::verify(&body, &checker.trusted, &checker.limits, source)
+            .map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
+        let bundle = verified.bundle();
+        if bundle.manifest.name != name {
+            return Err((
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "the archive is bundle `{}`, not `{name}`",
+                    bundle.manifest.name
+                ),
+            ));
+        }
+        let engine = Engine::compile(bundle, CompileOptions::default())
+            .map_err(|e| (StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
+        let report =
+            policytest::run(bundle, &engine).map_err(|e| (StatusCode::UNPROCESSABLE_ENTITY, e))?;
+        if report.failed() > 0 {
+            return Err((
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("policy tests fail:\n{}", report.render()),
+            ));
+        }
+        let revision = bundle.manifest.revision.clone();
+        let put = checker
+            .store
+            .publish(
+                &name,
+                &revision,
+                verified.digest(),
+                verified.signer(),
+                &body,
+            )
+            .map_err(|e| match e {
+                StoreError::Conflict { .. } => (StatusCode::CONFLICT, e.to_string()),
+                other => (StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
+            })?;
+        checker.set(&name, revision.clone(), verified.digest(), body.to_vec());
+        Ok((
+            name,
+            revision,
+            verified.digest().to_owned(),
+            verified.signer().to_owned(),
+            put,
+        ))
+    })
+    .await;
+    match checked {
+        Ok(Ok((name, revision, digest, signer, put))) => {
+            tracing::info!(%name, %revision, %signer, "bundle published");
+            let status = if put == Put::Created {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            json(
+                status,
+                serde_json::json!({"name": name, "revision": revision, "digest": digest, "signer": signer, "active": true}),
+            )
+        }
+        Ok(Err((status, why))) => {
+            tracing::warn!("publish refused: {why}");
+            message(status, why)
+        }
+        Err(e) => message(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}
+
+async fn rollback(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if !state.authorized(&headers) {
+        return message(
+            StatusCode::UNAUTHORIZED,
+            "rolling back needs `Authorization: Bearer <token>`",
+        );
+    }
+    let Some(revision) = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| {
+            v.get("revision")
+                .and_then(|r| r.as_str())
+                .map(str::to_owned)
+        })
+    else {
+        return message(
+            StatusCode::BAD_REQUEST,
+            "expected a JSON body {\"revision\": \"...\"}",
+        );
+    };
+    let store_state = state.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        store_state.store.activate(&name, &revision)?;
+        let active = store_state.store.active(&name)?;
+        if let Some(a) = active {
+            store_state.set(&name, a.revision, &a.digest, a.archive);
+        }
+        Ok::<_, StoreError>((name, revision))
+    })
+    .await;
+    match result {
+        Ok(Ok((name, revision))) => {
+            tracing::info!(%name, %revision, "bundle rolled back");
+            json(
+                StatusCode::OK,
+                serde_json::json!({"name": name, "revision": revision, "active": true}),
+            )
+        }
+        Ok(Err(e @ StoreError::NoSuchRevision { .. })) => message(StatusCode::NOT_FOUND, e),
+        Ok(Err(e)) => message(StatusCode::INTERNAL_SERVER_ERROR, e),
+        Err(e) => message(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}
+
+async fn revisions(State(state): State<Arc<AppState>>, Path(name): Path<String>) -> Response {
+    let lister = state.clone();
+    match tokio::task::spawn_blocking(move || lister.store.revisions(&name)).await {
+        Ok(Ok(list)) => json(
+            StatusCode::OK,
+            serde_json::to_value(list).unwrap_or_default(),
+        ),
+        Ok(Err(e)) => message(StatusCode::INTERNAL_SERVER_ERROR, e),
+        Err(e) => message(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}

@@ -1,0 +1,267 @@
+//! The reference control plane end to end: publish (authenticated, verified),
+//! a sidecar long-polling it, rollback, and the plain HTTP contract.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{BIN, Sidecar, example, example_request};
+
+const TOKEN: &str = "test-token-0123456789";
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn run(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .env_remove("ARBITER_CONTROL_PLANE_TOKEN")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn build(work: &Path, revision: &str, key: Option<&Path>) -> std::path::PathBuf {
+    let dir = work.join(format!("src-{revision}"));
+    assert!(
+        Command::new("cp")
+            .args(["-r", s(&example("documents")), s(&dir)])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let manifest = std::fs::read_to_string(dir.join("manifest.json"))
+        .unwrap()
+        .replace("2026-11-24.1", revision);
+    std::fs::write(dir.join("manifest.json"), manifest).unwrap();
+    let out = work.join(format!("{revision}.tar.gz"));
+    let mut args = vec!["bundle", "build", s(&dir), "-o", s(&out)];
+    if let Some(k) = key {
+        args.extend(["--sign-key", s(k)]);
+    }
+    let (code, _, err) = run(&args);
+    assert_eq!(code, 0, "{err}");
+    out
+}
+
+struct ControlPlane(Child, String);
+
+impl ControlPlane {
+    fn start(db: &Path, public: &Path) -> Self {
+        let mut child = Command::new(BIN)
+            .args([
+                "control-plane",
+                "--addr",
+                "127.0.0.1:0",
+                "--db",
+                s(db),
+                "--trusted-key",
+                s(public),
+                "--log-format",
+                "json",
+            ])
+            .args(["--token", TOKEN])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let line = rx
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .expect("control plane starts");
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            if v["fields"]["message"] == "control plane listening" {
+                let addr = v["fields"]["addr"].as_str().unwrap().to_owned();
+                return Self(child, format!("http://{addr}"));
+            }
+        }
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn revision(sidecar: &Sidecar) -> Option<String> {
+    let mut client = sidecar.client().await;
+    client
+        .check(example_request("requests/allow-edit-department.json"))
+        .await
+        .ok()
+        .map(|r| r.into_inner().revision)
+}
+
+async fn wait_for(sidecar: &Sidecar, want: &str, within: Duration) -> Duration {
+    let start = Instant::now();
+    while start.elapsed() < within {
+        if revision(sidecar).await.as_deref() == Some(want) {
+            return start.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("revision {want} not active within {within:?}");
+}
+
+#[tokio::test]
+async fn publish_long_poll_rollback() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    run(&["bundle", "keygen", "--out", s(&w.join("ops"))]);
+    let (key, public) = (w.join("ops.key.pem"), w.join("ops.pub.pem"));
+    let r1 = build(w, "r1", Some(&key));
+    let r2 = build(w, "r2", Some(&key));
+    let unsigned = build(w, "r3", None);
+    let cp = ControlPlane::start(&w.join("cp.db"), &public);
+
+    // Publishing needs the token, and a signed archive.
+    let (code, _, err) = run(&[
+        "bundle",
+        "push",
+        s(&r1),
+        "--to",
+        &cp.1,
+        "--token",
+        "wrong-token-0123456789",
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("401"), "{err}");
+    let (code, _, err) = run(&[
+        "bundle",
+        "push",
+        s(&unsigned),
+        "--to",
+        &cp.1,
+        "--token",
+        TOKEN,
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("400") && err.contains("not signed"), "{err}");
+    let (code, out, err) = run(&["bundle", "push", s(&r1), "--to", &cp.1, "--token", TOKEN]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("\"revision\":\"r1\""), "{out}");
+    let (code, _, err) = run(&["bundle", "push", s(&r1), "--to", &cp.1, "--token", TOKEN]);
+    assert_eq!(
+        code, 0,
+        "publishing the same revision again is harmless: {err}"
+    );
+
+    // A sidecar polling only once a minute still gets new revisions at once: long polling.
+    let cache = w.join("cache");
+    let sidecar = Sidecar::start(
+        Path::new(""),
+        &[
+            "--control-plane",
+            &cp.1,
+            "--bundle-name",
+            "documents",
+            "--trusted-key",
+            s(&public),
+            "--bundle-cache",
+            s(&cache),
+            "--poll-interval-ms",
+            "60000",
+        ],
+    );
+    wait_for(&sidecar, "r1", Duration::from_secs(20)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await; // let the sidecar's long poll start
+    let (code, _, err) = run(&["bundle", "push", s(&r2), "--to", &cp.1, "--token", TOKEN]);
+    assert_eq!(code, 0, "{err}");
+    let took = wait_for(&sidecar, "r2", Duration::from_secs(10)).await;
+    assert!(
+        took < Duration::from_secs(5),
+        "long poll delivered r2 after {took:?}"
+    );
+
+    // Rollback is one command, and reaches the sidecar the same way.
+    let (code, _, err) = run(&[
+        "bundle",
+        "rollback",
+        "documents",
+        "--to-revision",
+        "r1",
+        "--control-plane",
+        &cp.1,
+        "--token",
+        TOKEN,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    wait_for(&sidecar, "r1", Duration::from_secs(10)).await;
+    let (code, _, err) = run(&[
+        "bundle",
+        "rollback",
+        "documents",
+        "--to-revision",
+        "r9",
+        "--control-plane",
+        &cp.1,
+        "--token",
+        TOKEN,
+    ]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("404") && err.contains("no revision `r9`"),
+        "{err}"
+    );
+
+    let (code, out, err) = run(&["bundle", "revisions", "documents", "--control-plane", &cp.1]);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert!(lines.iter().any(|l| l.starts_with("* r1")), "{out}");
+
+    // The plain HTTP contract any sidecar (or curl) relies on.
+    let http = reqwest::Client::new();
+    let first = http
+        .get(format!("{}/bundles/documents", cp.1))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 200);
+    let etag = first.headers()["etag"].to_str().unwrap().to_owned();
+    assert_eq!(first.headers()["x-arbiter-revision"], "r1");
+    let again = http
+        .get(format!("{}/bundles/documents", cp.1))
+        .header("if-none-match", &etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 304);
+    let missing = http
+        .get(format!("{}/bundles/nope", cp.1))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+
+    // The store survives a restart of the control plane.
+    drop(cp);
+    let cp = ControlPlane::start(&w.join("cp.db"), &public);
+    let after = http
+        .get(format!("{}/bundles/documents", cp.1))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(after.headers()["x-arbiter-revision"], "r1");
+}
