@@ -183,6 +183,12 @@ struct ServeArgs {
     /// Milliseconds between polls [default: 10000].
     #[arg(long, env = "ARBITER_POLL_INTERVAL_MS")]
     poll_interval_ms: Option<u64>,
+    /// Seconds a pulled bundle may go unconfirmed before it is stale (0 = never).
+    #[arg(long, env = "ARBITER_MAX_BUNDLE_AGE_SECS")]
+    max_bundle_age_secs: Option<u64>,
+    /// What a stale bundle does [default: serve-stale].
+    #[arg(long, env = "ARBITER_FAIL_MODE")]
+    fail_mode: Option<arbiter::distribution::FailMode>,
     /// gRPC listen address [default: 127.0.0.1:50051].
     #[arg(long, env = "ARBITER_GRPC_ADDR")]
     grpc_addr: Option<std::net::SocketAddr>,
@@ -273,6 +279,12 @@ fn serve(args: ServeArgs) -> ExitCode {
     }
     if let Some(v) = args.poll_interval_ms {
         cp.poll_interval_ms = v;
+    }
+    if let Some(v) = args.max_bundle_age_secs {
+        cp.max_bundle_age_secs = v;
+    }
+    if let Some(v) = args.fail_mode {
+        cp.fail_mode = v;
     }
     if let Some(v) = args.grpc_addr {
         config.server.grpc_addr = v;

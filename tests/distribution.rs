@@ -230,3 +230,108 @@ async fn pulls_swaps_refuses_and_restarts_from_last_known_good() {
         "the corrupt file is set aside"
     );
 }
+
+#[tokio::test]
+async fn a_stale_bundle_follows_the_fail_mode() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    arbiter(&["bundle", "keygen", "--out", s(&w.join("ops"))]);
+    build(w, "r1", Some(&w.join("ops.key.pem")), &w.join("r1.tar.gz"));
+    let served_dir = w.join("www");
+    std::fs::create_dir_all(&served_dir).unwrap();
+    publish(
+        &w.join("r1.tar.gz"),
+        &served_dir.join("documents.tar.gz"),
+        0,
+    );
+    let server = FileServer::start(&served_dir);
+    let url = format!("http://127.0.0.1:{}/documents.tar.gz", server.1);
+    let start = |mode: &str, cache: &str| {
+        Sidecar::start(
+            Path::new(""),
+            &[
+                "--bundle-url",
+                &url,
+                "--trusted-key",
+                s(&w.join("ops.pub.pem")),
+                "--bundle-cache",
+                s(&w.join(cache)),
+                "--poll-interval-ms",
+                "200",
+                "--max-bundle-age-secs",
+                "1",
+                "--fail-mode",
+                mode,
+            ],
+        )
+    };
+    let deny = start("deny-all", "c1");
+    let serve = start("serve-stale", "c2");
+    for sidecar in [&deny, &serve] {
+        eventually("r1 active and ready", || async {
+            revision(sidecar).await.as_deref() == Some("r1")
+                && sidecar.get("/readyz").await.0 == 200
+        })
+        .await;
+    }
+
+    drop(server);
+    eventually("deny-all goes unready", || async {
+        deny.get("/readyz").await.0 == 503
+    })
+    .await;
+    let r = deny
+        .client()
+        .await
+        .check(example_request("requests/allow-edit-department.json"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        !r.decision && r.errors.iter().any(|e| e.contains("stale")),
+        "{r:?}"
+    );
+    assert!(
+        deny.get("/metrics")
+            .await
+            .1
+            .contains("arbiter_bundle_stale 1")
+    );
+    let status = tonic_health::pb::health_client::HealthClient::new(deny.channel().await)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::NotServing as i32
+    );
+
+    eventually("serve-stale reports it", || async {
+        serve
+            .get("/readyz")
+            .await
+            .1
+            .contains("stale, still serving")
+    })
+    .await;
+    assert_eq!(serve.get("/readyz").await.0, 200);
+    let r = serve
+        .client()
+        .await
+        .check(example_request("requests/allow-edit-department.json"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.decision, "serve-stale keeps deciding: {r:?}");
+    assert!(
+        serve
+            .get("/metrics")
+            .await
+            .1
+            .contains("arbiter_bundle_stale 1")
+    );
+}

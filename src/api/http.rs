@@ -12,6 +12,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 
 use crate::decision::Decider;
+use crate::distribution::{FailMode, Freshness};
 use crate::telemetry::Metrics;
 
 #[derive(Clone)]
@@ -20,6 +21,8 @@ pub struct OpsState {
     pub metrics: Arc<Metrics>,
     /// Set when shutdown begins, so load balancers stop sending work first.
     pub draining: Arc<AtomicBool>,
+    /// Present when the bundle is pulled: staleness shows in readiness.
+    pub freshness: Option<Arc<Freshness>>,
 }
 
 pub fn router(state: OpsState) -> Router {
@@ -47,13 +50,24 @@ async fn readyz(State(s): State<OpsState>) -> impl IntoResponse {
             "shutting down\n".to_owned(),
         );
     }
+    let stale = s.freshness.as_ref().filter(|f| f.is_stale());
     match s.decider.snapshot() {
+        Some(_) if stale.is_some_and(|f| f.mode == FailMode::DenyAll) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "stale, denying every decision: {}\n",
+                stale.map(|f| f.describe()).unwrap_or_default()
+            ),
+        ),
         Some(active) => (
             StatusCode::OK,
             format!(
-                "ready: bundle {} revision {}\n",
+                "ready: bundle {} revision {}{}\n",
                 active.engine.name(),
-                active.engine.revision()
+                active.engine.revision(),
+                stale
+                    .map(|f| format!(" (stale, still serving: {})", f.describe()))
+                    .unwrap_or_default()
             ),
         ),
         None => (

@@ -78,6 +78,12 @@ pub struct ControlPlaneConfig {
     pub max_backoff_secs: u64,
     /// Where the last-known-good archive is kept across restarts.
     pub cache_dir: PathBuf,
+    /// Seconds the active bundle may go without its source confirming it
+    /// current before it counts as stale; 0 = never stale.
+    pub max_bundle_age_secs: u64,
+    /// What a stale bundle does: `serve-stale` keeps deciding (and reports
+    /// it), `deny-all` denies every decision and reports not ready.
+    pub fail_mode: crate::distribution::FailMode,
 }
 
 impl Default for ControlPlaneConfig {
@@ -91,6 +97,8 @@ impl Default for ControlPlaneConfig {
             fetch_timeout_ms: 10_000,
             max_backoff_secs: 60,
             cache_dir: PathBuf::from(".arbiter/bundles"),
+            max_bundle_age_secs: 0,
+            fail_mode: crate::distribution::FailMode::ServeStale,
         }
     }
 }

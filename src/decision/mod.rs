@@ -65,6 +65,8 @@ pub struct Decider {
     active: ArcSwapOption<Active>,
     /// The active revision, for whoever waits on activations (health).
     revision: tokio::sync::watch::Sender<Option<Arc<str>>>,
+    /// Set while the bundle is stale under the `deny-all` fail mode.
+    deny_all: std::sync::atomic::AtomicBool,
     cache: CacheSettings,
     metrics: Arc<Metrics>,
     sink: Option<Arc<dyn DecisionSink>>,
@@ -79,6 +81,7 @@ impl Decider {
         Self {
             active: ArcSwapOption::empty(),
             revision: tokio::sync::watch::Sender::new(None),
+            deny_all: std::sync::atomic::AtomicBool::new(false),
             cache,
             metrics,
             sink,
@@ -101,6 +104,13 @@ impl Decider {
         self.revision.send_replace(Some(revision));
     }
 
+    /// While on, every decision is DENY with the reason in its errors (a
+    /// stale bundle under the `deny-all` fail mode).
+    pub fn set_deny_all(&self, on: bool) {
+        self.deny_all
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Follows activations: the receiver sees each newly active revision.
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<Option<Arc<str>>> {
         self.revision.subscribe()
@@ -119,7 +129,23 @@ impl Decider {
     /// Decides on a given snapshot (a batch decides every item on one revision).
     pub fn check_on(&self, active: &Arc<Active>, request: &Request) -> Result<Answer, CheckError> {
         let start = Instant::now();
-        let decided = match &active.cache {
+        let decided = if self.deny_all.load(std::sync::atomic::Ordering::Relaxed) {
+            Ok(Arc::new(Decision::deny(
+                Vec::new(),
+                vec!["the policy bundle is stale and the fail mode is deny-all".to_owned()],
+            )))
+        } else {
+            self.decide(active, request)
+        };
+        self.answer(active, request, decided, start)
+    }
+
+    fn decide(
+        &self,
+        active: &Arc<Active>,
+        request: &Request,
+    ) -> Result<Arc<Decision>, RequestError> {
+        match &active.cache {
             None => active.engine.decide(request).map(Arc::new),
             Some(cache) => {
                 let key = request.canonical_bytes();
@@ -138,7 +164,16 @@ impl Decider {
                     }
                 }
             }
-        };
+        }
+    }
+
+    fn answer(
+        &self,
+        active: &Arc<Active>,
+        request: &Request,
+        decided: Result<Arc<Decision>, RequestError>,
+        start: Instant,
+    ) -> Result<Answer, CheckError> {
         let decision = match decided {
             Ok(d) => d,
             Err(e) => {

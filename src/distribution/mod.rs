@@ -9,6 +9,8 @@
 //!                                   └─ refused: logged, counted, previous bundle stays
 //! ```
 
+mod freshness;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -23,6 +25,8 @@ use crate::decision::Decider;
 use crate::policy::{CompileError, CompileOptions, Engine};
 use crate::policytest;
 use crate::telemetry::Metrics;
+
+pub use freshness::{FailMode, Freshness};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ActivationError {
@@ -43,6 +47,7 @@ pub struct Activator {
     pub options: CompileOptions,
     /// Where the last-known-good archive is kept.
     pub store: PathBuf,
+    pub freshness: Arc<Freshness>,
 }
 
 impl Activator {
@@ -97,6 +102,14 @@ impl Activator {
         match self.activate(&bytes, &self.store) {
             Ok(revision) => {
                 tracing::info!(%revision, path = %self.store.display(), "serving the last-known-good bundle");
+                // It was current when it was written.
+                if let Some(written) = std::fs::metadata(&self.store)
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                {
+                    self.freshness.confirm_at(written.as_secs());
+                }
                 Some(Sha256::digest(&bytes).into())
             }
             Err(e) => {
@@ -136,12 +149,19 @@ pub async fn poll(
     client: BundleClient,
     activator: Arc<Activator>,
     settings: PollSettings,
-    mut held: Option<[u8; 32]>,
+    held: Option<[u8; 32]>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut validators = Validators::default();
     let mut failures: u32 = 0;
     let source = PathBuf::from(client.url());
+    // The archive that is active, the last one seen (refused ones too, so
+    // the same bad bytes are not re-verified on every poll), and whether the
+    // validators we send describe the active one (only then does a 304
+    // confirm the active bundle current).
+    let mut active = held;
+    let mut seen = held;
+    let mut validators_name_active = false;
     loop {
         let asked = Instant::now();
         let mut changed = false;
@@ -150,43 +170,54 @@ pub async fn poll(
             _ = shutdown.wait_for(|s| *s) => return,
         };
         match result {
-            Ok(fetched) => {
+            Ok(Fetched::NotModified) => {
                 failures = 0;
                 activator.metrics.fetch_succeeded(unix_now());
-                if let Fetched::New {
-                    bytes,
-                    validators: fresh,
-                } = fetched
-                {
-                    let digest: [u8; 32] = Sha256::digest(&bytes).into();
-                    if held != Some(digest) {
-                        changed = true;
-                        // Refused archives are remembered too, so the same bad
-                        // bytes are not re-verified on every poll.
-                        held = Some(digest);
-                        let (task_activator, task_source) = (activator.clone(), source.clone());
-                        // Compiling a large bundle takes milliseconds: keep it
-                        // off the threads that answer decisions.
-                        let outcome = tokio::task::spawn_blocking(move || {
-                            let r = task_activator.activate(&bytes, &task_source);
-                            if r.is_ok()
-                                && let Err(e) = task_activator.persist(&bytes)
-                            {
-                                tracing::warn!(path = %task_activator.store.display(), "cannot keep the bundle as last-known-good: {e}");
-                            }
-                            r
-                        })
-                        .await;
-                        match outcome {
-                            Ok(Ok(_)) => {}
-                            Ok(Err(e)) => {
-                                activator.metrics.bundle_rejected();
-                                tracing::warn!(url = %source.display(), "new bundle not activated, the previous one stays: {e}");
-                            }
-                            Err(e) => tracing::error!("bundle activation task failed: {e}"),
+                if validators_name_active {
+                    activator.freshness.confirm();
+                }
+            }
+            Ok(Fetched::New {
+                bytes,
+                validators: fresh,
+            }) => {
+                failures = 0;
+                activator.metrics.fetch_succeeded(unix_now());
+                validators = fresh;
+                let digest: [u8; 32] = Sha256::digest(&bytes).into();
+                if active == Some(digest) {
+                    validators_name_active = true;
+                    activator.freshness.confirm();
+                } else if seen == Some(digest) {
+                    validators_name_active = false;
+                } else {
+                    changed = true;
+                    seen = Some(digest);
+                    let (task_activator, task_source) = (activator.clone(), source.clone());
+                    // Compiling a large bundle takes milliseconds: keep it
+                    // off the threads that answer decisions.
+                    let outcome = tokio::task::spawn_blocking(move || {
+                        let r = task_activator.activate(&bytes, &task_source);
+                        if r.is_ok()
+                            && let Err(e) = task_activator.persist(&bytes)
+                        {
+                            tracing::warn!(path = %task_activator.store.display(), "cannot keep the bundle as last-known-good: {e}");
                         }
+                        r
+                    })
+                    .await;
+                    validators_name_active = matches!(outcome, Ok(Ok(_)));
+                    match outcome {
+                        Ok(Ok(_)) => {
+                            active = Some(digest);
+                            activator.freshness.confirm();
+                        }
+                        Ok(Err(e)) => {
+                            activator.metrics.bundle_rejected();
+                            tracing::warn!(url = %source.display(), "new bundle not activated, the previous one stays: {e}");
+                        }
+                        Err(e) => tracing::error!("bundle activation task failed: {e}"),
                     }
-                    validators = fresh;
                 }
             }
             Err(e) => {

@@ -30,7 +30,7 @@ use crate::bundle::{ArchiveLimits, Bundle, BundleError, VerifyError};
 use crate::config::Config;
 use crate::controlplane::BundleClient;
 use crate::decision::{CacheSettings, Decider};
-use crate::distribution::{self, Activator, PollSettings};
+use crate::distribution::{self, Activator, FailMode, Freshness, PollSettings};
 use crate::policy::{CompileError, CompileOptions, Engine};
 use crate::telemetry::Metrics;
 
@@ -120,6 +120,7 @@ pub async fn serve_until(
     };
     // Validated config names either a local bundle or one to pull.
     let mut puller = None;
+    let mut freshness = None;
     if let Some(path) = &config.bundle.path {
         let engine = load_bundle(path, &trusted, options)?;
         tracing::info!(
@@ -139,7 +140,13 @@ pub async fn serve_until(
             limits.max_archive_bytes as usize,
         )
         .map_err(|e| ServeError::Source(e.to_string()))?;
+        let fresh = Arc::new(Freshness::new(
+            Duration::from_secs(cp.max_bundle_age_secs),
+            cp.fail_mode,
+        ));
+        freshness = (cp.max_bundle_age_secs > 0).then(|| fresh.clone());
         let activator = Arc::new(Activator {
+            freshness: fresh,
             decider: decider.clone(),
             metrics: metrics.clone(),
             trusted,
@@ -210,6 +217,7 @@ pub async fn serve_until(
         decider: decider.clone(),
         metrics: metrics.clone(),
         draining: draining.clone(),
+        freshness: freshness.clone(),
     });
     let http = axum::serve(http_listener, ops).with_graceful_shutdown(stopped(stop_rx.clone()));
 
@@ -228,6 +236,15 @@ pub async fn serve_until(
             }
         }
     });
+    if let Some(f) = freshness {
+        tokio::spawn(watch_freshness(
+            f,
+            decider.clone(),
+            metrics.clone(),
+            health.clone(),
+            stop_rx.clone(),
+        ));
+    }
     let poll_task = puller.map(|(client, activator, settings, held)| {
         tokio::spawn(distribution::poll(
             client,
@@ -273,6 +290,41 @@ pub async fn serve_until(
         ),
     }
     Ok(())
+}
+
+/// Re-checks freshness every second and applies the fail mode on a change.
+async fn watch_freshness(
+    freshness: Arc<Freshness>,
+    decider: Arc<Decider>,
+    metrics: Arc<Metrics>,
+    health: HealthReporter,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        if let Some(stale) = freshness.tick() {
+            let deny = stale && freshness.mode == FailMode::DenyAll;
+            decider.set_deny_all(deny);
+            if stale {
+                tracing::warn!(mode = ?freshness.mode, "{}", freshness.describe());
+            } else {
+                tracing::info!("bundle confirmed current again");
+            }
+            if freshness.mode == FailMode::DenyAll && decider.snapshot().is_some() {
+                let status = if deny {
+                    ServingStatus::NotServing
+                } else {
+                    ServingStatus::Serving
+                };
+                set_health(&health, status).await;
+            }
+        }
+        metrics.freshness(freshness.is_stale(), freshness.age());
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            () = freshness.confirmed_now.notified() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
 }
 
 /// Sets the status of the whole server (`""`) and of the Authorizer service.

@@ -97,6 +97,8 @@ pub struct Metrics {
     bundles_rejected: Counter,
     last_fetch: Gauge<f64, std::sync::atomic::AtomicU64>,
     activation_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    stale: Gauge,
+    bundle_age: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -187,6 +189,18 @@ impl Metrics {
             "Time the last activation took: verify, compile, test, swap",
             activation_seconds.clone(),
         );
+        let stale = Gauge::default();
+        registry.register(
+            "bundle_stale",
+            "1 while the active bundle is older than max_bundle_age without confirmation",
+            stale.clone(),
+        );
+        let bundle_age = Gauge::default();
+        registry.register(
+            "bundle_age_seconds",
+            "Seconds since the bundle source last confirmed the active bundle current (-1: never)",
+            bundle_age.clone(),
+        );
         registry.register(
             "build",
             "Build information",
@@ -205,7 +219,15 @@ impl Metrics {
             bundles_rejected,
             last_fetch,
             activation_seconds,
+            stale,
+            bundle_age,
         }
+    }
+
+    pub fn freshness(&self, stale: bool, age: Option<Duration>) {
+        self.stale.set(i64::from(stale));
+        self.bundle_age
+            .set(age.map_or(-1, |a| i64::try_from(a.as_secs()).unwrap_or(i64::MAX)));
     }
 
     pub fn fetch_succeeded(&self, unix_secs: f64) {
