@@ -60,6 +60,63 @@ pub struct BenchArgs {
     /// Compare the policy index with whole-set evaluation (adds runs with the index off).
     #[arg(long)]
     index_off_too: bool,
+    /// Only time bundle activation (verify, compile, test, swap); no load runs.
+    #[arg(long)]
+    activation_only: bool,
+}
+
+/// Times activating a scenario's bundle as a signed archive: the median of
+/// `runs` of each step.
+fn time_activation(dir: &Path, runs: usize) -> Result<String, String> {
+    use crate::bundle::{ArchiveLimits, Bundle, archive, keys::TrustedKeys};
+    use crate::policy::{CompileOptions, Engine};
+    let bundle = Bundle::read_dir(dir).map_err(|e| e.to_string())?;
+    let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+    let signed = archive::sign(
+        &archive::build(&bundle).map_err(|e| e.to_string())?,
+        &key,
+        &ArchiveLimits::default(),
+    )
+    .map_err(|e| e.to_string())?;
+    let trusted = TrustedKeys::from_keys([key.verifying_key()]);
+    let decider = crate::decision::Decider::new(
+        crate::decision::CacheSettings::OFF,
+        std::sync::Arc::new(crate::telemetry::Metrics::new()),
+        None,
+    );
+    let median = |mut v: Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2].as_secs_f64() * 1e3
+    };
+    let (mut verify, mut compile, mut tests, mut swap, mut total) =
+        (vec![], vec![], vec![], vec![], vec![]);
+    for _ in 0..runs.max(1) {
+        let t0 = Instant::now();
+        let verified = archive::verify(&signed, &trusted, &ArchiveLimits::default(), dir)
+            .map_err(|e| e.to_string())?;
+        let t1 = Instant::now();
+        let engine = Engine::compile(verified.bundle(), CompileOptions::default())
+            .map_err(|e| e.to_string())?;
+        let t2 = Instant::now();
+        crate::policytest::run(verified.bundle(), &engine)?;
+        let t3 = Instant::now();
+        decider.activate(engine);
+        let t4 = Instant::now();
+        verify.push(t1 - t0);
+        compile.push(t2 - t1);
+        tests.push(t3 - t2);
+        swap.push(t4 - t3);
+        total.push(t4 - t0);
+    }
+    Ok(format!(
+        "activation ({} bytes signed archive, median of {runs}): {:.1} ms = verify {:.1} + compile {:.1} + tests {:.1} + swap {:.3}",
+        signed.len(),
+        median(total),
+        median(verify),
+        median(compile),
+        median(tests),
+        median(swap)
+    ))
 }
 
 /// A server process under test.
@@ -370,6 +427,14 @@ async fn run_async(args: BenchArgs) -> Result<(), String> {
         args.duration, args.warmup, args.server_cpu, args.distinct
     );
 
+    if args.activation_only {
+        for s in &args.scenarios {
+            let prepared = prepare(*s, &tmp, 1)?;
+            println!("{}: {}", prepared.name, time_activation(&prepared.dir, 7)?);
+        }
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Ok(());
+    }
     let echo_server = spawn(
         &args.server_cpu,
         &[
@@ -384,6 +449,11 @@ async fn run_async(args: BenchArgs) -> Result<(), String> {
 
     for s in &args.scenarios {
         let prepared = prepare(*s, &tmp, args.distinct)?;
+        println!(
+            "\n{}: {}",
+            prepared.name,
+            time_activation(&prepared.dir, 7)?
+        );
         let payloads: Vec<echo_pb::EchoMessage> = prepared
             .requests
             .iter()

@@ -114,12 +114,21 @@ impl PolicyIndex {
                 everything,
             };
         }
-        let leading: Vec<Option<(Var, String, Literal)>> =
-            policies.iter().map(leading_equality).collect();
+        // Each policy's head, read once (Cedar's getters allocate per call).
+        let heads: Vec<Head> = policies.iter().map(Head::of).collect();
+        // Leading equalities are read (through Cedar's JSON form) only for
+        // policies in scopes big enough to index.
+        let leading: Vec<std::cell::OnceCell<Option<(Var, String, Literal)>>> = policies
+            .iter()
+            .map(|_| std::cell::OnceCell::new())
+            .collect();
         let mut by_action: HashMap<EntityUid, Vec<Scope>> = HashMap::new();
         for info in model.actions.values() {
             let groups: HashSet<&EntityUid> =
                 actions.ancestors(&info.uid).into_iter().flatten().collect();
+            let for_action: Vec<usize> = (0..policies.len())
+                .filter(|&i| heads[i].action.matches(&info.uid, &groups))
+                .collect();
             for p_type in &info.principals {
                 for r_type in &info.resources {
                     let (Some(pt), Some(rt)) =
@@ -127,19 +136,32 @@ impl PolicyIndex {
                     else {
                         continue;
                     };
-                    let members: Vec<usize> = (0..policies.len())
+                    let members: Vec<usize> = for_action
+                        .iter()
+                        .copied()
                         .filter(|&i| {
-                            let p = &policies[i];
-                            action_matches(p, &info.uid, &groups)
-                                && principal_matches(p, &pt.name, schema)
-                                && resource_matches(p, &rt.name, schema)
+                            heads[i].principal.matches(&pt.name, schema)
+                                && heads[i].resource.matches(&rt.name, schema)
                         })
                         .collect();
+                    let eq = if members.len() >= MIN_EQ_INDEXED {
+                        let lead: Vec<Option<&(Var, String, Literal)>> = members
+                            .iter()
+                            .map(|&i| {
+                                leading[i]
+                                    .get_or_init(|| leading_equality(&policies[i]))
+                                    .as_ref()
+                            })
+                            .collect();
+                        EqIndex::build(&members, policies, &lead)
+                    } else {
+                        None
+                    };
                     let scope = Scope {
                         principal: p_type.clone(),
                         resource: r_type.clone(),
                         full: Slice::new(members.iter().map(|&i| &policies[i])),
-                        eq: EqIndex::build(&members, policies, &leading),
+                        eq,
                     };
                     by_action.entry(info.uid.clone()).or_default().push(scope);
                 }
@@ -184,16 +206,15 @@ impl PolicyIndex {
 }
 
 impl EqIndex {
+    /// `leading[k]` is the leading equality of policy `members[k]`.
     fn build(
         members: &[usize],
         policies: &[Policy],
-        leading: &[Option<(Var, String, Literal)>],
+        leading: &[Option<&(Var, String, Literal)>],
     ) -> Option<Self> {
         let mut counts: HashMap<(Var, &str), usize> = HashMap::new();
-        for &i in members {
-            if let Some((var, attr, _)) = &leading[i] {
-                *counts.entry((*var, attr.as_str())).or_default() += 1;
-            }
+        for (var, attr, _) in leading.iter().flatten() {
+            *counts.entry((*var, attr.as_str())).or_default() += 1;
         }
         let ((var, attr), count) = counts
             .into_iter()
@@ -201,19 +222,18 @@ impl EqIndex {
         if count < MIN_EQ_INDEXED {
             return None;
         }
-        let constrained = |i: usize| match &leading[i] {
+        let constrained = |k: usize| match leading[k] {
             Some((v, a, lit)) if *v == var && a == attr => Some(lit),
             _ => None,
         };
-        let rest_ids: Vec<usize> = members
-            .iter()
-            .copied()
-            .filter(|&i| constrained(i).is_none())
+        let rest_ids: Vec<usize> = (0..members.len())
+            .filter(|&k| constrained(k).is_none())
+            .map(|k| members[k])
             .collect();
         let mut groups: HashMap<&Literal, Vec<usize>> = HashMap::new();
-        for &i in members {
-            if let Some(lit) = constrained(i) {
-                groups.entry(lit).or_default().push(i);
+        for (k, &member) in members.iter().enumerate() {
+            if let Some(lit) = constrained(k) {
+                groups.entry(lit).or_default().push(member);
             }
         }
         let by_value = groups
@@ -234,11 +254,76 @@ impl EqIndex {
     }
 }
 
-fn action_matches(p: &Policy, action: &EntityUid, groups: &HashSet<&EntityUid>) -> bool {
-    match p.action_constraint() {
-        ActionConstraint::Any => true,
-        ActionConstraint::Eq(uid) => uid == *action,
-        ActionConstraint::In(uids) => uids.iter().any(|g| g == action || groups.contains(g)),
+/// What a policy's head can match, resolved once.
+struct Head {
+    action: ActionHead,
+    principal: TypeHead,
+    resource: TypeHead,
+}
+
+enum ActionHead {
+    Any,
+    Eq(EntityUid),
+    In(Vec<EntityUid>),
+}
+
+enum TypeHead {
+    Any,
+    /// Exactly this type (`==` an entity of it, `is`).
+    Is(EntityTypeName),
+    /// Any type that can be `in` an entity of this type (`in`).
+    In(EntityTypeName),
+    /// `is T in E`.
+    IsIn(EntityTypeName, EntityTypeName),
+}
+
+impl Head {
+    fn of(p: &Policy) -> Self {
+        let action = match p.action_constraint() {
+            ActionConstraint::Any => ActionHead::Any,
+            ActionConstraint::Eq(uid) => ActionHead::Eq(uid),
+            ActionConstraint::In(uids) => ActionHead::In(uids),
+        };
+        let principal = match p.principal_constraint() {
+            PrincipalConstraint::Any => TypeHead::Any,
+            PrincipalConstraint::Eq(uid) => TypeHead::Is(uid.type_name().clone()),
+            PrincipalConstraint::In(uid) => TypeHead::In(uid.type_name().clone()),
+            PrincipalConstraint::Is(t) => TypeHead::Is(t),
+            PrincipalConstraint::IsIn(t, uid) => TypeHead::IsIn(t, uid.type_name().clone()),
+        };
+        let resource = match p.resource_constraint() {
+            ResourceConstraint::Any => TypeHead::Any,
+            ResourceConstraint::Eq(uid) => TypeHead::Is(uid.type_name().clone()),
+            ResourceConstraint::In(uid) => TypeHead::In(uid.type_name().clone()),
+            ResourceConstraint::Is(t) => TypeHead::Is(t),
+            ResourceConstraint::IsIn(t, uid) => TypeHead::IsIn(t, uid.type_name().clone()),
+        };
+        Self {
+            action,
+            principal,
+            resource,
+        }
+    }
+}
+
+impl ActionHead {
+    fn matches(&self, action: &EntityUid, groups: &HashSet<&EntityUid>) -> bool {
+        match self {
+            ActionHead::Any => true,
+            ActionHead::Eq(uid) => uid == action,
+            ActionHead::In(uids) => uids.iter().any(|g| g == action || groups.contains(g)),
+        }
+    }
+}
+
+impl TypeHead {
+    fn matches(&self, ty: &EntityTypeName, schema: &Schema) -> bool {
+        match self {
+            TypeHead::Any => true,
+            TypeHead::Is(t) => t == ty,
+            TypeHead::In(target) => can_be_in(ty, target, schema),
+            TypeHead::IsIn(t, target) => t == ty && can_be_in(ty, target, schema),
+        }
     }
 }
 
@@ -248,26 +333,6 @@ fn can_be_in(ty: &EntityTypeName, target: &EntityTypeName, schema: &Schema) -> b
         || schema
             .ancestors(ty)
             .is_none_or(|mut a| a.any(|t| t == target))
-}
-
-fn principal_matches(p: &Policy, ty: &EntityTypeName, schema: &Schema) -> bool {
-    match p.principal_constraint() {
-        PrincipalConstraint::Any => true,
-        PrincipalConstraint::Eq(uid) => uid.type_name() == ty,
-        PrincipalConstraint::In(uid) => can_be_in(ty, uid.type_name(), schema),
-        PrincipalConstraint::Is(t) => t == *ty,
-        PrincipalConstraint::IsIn(t, uid) => t == *ty && can_be_in(ty, uid.type_name(), schema),
-    }
-}
-
-fn resource_matches(p: &Policy, ty: &EntityTypeName, schema: &Schema) -> bool {
-    match p.resource_constraint() {
-        ResourceConstraint::Any => true,
-        ResourceConstraint::Eq(uid) => uid.type_name() == ty,
-        ResourceConstraint::In(uid) => can_be_in(ty, uid.type_name(), schema),
-        ResourceConstraint::Is(t) => t == *ty,
-        ResourceConstraint::IsIn(t, uid) => t == *ty && can_be_in(ty, uid.type_name(), schema),
-    }
 }
 
 /// The first conjunct of a policy's first condition, when it is a `when`

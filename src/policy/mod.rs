@@ -205,13 +205,17 @@ impl Engine {
                 problems.push(problem("", None, Some(p.id().as_ref()), e.to_string()));
             }
         }
-        let validation = Validator::new(schema.clone()).validate(&all, ValidationMode::Strict);
-        for err in validation.validation_errors() {
-            let id = err.policy_id().to_string();
-            let (file_idx, start) = origin.get(&id).copied().unwrap_or((0, 1));
-            let file = &bundle.policies[file_idx];
-            let line = first_label_line(err, &file.text).or(Some(start));
-            problems.push(problem(&file.name, line, Some(&id), flatten(err)));
+        let actions = schema
+            .action_entities()
+            .map_err(|e| fail(vec![problem(SCHEMA_FILE, None, None, e.to_string())]))?;
+        for validation in validate(&schema, &model, &actions, &policies) {
+            for err in validation.validation_errors() {
+                let id = err.policy_id().to_string();
+                let (file_idx, start) = origin.get(&id).copied().unwrap_or((0, 1));
+                let file = &bundle.policies[file_idx];
+                let line = first_label_line(err, &file.text).or(Some(start));
+                problems.push(problem(&file.name, line, Some(&id), flatten(err)));
+            }
         }
         if !problems.is_empty() {
             return Err(fail(problems));
@@ -219,9 +223,6 @@ impl Engine {
 
         let statics = StaticEntities::new(&bundle.entities, &schema, &model)
             .map_err(|m| fail(vec![problem("entities.json", None, None, m)]))?;
-        let actions = schema
-            .action_entities()
-            .map_err(|e| fail(vec![problem(SCHEMA_FILE, None, None, e.to_string())]))?;
         // Only actions in a group need their entity in a request's store:
         // for the others, `action in [...]` is plain equality.
         let action_entities = model
@@ -319,6 +320,84 @@ impl Engine {
         };
         Ok(outcome::deny(&reason, &applying))
     }
+}
+
+/// Strict validation, grouped: policies whose heads name the same actions
+/// are validated against the schema reduced to those actions (and their
+/// groups). Cedar type-checks a policy in every request environment of the
+/// schema its head can match, and walks all of them per policy, so with many
+/// actions this is far faster; it is exact because a policy is only
+/// type-checked in the environments of its head's actions, and a reduced
+/// schema can only add errors (e.g. an action literal it lacks), never remove
+/// one. A group with errors is validated again against the whole schema, whose
+/// verdict stands.
+fn validate(
+    schema: &Schema,
+    model: &TypeModel,
+    actions: &cedar_policy::Entities,
+    policies: &[Policy],
+) -> Vec<cedar_policy::ValidationResult> {
+    use std::collections::{BTreeMap, HashSet};
+    let all_actions: Vec<&EntityUid> = model.actions.values().map(|a| &a.uid).collect();
+    // Key: the sorted display forms of the actions a head can match; `None` = all.
+    let mut groups: BTreeMap<Option<Vec<String>>, PolicySet> = BTreeMap::new();
+    for p in policies {
+        let key = match p.action_constraint() {
+            cedar_policy::ActionConstraint::Any => None,
+            cedar_policy::ActionConstraint::Eq(uid) => Some(vec![uid.to_string()]),
+            cedar_policy::ActionConstraint::In(targets) => {
+                let mut hit: Vec<String> = all_actions
+                    .iter()
+                    .filter(|a| {
+                        targets.contains(a)
+                            || actions
+                                .ancestors(a)
+                                .is_some_and(|mut g| g.any(|g| targets.contains(g)))
+                    })
+                    .map(|a| a.to_string())
+                    .collect();
+                hit.extend(targets.iter().map(ToString::to_string));
+                hit.sort();
+                hit.dedup();
+                Some(hit)
+            }
+        };
+        // Ids are unique (checked before), so adding cannot fail.
+        let _ = groups.entry(key).or_default().add(p.clone());
+    }
+    let full = || Validator::new(schema.clone());
+    groups
+        .into_iter()
+        .map(|(key, set)| {
+            let reduced = key.and_then(|names| {
+                let mut keep: HashSet<String> = HashSet::new();
+                for name in names {
+                    if let Ok(uid) = name.parse::<EntityUid>() {
+                        keep.extend(
+                            actions
+                                .ancestors(&uid)
+                                .into_iter()
+                                .flatten()
+                                .map(ToString::to_string),
+                        );
+                    }
+                    keep.insert(name);
+                }
+                model.reduced_schema(&keep)
+            });
+            match reduced {
+                Some(small) => {
+                    let result = Validator::new(small).validate(&set, ValidationMode::Strict);
+                    if result.validation_passed() {
+                        result
+                    } else {
+                        full().validate(&set, ValidationMode::Strict)
+                    }
+                }
+                None => full().validate(&set, ValidationMode::Strict),
+            }
+        })
+        .collect()
 }
 
 fn sorted_errors(r: &cedar_policy::Response) -> Vec<String> {

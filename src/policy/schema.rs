@@ -70,6 +70,8 @@ pub struct TypeModel {
     pub actions: HashMap<String, ActionInfo>,
     /// Bare action id → display form, when the id is unique across namespaces.
     action_ids: HashMap<String, Option<String>>,
+    /// The schema in Cedar's JSON form, types resolved (for reduced schemas).
+    pub json: Value,
 }
 
 impl TypeModel {
@@ -85,7 +87,10 @@ impl TypeModel {
             }
         }
         let resolver = Resolver { common: &common };
-        let mut model = TypeModel::default();
+        let mut model = TypeModel {
+            json: json.clone(),
+            ..TypeModel::default()
+        };
         for (ns, body) in namespaces {
             for (name, def) in obj(body, "entityTypes") {
                 let full = qualify(ns, name);
@@ -140,6 +145,22 @@ impl TypeModel {
             }
         }
         Ok(model)
+    }
+
+    /// The schema with only the actions in `keep` (display forms), for
+    /// validating policies that can only apply to those actions.
+    pub fn reduced_schema(
+        &self,
+        keep: &std::collections::HashSet<String>,
+    ) -> Option<cedar_policy::Schema> {
+        let mut json = self.json.clone();
+        for (ns, body) in json.as_object_mut()? {
+            let action_type = qualify(ns, "Action");
+            if let Some(actions) = body.get_mut("actions").and_then(Value::as_object_mut) {
+                actions.retain(|id, _| keep.contains(&format!("{action_type}::{}", quote(id))));
+            }
+        }
+        cedar_policy::Schema::from_json_value(json).ok()
     }
 
     /// Finds an action by bare id (`edit`) or display form (`Ns::Action::"edit"`).
