@@ -528,3 +528,46 @@ fn extension_values_convert_and_bad_ones_are_named() {
         "{err}"
     );
 }
+
+#[test]
+fn grouped_validation_agrees_with_full_validation() {
+    let schema_text = "entity User = { department: String, roles: Set<String>, level?: Long };\n\
+        entity Document = { owner: User, department: String };\n\
+        action view appliesTo { principal: User, resource: Document, context: { mfa?: Bool } };\n\
+        action \"write\";\n\
+        action edit, delete in [\"write\"] appliesTo { principal: User, resource: Document };";
+    let (schema, _) = Schema::from_cedarschema_str(schema_text).expect("schema");
+    let cases = [
+        // Mentions an action outside its head's group in its condition.
+        r#"@id("a") permit(principal, action == Action::"edit", resource) when { action == Action::"view" };"#,
+        r#"@id("a") permit(principal, action == Action::"edit", resource) when { action in Action::"write" };"#,
+        r#"@id("a") permit(principal, action in [Action::"write"], resource) when { resource.department == "x" };"#,
+        r#"@id("a") permit(principal, action in [Action::"write"], resource) when { context.mfa };"#,
+        r#"@id("a") permit(principal, action == Action::"view", resource) when { context has mfa && context.mfa };"#,
+        r#"@id("a") permit(principal, action == Action::"view", resource) when { principal.level > 1 };"#,
+        r#"@id("a") permit(principal, action in [Action::"view", Action::"delete"], resource) when { resource.owner == principal };"#,
+        r#"@id("a") forbid(principal, action, resource) when { resource.nope };"#,
+        r#"@id("a") permit(principal, action == Action::"write", resource);"#,
+    ];
+    let mut verdicts = std::collections::HashSet::new();
+    for policy in cases {
+        let full = Validator::new(schema.clone())
+            .validate(
+                &policy.parse::<PolicySet>().expect("parses"),
+                ValidationMode::Strict,
+            )
+            .validation_passed();
+        let ours = Engine::compile(
+            &bundle(schema_text, policy, json!([])),
+            CompileOptions::default(),
+        )
+        .is_ok();
+        assert_eq!(ours, full, "{policy}");
+        verdicts.insert(full);
+    }
+    assert_eq!(
+        verdicts.len(),
+        2,
+        "the cases include valid and invalid policies"
+    );
+}
