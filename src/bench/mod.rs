@@ -63,6 +63,11 @@ pub struct BenchArgs {
     /// Only time bundle activation (verify, compile, test, swap); no load runs.
     #[arg(long)]
     activation_only: bool,
+    /// Instead of the scenario runs: decisions under load for this many
+    /// seconds without, then with, a new revision published every second
+    /// through a control plane (peer scenario, first concurrency value).
+    #[arg(long)]
+    swap_seconds: Option<u64>,
 }
 
 /// Times activating a scenario's bundle as a signed archive: the median of
@@ -427,6 +432,11 @@ async fn run_async(args: BenchArgs) -> Result<(), String> {
         args.duration, args.warmup, args.server_cpu, args.distinct
     );
 
+    if let Some(secs) = args.swap_seconds {
+        let result = swap_test(&args, &tmp, Duration::from_secs(secs)).await;
+        let _ = std::fs::remove_dir_all(&tmp);
+        return result;
+    }
     if args.activation_only {
         for s in &args.scenarios {
             let prepared = prepare(*s, &tmp, 1)?;
@@ -570,4 +580,231 @@ fn write_index_off(tmp: &Path) -> Result<String, String> {
     )
     .map_err(|e| e.to_string())?;
     Ok(path.display().to_string())
+}
+
+fn control_plane_addr(line: &str) -> Option<String> {
+    let v: Value = serde_json::from_str(line).ok()?;
+    let f = v.get("fields")?;
+    (f.get("message")?.as_str()? == "control plane listening")
+        .then(|| f.get("addr")?.as_str().map(str::to_owned))?
+}
+
+/// Signed archives of the peer bundle with revisions "1".."n".
+fn numbered_archives(n: usize, key: &ed25519_dalek::SigningKey) -> Result<Vec<Vec<u8>>, String> {
+    use crate::bundle::{ArchiveLimits, Bundle, archive};
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/peer-bench");
+    let base = Bundle::read_dir(&dir).map_err(|e| e.to_string())?;
+    (1..=n)
+        .map(|rev| {
+            let mut b = base.clone();
+            b.manifest.revision = rev.to_string();
+            let manifest = serde_json::to_vec(&b.manifest).map_err(|e| e.to_string())?;
+            b.files.insert("manifest.json".into(), manifest);
+            let unsigned = archive::build(&b).map_err(|e| e.to_string())?;
+            archive::sign(&unsigned, key, &ArchiveLimits::default()).map_err(|e| e.to_string())
+        })
+        .collect()
+}
+
+/// Per caller: (calls, failures, revision went backwards, latencies, revisions seen).
+type SwapRun = (
+    u64,
+    u64,
+    u64,
+    Histogram<u64>,
+    std::collections::BTreeSet<u64>,
+);
+
+async fn drive_recording(
+    channel: Channel,
+    requests: std::sync::Arc<Vec<pb::CheckRequest>>,
+    c: usize,
+    duration: Duration,
+) -> SwapRun {
+    let end = Instant::now() + duration;
+    let mut tasks = Vec::new();
+    for w in 0..c {
+        let mut client = pb::authorizer_client::AuthorizerClient::new(channel.clone());
+        let requests = requests.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).ok();
+            let (mut calls, mut failures, mut backwards, mut last) = (0u64, 0u64, 0u64, 0u64);
+            let mut seen = std::collections::BTreeSet::new();
+            let mut i = w * 7919;
+            while Instant::now() < end {
+                let t = Instant::now();
+                let r = client.check(requests[i % requests.len()].clone()).await;
+                i += 1;
+                calls += 1;
+                if let Some(h) = hist.as_mut() {
+                    let _ = h.record(t.elapsed().as_nanos() as u64);
+                }
+                match r {
+                    Ok(r) if r.get_ref().decision => {
+                        let rev: u64 = r.get_ref().revision.parse().unwrap_or(0);
+                        backwards += u64::from(rev < last);
+                        last = last.max(rev);
+                        seen.insert(rev);
+                    }
+                    _ => failures += 1,
+                }
+            }
+            (calls, failures, backwards, hist, seen)
+        }));
+    }
+    let mut total: SwapRun = (
+        0,
+        0,
+        0,
+        Histogram::new(3).unwrap_or_else(|_| unreachable!()),
+        Default::default(),
+    );
+    for t in tasks {
+        if let Ok((calls, failures, backwards, hist, seen)) = t.await {
+            total.0 += calls;
+            total.1 += failures;
+            total.2 += backwards;
+            if let Some(h) = hist {
+                let _ = total.3.add(h);
+            }
+            total.4.extend(seen);
+        }
+    }
+    total
+}
+
+async fn swap_test(args: &BenchArgs, tmp: &Path, duration: Duration) -> Result<(), String> {
+    use crate::controlplane::AdminClient;
+    let key = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+    let public = tmp.join("swap.pub.pem");
+    {
+        use ed25519_dalek::pkcs8::EncodePublicKey;
+        let pem = key
+            .verifying_key()
+            .to_public_key_pem(ed25519_dalek::pkcs8::spki::der::pem::LineEnding::LF)
+            .map_err(|e| e.to_string())?;
+        std::fs::write(&public, pem).map_err(|e| e.to_string())?;
+    }
+    let swaps = usize::try_from(duration.as_secs()).unwrap_or(30) + 2;
+    let archives = numbered_archives(swaps, &key)?;
+    let token = "bench-token-0123456789";
+    let cp = spawn(
+        "none",
+        &[
+            "control-plane".into(),
+            "--addr".into(),
+            "127.0.0.1:0".into(),
+            "--db".into(),
+            tmp.join("cp.db").display().to_string(),
+            "--trusted-key".into(),
+            public.display().to_string(),
+            "--token".into(),
+            token.into(),
+            "--log-format".into(),
+            "json".into(),
+        ],
+        control_plane_addr,
+        true,
+    )?;
+    let cp_url = format!("http://{}", cp.addr);
+    let admin =
+        AdminClient::new(&cp_url, token, Duration::from_secs(30)).map_err(|e| e.to_string())?;
+    admin
+        .push("peer-bench", archives[0].clone().into())
+        .await
+        .map_err(|e| e.to_string())?;
+    let threads = cpu_count(&args.server_cpu).to_string();
+    let sidecar = spawn(
+        &args.server_cpu,
+        &[
+            "serve".into(),
+            "--control-plane".into(),
+            cp_url.clone(),
+            "--bundle-name".into(),
+            "peer-bench".into(),
+            "--trusted-key".into(),
+            public.display().to_string(),
+            "--bundle-cache".into(),
+            tmp.join("cache").display().to_string(),
+            "--grpc-addr".into(),
+            "127.0.0.1:0".into(),
+            "--http-addr".into(),
+            "127.0.0.1:0".into(),
+            "--log-format".into(),
+            "json".into(),
+            "--log-level".into(),
+            "warn,arbiter::server=info".into(),
+            "--config".into(),
+            write_threads_config(tmp, &threads)?,
+        ],
+        sidecar_addr,
+        true,
+    )?;
+    let channel = connect(&sidecar.addr).await?;
+    let requests: Vec<pb::CheckRequest> =
+        scenario::request_mix(&scenario::peer_request(), args.distinct.max(1), None)
+            .into_iter()
+            .map(|v| request_from_json(v).map(|r| request_to_pb(&r)))
+            .collect::<Result<_, _>>()?;
+    let requests = std::sync::Arc::new(requests);
+    let c = args.concurrency.first().copied().unwrap_or(32);
+    // Wait until the first revision answers, then warm up.
+    let ready = Instant::now() + Duration::from_secs(30);
+    while drive_recording(
+        channel.clone(),
+        requests.clone(),
+        1,
+        Duration::from_millis(100),
+    )
+    .await
+    .1 > 0
+    {
+        if Instant::now() > ready {
+            return Err("the sidecar never activated the first revision".into());
+        }
+    }
+    drive_recording(
+        channel.clone(),
+        requests.clone(),
+        c,
+        Duration::from_secs_f64(args.warmup),
+    )
+    .await;
+    let still = drive_recording(channel.clone(), requests.clone(), c, duration).await;
+    let publisher = tokio::spawn(async move {
+        let mut published = 1;
+        for archive in archives.into_iter().skip(1) {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if admin.push("peer-bench", archive.into()).await.is_ok() {
+                published += 1;
+            }
+        }
+        published
+    });
+    let swapping = drive_recording(channel, requests, c, duration).await;
+    publisher.abort();
+    let p99 = |h: &Histogram<u64>| h.value_at_quantile(0.99) as f64 / 1000.0;
+    println!(
+        "swap test: peer scenario, C={c}, {} s without swaps, then {} s with a new revision published every second",
+        duration.as_secs(),
+        duration.as_secs()
+    );
+    for (label, r) in [("no swaps", &still), ("swapping", &swapping)] {
+        println!(
+            "  {label:<9} calls {:>8}  failures {:>3}  p50 {:>7.1} µs  p99 {:>7.1} µs  revisions seen {:>3}  went backwards {}",
+            r.0,
+            r.1,
+            r.3.value_at_quantile(0.5) as f64 / 1000.0,
+            p99(&r.3),
+            r.4.len(),
+            r.2
+        );
+    }
+    println!(
+        "  p99 with swaps / without: {:.2}x",
+        p99(&swapping.3) / p99(&still.3).max(f64::MIN_POSITIVE)
+    );
+    drop(sidecar);
+    drop(cp);
+    Ok(())
 }
