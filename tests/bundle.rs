@@ -5,22 +5,8 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
-use common::{BIN, Sidecar, example, example_request};
-
-fn run(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(BIN).args(args).output().expect("arbiter runs");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+use common::{Sidecar, example, example_request, run, s};
 
 fn copy_example(to: &Path) {
     for entry in walk(&example("documents")) {

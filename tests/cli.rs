@@ -4,18 +4,7 @@
 
 mod common;
 
-use std::process::Command;
-
-use common::{BIN, Sidecar, example};
-
-fn run(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(BIN).args(args).output().expect("arbiter runs");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use common::{Sidecar, example, run};
 
 fn path(p: &str) -> String {
     example(p).display().to_string()

@@ -9,49 +9,9 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{BIN, Sidecar, example, example_request};
+use common::{BIN, Sidecar, build_example, eventually, run, s};
 
 const TOKEN: &str = "test-token-0123456789";
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn run(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(BIN)
-        .args(args)
-        .env_remove("ARBITER_CONTROL_PLANE_TOKEN")
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn build(work: &Path, revision: &str, key: Option<&Path>) -> std::path::PathBuf {
-    let dir = work.join(format!("src-{revision}"));
-    assert!(
-        Command::new("cp")
-            .args(["-r", s(&example("documents")), s(&dir)])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let manifest = std::fs::read_to_string(dir.join("manifest.json"))
-        .unwrap()
-        .replace("2026-11-24.1", revision);
-    std::fs::write(dir.join("manifest.json"), manifest).unwrap();
-    let out = work.join(format!("{revision}.tar.gz"));
-    let mut args = vec!["bundle", "build", s(&dir), "-o", s(&out)];
-    if let Some(k) = key {
-        args.extend(["--sign-key", s(k)]);
-    }
-    let (code, _, err) = run(&args);
-    assert_eq!(code, 0, "{err}");
-    out
-}
 
 struct ControlPlane(Child, String);
 
@@ -107,35 +67,15 @@ impl Drop for ControlPlane {
     }
 }
 
-async fn revision(sidecar: &Sidecar) -> Option<String> {
-    let mut client = sidecar.client().await;
-    client
-        .check(example_request("requests/allow-edit-department.json"))
-        .await
-        .ok()
-        .map(|r| r.into_inner().revision)
-}
-
-async fn wait_for(sidecar: &Sidecar, want: &str, within: Duration) -> Duration {
-    let start = Instant::now();
-    while start.elapsed() < within {
-        if revision(sidecar).await.as_deref() == Some(want) {
-            return start.elapsed();
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("revision {want} not active within {within:?}");
-}
-
 #[tokio::test]
 async fn publish_long_poll_rollback() {
     let work = tempfile::tempdir().unwrap();
     let w = work.path();
     run(&["bundle", "keygen", "--out", s(&w.join("ops"))]);
     let (key, public) = (w.join("ops.key.pem"), w.join("ops.pub.pem"));
-    let r1 = build(w, "r1", Some(&key));
-    let r2 = build(w, "r2", Some(&key));
-    let unsigned = build(w, "r3", None);
+    let r1 = build_example(w, "r1", Some(&key));
+    let r2 = build_example(w, "r2", Some(&key));
+    let unsigned = build_example(w, "r3", None);
     let cp = ControlPlane::start(&w.join("cp.db"), &public);
 
     // Publishing needs the token, and a signed archive.
@@ -187,11 +127,17 @@ async fn publish_long_poll_rollback() {
             "60000",
         ],
     );
-    wait_for(&sidecar, "r1", Duration::from_secs(20)).await;
+    eventually("r1 active", Duration::from_secs(20), || async {
+        sidecar.revision().await.as_deref() == Some("r1")
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(300)).await; // let the sidecar's long poll start
     let (code, _, err) = run(&["bundle", "push", s(&r2), "--to", &cp.1, "--token", TOKEN]);
     assert_eq!(code, 0, "{err}");
-    let took = wait_for(&sidecar, "r2", Duration::from_secs(10)).await;
+    let took = eventually("r2 active", Duration::from_secs(10), || async {
+        sidecar.revision().await.as_deref() == Some("r2")
+    })
+    .await;
     assert!(
         took < Duration::from_secs(5),
         "long poll delivered r2 after {took:?}"
@@ -210,7 +156,10 @@ async fn publish_long_poll_rollback() {
         TOKEN,
     ]);
     assert_eq!(code, 0, "{err}");
-    wait_for(&sidecar, "r1", Duration::from_secs(10)).await;
+    eventually("r1 active", Duration::from_secs(10), || async {
+        sidecar.revision().await.as_deref() == Some("r1")
+    })
+    .await;
     let (code, _, err) = run(&[
         "bundle",
         "rollback",

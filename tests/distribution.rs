@@ -6,44 +6,21 @@
 
 mod common;
 
+/// The patience these tests have for anything to happen.
+async fn eventually_20<F, Fut>(what: &str, f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    eventually(what, Duration::from_secs(20), f).await;
+}
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
-use common::{BIN, Sidecar, example, example_request};
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn arbiter(args: &[&str]) {
-    let out = Command::new(BIN).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Builds the example bundle at `revision`, signed with `key` when given.
-fn build(work: &Path, revision: &str, key: Option<&Path>, out: &Path) {
-    let dir = work.join(format!("src-{revision}"));
-    let status = Command::new("cp")
-        .args(["-r", s(&example("documents")), s(&dir)])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let manifest = std::fs::read_to_string(dir.join("manifest.json"))
-        .unwrap()
-        .replace("2026-11-24.1", revision);
-    std::fs::write(dir.join("manifest.json"), manifest).unwrap();
-    let mut args = vec!["bundle", "build", s(&dir), "-o", s(out)];
-    if let Some(k) = key {
-        args.extend(["--sign-key", s(k)]);
-    }
-    arbiter(&args);
-}
+use common::{Sidecar, build_example, eventually, example_request, run, s};
 
 /// Puts `archive` where the file server serves it, with a modification time
 /// later than any before (Last-Modified has one-second resolution).
@@ -100,40 +77,15 @@ impl Drop for FileServer {
     }
 }
 
-async fn revision(sidecar: &Sidecar) -> Option<String> {
-    let mut client = sidecar.client().await;
-    client
-        .check(example_request("requests/allow-edit-department.json"))
-        .await
-        .ok()
-        .map(|r| r.into_inner().revision)
-}
-
-/// Waits (bounded) until `f` holds.
-async fn eventually<F, Fut>(what: &str, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if f().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("timed out waiting for {what}");
-}
-
 #[tokio::test]
 async fn pulls_swaps_refuses_and_restarts_from_last_known_good() {
     let work = tempfile::tempdir().unwrap();
     let w = work.path();
-    arbiter(&["bundle", "keygen", "--out", s(&w.join("ops"))]);
+    run(&["bundle", "keygen", "--out", s(&w.join("ops"))]);
     let (key, public) = (w.join("ops.key.pem"), w.join("ops.pub.pem"));
-    build(w, "r1", Some(&key), &w.join("r1.tar.gz"));
-    build(w, "r2", Some(&key), &w.join("r2.tar.gz"));
-    build(w, "r3-unsigned", None, &w.join("r3.tar.gz"));
+    build_example(w, "r1", Some(&key));
+    build_example(w, "r2", Some(&key));
+    build_example(w, "r3", None);
 
     let served_dir = w.join("www");
     std::fs::create_dir_all(&served_dir).unwrap();
@@ -154,21 +106,21 @@ async fn pulls_swaps_refuses_and_restarts_from_last_known_good() {
     ];
 
     let sidecar = Sidecar::start(Path::new(""), &args);
-    eventually("r1 active", || async {
-        revision(&sidecar).await.as_deref() == Some("r1")
+    eventually_20("r1 active", || async {
+        sidecar.revision().await.as_deref() == Some("r1")
     })
     .await;
     assert!(cache.join("last-known-good.tar.gz").exists());
 
     publish(&w.join("r2.tar.gz"), &served, 5);
-    eventually("r2 active", || async {
-        revision(&sidecar).await.as_deref() == Some("r2")
+    eventually_20("r2 active", || async {
+        sidecar.revision().await.as_deref() == Some("r2")
     })
     .await;
 
     // An unsigned archive is refused; r2 stays.
     publish(&w.join("r3.tar.gz"), &served, 10);
-    eventually("the refusal counted", || async {
+    eventually_20("the refusal counted", || async {
         sidecar
             .get("/metrics")
             .await
@@ -176,7 +128,7 @@ async fn pulls_swaps_refuses_and_restarts_from_last_known_good() {
             .contains("arbiter_bundle_rejected_total 1")
     })
     .await;
-    assert_eq!(revision(&sidecar).await.as_deref(), Some("r2"));
+    assert_eq!(sidecar.revision().await.as_deref(), Some("r2"));
     let (_, metrics) = sidecar.get("/metrics").await;
     assert!(
         metrics.contains("arbiter_bundle_active{bundle=\"documents\",revision=\"r2\"} 1"),
@@ -191,8 +143,8 @@ async fn pulls_swaps_refuses_and_restarts_from_last_known_good() {
     // The source goes away; a restarted sidecar serves r2 from disk at once.
     drop(server);
     let sidecar = Sidecar::start(Path::new(""), &args);
-    assert_eq!(revision(&sidecar).await.as_deref(), Some("r2"));
-    eventually("fetch failures counted", || async {
+    assert_eq!(sidecar.revision().await.as_deref(), Some("r2"));
+    eventually_20("fetch failures counted", || async {
         let m = sidecar.get("/metrics").await.1;
         m.lines()
             .any(|l| l.starts_with("arbiter_bundle_fetch_failures_total") && !l.ends_with(" 0"))
@@ -235,8 +187,8 @@ async fn pulls_swaps_refuses_and_restarts_from_last_known_good() {
 async fn a_stale_bundle_follows_the_fail_mode() {
     let work = tempfile::tempdir().unwrap();
     let w = work.path();
-    arbiter(&["bundle", "keygen", "--out", s(&w.join("ops"))]);
-    build(w, "r1", Some(&w.join("ops.key.pem")), &w.join("r1.tar.gz"));
+    run(&["bundle", "keygen", "--out", s(&w.join("ops"))]);
+    build_example(w, "r1", Some(&w.join("ops.key.pem")));
     let served_dir = w.join("www");
     std::fs::create_dir_all(&served_dir).unwrap();
     publish(
@@ -268,15 +220,15 @@ async fn a_stale_bundle_follows_the_fail_mode() {
     let deny = start("deny-all", "c1");
     let serve = start("serve-stale", "c2");
     for sidecar in [&deny, &serve] {
-        eventually("r1 active and ready", || async {
-            revision(sidecar).await.as_deref() == Some("r1")
+        eventually_20("r1 active and ready", || async {
+            sidecar.revision().await.as_deref() == Some("r1")
                 && sidecar.get("/readyz").await.0 == 200
         })
         .await;
     }
 
     drop(server);
-    eventually("deny-all goes unready", || async {
+    eventually_20("deny-all goes unready", || async {
         deny.get("/readyz").await.0 == 503
     })
     .await;
@@ -310,7 +262,7 @@ async fn a_stale_bundle_follows_the_fail_mode() {
         tonic_health::pb::health_check_response::ServingStatus::NotServing as i32
     );
 
-    eventually("serve-stale reports it", || async {
+    eventually_20("serve-stale reports it", || async {
         serve
             .get("/readyz")
             .await

@@ -60,15 +60,7 @@ pub struct BundleClient {
 impl BundleClient {
     /// `timeout` bounds a whole exchange, beyond any long-poll wait.
     pub fn new(url: &str, timeout: Duration, max_bytes: usize) -> Result<Self, FetchError> {
-        let uri: Uri = url
-            .parse()
-            .map_err(|_| FetchError::BadUrl(url.to_owned()))?;
-        if uri.scheme_str() != Some("http") || uri.host().is_none() {
-            return Err(FetchError::BadUrl(url.to_owned()));
-        }
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(timeout));
-        connector.set_nodelay(true);
+        let (uri, connector) = connector(url, timeout)?;
         Ok(Self {
             http: Client::builder(TokioExecutor::new()).build(connector),
             url: uri,
@@ -169,6 +161,21 @@ impl BundleClient {
     }
 }
 
+/// Checks the URL and makes the connector both clients use (plain HTTP for
+/// now: TLS plugs in here).
+fn connector(url: &str, timeout: Duration) -> Result<(Uri, HttpConnector), FetchError> {
+    let uri: Uri = url
+        .parse()
+        .map_err(|_| FetchError::BadUrl(url.to_owned()))?;
+    if uri.scheme_str() != Some("http") || uri.host().is_none() {
+        return Err(FetchError::BadUrl(url.to_owned()));
+    }
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(timeout));
+    connector.set_nodelay(true);
+    Ok((uri, connector))
+}
+
 /// Operator calls to the control plane: publish, roll back, list revisions.
 pub struct AdminClient {
     http: Client<HttpConnector, Full<Bytes>>,
@@ -179,14 +186,7 @@ pub struct AdminClient {
 
 impl AdminClient {
     pub fn new(base: &str, token: &str, timeout: Duration) -> Result<Self, FetchError> {
-        let uri: Uri = base
-            .parse()
-            .map_err(|_| FetchError::BadUrl(base.to_owned()))?;
-        if uri.scheme_str() != Some("http") || uri.host().is_none() {
-            return Err(FetchError::BadUrl(base.to_owned()));
-        }
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(timeout));
+        let (_, connector) = connector(base, timeout)?;
         Ok(Self {
             http: Client::builder(TokioExecutor::new()).build(connector),
             base: base.trim_end_matches('/').to_owned(),

@@ -147,3 +147,73 @@ pub fn example_request(file: &str) -> arbiter::api::pb::v1::CheckRequest {
     let req = arbiter::api::json::request_from_json(serde_json::from_str(&text).unwrap()).unwrap();
     arbiter::api::json::request_to_pb(&req)
 }
+
+/// Runs the binary to completion: exit code, stdout, stderr.
+pub fn run(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .env_remove("ARBITER_CONTROL_PLANE_TOKEN")
+        .output()
+        .expect("arbiter runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A path as a command-line argument.
+pub fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Builds the example bundle at `revision` into `work/REVISION.tar.gz`,
+/// signed with `key` when given.
+pub fn build_example(work: &Path, revision: &str, key: Option<&Path>) -> PathBuf {
+    let dir = work.join(format!("src-{revision}"));
+    let copied = Command::new("cp")
+        .args(["-r", s(&example("documents")), s(&dir)])
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    let manifest = std::fs::read_to_string(dir.join("manifest.json"))
+        .unwrap()
+        .replace("2026-11-24.1", revision);
+    std::fs::write(dir.join("manifest.json"), manifest).unwrap();
+    let out = work.join(format!("{revision}.tar.gz"));
+    let mut args = vec!["bundle", "build", s(&dir), "-o", s(&out)];
+    if let Some(k) = key {
+        args.extend(["--sign-key", s(k)]);
+    }
+    let (code, _, err) = run(&args);
+    assert_eq!(code, 0, "{err}");
+    out
+}
+
+impl Sidecar {
+    /// The revision that answers a known-good request, if any answers.
+    pub async fn revision(&self) -> Option<String> {
+        let mut client = self.client().await;
+        client
+            .check(example_request("requests/allow-edit-department.json"))
+            .await
+            .ok()
+            .map(|r| r.into_inner().revision)
+    }
+}
+
+/// Waits (bounded) until `f` holds; returns how long it took.
+pub async fn eventually<F, Fut>(what: &str, within: Duration, mut f: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = Instant::now();
+    while start.elapsed() < within {
+        if f().await {
+            return start.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("timed out after {within:?} waiting for {what}");
+}
