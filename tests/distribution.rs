@@ -157,18 +157,9 @@ async fn pulls_swaps_refuses_and_restarts_from_last_known_good() {
     std::fs::write(cache.join("last-known-good.tar.gz"), b"corrupted on disk").unwrap();
     let sidecar = Sidecar::start(Path::new(""), &args);
     assert_eq!(sidecar.get("/readyz").await.0, 503);
-    let mut health = tonic_health::pb::health_client::HealthClient::new(sidecar.channel().await);
-    let status = health
-        .check(tonic_health::pb::HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .status;
     assert_eq!(
-        status,
-        tonic_health::pb::health_check_response::ServingStatus::NotServing as i32
+        sidecar.health().await,
+        tonic_health::pb::health_check_response::ServingStatus::NotServing
     );
     let err = sidecar
         .client()
@@ -249,17 +240,9 @@ async fn a_stale_bundle_follows_the_fail_mode() {
             .1
             .contains("arbiter_bundle_stale 1")
     );
-    let status = tonic_health::pb::health_client::HealthClient::new(deny.channel().await)
-        .check(tonic_health::pb::HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .status;
     assert_eq!(
-        status,
-        tonic_health::pb::health_check_response::ServingStatus::NotServing as i32
+        deny.health().await,
+        tonic_health::pb::health_check_response::ServingStatus::NotServing
     );
 
     eventually_20("serve-stale reports it", || async {

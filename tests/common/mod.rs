@@ -191,6 +191,20 @@ pub fn build_example(work: &Path, revision: &str, key: Option<&Path>) -> PathBuf
 }
 
 impl Sidecar {
+    /// The gRPC health status of the whole server (`""`).
+    pub async fn health(&self) -> tonic_health::pb::health_check_response::ServingStatus {
+        let status = tonic_health::pb::health_client::HealthClient::new(self.channel().await)
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .expect("health answers")
+            .into_inner()
+            .status;
+        tonic_health::pb::health_check_response::ServingStatus::try_from(status)
+            .expect("known status")
+    }
+
     /// The revision that answers a known-good request, if any answers.
     pub async fn revision(&self) -> Option<String> {
         let mut client = self.client().await;
