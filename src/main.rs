@@ -76,6 +76,9 @@ enum BundleCommand {
         /// Bearer token of the control plane.
         #[arg(long, env = "ARBITER_CONTROL_PLANE_TOKEN", hide_env_values = true)]
         token: String,
+        /// Certificate authority (PEM) of an https control plane.
+        #[arg(long, env = "ARBITER_CONTROL_PLANE_CA")]
+        ca: Option<PathBuf>,
     },
     /// Make an earlier revision active again.
     Rollback {
@@ -86,6 +89,8 @@ enum BundleCommand {
         control_plane: String,
         #[arg(long, env = "ARBITER_CONTROL_PLANE_TOKEN", hide_env_values = true)]
         token: String,
+        #[arg(long, env = "ARBITER_CONTROL_PLANE_CA")]
+        ca: Option<PathBuf>,
     },
     /// List a bundle's revisions on a control plane (`*` = active).
     Revisions {
@@ -99,6 +104,8 @@ enum BundleCommand {
             default_value = ""
         )]
         token: String,
+        #[arg(long, env = "ARBITER_CONTROL_PLANE_CA")]
+        ca: Option<PathBuf>,
     },
     /// Show an archive's revision, files, digests, signers and policy count.
     Inspect {
@@ -136,6 +143,12 @@ struct ControlPlaneArgs {
     /// Bearer token operators must present to publish and roll back.
     #[arg(long, env = "ARBITER_CONTROL_PLANE_TOKEN", hide_env_values = true)]
     token: String,
+    /// Serve HTTPS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, env = "ARBITER_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, env = "ARBITER_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Log level filter.
     #[arg(long, env = "ARBITER_LOG_LEVEL", default_value = "info")]
     log_level: String,
@@ -177,6 +190,9 @@ struct ServeArgs {
     /// Or pull the archive from this URL on any HTTP server.
     #[arg(long, env = "ARBITER_BUNDLE_URL")]
     bundle_url: Option<String>,
+    /// Certificate authority (PEM) an https control plane must chain to.
+    #[arg(long = "control-plane-ca", env = "ARBITER_CONTROL_PLANE_CA")]
+    control_plane_ca: Option<PathBuf>,
     /// Where the last-known-good bundle is kept [default: .arbiter/bundles].
     #[arg(long, env = "ARBITER_BUNDLE_CACHE")]
     bundle_cache: Option<PathBuf>,
@@ -276,6 +292,9 @@ fn serve(args: ServeArgs) -> ExitCode {
     }
     if let Some(v) = args.bundle_cache {
         cp.cache_dir = v;
+    }
+    if let Some(v) = args.control_plane_ca {
+        cp.ca_file = Some(v);
     }
     if let Some(v) = args.poll_interval_ms {
         cp.poll_interval_ms = v;
@@ -388,6 +407,7 @@ fn control_plane(args: ControlPlaneArgs) -> ExitCode {
         trusted,
         token: args.token,
         limits: arbiter::bundle::ArchiveLimits::default(),
+        tls: args.tls_cert.zip(args.tls_key),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -418,18 +438,25 @@ fn bundle(cmd: BundleCommand) -> ExitCode {
         BundleCommand::Keygen { out } => b::keygen(&out),
         BundleCommand::Sign { file, key, out } => b::sign(&file, &key, out.as_deref()),
         BundleCommand::Inspect { file, trusted_keys } => b::inspect(&file, &trusted_keys),
-        BundleCommand::Push { file, to, token } => b::push(&file, &to, &token),
+        BundleCommand::Push {
+            file,
+            to,
+            token,
+            ca,
+        } => b::push(&file, &to, &token, ca.as_deref()),
         BundleCommand::Rollback {
             name,
             revision,
             control_plane,
             token,
-        } => b::rollback(&name, &revision, &control_plane, &token),
+            ca,
+        } => b::rollback(&name, &revision, &control_plane, &token, ca.as_deref()),
         BundleCommand::Revisions {
             name,
             control_plane,
             token,
-        } => b::revisions(&name, &control_plane, &token),
+            ca,
+        } => b::revisions(&name, &control_plane, &token, ca.as_deref()),
     };
     match result {
         Ok(text) => {

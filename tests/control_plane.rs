@@ -17,6 +17,10 @@ struct ControlPlane(Child, String);
 
 impl ControlPlane {
     fn start(db: &Path, public: &Path) -> Self {
+        Self::start_with(db, public, &[])
+    }
+
+    fn start_with(db: &Path, public: &Path, extra: &[&str]) -> Self {
         let mut child = Command::new(BIN)
             .args([
                 "control-plane",
@@ -30,6 +34,7 @@ impl ControlPlane {
                 "json",
             ])
             .args(["--token", TOKEN])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -54,7 +59,12 @@ impl ControlPlane {
             };
             if v["fields"]["message"] == "control plane listening" {
                 let addr = v["fields"]["addr"].as_str().unwrap().to_owned();
-                return Self(child, format!("http://{addr}"));
+                let scheme = if v["fields"]["tls"] == true {
+                    "https"
+                } else {
+                    "http"
+                };
+                return Self(child, format!("{scheme}://{addr}"));
             }
         }
     }
@@ -216,4 +226,122 @@ async fn publish_long_poll_rollback() {
         .await
         .unwrap();
     assert_eq!(after.headers()["x-arbiter-revision"], "r1");
+}
+
+/// A CA and a certificate for 127.0.0.1 signed by it, as PEM files in `dir`;
+/// returns (ca, cert, key).
+fn certificates(
+    dir: &Path,
+    name: &str,
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let paths = (
+        dir.join(format!("{name}-ca.pem")),
+        dir.join(format!("{name}-cert.pem")),
+        dir.join(format!("{name}-key.pem")),
+    );
+    std::fs::write(&paths.0, ca_cert.pem()).unwrap();
+    std::fs::write(&paths.1, cert.pem()).unwrap();
+    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
+    paths
+}
+
+#[tokio::test]
+async fn tls_control_plane_is_verified_against_the_configured_ca() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    run(&["bundle", "keygen", "--out", s(&w.join("ops"))]);
+    let (key, public) = (w.join("ops.key.pem"), w.join("ops.pub.pem"));
+    let r1 = build_example(w, "r1", Some(&key));
+    let (ca, cert, tls_key) = certificates(w, "cp");
+    let (other_ca, _, _) = certificates(w, "other");
+    let cp = ControlPlane::start_with(
+        &w.join("cp.db"),
+        &public,
+        &["--tls-cert", s(&cert), "--tls-key", s(&tls_key)],
+    );
+    assert!(cp.1.starts_with("https://"), "{}", cp.1);
+
+    // No CA given: refused before connecting; a CA that did not sign the server's certificate: refused by TLS.
+    let (code, _, err) = run(&["bundle", "push", s(&r1), "--to", &cp.1, "--token", TOKEN]);
+    assert_ne!(code, 0);
+    assert!(err.contains("certificate authority"), "{err}");
+    let (code, _, err) = run(&[
+        "bundle",
+        "push",
+        s(&r1),
+        "--to",
+        &cp.1,
+        "--token",
+        TOKEN,
+        "--ca",
+        s(&other_ca),
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.to_lowercase().contains("certificate"), "{err}");
+    let (code, _, err) = run(&[
+        "bundle",
+        "push",
+        s(&r1),
+        "--to",
+        &cp.1,
+        "--token",
+        TOKEN,
+        "--ca",
+        s(&ca),
+    ]);
+    assert_eq!(code, 0, "{err}");
+
+    let pull = |ca: &Path, cache: &str| {
+        Sidecar::start(
+            Path::new(""),
+            &[
+                "--control-plane",
+                &cp.1,
+                "--bundle-name",
+                "documents",
+                "--trusted-key",
+                s(&public),
+                "--control-plane-ca",
+                s(ca),
+                "--bundle-cache",
+                s(&w.join(cache)),
+                "--poll-interval-ms",
+                "200",
+            ],
+        )
+    };
+    let good = pull(&ca, "c1");
+    eventually("r1 over TLS", Duration::from_secs(20), || async {
+        good.revision().await.as_deref() == Some("r1")
+    })
+    .await;
+    let wrong = pull(&other_ca, "c2");
+    eventually(
+        "fetch failures counted",
+        Duration::from_secs(20),
+        || async {
+            wrong
+                .get("/metrics")
+                .await
+                .1
+                .lines()
+                .any(|l| l.starts_with("arbiter_bundle_fetch_failures_total") && !l.ends_with(" 0"))
+        },
+    )
+    .await;
+    assert_eq!(
+        wrong.get("/readyz").await.0,
+        503,
+        "nothing from an unverified control plane is served"
+    );
 }

@@ -707,8 +707,8 @@ async fn swap_test(args: &BenchArgs, tmp: &Path, duration: Duration) -> Result<(
         true,
     )?;
     let cp_url = format!("http://{}", cp.addr);
-    let admin =
-        AdminClient::new(&cp_url, token, Duration::from_secs(30)).map_err(|e| e.to_string())?;
+    let admin = AdminClient::new(&cp_url, token, Duration::from_secs(30), None)
+        .map_err(|e| e.to_string())?;
     admin
         .push("peer-bench", archives[0].clone().into())
         .await

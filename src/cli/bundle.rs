@@ -159,13 +159,16 @@ pub fn inspect(file: &Path, trusted: &[PathBuf]) -> Result<String, Failure> {
     Ok(out)
 }
 
-fn admin(url: &str, token: &str) -> Result<crate::controlplane::AdminClient, Failure> {
-    crate::controlplane::AdminClient::new(url, token, std::time::Duration::from_secs(30)).map_err(
-        |e| Failure {
+fn admin(
+    url: &str,
+    token: &str,
+    ca: Option<&Path>,
+) -> Result<crate::controlplane::AdminClient, Failure> {
+    crate::controlplane::AdminClient::new(url, token, std::time::Duration::from_secs(30), ca)
+        .map_err(|e| Failure {
             message: e.to_string(),
             code: 64,
-        },
-    )
+        })
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
@@ -184,14 +187,14 @@ fn refused(e: crate::controlplane::FetchError) -> Failure {
 
 /// `arbiter bundle push FILE --to URL`: publishes; the control plane checks
 /// the signature, the policies and their tests before storing it.
-pub fn push(file: &Path, to: &str, token: &str) -> Result<String, Failure> {
+pub fn push(file: &Path, to: &str, token: &str, ca: Option<&Path>) -> Result<String, Failure> {
     let bytes = std::fs::read(file)
         .map_err(|e| Failure::io(format!("cannot read `{}`: {e}", file.display())))?;
     let name = archive::unpack(&bytes, &ArchiveLimits::default())
         .map_err(Failure::data)?
         .manifest
         .name;
-    let client = admin(to, token)?;
+    let client = admin(to, token, ca)?;
     let answer = runtime()?
         .block_on(client.push(&name, bytes.into()))
         .map_err(refused)?;
@@ -199,8 +202,14 @@ pub fn push(file: &Path, to: &str, token: &str) -> Result<String, Failure> {
 }
 
 /// `arbiter bundle rollback NAME --to-revision REV --control-plane URL`.
-pub fn rollback(name: &str, revision: &str, url: &str, token: &str) -> Result<String, Failure> {
-    let client = admin(url, token)?;
+pub fn rollback(
+    name: &str,
+    revision: &str,
+    url: &str,
+    token: &str,
+    ca: Option<&Path>,
+) -> Result<String, Failure> {
+    let client = admin(url, token, ca)?;
     let answer = runtime()?
         .block_on(client.rollback(name, revision))
         .map_err(refused)?;
@@ -208,8 +217,8 @@ pub fn rollback(name: &str, revision: &str, url: &str, token: &str) -> Result<St
 }
 
 /// `arbiter bundle revisions NAME --control-plane URL`.
-pub fn revisions(name: &str, url: &str, token: &str) -> Result<String, Failure> {
-    let client = admin(url, token)?;
+pub fn revisions(name: &str, url: &str, token: &str, ca: Option<&Path>) -> Result<String, Failure> {
+    let client = admin(url, token, ca)?;
     let answer = runtime()?
         .block_on(client.revisions(name))
         .map_err(refused)?;

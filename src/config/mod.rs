@@ -78,6 +78,8 @@ pub struct ControlPlaneConfig {
     pub max_backoff_secs: u64,
     /// Where the last-known-good archive is kept across restarts.
     pub cache_dir: PathBuf,
+    /// The certificate authority (PEM) an `https` control plane must chain to.
+    pub ca_file: Option<PathBuf>,
     /// Seconds the active bundle may go without its source confirming it
     /// current before it counts as stale; 0 = never stale.
     pub max_bundle_age_secs: u64,
@@ -97,6 +99,7 @@ impl Default for ControlPlaneConfig {
             fetch_timeout_ms: 10_000,
             max_backoff_secs: 60,
             cache_dir: PathBuf::from(".arbiter/bundles"),
+            ca_file: None,
             max_bundle_age_secs: 0,
             fail_mode: crate::distribution::FailMode::ServeStale,
         }
@@ -250,8 +253,13 @@ impl Config {
                 }
             }
             (None, Some(url)) => {
-                crate::controlplane::BundleClient::new(&url, Duration::from_secs(1), 1)
-                    .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+                crate::controlplane::BundleClient::new(
+                    &url,
+                    Duration::from_secs(1),
+                    1,
+                    cp.ca_file.as_deref(),
+                )
+                .map_err(|e| ConfigError::Invalid(e.to_string()))?;
                 if self.bundle.trusted_keys.is_empty() {
                     return bad("pulled bundles must be signed: pass `--trusted-key PUBLIC.pem` or set `[bundle] trusted_keys`".into());
                 }

@@ -10,6 +10,7 @@ use bytes::Bytes;
 use http::Method;
 use http::{HeaderValue, Request, StatusCode, Uri, header};
 use http_body_util::{BodyExt, Empty, Full, LengthLimitError, Limited};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -46,21 +47,29 @@ pub enum FetchError {
     TooLarge { url: String, limit: usize },
     #[error("control plane refused ({status}): {message}")]
     Refused { status: u16, message: String },
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 /// Fetches one bundle URL. Cheap to clone.
 #[derive(Clone)]
 pub struct BundleClient {
-    http: Client<HttpConnector, Empty<Bytes>>,
+    http: Client<HttpsConnector<HttpConnector>, Empty<Bytes>>,
     url: Uri,
     timeout: Duration,
     max_bytes: usize,
 }
 
 impl BundleClient {
-    /// `timeout` bounds a whole exchange, beyond any long-poll wait.
-    pub fn new(url: &str, timeout: Duration, max_bytes: usize) -> Result<Self, FetchError> {
-        let (uri, connector) = connector(url, timeout)?;
+    /// `timeout` bounds a whole exchange, beyond any long-poll wait; `ca`
+    /// is the certificate authority an `https` source must chain to.
+    pub fn new(
+        url: &str,
+        timeout: Duration,
+        max_bytes: usize,
+        ca: Option<&std::path::Path>,
+    ) -> Result<Self, FetchError> {
+        let (uri, connector) = connector(url, timeout, ca)?;
         Ok(Self {
             http: Client::builder(TokioExecutor::new()).build(connector),
             url: uri,
@@ -161,32 +170,83 @@ impl BundleClient {
     }
 }
 
-/// Checks the URL and makes the connector both clients use (plain HTTP for
-/// now: TLS plugs in here).
-fn connector(url: &str, timeout: Duration) -> Result<(Uri, HttpConnector), FetchError> {
+/// Checks the URL and makes the connector both clients use. `https` needs
+/// the certificate authority the server must chain to (`ca`): sidecars trust
+/// their own control plane, not every public CA.
+fn connector(
+    url: &str,
+    timeout: Duration,
+    ca: Option<&std::path::Path>,
+) -> Result<(Uri, HttpsConnector<HttpConnector>), FetchError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
     let uri: Uri = url
         .parse()
         .map_err(|_| FetchError::BadUrl(url.to_owned()))?;
-    if uri.scheme_str() != Some("http") || uri.host().is_none() {
+    let https = match uri.scheme_str() {
+        Some("http") => false,
+        Some("https") => true,
+        _ => return Err(FetchError::BadUrl(url.to_owned())),
+    };
+    if uri.host().is_none() {
         return Err(FetchError::BadUrl(url.to_owned()));
     }
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(timeout));
-    connector.set_nodelay(true);
+    let mut roots = rustls::RootCertStore::empty();
+    match ca {
+        Some(path) => {
+            let certs = CertificateDer::pem_file_iter(path).map_err(|e| {
+                FetchError::Tls(format!("cannot read CA `{}`: {e}", path.display()))
+            })?;
+            for cert in certs {
+                let cert =
+                    cert.map_err(|e| FetchError::Tls(format!("CA `{}`: {e}", path.display())))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| FetchError::Tls(format!("CA `{}`: {e}", path.display())))?;
+            }
+        }
+        None if https => {
+            return Err(FetchError::Tls(format!(
+                "`{url}` is https: give the certificate authority it must chain to (--control-plane-ca / --ca)"
+            )));
+        }
+        None => {}
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| FetchError::Tls(e.to_string()))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(timeout));
+    http.set_nodelay(true);
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
     Ok((uri, connector))
 }
 
 /// Operator calls to the control plane: publish, roll back, list revisions.
 pub struct AdminClient {
-    http: Client<HttpConnector, Full<Bytes>>,
+    http: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     base: String,
     token: String,
     timeout: Duration,
 }
 
 impl AdminClient {
-    pub fn new(base: &str, token: &str, timeout: Duration) -> Result<Self, FetchError> {
-        let (_, connector) = connector(base, timeout)?;
+    pub fn new(
+        base: &str,
+        token: &str,
+        timeout: Duration,
+        ca: Option<&std::path::Path>,
+    ) -> Result<Self, FetchError> {
+        let (_, connector) = connector(base, timeout, ca)?;
         Ok(Self {
             http: Client::builder(TokioExecutor::new()).build(connector),
             base: base.trim_end_matches('/').to_owned(),
@@ -304,7 +364,7 @@ mod tests {
     }
 
     fn client(url: &str) -> BundleClient {
-        BundleClient::new(url, Duration::from_millis(500), 1024).expect("client")
+        BundleClient::new(url, Duration::from_millis(500), 1024, None).expect("client")
     }
 
     #[tokio::test]
@@ -381,8 +441,12 @@ mod tests {
         ));
 
         assert!(matches!(
-            BundleClient::new("ftp://x/y", Duration::from_secs(1), 1),
+            BundleClient::new("ftp://x/y", Duration::from_secs(1), 1, None),
             Err(FetchError::BadUrl(_))
+        ));
+        assert!(matches!(
+            BundleClient::new("https://x/y", Duration::from_secs(1), 1, None),
+            Err(FetchError::Tls(_))
         ));
     }
 }

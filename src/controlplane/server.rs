@@ -41,6 +41,8 @@ pub struct Settings {
     /// Bearer token required to publish and roll back.
     pub token: String,
     pub limits: ArchiveLimits,
+    /// Certificate chain and private key (PEM): serve HTTPS instead of HTTP.
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +56,68 @@ pub enum ServerError {
     },
     #[error("control plane failed: {0}")]
     Serve(std::io::Error),
+    #[error("TLS: {0}")]
+    Tls(String),
+}
+
+/// A rustls acceptor from PEM files (ring provider, safe default versions).
+fn tls_acceptor(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<tokio_rustls::TlsAcceptor, ServerError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let bad = |what: &std::path::Path, e: &dyn std::fmt::Display| {
+        ServerError::Tls(format!("`{}`: {e}", what.display()))
+    };
+    let certs = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| bad(cert, &e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(cert, &e))?;
+    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| bad(key, &e))?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| ServerError::Tls(e.to_string()))?
+    .with_no_client_auth()
+    .with_single_cert(certs, key_der)
+    .map_err(|e| ServerError::Tls(e.to_string()))?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Serves `app` over TLS until `shutdown`: each accepted connection is
+/// handshaken, then handed to hyper.
+async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    app: Router,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => accepted.map_err(ServerError::Serve)?,
+            () = &mut shutdown => return Ok(()),
+        };
+        let (acceptor, app) = (acceptor.clone(), app.clone());
+        tokio::spawn(async move {
+            let tls =
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => return tracing::debug!(%peer, "TLS handshake failed: {e}"),
+                    Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
+                };
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            if let Err(e) = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tls), service)
+                .await
+            {
+                tracing::debug!(%peer, "connection ended: {e}");
+            }
+        });
+    }
 }
 
 /// The active revision of one bundle, as served.
@@ -148,12 +212,21 @@ pub async fn serve(
             source,
         })?;
     let addr = listener.local_addr().unwrap_or(settings.addr);
-    tracing::info!(%addr, db = %settings.db.display(), "control plane listening");
     let app = router(state, settings.limits);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(ServerError::Serve)
+    match &settings.tls {
+        Some((cert, key)) => {
+            let acceptor = tls_acceptor(cert, key)?;
+            tracing::info!(%addr, db = %settings.db.display(), tls = true, "control plane listening");
+            serve_tls(listener, acceptor, app, shutdown).await
+        }
+        None => {
+            tracing::info!(%addr, db = %settings.db.display(), tls = false, "control plane listening");
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+                .map_err(ServerError::Serve)
+        }
+    }
 }
 
 fn router(state: Arc<AppState>, limits: ArchiveLimits) -> Router {

@@ -138,6 +138,7 @@ pub async fn serve_until(
             &url,
             Duration::from_millis(cp.fetch_timeout_ms),
             limits.max_archive_bytes as usize,
+            cp.ca_file.as_deref(),
         )
         .map_err(|e| ServeError::Source(e.to_string()))?;
         let fresh = Arc::new(Freshness::new(
