@@ -249,3 +249,116 @@ pub async fn poll(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bundle::Bundle;
+    use crate::decision::CacheSettings;
+
+    fn activator(dir: &Path, key: &ed25519_dalek::SigningKey) -> Activator {
+        let metrics = Arc::new(Metrics::new());
+        Activator {
+            decider: Arc::new(Decider::new(CacheSettings::OFF, metrics.clone(), None)),
+            metrics,
+            trusted: TrustedKeys::from_keys([key.verifying_key()]),
+            limits: ArchiveLimits::default(),
+            options: CompileOptions::default(),
+            store: dir.join("lkg.tar.gz"),
+            freshness: Arc::new(Freshness::new(
+                Duration::from_secs(60),
+                FailMode::ServeStale,
+            )),
+        }
+    }
+
+    /// The example bundle at `revision`, with `edit` applied to its files, signed.
+    fn archive_with(
+        key: &ed25519_dalek::SigningKey,
+        revision: &str,
+        edit: impl Fn(&mut Bundle),
+    ) -> Vec<u8> {
+        let mut b =
+            Bundle::read_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/documents"))
+                .expect("reads");
+        b.manifest.revision = revision.into();
+        b.files.insert(
+            "manifest.json".into(),
+            serde_json::to_vec(&b.manifest).expect("json"),
+        );
+        edit(&mut b);
+        archive::sign(
+            &archive::build(&b).expect("builds"),
+            key,
+            &ArchiveLimits::default(),
+        )
+        .expect("signs")
+    }
+
+    #[test]
+    fn refused_bundles_leave_the_active_one_in_place() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = ed25519_dalek::SigningKey::from_bytes(&[3; 32]);
+        let a = activator(dir.path(), &key);
+        a.activate(&archive_with(&key, "good", |_| {}), Path::new("test"))
+            .expect("good bundle activates");
+
+        let invalid = archive_with(&key, "invalid", |b| {
+            b.files.insert(
+                "broken.cedar".into(),
+                br#"@id("x") permit(principal, action, resource) when { resource.nope };"#.to_vec(),
+            );
+        });
+        assert!(matches!(
+            a.activate(&invalid, Path::new("test")),
+            Err(ActivationError::Invalid(_))
+        ));
+
+        let failing = archive_with(&key, "failing", |b| {
+            b.files.insert(
+                "tests/wrong.json".into(),
+                br#"[{"name": "wrong", "request": "requests/deny-suspended-user.json", "expect": {"outcome": "ALLOW"}}]"#.to_vec(),
+            );
+        });
+        let err = a
+            .activate(&failing, Path::new("test"))
+            .expect_err("tests fail");
+        assert!(
+            matches!(err, ActivationError::TestsFailed(ref t) if t.contains("outcome DENY (expected ALLOW)")),
+            "{err}"
+        );
+
+        assert!(matches!(
+            a.activate(b"<html>502 Bad Gateway</html>", Path::new("test")),
+            Err(ActivationError::Refused(_))
+        ));
+
+        let active = a.decider.snapshot().expect("still active");
+        assert_eq!(&**active.engine.revision(), "good");
+    }
+
+    #[test]
+    fn persisted_bundle_is_what_restarts_load() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = ed25519_dalek::SigningKey::from_bytes(&[4; 32]);
+        let bytes = archive_with(&key, "kept", |_| {});
+        activator(dir.path(), &key)
+            .persist(&bytes)
+            .expect("persists");
+        assert!(
+            !dir.path().join("lkg.partial").exists(),
+            "no temporary file is left behind"
+        );
+        let fresh = activator(dir.path(), &key);
+        assert!(fresh.load_last_known_good().is_some());
+        assert_eq!(
+            &**fresh.decider.snapshot().expect("active").engine.revision(),
+            "kept"
+        );
+        // A key that is no longer trusted: set aside, nothing served.
+        let other = activator(dir.path(), &ed25519_dalek::SigningKey::from_bytes(&[5; 32]));
+        assert!(other.load_last_known_good().is_none());
+        assert!(other.decider.snapshot().is_none());
+        assert!(dir.path().join("lkg.tar.rejected").exists());
+    }
+}
