@@ -337,38 +337,52 @@ fn can_be_in(ty: &EntityTypeName, target: &EntityTypeName, schema: &Schema) -> b
 
 /// The first conjunct of a policy's first condition, when it is a `when`
 /// comparing `var.attr` with a string, number or boolean literal. Read from
-/// Cedar's JSON policy form, which exposes the expression tree.
+/// the policy's expression tree (cedar-policy-core): the conditions are one
+/// expression, `when`s as they are and `unless`es negated, joined by `&&` in
+/// order, so the leftmost leaf of the `&&` chain is what Cedar evaluates first.
 fn leading_equality(p: &Policy) -> Option<(Var, String, Literal)> {
-    let json = p.to_json().ok()?;
-    let first = json.get("conditions")?.as_array()?.first()?;
-    if first.get("kind")?.as_str()? != "when" {
+    use cedar_policy_core::ast::{BinaryOp, ExprKind};
+    let policy: &cedar_policy_core::ast::Policy = p.as_ref();
+    let mut expr = policy.non_scope_constraints()?;
+    while let ExprKind::And { left, .. } = expr.expr_kind() {
+        expr = left;
+    }
+    let ExprKind::BinaryApp {
+        op: BinaryOp::Eq,
+        arg1,
+        arg2,
+    } = expr.expr_kind()
+    else {
         return None;
-    }
-    let mut expr = first.get("body")?;
-    while let Some(and) = expr.get("&&") {
-        expr = and.get("left")?;
-    }
-    let eq = expr.get("==")?;
-    let (left, right) = (eq.get("left")?, eq.get("right")?);
-    attr_access(left)
-        .zip(literal(right))
-        .or_else(|| attr_access(right).zip(literal(left)))
+    };
+    attr_access(arg1)
+        .zip(literal(arg2))
+        .or_else(|| attr_access(arg2).zip(literal(arg1)))
         .map(|((var, attr), lit)| (var, attr, lit))
 }
 
-fn attr_access(e: &Value) -> Option<(Var, String)> {
-    let dot = e.get(".")?;
-    let var = match dot.get("left")?.get("Var")?.as_str()? {
-        "principal" => Var::Principal,
-        "resource" => Var::Resource,
-        "context" => Var::Context,
+fn attr_access(e: &cedar_policy_core::ast::Expr) -> Option<(Var, String)> {
+    use cedar_policy_core::ast::{ExprKind, Var as CedarVar};
+    let ExprKind::GetAttr { expr, attr } = e.expr_kind() else {
+        return None;
+    };
+    let var = match expr.expr_kind() {
+        ExprKind::Var(CedarVar::Principal) => Var::Principal,
+        ExprKind::Var(CedarVar::Resource) => Var::Resource,
+        ExprKind::Var(CedarVar::Context) => Var::Context,
         _ => return None,
     };
-    Some((var, dot.get("attr")?.as_str()?.to_owned()))
+    Some((var, attr.to_string()))
 }
 
-fn literal(e: &Value) -> Option<Literal> {
-    Literal::of_json(e.get("Value")?)
+fn literal(e: &cedar_policy_core::ast::Expr) -> Option<Literal> {
+    use cedar_policy_core::ast::{ExprKind, Literal as CedarLiteral};
+    match e.expr_kind() {
+        ExprKind::Lit(CedarLiteral::String(s)) => Some(Literal::Str(s.to_string())),
+        ExprKind::Lit(CedarLiteral::Long(n)) => Some(Literal::Long(*n)),
+        ExprKind::Lit(CedarLiteral::Bool(b)) => Some(Literal::Bool(*b)),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
