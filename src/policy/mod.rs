@@ -144,13 +144,29 @@ impl Engine {
                     "policy templates are not supported in bundles yet".into(),
                 ));
             }
+            // Policies come in source order: find each one's text from where
+            // the previous one was found, counting lines as we go (a search
+            // from the start each time is quadratic in the file size).
+            let (mut cursor, mut cursor_line) = (0usize, 1usize);
             for policy in set.policies() {
                 let text = policy.to_string();
-                let line = file
+                let line = match file
                     .text
-                    .find(text.as_str())
-                    .map(|at| line_of(&file.text, at))
-                    .unwrap_or(1);
+                    .get(cursor..)
+                    .and_then(|rest| rest.find(text.as_str()))
+                {
+                    Some(rel) => {
+                        let at = cursor + rel;
+                        cursor_line += file.text[cursor..at].matches('\n').count();
+                        cursor = at;
+                        cursor_line
+                    }
+                    None => file
+                        .text
+                        .find(text.as_str())
+                        .map(|at| line_of(&file.text, at))
+                        .unwrap_or(1),
+                };
                 let Some(id) = policy.annotation("id").map(str::to_owned) else {
                     problems.push(problem(
                         &file.name,
