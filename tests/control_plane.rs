@@ -272,33 +272,20 @@ async fn tls_control_plane_is_verified_against_the_configured_ca() {
     assert!(cp.1.starts_with("https://"), "{}", cp.1);
 
     // No CA given: refused before connecting; a CA that did not sign the server's certificate: refused by TLS.
-    let (code, _, err) = run(&["bundle", "push", s(&r1), "--to", &cp.1, "--token", TOKEN]);
+    let push = |ca: Option<&Path>| {
+        let mut args = vec!["bundle", "push", s(&r1), "--to", &cp.1, "--token", TOKEN];
+        if let Some(ca) = ca {
+            args.extend(["--ca", s(ca)]);
+        }
+        run(&args)
+    };
+    let (code, _, err) = push(None);
     assert_ne!(code, 0);
     assert!(err.contains("certificate authority"), "{err}");
-    let (code, _, err) = run(&[
-        "bundle",
-        "push",
-        s(&r1),
-        "--to",
-        &cp.1,
-        "--token",
-        TOKEN,
-        "--ca",
-        s(&other_ca),
-    ]);
+    let (code, _, err) = push(Some(&other_ca));
     assert_ne!(code, 0);
     assert!(err.to_lowercase().contains("certificate"), "{err}");
-    let (code, _, err) = run(&[
-        "bundle",
-        "push",
-        s(&r1),
-        "--to",
-        &cp.1,
-        "--token",
-        TOKEN,
-        "--ca",
-        s(&ca),
-    ]);
+    let (code, _, err) = push(Some(&ca));
     assert_eq!(code, 0, "{err}");
 
     let pull = |ca: &Path, cache: &str| {

@@ -116,10 +116,7 @@ impl BundleClient {
                 .http
                 .request(req)
                 .await
-                .map_err(|e| FetchError::Unreachable {
-                    url: url.clone(),
-                    message: error_chain(&e),
-                })?;
+                .map_err(|e| unreachable(&url, &e))?;
             match resp.status() {
                 StatusCode::NOT_MODIFIED => return Ok(Fetched::NotModified),
                 StatusCode::OK => {}
@@ -293,10 +290,7 @@ impl AdminClient {
                 .http
                 .request(req)
                 .await
-                .map_err(|e| FetchError::Unreachable {
-                    url: url.clone(),
-                    message: error_chain(&e),
-                })?;
+                .map_err(|e| unreachable(&url, &e))?;
             let status = resp.status();
             let text = resp
                 .into_body()
@@ -319,6 +313,13 @@ impl AdminClient {
                 url: url.clone(),
                 secs: self.timeout.as_secs(),
             })?
+    }
+}
+
+fn unreachable(url: &str, e: &dyn std::error::Error) -> FetchError {
+    FetchError::Unreachable {
+        url: url.to_owned(),
+        message: error_chain(e),
     }
 }
 

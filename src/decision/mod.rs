@@ -148,7 +148,9 @@ impl Decider {
         match &active.cache {
             None => active.engine.decide(request).map(Arc::new),
             Some(cache) => {
-                let key = request.canonical_bytes();
+                let Some(key) = request.canonical_bytes() else {
+                    return active.engine.decide(request).map(Arc::new);
+                };
                 match cache.get(&key) {
                     Some(hit) => {
                         self.metrics.cache(true);

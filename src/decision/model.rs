@@ -30,9 +30,10 @@ pub struct Request {
 
 impl Request {
     /// A canonical byte form: equal requests give equal bytes (object keys are
-    /// sorted), so it can key a cache.
-    pub fn canonical_bytes(&self) -> Vec<u8> {
-        serde_json::to_vec(self).unwrap_or_default()
+    /// sorted), so it can key a cache. `None` if it cannot be made: the caller
+    /// must then not cache, since a shared fallback key would mix decisions.
+    pub fn canonical_bytes(&self) -> Option<Vec<u8>> {
+        serde_json::to_vec(self).ok()
     }
 }
 

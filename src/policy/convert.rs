@@ -346,7 +346,6 @@ impl<'m> Converter<'m> {
             let field = path.child(name);
             let v = match ty.attrs.get(name) {
                 Some(spec) => self.value(&field, value, &spec.ty)?,
-                None if ty.open => untyped(&field, value)?,
                 None => {
                     let mut known: Vec<&str> = ty.attrs.keys().map(String::as_str).collect();
                     known.sort_unstable();
@@ -442,34 +441,6 @@ fn extension(path: &Path<'_>, ext: Extension, s: &str) -> Result<CedarValue, Req
     RestrictedEvaluator::new(Extensions::all_available())
         .interpret(call.as_borrowed())
         .map_err(|e| path.err(format!("`{s}` is not a valid {function} value: {e}")))
-}
-
-/// Values under `additionalAttributes` records have no declared type.
-fn untyped(path: &Path<'_>, v: &Value) -> Result<CedarValue, RequestError> {
-    Ok(match v {
-        Value::String(s) => CedarValue::from(s.as_str()),
-        Value::Bool(b) => CedarValue::from(*b),
-        Value::Number(n) => CedarValue::from(
-            n.as_i64()
-                .ok_or_else(|| path.err(format!("expected a whole number, got `{n}`")))?,
-        ),
-        Value::Array(items) => {
-            let mut out = Vec::with_capacity(items.len());
-            for (i, item) in items.iter().enumerate() {
-                let idx = i.to_string();
-                out.push(untyped(&path.child(&idx), item)?);
-            }
-            CedarValue::set(out, None)
-        }
-        Value::Object(obj) => {
-            let mut out = Vec::with_capacity(obj.len());
-            for (k, item) in obj {
-                out.push((SmolStr::new(k), untyped(&path.child(k), item)?));
-            }
-            CedarValue::record(out, None)
-        }
-        Value::Null => return Err(path.err("null is not a Cedar value; leave the field out")),
-    })
 }
 
 /// Accepts the AuthZEN form `{"type": T, "id": I}` and Cedar's `{"__entity": {...}}`.

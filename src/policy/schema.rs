@@ -33,11 +33,11 @@ pub enum Extension {
     Duration,
 }
 
+/// A record's declared attributes; anything else is refused (the
+/// `.cedarschema` form has no open records).
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct RecordType {
     pub attrs: HashMap<String, AttrSpec>,
-    /// Whether attributes beyond `attrs` are allowed.
-    pub open: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -255,11 +255,7 @@ impl Resolver<'_> {
                 },
             );
         }
-        let open = v
-            .get("additionalAttributes")
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
-        Ok(RecordType { attrs, open })
+        Ok(RecordType { attrs })
     }
 }
 
