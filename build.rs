@@ -5,15 +5,24 @@ use std::{env, fs, path::PathBuf};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = PathBuf::from(env::var("OUT_DIR")?);
-    for (proto, descriptor) in [
+    // One package per compile: protos of one package share a generated file.
+    for (protos, descriptor) in [
         (
-            "proto/arbiter/v1/authorizer.proto",
+            &[
+                "proto/arbiter/v1/authorizer.proto",
+                "proto/arbiter/v1/decision_log.proto",
+            ][..],
             "authorizer_descriptor.bin",
         ),
-        ("proto/arbiter/bench/v1/echo.proto", "echo_descriptor.bin"),
+        (
+            &["proto/arbiter/bench/v1/echo.proto"][..],
+            "echo_descriptor.bin",
+        ),
     ] {
-        println!("cargo:rerun-if-changed={proto}");
-        let fds = protox::compile([proto], ["proto"])?;
+        for proto in protos {
+            println!("cargo:rerun-if-changed={proto}");
+        }
+        let fds = protox::compile(protos, ["proto"])?;
         fs::write(out.join(descriptor), prost::Message::encode_to_vec(&fds))?;
         tonic_prost_build::configure()
             .codec_path("crate::api::codec::StrictProstCodec")

@@ -33,6 +33,7 @@ pub mod cli;
 pub mod config;
 pub mod controlplane;
 pub mod decision;
+pub mod decision_log;
 pub mod distribution;
 pub mod policy;
 pub mod policytest;

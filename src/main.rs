@@ -33,6 +33,9 @@ enum Command {
     ControlPlane(ControlPlaneArgs),
     /// Run the policy tests a bundle carries (`tests/*.json`).
     Test(TestArgs),
+    /// Ask the decision trail: show one decision, query, verify the chain.
+    #[command(subcommand)]
+    Log(LogCommand),
     /// Load-test a sidecar against a bare gRPC echo baseline.
     Bench(arbiter::bench::BenchArgs),
     /// The echo server `bench` measures against (started by `bench`).
@@ -113,6 +116,90 @@ enum BundleCommand {
         /// Also verify against these public keys.
         #[arg(long = "trusted-key")]
         trusted_keys: Vec<PathBuf>,
+    },
+}
+
+/// Where the trail is read: the control plane and its operator token.
+#[derive(Args)]
+struct TrailSource {
+    /// Control plane URL, e.g. `http://127.0.0.1:8181`.
+    #[arg(long = "control-plane", env = "ARBITER_CONTROL_PLANE")]
+    control_plane: String,
+    #[arg(long, env = "ARBITER_CONTROL_PLANE_TOKEN", hide_env_values = true)]
+    token: String,
+    #[arg(long, env = "ARBITER_CONTROL_PLANE_CA")]
+    ca: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum LogCommand {
+    /// Print one decision: masked request, outcome, deciding policies with their text.
+    Show {
+        decision_id: String,
+        #[command(flatten)]
+        source: TrailSource,
+        /// Print the JSON the control plane holds.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List decisions matching every filter given (oldest first).
+    Query {
+        #[command(flatten)]
+        source: TrailSource,
+        /// From this time (UTC RFC 3339, e.g. 2026-11-24T10:00:00Z), inclusive.
+        #[arg(long)]
+        since: Option<String>,
+        /// Until this time, exclusive.
+        #[arg(long)]
+        until: Option<String>,
+        /// Subject id (and optionally --subject-type).
+        #[arg(long)]
+        subject: Option<String>,
+        #[arg(long)]
+        subject_type: Option<String>,
+        /// Resource id (and optionally --resource-type).
+        #[arg(long)]
+        resource: Option<String>,
+        #[arg(long)]
+        resource_type: Option<String>,
+        /// ALLOW, DENY, STEP_UP or APPROVAL_REQUIRED.
+        #[arg(long)]
+        outcome: Option<String>,
+        /// Decisions this policy id took part in.
+        #[arg(long)]
+        policy: Option<String>,
+        /// One sidecar instance.
+        #[arg(long)]
+        instance: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// One JSON record per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check hash chains: on the control plane, or in an NDJSON export/spool file.
+    Verify {
+        /// An exported or spooled NDJSON file instead of the control plane.
+        #[arg(long)]
+        file: Option<PathBuf>,
+        #[arg(
+            long = "control-plane",
+            env = "ARBITER_CONTROL_PLANE",
+            required_unless_present = "file"
+        )]
+        control_plane: Option<String>,
+        #[arg(
+            long,
+            env = "ARBITER_CONTROL_PLANE_TOKEN",
+            hide_env_values = true,
+            default_value = ""
+        )]
+        token: String,
+        #[arg(long, env = "ARBITER_CONTROL_PLANE_CA")]
+        ca: Option<PathBuf>,
+        /// Only this sidecar instance (default: every instance).
+        #[arg(long)]
+        instance: Option<String>,
     },
 }
 
@@ -220,6 +307,18 @@ struct ServeArgs {
     /// Decisions kept in the decision cache (0 = off).
     #[arg(long, env = "ARBITER_CACHE_ENTRIES")]
     cache_entries: Option<u64>,
+    /// Ship decision records to this control plane [default: --control-plane].
+    #[arg(long, env = "ARBITER_DECISION_LOG_TO")]
+    decision_log_to: Option<String>,
+    /// Also write decision records to this NDJSON file (`-` = stdout).
+    #[arg(long, env = "ARBITER_DECISION_LOG_FILE")]
+    decision_log_file: Option<PathBuf>,
+    /// The decision log spool directory [default: .arbiter/decisions].
+    #[arg(long, env = "ARBITER_DECISION_LOG_SPOOL")]
+    decision_log_spool: Option<PathBuf>,
+    /// When an answer may leave [default: buffered].
+    #[arg(long, env = "ARBITER_DECISION_LOG_DURABILITY")]
+    decision_log_durability: Option<arbiter::decision_log::Durability>,
 }
 
 #[derive(Args)]
@@ -261,6 +360,7 @@ fn main() -> ExitCode {
             }
             Err(f) => failure(f),
         },
+        Command::Log(cmd) => log(cmd),
         Command::Bench(args) => arbiter::bench::run(args),
         Command::BenchEcho(args) => arbiter::bench::run_echo(args),
     }
@@ -316,6 +416,19 @@ fn serve(args: ServeArgs) -> ExitCode {
     }
     if let Some(v) = args.log_format {
         config.log.format = v;
+    }
+    let d = &mut config.decision_log;
+    if let Some(v) = args.decision_log_to {
+        d.ship_to = Some(v);
+    }
+    if let Some(v) = args.decision_log_file {
+        d.file = Some(v);
+    }
+    if let Some(v) = args.decision_log_spool {
+        d.spool_dir = v;
+    }
+    if let Some(v) = args.decision_log_durability {
+        d.durability = v;
     }
     if let Some(v) = args.cache_entries {
         config.cache.max_entries = v;
@@ -457,6 +570,76 @@ fn bundle(cmd: BundleCommand) -> ExitCode {
             token,
             ca,
         } => b::revisions(&name, &control_plane, &token, ca.as_deref()),
+    };
+    match result {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(f) => failure(f),
+    }
+}
+
+fn log(cmd: LogCommand) -> ExitCode {
+    use arbiter::cli::log;
+    fn source(s: &TrailSource) -> arbiter::cli::log::Source<'_> {
+        arbiter::cli::log::Source {
+            url: &s.control_plane,
+            token: &s.token,
+            ca: s.ca.as_deref(),
+        }
+    }
+    let result = match cmd {
+        LogCommand::Show {
+            decision_id,
+            source: s,
+            json,
+        } => log::show(&source(&s), &decision_id, json),
+        LogCommand::Query {
+            source: s,
+            since,
+            until,
+            subject,
+            subject_type,
+            resource,
+            resource_type,
+            outcome,
+            policy,
+            instance,
+            limit,
+            json,
+        } => {
+            let filter = arbiter::controlplane::trail::Filter {
+                since,
+                until,
+                instance,
+                subject,
+                subject_type,
+                resource,
+                resource_type,
+                outcome,
+                policy,
+                limit: Some(limit),
+            };
+            log::query(&source(&s), &filter, json)
+        }
+        LogCommand::Verify {
+            file: Some(file), ..
+        } => log::verify_file(&file),
+        LogCommand::Verify {
+            control_plane,
+            token,
+            ca,
+            instance,
+            ..
+        } => log::verify_remote(
+            &log::Source {
+                url: control_plane.as_deref().unwrap_or_default(),
+                token: &token,
+                ca: ca.as_deref(),
+            },
+            instance.as_deref(),
+        ),
     };
     match result {
         Ok(text) => {

@@ -7,7 +7,7 @@ use tonic::{Request, Response, Status};
 
 use super::convert::{self, Limits, Semantic};
 use super::pb::v1::{self as pb, authorizer_server::Authorizer};
-use crate::decision::{CheckError, Decider, Outcome};
+use crate::decision::{Call, CheckError, Decider, Outcome};
 
 pub struct AuthorizerService {
     decider: Arc<Decider>,
@@ -27,7 +27,15 @@ fn status(e: CheckError) -> Status {
             Status::unavailable("no policy bundle is active yet; retry shortly")
         }
         CheckError::Invalid(e) => Status::invalid_argument(e.to_string()),
+        CheckError::NotRecorded(why) => Status::unavailable(why),
     }
+}
+
+/// The trace id of a W3C `traceparent` header (`00-<trace id>-<span id>-<flags>`).
+fn trace_id(metadata: &tonic::metadata::MetadataMap) -> Option<String> {
+    let value = metadata.get("traceparent")?.to_str().ok()?;
+    let id = value.split('-').nth(1)?;
+    (id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit())).then(|| id.to_owned())
 }
 
 #[tonic::async_trait]
@@ -36,10 +44,14 @@ impl Authorizer for AuthorizerService {
         &self,
         request: Request<pb::CheckRequest>,
     ) -> Result<Response<pb::CheckResponse>, Status> {
+        let call = Call {
+            kind: "check",
+            trace_id: trace_id(request.metadata()),
+        };
         let msg = request.into_inner();
         convert::check_size(msg.encoded_len(), &self.limits)?;
         let req = convert::request(msg, &self.limits)?;
-        let answer = self.decider.check(&req).map_err(status)?;
+        let answer = self.decider.check(req, &call).await.map_err(status)?;
         Ok(Response::new(convert::answer(&answer)))
     }
 
@@ -47,6 +59,10 @@ impl Authorizer for AuthorizerService {
         &self,
         request: Request<pb::CheckBatchRequest>,
     ) -> Result<Response<pb::CheckBatchResponse>, Status> {
+        let call = Call {
+            kind: "check_batch",
+            trace_id: trace_id(request.metadata()),
+        };
         let msg = request.into_inner();
         convert::check_size(msg.encoded_len(), &self.limits)?;
         let (items, semantic) = convert::batch(msg, &self.limits)?;
@@ -55,17 +71,31 @@ impl Authorizer for AuthorizerService {
             .decider
             .snapshot()
             .ok_or_else(|| status(CheckError::NotReady))?;
-        let mut results = Vec::with_capacity(items.len());
+        let mut decided = Vec::with_capacity(items.len());
         for item in items {
-            let result = item.and_then(|req| self.decider.check_on(&active, &req).map_err(status));
+            let result =
+                item.and_then(|req| self.decider.check_on(&active, req, &call).map_err(status));
             let stop = match &result {
-                Ok(a) => match semantic {
+                Ok((a, _)) => match semantic {
                     Semantic::ExecuteAll => false,
                     Semantic::DenyOnFirstDeny => a.decision.outcome != Outcome::Allow,
                     Semantic::PermitOnFirstPermit => a.decision.outcome == Outcome::Allow,
                 },
                 // An item error is not a permit: it stops deny-on-first-deny.
                 Err(_) => semantic == Semantic::DenyOnFirstDeny,
+            };
+            decided.push(result);
+            if stop {
+                break;
+            }
+        }
+        // Every record was handed over above; now wait for those that must
+        // be kept before answering (they are written together).
+        let mut results = Vec::with_capacity(decided.len());
+        for result in decided {
+            let result = match result {
+                Ok((answer, handoff)) => handoff.settle().await.map(|()| answer).map_err(status),
+                Err(s) => Err(s),
             };
             results.push(pb::BatchResult {
                 result: Some(match result {
@@ -76,9 +106,6 @@ impl Authorizer for AuthorizerService {
                     }),
                 }),
             });
-            if stop {
-                break;
-            }
         }
         Ok(Response::new(pb::CheckBatchResponse { results }))
     }

@@ -17,13 +17,13 @@ pub struct Failure {
 }
 
 impl Failure {
-    fn data(message: impl ToString) -> Self {
+    pub(crate) fn data(message: impl ToString) -> Self {
         Self {
             message: message.to_string(),
             code: 65,
         }
     }
-    fn io(message: impl ToString) -> Self {
+    pub(crate) fn io(message: impl ToString) -> Self {
         Self {
             message: message.to_string(),
             code: 74,
@@ -159,7 +159,7 @@ pub fn inspect(file: &Path, trusted: &[PathBuf]) -> Result<String, Failure> {
     Ok(out)
 }
 
-fn admin(
+pub(crate) fn admin(
     url: &str,
     token: &str,
     ca: Option<&Path>,
@@ -171,14 +171,14 @@ fn admin(
         })
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| Failure::io(format!("cannot start the runtime: {e}")))
 }
 
-fn refused(e: crate::controlplane::FetchError) -> Failure {
+pub(crate) fn refused(e: crate::controlplane::FetchError) -> Failure {
     Failure {
         message: e.to_string(),
         code: 69,

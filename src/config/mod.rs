@@ -21,6 +21,7 @@ pub struct Config {
     pub cache: CacheConfig,
     pub policy: PolicyConfig,
     pub log: LogConfig,
+    pub decision_log: DecisionLogConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -190,6 +191,70 @@ impl Default for LogConfig {
     }
 }
 
+/// The decision trail. It is on whenever it has somewhere to go: a control
+/// plane (`ship_to`, or else `control_plane.url`) and/or a local `file`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DecisionLogConfig {
+    /// `false` turns the trail off even with a destination.
+    pub enabled: bool,
+    /// Control plane URL to ship records to; defaults to `control_plane.url`.
+    pub ship_to: Option<String>,
+    /// Also write every record here as NDJSON (`-` = stdout).
+    pub file: Option<PathBuf>,
+    /// Where records wait until the control plane acknowledges them.
+    pub spool_dir: PathBuf,
+    /// `buffered` (answer at once) or `durable` (answer once the record is fsynced).
+    pub durability: crate::decision_log::Durability,
+    /// At the spool cap: `block` (refuse decisions that cannot be recorded) or `drop`.
+    pub overflow: crate::decision_log::Overflow,
+    pub max_spool_bytes: u64,
+    pub segment_bytes: u64,
+    /// How long a decision may wait for its record to be kept before it is refused.
+    pub block_timeout_ms: u64,
+    /// Records the in-memory queue holds.
+    pub queue_capacity: usize,
+    /// Most records per write and per shipped batch.
+    pub batch_max_records: usize,
+    /// fsync the spool after every batch (group commit).
+    pub fsync: bool,
+}
+
+impl Default for DecisionLogConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            ship_to: None,
+            file: None,
+            spool_dir: PathBuf::from(".arbiter/decisions"),
+            durability: Default::default(),
+            overflow: Default::default(),
+            max_spool_bytes: 1 << 30,
+            segment_bytes: 8 << 20,
+            block_timeout_ms: 250,
+            queue_capacity: 65_536,
+            batch_max_records: 1024,
+            fsync: true,
+        }
+    }
+}
+
+impl Config {
+    /// Where decision records are shipped, if anywhere.
+    pub fn decision_log_destination(&self) -> Option<&str> {
+        self.decision_log
+            .ship_to
+            .as_deref()
+            .or(self.control_plane.url.as_deref())
+    }
+
+    /// Whether decisions are recorded at all.
+    pub fn decision_log_on(&self) -> bool {
+        self.decision_log.enabled
+            && (self.decision_log_destination().is_some() || self.decision_log.file.is_some())
+    }
+}
+
 /// Why the configuration was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -303,6 +368,25 @@ impl Config {
         }
         if self.cache.max_entries > 0 && self.cache.ttl_secs == 0 {
             return bad("`cache.ttl_secs` must be at least 1 when the cache is on".into());
+        }
+        let d = &self.decision_log;
+        if let Some(url) = &d.ship_to
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return bad(format!(
+                "`decision_log.ship_to` `{url}` must be an http:// or https:// URL"
+            ));
+        }
+        for (name, value) in [
+            ("decision_log.max_spool_bytes", d.max_spool_bytes),
+            ("decision_log.segment_bytes", d.segment_bytes),
+            ("decision_log.block_timeout_ms", d.block_timeout_ms),
+            ("decision_log.queue_capacity", d.queue_capacity as u64),
+            ("decision_log.batch_max_records", d.batch_max_records as u64),
+        ] {
+            if value == 0 {
+                return bad(format!("`{name}` must be at least 1"));
+            }
         }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| ConfigError::Invalid(format!("`log.level` `{}`: {e}", self.log.level)))?;

@@ -175,6 +175,31 @@ fn connector(
     timeout: Duration,
     ca: Option<&std::path::Path>,
 ) -> Result<(Uri, HttpsConnector<HttpConnector>), FetchError> {
+    connector_for(url, timeout, ca, false)
+}
+
+/// A gRPC channel to the control plane (HTTP/2; TLS verified against `ca`
+/// for https), for the decision-log stream.
+pub fn grpc_channel(
+    url: &str,
+    timeout: Duration,
+    ca: Option<&std::path::Path>,
+) -> Result<tonic::transport::Channel, FetchError> {
+    let (uri, connector) = connector_for(url, timeout, ca, true)?;
+    let endpoint = tonic::transport::Endpoint::from(uri)
+        .connect_timeout(timeout)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10));
+    Ok(endpoint.connect_with_connector_lazy(connector))
+}
+
+fn connector_for(
+    url: &str,
+    timeout: Duration,
+    ca: Option<&std::path::Path>,
+    http2: bool,
+) -> Result<(Uri, HttpsConnector<HttpConnector>), FetchError> {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
     let uri: Uri = url
@@ -220,11 +245,14 @@ fn connector(
     http.enforce_http(false);
     http.set_connect_timeout(Some(timeout));
     http.set_nodelay(true);
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+    let builder = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(http);
+        .https_or_http();
+    let connector = if http2 {
+        builder.enable_http2().wrap_connector(http)
+    } else {
+        builder.enable_http1().wrap_connector(http)
+    };
     Ok((uri, connector))
 }
 
@@ -275,6 +303,11 @@ impl AdminClient {
             Bytes::new(),
         )
         .await
+    }
+
+    /// Any authenticated GET, e.g. `/decisions?outcome=DENY`.
+    pub async fn get(&self, path_and_query: &str) -> Result<String, FetchError> {
+        self.send(Method::GET, path_and_query, Bytes::new()).await
     }
 
     async fn send(&self, method: Method, path: &str, body: Bytes) -> Result<String, FetchError> {

@@ -6,5 +6,6 @@
 pub mod client;
 pub mod server;
 pub mod store;
+pub mod trail;
 
 pub use client::{AdminClient, BundleClient, FetchError, Fetched, Validators};

@@ -8,7 +8,12 @@
 //!                                 `Prefer: wait=N` holds a 304 up to N s (max 60) for a new revision
 //! GET  /bundles/{name}/revisions  every stored revision, newest first
 //! POST /bundles/{name}/rollback   {"revision": "..."} (bearer token)
-//! GET  /healthz
+//! GET  /decisions?since=&until=&subject=&resource=&outcome=&policy=&instance=&limit=
+//! GET  /decisions/{id}             one record, with the text of its deciding policies
+//! GET  /decisions/verify?instance= walk each stored chain from seq 1
+//! GET  /decisions/export?instance= the chained NDJSON lines (all /decisions: bearer token)
+//! GET  /healthz, /metrics
+//! gRPC arbiter.v1.DecisionLog/Ship sidecars stream decision records (same port, HTTP/2)
 //! ```
 
 use std::collections::HashMap;
@@ -19,13 +24,15 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use tokio::sync::watch;
 
 use super::store::{Put, Store, StoreError};
+use super::trail::{DecisionLogService, DecisionStore, Filter, TrailError};
+use crate::api::pb::v1::decision_log_server::DecisionLogServer;
 use crate::bundle::keys::TrustedKeys;
 use crate::bundle::{ArchiveLimits, archive};
 use crate::policy::{CompileOptions, Engine};
@@ -58,6 +65,8 @@ pub enum ServerError {
     Serve(std::io::Error),
     #[error("TLS: {0}")]
     Tls(String),
+    #[error("decision store: {0}")]
+    Decisions(String),
 }
 
 /// A rustls acceptor from PEM files (ring provider, safe default versions).
@@ -83,6 +92,9 @@ fn tls_acceptor(
     .with_no_client_auth()
     .with_single_cert(certs, key_der)
     .map_err(|e| ServerError::Tls(e.to_string()))?;
+    let mut config = config;
+    // gRPC (decision records) needs HTTP/2; operators' tools may use HTTP/1.1.
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
@@ -129,6 +141,7 @@ struct Published {
 
 struct AppState {
     store: Store,
+    decisions: Arc<DecisionStore>,
     trusted: TrustedKeys,
     token: String,
     limits: ArchiveLimits,
@@ -150,6 +163,22 @@ impl AppState {
             etag: format!("\"{digest}\""),
             bytes: Bytes::from(bytes),
         })));
+    }
+
+    /// Policy text by `@id` for a stored revision (empty if it is not stored).
+    fn policy_texts(&self, name: &str, revision: &str) -> HashMap<String, String> {
+        let Ok(Some(bytes)) = self.store.archive(name, revision) else {
+            return HashMap::new();
+        };
+        match archive::verify(
+            &bytes,
+            &self.trusted,
+            &self.limits,
+            std::path::Path::new("stored"),
+        ) {
+            Ok(verified) => crate::policy::policy_texts(verified.bundle()),
+            Err(_) => HashMap::new(),
+        }
     }
 
     fn authorized(&self, headers: &HeaderMap) -> bool {
@@ -195,8 +224,12 @@ pub async fn serve(
         let _ = std::fs::create_dir_all(dir);
     }
     let store = Store::open(&settings.db)?;
+    let decisions = Arc::new(
+        DecisionStore::open(&settings.db).map_err(|e| ServerError::Decisions(e.to_string()))?,
+    );
     let state = Arc::new(AppState {
         store,
+        decisions,
         trusted: settings.trusted,
         token: settings.token,
         limits: settings.limits,
@@ -230,16 +263,162 @@ pub async fn serve(
 }
 
 fn router(state: Arc<AppState>, limits: ArchiveLimits) -> Router {
+    let ship = DecisionLogServer::new(DecisionLogService {
+        store: state.decisions.clone(),
+    })
+    .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
+    .send_compressed(tonic::codec::CompressionEncoding::Gzip)
+    .max_decoding_message_size(16 << 20);
+    let grpc = tonic::service::Routes::new(ship).into_axum_router();
     Router::new()
         .route("/bundles/{name}", get(fetch).put(publish))
         .route("/bundles/{name}/revisions", get(revisions))
         .route("/bundles/{name}/rollback", post(rollback))
+        .route("/decisions", get(query_decisions))
+        .route("/decisions/verify", get(verify_decisions))
+        .route("/decisions/export", get(export_decisions))
+        .route("/decisions/{id}", get(show_decision))
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
         // Archives are bigger than axum's default body limit.
         .layer(DefaultBodyLimit::max(
             usize::try_from(limits.max_archive_bytes).unwrap_or(usize::MAX),
         ))
         .with_state(state)
+        .merge(grpc)
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let mut registry = prometheus_client::registry::Registry::with_prefix("arbiter_control_plane");
+    registry.register(
+        "decision_records_received",
+        "Decision records received from sidecars (resends included)",
+        state.decisions.records_stored.clone(),
+    );
+    registry.register(
+        "decision_chain_breaks",
+        "Chain breaks detected when records arrived",
+        state.decisions.chain_breaks.clone(),
+    );
+    let mut out = String::new();
+    let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        out,
+    )
+        .into_response()
+}
+
+/// Runs a store read off the async threads; maps errors to responses.
+async fn read_trail<T: Send + 'static>(
+    state: &Arc<AppState>,
+    headers: &HeaderMap,
+    read: impl FnOnce(&DecisionStore) -> Result<T, TrailError> + Send + 'static,
+) -> Result<T, Response> {
+    if !state.authorized(headers) {
+        return Err(message(
+            StatusCode::UNAUTHORIZED,
+            "reading decision records needs `Authorization: Bearer <token>`",
+        ));
+    }
+    let store = state.decisions.clone();
+    match tokio::task::spawn_blocking(move || read(&store)).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(TrailError::Bad(why))) => Err(message(StatusCode::BAD_REQUEST, why)),
+        Ok(Err(e)) => Err(message(StatusCode::INTERNAL_SERVER_ERROR, e)),
+        Err(e) => Err(message(StatusCode::INTERNAL_SERVER_ERROR, e)),
+    }
+}
+
+async fn query_decisions(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(filter): Query<Filter>,
+) -> Response {
+    match read_trail(&state, &headers, move |s| s.query(&filter)).await {
+        Ok(records) => json(StatusCode::OK, serde_json::json!({ "records": records })),
+        Err(r) => r,
+    }
+}
+
+async fn verify_decisions(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(filter): Query<Filter>,
+) -> Response {
+    let instance = filter.instance;
+    match read_trail(&state, &headers, move |s| s.verify(instance.as_deref())).await {
+        Ok(reports) => json(StatusCode::OK, serde_json::json!({ "instances": reports })),
+        Err(r) => r,
+    }
+}
+
+async fn export_decisions(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(filter): Query<Filter>,
+) -> Response {
+    let Some(instance) = filter.instance else {
+        return message(StatusCode::BAD_REQUEST, "`instance` is required");
+    };
+    match read_trail(&state, &headers, move |s| s.export(&instance)).await {
+        Ok(lines) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/x-ndjson")],
+            lines,
+        )
+            .into_response(),
+        Err(r) => r,
+    }
+}
+
+async fn show_decision(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let lookup = id.clone();
+    let found = match read_trail(&state, &headers, move |s| s.get(&lookup)).await {
+        Ok(Some(found)) => found,
+        Ok(None) => {
+            return message(
+                StatusCode::NOT_FOUND,
+                format_args!("no decision `{id}` has been received"),
+            );
+        }
+        Err(r) => return r,
+    };
+    // The deciding policies' text, from the revision that decided.
+    let record: serde_json::Value =
+        serde_json::from_str(found.record.get()).unwrap_or(serde_json::Value::Null);
+    let texts = {
+        let st = state.clone();
+        let (bundle, revision) = (
+            record["bundle"].as_str().unwrap_or_default().to_owned(),
+            record["revision"].as_str().unwrap_or_default().to_owned(),
+        );
+        tokio::task::spawn_blocking(move || st.policy_texts(&bundle, &revision))
+            .await
+            .unwrap_or_default()
+    };
+    let policies: Vec<serde_json::Value> = record["policy_ids"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|id| id.as_str())
+        .map(|id| serde_json::json!({"id": id, "text": texts.get(id)}))
+        .collect();
+    json(
+        StatusCode::OK,
+        serde_json::json!({
+            "instance": found.instance,
+            "seq": found.seq,
+            "hash": found.hash,
+            "record": record,
+            "policies": policies,
+        }),
+    )
 }
 
 fn requested_wait(headers: &HeaderMap) -> Option<Duration> {

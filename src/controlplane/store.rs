@@ -176,6 +176,18 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// One stored revision's archive.
+    pub fn archive(&self, name: &str, revision: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT archive FROM revisions WHERE name = ?1 AND revision = ?2",
+                params![name, revision],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
     /// Every stored revision of a bundle, newest first.
     pub fn revisions(&self, name: &str) -> Result<Vec<RevisionInfo>, StoreError> {
         let conn = self.conn();

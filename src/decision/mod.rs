@@ -19,14 +19,45 @@ use moka::sync::Cache;
 
 pub use model::{Answer, Decision, EntityRef, Obligation, Outcome, Request, StepUp};
 
+use crate::decision_log::Entry;
 use crate::policy::{Engine, RequestError};
 use crate::telemetry::Metrics;
 
 /// Receives every answered decision. Implementations must not block: the
 /// decision path calls this inline (the decision trail hands records to a
-/// bounded queue here).
+/// bounded queue here). What it cannot finish at once it returns as a wait.
 pub trait DecisionSink: Send + Sync {
-    fn record(&self, request: &Request, answer: &Answer, took: Duration);
+    fn record(&self, entry: Entry) -> Handoff;
+}
+
+/// What a sink made of a record.
+pub enum Handoff {
+    /// Taken; the answer may leave.
+    Done,
+    /// The answer may leave once this resolves `Ok` (a durable record, or a
+    /// full queue under the `block` overflow policy).
+    Wait(std::pin::Pin<Box<dyn Future<Output = Result<(), String>> + Send>>),
+    /// Not taken: the decision must not be answered.
+    Refused(String),
+}
+
+impl Handoff {
+    pub async fn settle(self) -> Result<(), CheckError> {
+        match self {
+            Handoff::Done => Ok(()),
+            Handoff::Wait(w) => w.await.map_err(CheckError::NotRecorded),
+            Handoff::Refused(why) => Err(CheckError::NotRecorded(why)),
+        }
+    }
+}
+
+/// About the call a decision answers, for its record.
+#[derive(Debug, Clone, Default)]
+pub struct Call {
+    /// The API that asked: `check`, `check_batch`, ...
+    pub kind: &'static str,
+    /// W3C trace id of the caller's `traceparent`, if any.
+    pub trace_id: Option<String>,
 }
 
 /// Decision cache settings.
@@ -59,6 +90,8 @@ pub enum CheckError {
     NotReady,
     #[error(transparent)]
     Invalid(#[from] RequestError),
+    #[error("{0}")]
+    NotRecorded(String),
 }
 
 pub struct Decider {
@@ -121,13 +154,23 @@ impl Decider {
         self.active.load_full()
     }
 
-    pub fn check(&self, request: &Request) -> Result<Answer, CheckError> {
+    /// Decides and, once its record is handed over as the sink requires,
+    /// answers.
+    pub async fn check(&self, request: Request, call: &Call) -> Result<Answer, CheckError> {
         let active = self.snapshot().ok_or(CheckError::NotReady)?;
-        self.check_on(&active, request)
+        let (answer, handoff) = self.check_on(&active, request, call)?;
+        handoff.settle().await?;
+        Ok(answer)
     }
 
-    /// Decides on a given snapshot (a batch decides every item on one revision).
-    pub fn check_on(&self, active: &Arc<Active>, request: &Request) -> Result<Answer, CheckError> {
+    /// Decides on a given snapshot (a batch decides every item on one
+    /// revision). The answer may leave once the handoff settles.
+    pub fn check_on(
+        &self,
+        active: &Arc<Active>,
+        request: Request,
+        call: &Call,
+    ) -> Result<(Answer, Handoff), CheckError> {
         let start = Instant::now();
         let decided = if self.deny_all.load(std::sync::atomic::Ordering::Relaxed) {
             Ok(Arc::new(Decision::deny(
@@ -135,9 +178,9 @@ impl Decider {
                 vec!["the policy bundle is stale and the fail mode is deny-all".to_owned()],
             )))
         } else {
-            self.decide(active, request)
+            self.decide(active, &request)
         };
-        self.answer(active, request, decided, start)
+        self.answer(active, request, call, decided, start)
     }
 
     fn decide(
@@ -172,10 +215,11 @@ impl Decider {
     fn answer(
         &self,
         active: &Arc<Active>,
-        request: &Request,
+        request: Request,
+        call: &Call,
         decided: Result<Arc<Decision>, RequestError>,
         start: Instant,
-    ) -> Result<Answer, CheckError> {
+    ) -> Result<(Answer, Handoff), CheckError> {
         let decision = match decided {
             Ok(d) => d,
             Err(e) => {
@@ -191,10 +235,22 @@ impl Decider {
             revision: active.engine.revision().clone(),
             decision,
         };
-        if let Some(sink) = &self.sink {
-            sink.record(request, &answer, took);
-        }
-        Ok(answer)
+        let handoff = match &self.sink {
+            None => Handoff::Done,
+            Some(sink) => sink.record(Entry {
+                time_us: crate::decision_log::time::now_micros(),
+                decision_id: answer.decision_id,
+                kind: call.kind,
+                bundle: answer.bundle.clone(),
+                revision: answer.revision.clone(),
+                request,
+                decision: answer.decision.clone(),
+                latency: took,
+                trace_id: call.trace_id.clone(),
+                mask: active.engine.masking().clone(),
+            }),
+        };
+        Ok((answer, handoff))
     }
 }
 
@@ -226,6 +282,15 @@ mod tests {
         Engine::compile(&bundle, CompileOptions::default()).expect("compiles")
     }
 
+    impl Decider {
+        /// Decides without a sink (these tests have none).
+        fn check_now(&self, request: Request) -> Result<Answer, CheckError> {
+            let active = self.snapshot().ok_or(CheckError::NotReady)?;
+            self.check_on(&active, request, &Call::default())
+                .map(|(a, _)| a)
+        }
+    }
+
     fn request() -> Request {
         let e = |kind: &str| EntityRef {
             kind: kind.into(),
@@ -248,13 +313,13 @@ mod tests {
         };
         let decider = Decider::new(cache, Arc::new(Metrics::new()), None);
         assert!(matches!(
-            decider.check(&request()),
+            decider.check_now(request()),
             Err(CheckError::NotReady)
         ));
 
         decider.activate(engine("r1", "permit"));
-        let first = decider.check(&request()).expect("decides");
-        let again = decider.check(&request()).expect("decides");
+        let first = decider.check_now(request()).expect("decides");
+        let again = decider.check_now(request()).expect("decides");
         assert_eq!(
             (first.decision.outcome, &*first.revision),
             (Outcome::Allow, "r1")
@@ -266,7 +331,7 @@ mod tests {
         assert_ne!(first.decision_id, again.decision_id);
 
         decider.activate(engine("r2", "forbid"));
-        let after = decider.check(&request()).expect("decides");
+        let after = decider.check_now(request()).expect("decides");
         assert_eq!(
             (after.decision.outcome, &*after.revision),
             (Outcome::Deny, "r2")
@@ -280,11 +345,16 @@ mod tests {
         decider.activate(engine("r1", "permit"));
         let held = decider.snapshot().expect("active");
         decider.activate(engine("r2", "forbid"));
-        let old = decider.check_on(&held, &request()).expect("decides");
+        let (old, _) = decider
+            .check_on(&held, request(), &Call::default())
+            .expect("decides");
         assert_eq!(
             (old.decision.outcome, &*old.revision),
             (Outcome::Allow, "r1")
         );
-        assert_eq!(&*decider.check(&request()).expect("decides").revision, "r2");
+        assert_eq!(
+            &*decider.check_now(request()).expect("decides").revision,
+            "r2"
+        );
     }
 }

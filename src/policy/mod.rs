@@ -84,6 +84,8 @@ pub struct Engine {
     meta: HashMap<PolicyId, PolicyMeta>,
     authorizer: Authorizer,
     policy_count: usize,
+    /// What decision records of this revision must not reveal.
+    masking: Arc<crate::decision_log::MaskRules>,
 }
 
 impl fmt::Debug for Engine {
@@ -94,6 +96,22 @@ impl fmt::Debug for Engine {
             .field("policies", &self.policy_count)
             .finish_non_exhaustive()
     }
+}
+
+/// Each policy's source text by `@id`, as written in the bundle (for showing
+/// a decision's deciding rules). Policies that do not parse are left out.
+pub fn policy_texts(bundle: &Bundle) -> HashMap<String, String> {
+    let mut out = HashMap::new();
+    for file in &bundle.policies {
+        if let Ok(set) = file.text.parse::<cedar_policy::PolicySet>() {
+            for p in set.policies() {
+                if let Some(id) = p.annotation("id") {
+                    out.insert(id.to_owned(), p.to_string());
+                }
+            }
+        }
+    }
+    out
 }
 
 impl Engine {
@@ -255,6 +273,17 @@ impl Engine {
                     .map(|e| (a.uid.clone(), Arc::new(e.as_ref().clone())))
             })
             .collect();
+        let masking = match bundle.files.get(crate::decision_log::mask::FILE) {
+            None => Default::default(),
+            Some(bytes) => crate::decision_log::MaskRules::parse(bytes).map_err(|m| {
+                fail(vec![problem(
+                    crate::decision_log::mask::FILE,
+                    None,
+                    None,
+                    m,
+                )])
+            })?,
+        };
         let index = PolicyIndex::build(&policies, &schema, &model, &actions, options.index);
 
         Ok(Self {
@@ -267,6 +296,7 @@ impl Engine {
             meta,
             authorizer: Authorizer::new(),
             policy_count: policies.len(),
+            masking: Arc::new(masking),
         })
     }
 
@@ -280,6 +310,10 @@ impl Engine {
 
     pub fn policy_count(&self) -> usize {
         self.policy_count
+    }
+
+    pub fn masking(&self) -> &Arc<crate::decision_log::MaskRules> {
+        &self.masking
     }
 
     /// Scopes in the policy index, and how many have an equality index.

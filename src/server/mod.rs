@@ -6,8 +6,9 @@
 //!    callers and load balancers stop sending new work;
 //! 2. both listeners stop accepting and in-flight calls drain, bounded by
 //!    `server.shutdown_grace_secs`;
-//! 3. the process exits (decision records and telemetry flush here once
-//!    those parts exist).
+//! 3. the decision log writer spools what is queued, the shipper gets a few
+//!    seconds to deliver it (the rest stays in the spool for the next start),
+//!    and the process exits.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -29,7 +30,8 @@ use crate::bundle::keys::{KeyError, TrustedKeys};
 use crate::bundle::{ArchiveLimits, Bundle, BundleError, VerifyError};
 use crate::config::Config;
 use crate::controlplane::BundleClient;
-use crate::decision::{CacheSettings, Decider};
+use crate::decision::{CacheSettings, Decider, DecisionSink};
+use crate::decision_log;
 use crate::distribution::{self, Activator, FailMode, Freshness, PollSettings};
 use crate::policy::{CompileError, CompileOptions, Engine};
 use crate::telemetry::Metrics;
@@ -61,6 +63,11 @@ pub enum ServeError {
     Http(std::io::Error),
     #[error("cannot build the gRPC reflection service: {0}")]
     Reflection(String),
+    #[error("cannot open the decision log spool `{dir}`: {source}")]
+    DecisionLog {
+        dir: std::path::PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Reads and compiles a bundle: a directory as it is, an archive only once
@@ -109,7 +116,58 @@ pub async fn serve_until(
             ttl: Duration::from_secs(config.cache.ttl_secs),
         }
     };
-    let decider = Arc::new(Decider::new(cache, metrics.clone(), None));
+    let trail = if config.decision_log_on() {
+        let d = &config.decision_log;
+        let settings = decision_log::Settings {
+            spool_dir: d.spool_dir.clone(),
+            durability: d.durability,
+            overflow: d.overflow,
+            max_spool_bytes: d.max_spool_bytes,
+            segment_bytes: d.segment_bytes,
+            block_timeout: Duration::from_millis(d.block_timeout_ms),
+            queue_capacity: d.queue_capacity,
+            batch_max: d.batch_max_records,
+            fsync: d.fsync,
+            copy_to: d.file.clone(),
+        };
+        let started =
+            decision_log::start(settings, metrics.decision_log.clone()).map_err(|source| {
+                ServeError::DecisionLog {
+                    dir: d.spool_dir.clone(),
+                    source,
+                }
+            })?;
+        Some(started)
+    } else {
+        tracing::info!(
+            "decision log off: no control plane or file to send records to (see [decision_log])"
+        );
+        None
+    };
+    let sink = trail
+        .as_ref()
+        .map(|(sink, _)| sink.clone() as Arc<dyn DecisionSink>);
+    let decider = Arc::new(Decider::new(cache, metrics.clone(), sink));
+    // The shipper outlives the listeners: it gets its own stop, after the
+    // writer has spooled the last record.
+    let (ship_stop, ship_stop_rx) = watch::channel(false);
+    let shipper = trail.as_ref().and_then(|(_, running)| {
+        let url = config.decision_log_destination()?;
+        let settings = decision_log::shipper::ShipSettings {
+            url: url.to_owned(),
+            ca_file: config.control_plane.ca_file.clone(),
+            batch_max: config.decision_log.batch_max_records,
+            window: 4,
+            connect_timeout: Duration::from_secs(5),
+            max_backoff: Duration::from_secs(config.control_plane.max_backoff_secs.clamp(1, 30)),
+            drain_for: Duration::from_secs(3),
+        };
+        Some(tokio::spawn(decision_log::shipper::run(
+            settings,
+            running,
+            ship_stop_rx,
+        )))
+    });
 
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, ServingStatus::NotServing).await;
@@ -275,22 +333,30 @@ pub async fn serve_until(
         (grpc, http)
     })
     .await;
-    match drained {
-        Ok((grpc, http)) => {
-            if let Ok(Err(e)) = grpc {
-                return Err(e.into());
-            }
-            if let Ok(Err(e)) = http {
-                return Err(ServeError::Http(e));
-            }
-            tracing::info!("drained; bye");
+    let outcome = match drained {
+        Ok((Ok(Err(e)), _)) => Err(e.into()),
+        Ok((_, Ok(Err(e)))) => Err(ServeError::Http(e)),
+        Ok(_) => Ok(()),
+        Err(_) => {
+            tracing::warn!(
+                grace_secs = grace.as_secs(),
+                "calls still in flight after the grace period; exiting"
+            );
+            Ok(())
         }
-        Err(_) => tracing::warn!(
-            grace_secs = grace.as_secs(),
-            "calls still in flight after the grace period; exiting"
-        ),
+    };
+    // Whatever happened to the listeners, spool every record already made.
+    if let Some((_, running)) = trail {
+        running.close().await;
+        let _ = ship_stop.send(true);
+        if let Some(task) = shipper {
+            let _ = task.await;
+        }
     }
-    Ok(())
+    if outcome.is_ok() {
+        tracing::info!("drained; bye");
+    }
+    outcome
 }
 
 /// Re-checks freshness every second and applies the fail mode on a change.

@@ -83,8 +83,68 @@ struct BundleLabel {
     revision: String,
 }
 
+/// The decision trail's metrics, shared by its sink, writer and shipper.
+#[derive(Clone, Debug, Default)]
+pub struct DecisionLogMetrics {
+    pub queued: Gauge,
+    pub spool_bytes: Gauge,
+    pub spooled: Counter,
+    pub shipped: Counter,
+    pub acknowledged: Counter,
+    pub dropped: Counter,
+    pub refused: Counter,
+    pub chain_breaks: Counter,
+}
+
+impl DecisionLogMetrics {
+    fn register(&self, registry: &mut Registry) {
+        let sub = registry.sub_registry_with_prefix("decision_log");
+        sub.register(
+            "queued_records",
+            "Records waiting in the in-memory queue",
+            self.queued.clone(),
+        );
+        sub.register(
+            "spool_bytes",
+            "Bytes in the disk spool (not yet acknowledged, or the newest segment)",
+            self.spool_bytes.clone(),
+        );
+        sub.register(
+            "spooled_records",
+            "Records written to the spool",
+            self.spooled.clone(),
+        );
+        sub.register(
+            "shipped_records",
+            "Records sent to the control plane (resends included)",
+            self.shipped.clone(),
+        );
+        sub.register(
+            "acknowledged_records",
+            "Records the control plane acknowledged as stored",
+            self.acknowledged.clone(),
+        );
+        sub.register(
+            "dropped_records",
+            "Records lost to the `drop` overflow policy (0 under the default `block`)",
+            self.dropped.clone(),
+        );
+        sub.register(
+            "refused_decisions",
+            "Decisions refused because their record could not be kept in time",
+            self.refused.clone(),
+        );
+        sub.register(
+            "chain_breaks",
+            "Chain breaks the control plane reported on receipt",
+            self.chain_breaks.clone(),
+        );
+    }
+}
+
 /// Every metric the sidecar exports.
 pub struct Metrics {
+    pub decision_log: DecisionLogMetrics,
     registry: Registry,
     by_outcome: [Counter; 4],
     rejected: Counter,
@@ -201,12 +261,15 @@ impl Metrics {
             "Seconds since the bundle source last confirmed the active bundle current (-1: never)",
             bundle_age.clone(),
         );
+        let decision_log = DecisionLogMetrics::default();
+        decision_log.register(&mut registry);
         registry.register(
             "build",
             "Build information",
             Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
         );
         Self {
+            decision_log,
             registry,
             by_outcome,
             rejected,

@@ -27,6 +27,8 @@ pub struct Sidecar {
     pub http_addr: String,
     /// Log lines after the listening line, for tests that read them.
     pub logs: mpsc::Receiver<String>,
+    /// A private decision-log spool, unless the test gave one.
+    _spool: Option<tempfile::TempDir>,
 }
 
 impl Sidecar {
@@ -38,6 +40,13 @@ impl Sidecar {
         if !bundle.as_os_str().is_empty() {
             cmd.arg("--bundle").arg(bundle);
         }
+        let spool = if extra.contains(&"--decision-log-spool") {
+            None
+        } else {
+            let dir = tempfile::tempdir().unwrap();
+            cmd.arg("--decision-log-spool").arg(dir.path());
+            Some(dir)
+        };
         let mut child = cmd
             .args([
                 "--grpc-addr",
@@ -81,6 +90,7 @@ impl Sidecar {
                     http_addr: fields["http_addr"].as_str().unwrap().to_owned(),
                     child,
                     logs: rx,
+                    _spool: spool,
                 };
             }
         }

@@ -1,0 +1,238 @@
+//! `arbiter log show|query|verify`: asking the decision trail, on the
+//! control plane or in an exported NDJSON file.
+
+use std::fmt::Write;
+use std::path::Path;
+
+use serde_json::Value;
+
+use super::bundle::{Failure, admin, refused, runtime};
+use crate::controlplane::trail::Filter;
+use crate::decision_log::chain;
+
+/// Where the trail is read from.
+pub struct Source<'a> {
+    pub url: &'a str,
+    pub token: &'a str,
+    pub ca: Option<&'a Path>,
+}
+
+fn get(src: &Source, path: &str) -> Result<Value, Failure> {
+    let client = admin(src.url, src.token, src.ca)?;
+    let text = runtime()?.block_on(client.get(path)).map_err(refused)?;
+    serde_json::from_str(&text).map_err(|e| {
+        Failure::data(format!(
+            "the control plane answered something that is not JSON: {e}"
+        ))
+    })
+}
+
+/// Percent-encodes a query value.
+fn encode(v: &str) -> String {
+    v.bytes().fold(String::new(), |mut s, b| {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            s.push(b as char);
+        } else {
+            let _ = write!(s, "%{b:02X}");
+        }
+        s
+    })
+}
+
+/// `log show ID`: the whole record and its deciding policies.
+pub fn show(src: &Source, id: &str, as_json: bool) -> Result<String, Failure> {
+    let v = get(src, &format!("/decisions/{}", encode(id)))?;
+    if as_json {
+        return Ok(format!("{v:#}\n"));
+    }
+    let r = &v["record"];
+    let s = |v: &Value| match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    };
+    let mut out = String::new();
+    let _ = writeln!(out, "decision   {}", s(&r["decision_id"]));
+    let _ = writeln!(out, "time       {}", s(&r["time"]));
+    let _ = writeln!(out, "outcome    {}", s(&r["outcome"]));
+    let _ = writeln!(
+        out,
+        "bundle     {} revision {}",
+        s(&r["bundle"]),
+        s(&r["revision"])
+    );
+    let _ = writeln!(out, "latency    {} µs", s(&r["latency_us"]));
+    let _ = writeln!(
+        out,
+        "api        {}   trace {}",
+        s(&r["kind"]),
+        s(&r["trace_id"])
+    );
+    let _ = writeln!(out, "sidecar    {} seq {}", s(&v["instance"]), s(&v["seq"]));
+    let _ = writeln!(out, "request    {}", r["request"]);
+    for key in ["step_up", "approver_groups", "obligations", "errors"] {
+        let field = &r[key];
+        let empty = field.is_null() || field.as_array().is_some_and(Vec::is_empty);
+        if !empty {
+            let _ = writeln!(out, "{key:<10} {field}");
+        }
+    }
+    let policies = v["policies"].as_array().cloned().unwrap_or_default();
+    if policies.is_empty() {
+        let _ = writeln!(out, "policies   (none matched: default deny)");
+    }
+    for p in policies {
+        let _ = writeln!(out, "policy     {}", s(&p["id"]));
+        match p["text"].as_str() {
+            Some(text) => {
+                for line in text.lines() {
+                    let _ = writeln!(out, "    {line}");
+                }
+            }
+            None => {
+                let _ = writeln!(
+                    out,
+                    "    (text unavailable: revision not stored on this control plane)"
+                );
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// `log query`: matching records, one line each (or JSON lines).
+pub fn query(src: &Source, f: &Filter, as_json: bool) -> Result<String, Failure> {
+    let mut q = Vec::new();
+    for (k, v) in [
+        ("since", &f.since),
+        ("until", &f.until),
+        ("instance", &f.instance),
+        ("subject", &f.subject),
+        ("subject_type", &f.subject_type),
+        ("resource", &f.resource),
+        ("resource_type", &f.resource_type),
+        ("outcome", &f.outcome),
+        ("policy", &f.policy),
+    ] {
+        if let Some(v) = v {
+            q.push(format!("{k}={}", encode(v)));
+        }
+    }
+    if let Some(l) = f.limit {
+        q.push(format!("limit={l}"));
+    }
+    let v = get(src, &format!("/decisions?{}", q.join("&")))?;
+    let mut out = String::new();
+    for item in v["records"].as_array().into_iter().flatten() {
+        let r = &item["record"];
+        if as_json {
+            let _ = writeln!(out, "{r}");
+            continue;
+        }
+        let entity = |e: &Value| {
+            format!(
+                "{}:{}",
+                e["type"].as_str().unwrap_or("?"),
+                e["id"].as_str().unwrap_or("?")
+            )
+        };
+        let _ = writeln!(
+            out,
+            "{}  {}  {:<17} {} {} {}  [{}]",
+            r["time"].as_str().unwrap_or("-"),
+            r["decision_id"].as_str().unwrap_or("-"),
+            r["outcome"]
+                .as_str()
+                .unwrap_or(r["kind"].as_str().unwrap_or("-")),
+            entity(&r["request"]["subject"]),
+            r["request"]["action"]["name"].as_str().unwrap_or("?"),
+            entity(&r["request"]["resource"]),
+            r["policy_ids"]
+                .as_array()
+                .map(|p| p
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .collect::<Vec<_>>()
+                    .join(","))
+                .unwrap_or_default(),
+        );
+    }
+    Ok(out)
+}
+
+/// `log verify`: the chain on the control plane (every instance, or one),
+/// or in a file. Err (exit 1) names the first break.
+pub fn verify_remote(src: &Source, instance: Option<&str>) -> Result<String, Failure> {
+    let path = match instance {
+        Some(i) => format!("/decisions/verify?instance={}", encode(i)),
+        None => "/decisions/verify".to_owned(),
+    };
+    let v = get(src, &path)?;
+    let mut out = String::new();
+    let mut broken = false;
+    let reports = v["instances"].as_array().cloned().unwrap_or_default();
+    if reports.is_empty() || reports.iter().all(|r| r["records"] == 0) {
+        return Err(Failure {
+            message: "no decision records stored for that".into(),
+            code: 1,
+        });
+    }
+    for r in reports {
+        let inst = r["instance"].as_str().unwrap_or("?");
+        match r["first_break"].as_object() {
+            None => {
+                let _ = writeln!(
+                    out,
+                    "ok      instance {inst}: {} records, seq 1..={}, chain intact",
+                    r["records"], r["last_seq"]
+                );
+            }
+            Some(b) => {
+                broken = true;
+                let _ = writeln!(
+                    out,
+                    "BROKEN  instance {inst}: first break at seq {}: {}",
+                    b["seq"],
+                    b["reason"].as_str().unwrap_or("")
+                );
+            }
+        }
+        for f in r["flagged_on_receipt"].as_array().into_iter().flatten() {
+            let _ = writeln!(
+                out,
+                "        flagged on receipt: seq {}: {}",
+                f["seq"],
+                f["reason"].as_str().unwrap_or("")
+            );
+        }
+    }
+    if broken {
+        Err(Failure {
+            message: out.trim_end().to_owned(),
+            code: 1,
+        })
+    } else {
+        Ok(out)
+    }
+}
+
+pub fn verify_file(path: &Path) -> Result<String, Failure> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| Failure::io(format!("cannot read `{}`: {e}", path.display())))?;
+    match chain::verify_lines(&bytes) {
+        Ok(v) => {
+            let mut out = format!("ok      {} records, chain intact\n", v.records);
+            for (instance, seq) in v.partial {
+                let _ = writeln!(
+                    out,
+                    "note    instance {instance} starts at seq {seq}: its first link is not checkable from this file"
+                );
+            }
+            Ok(out)
+        }
+        Err(b) => Err(Failure {
+            message: format!("BROKEN  {b}"),
+            code: 1,
+        }),
+    }
+}

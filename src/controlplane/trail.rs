@@ -1,0 +1,551 @@
+//! The control plane's side of the decision trail: the `DecisionLog` gRPC
+//! service sidecars stream records to, and the store that keeps them
+//! (SQLite, same database file, its own connection). Each batch is verified
+//! against the chain as it arrives, stored in one transaction, then
+//! acknowledged; resends are de-duplicated by (instance, seq).
+
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use prometheus_client::metrics::counter::Counter;
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::api::pb::v1::{ChainedRecord, RecordBatch, ShipAck, decision_log_server::DecisionLog};
+use crate::decision_log::chain::{self, Break, GENESIS, Hash, Verifier};
+use crate::decision_log::mask::hex;
+
+/// One stored record.
+#[derive(Debug, Clone, Serialize)]
+pub struct Stored {
+    pub instance: String,
+    pub seq: u64,
+    pub hash: String,
+    pub record: Box<serde_json::value::RawValue>,
+}
+
+/// Filters of `arbiter log query`; all optional, combined with AND.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Filter {
+    pub since: Option<String>,
+    pub until: Option<String>,
+    pub instance: Option<String>,
+    pub subject: Option<String>,
+    pub subject_type: Option<String>,
+    pub resource: Option<String>,
+    pub resource_type: Option<String>,
+    pub outcome: Option<String>,
+    pub policy: Option<String>,
+    pub limit: Option<u32>,
+}
+
+/// The chain check of one instance's stored records.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChainReport {
+    pub instance: String,
+    pub records: u64,
+    pub last_seq: u64,
+    /// The first break found now, walking the stored chain from seq 1.
+    pub first_break: Option<Break>,
+    /// Breaks flagged when the records arrived.
+    pub flagged_on_receipt: Vec<Break>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrailError {
+    #[error("decision store: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("{0}")]
+    Bad(String),
+}
+
+pub struct DecisionStore {
+    conn: Mutex<Connection>,
+    pub records_stored: Counter,
+    pub chain_breaks: Counter,
+}
+
+/// The fields of a record body the store indexes.
+#[derive(Deserialize)]
+struct Indexed<'a> {
+    #[serde(default)]
+    decision_id: Option<&'a str>,
+    #[serde(borrow)]
+    time: std::borrow::Cow<'a, str>,
+    #[serde(default)]
+    outcome: Option<&'a str>,
+    #[serde(default)]
+    policy_ids: Vec<std::borrow::Cow<'a, str>>,
+    #[serde(default)]
+    request: Option<IndexedRequest>,
+}
+
+#[derive(Deserialize)]
+struct IndexedRequest {
+    subject: Option<IndexedEntity>,
+    resource: Option<IndexedEntity>,
+}
+
+#[derive(Deserialize)]
+struct IndexedEntity {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    id: Option<String>,
+}
+
+impl DecisionStore {
+    pub fn open(path: &Path) -> Result<Self, TrailError> {
+        let conn = Connection::open(path)?;
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL;
+             PRAGMA synchronous = FULL;
+             PRAGMA busy_timeout = 5000;
+             CREATE TABLE IF NOT EXISTS decisions (
+               instance TEXT NOT NULL,
+               seq INTEGER NOT NULL,
+               hash BLOB NOT NULL,
+               body TEXT NOT NULL,
+               decision_id TEXT,
+               time_us INTEGER,
+               outcome TEXT,
+               subject_type TEXT, subject_id TEXT,
+               resource_type TEXT, resource_id TEXT,
+               policy_ids TEXT,
+               PRIMARY KEY (instance, seq)
+             ) WITHOUT ROWID;
+             CREATE INDEX IF NOT EXISTS decisions_by_id ON decisions (decision_id);
+             CREATE INDEX IF NOT EXISTS decisions_by_time ON decisions (time_us);
+             CREATE TABLE IF NOT EXISTS chain_breaks (
+               instance TEXT NOT NULL,
+               seq INTEGER NOT NULL,
+               reason TEXT NOT NULL,
+               detected_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+             );",
+        )?;
+        Ok(Self {
+            conn: Mutex::new(conn),
+            records_stored: Counter::default(),
+            chain_breaks: Counter::default(),
+        })
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The last stored record of an instance: where its chain continues.
+    pub fn head(&self, instance: &str) -> Result<(u64, Hash), TrailError> {
+        let row: Option<(i64, Vec<u8>)> = self
+            .conn()
+            .query_row(
+                "SELECT seq, hash FROM decisions WHERE instance = ?1 ORDER BY seq DESC LIMIT 1",
+                params![instance],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        Ok(match row {
+            None => (0, GENESIS),
+            Some((seq, hash)) => (seq as u64, hash.try_into().unwrap_or(GENESIS)),
+        })
+    }
+
+    /// Verifies a batch against `head`, stores it in one transaction, and
+    /// moves `head`. Returns the breaks found (records are stored anyway:
+    /// the trail keeps evidence, the breaks say what is wrong with it).
+    pub fn append(
+        &self,
+        instance: &str,
+        head: &mut (u64, Hash),
+        records: &[ChainedRecord],
+    ) -> Result<Vec<Break>, TrailError> {
+        let mut breaks = Vec::new();
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT OR IGNORE INTO decisions (instance, seq, hash, body, decision_id, time_us, outcome,
+                   subject_type, subject_id, resource_type, resource_id, policy_ids)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            )?;
+            let mut flag = tx.prepare_cached(
+                "INSERT INTO chain_breaks (instance, seq, reason) VALUES (?1, ?2, ?3)",
+            )?;
+            for r in records {
+                if r.seq <= head.0 {
+                    continue; // a resend of what is already stored
+                }
+                let hash: Hash = r.hash.as_slice().try_into().map_err(|_| {
+                    TrailError::Bad(format!(
+                        "record {} has a hash of {} bytes, not 32",
+                        r.seq,
+                        r.hash.len()
+                    ))
+                })?;
+                let body = std::str::from_utf8(&r.body)
+                    .map_err(|_| TrailError::Bad(format!("record {} is not UTF-8", r.seq)))?;
+                let mut v = Verifier::default();
+                if head.0 > 0 || r.seq > 1 {
+                    // Anchor on the stored head, then check this record's link.
+                    let _ = v.push(instance, head.0, &head.1, b"");
+                }
+                if let Err(b) = v.push(instance, r.seq, &hash, &r.body) {
+                    flag.execute(params![instance, b.seq as i64, b.reason])?;
+                    breaks.push(b);
+                }
+                let ix: Option<Indexed> = serde_json::from_str(body).ok();
+                let entity = |pick: fn(&IndexedRequest) -> &Option<IndexedEntity>| {
+                    ix.as_ref()
+                        .and_then(|i| i.request.as_ref())
+                        .and_then(|q| pick(q).as_ref())
+                };
+                let subject = entity(|q| &q.subject);
+                let resource = entity(|q| &q.resource);
+                insert.execute(params![
+                    instance,
+                    r.seq as i64,
+                    &hash[..],
+                    body,
+                    ix.as_ref().and_then(|i| i.decision_id),
+                    ix.as_ref()
+                        .and_then(|i| crate::decision_log::time::parse_micros(&i.time))
+                        .map(|t| t as i64),
+                    ix.as_ref().and_then(|i| i.outcome),
+                    subject.and_then(|e| e.kind.as_deref()),
+                    subject.and_then(|e| e.id.as_deref()),
+                    resource.and_then(|e| e.kind.as_deref()),
+                    resource.and_then(|e| e.id.as_deref()),
+                    ix.as_ref().map(|i| format!(",{},", i.policy_ids.join(","))),
+                ])?;
+                *head = (r.seq, hash);
+            }
+        }
+        tx.commit()?;
+        self.records_stored.inc_by(records.len() as u64);
+        self.chain_breaks.inc_by(breaks.len() as u64);
+        Ok(breaks)
+    }
+
+    pub fn get(&self, decision_id: &str) -> Result<Option<Stored>, TrailError> {
+        let mut found = self.select("WHERE decision_id = ?1 LIMIT 1", params![decision_id])?;
+        Ok(found.pop())
+    }
+
+    pub fn query(&self, f: &Filter) -> Result<Vec<Stored>, TrailError> {
+        let mut clauses: Vec<String> = Vec::new();
+        let mut args: Vec<Box<dyn rusqlite::ToSql>> = Vec::new();
+        let time = |t: &str| {
+            crate::decision_log::time::parse_micros(t)
+                .map(|t| t as i64)
+                .ok_or_else(|| {
+                    TrailError::Bad(format!(
+                        "`{t}` is not a UTC RFC 3339 time like 2026-11-24T10:00:00Z"
+                    ))
+                })
+        };
+        if let Some(t) = &f.since {
+            args.push(Box::new(time(t)?));
+            clauses.push(format!("time_us >= ?{}", args.len()));
+        }
+        if let Some(t) = &f.until {
+            args.push(Box::new(time(t)?));
+            clauses.push(format!("time_us < ?{}", args.len()));
+        }
+        for (column, value) in [
+            ("instance", &f.instance),
+            ("subject_id", &f.subject),
+            ("subject_type", &f.subject_type),
+            ("resource_id", &f.resource),
+            ("resource_type", &f.resource_type),
+            ("outcome", &f.outcome),
+        ] {
+            if let Some(v) = value {
+                args.push(Box::new(v.clone()));
+                clauses.push(format!("{column} = ?{}", args.len()));
+            }
+        }
+        if let Some(p) = &f.policy {
+            args.push(Box::new(format!(",{p},")));
+            clauses.push(format!("instr(policy_ids, ?{}) > 0", args.len()));
+        }
+        let filter = if clauses.is_empty() {
+            String::new()
+        } else {
+            format!("WHERE {}", clauses.join(" AND "))
+        };
+        let limit = f.limit.unwrap_or(100).min(10_000);
+        let refs: Vec<&dyn rusqlite::ToSql> = args.iter().map(|a| a.as_ref()).collect();
+        self.select(
+            &format!("{filter} ORDER BY time_us, instance, seq LIMIT {limit}"),
+            &refs,
+        )
+    }
+
+    fn select(&self, tail: &str, args: &[&dyn rusqlite::ToSql]) -> Result<Vec<Stored>, TrailError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!(
+            "SELECT instance, seq, hash, body FROM decisions {tail}"
+        ))?;
+        let rows = stmt.query_map(args, |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, Vec<u8>>(2)?,
+                r.get::<_, String>(3)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (instance, seq, hash, body) = row?;
+            // A body that is no longer JSON (edited in the store) is shown as a string.
+            let record = serde_json::value::RawValue::from_string(body.clone())
+                .or_else(|_| serde_json::value::to_raw_value(&body))
+                .map_err(|e| TrailError::Bad(e.to_string()))?;
+            out.push(Stored {
+                instance,
+                seq: seq as u64,
+                hash: hex(&hash),
+                record,
+            });
+        }
+        Ok(out)
+    }
+
+    fn instances(&self) -> Result<Vec<String>, TrailError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT DISTINCT instance FROM decisions ORDER BY instance")?;
+        let rows = stmt.query_map([], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Walks each instance's stored chain from seq 1.
+    pub fn verify(&self, instance: Option<&str>) -> Result<Vec<ChainReport>, TrailError> {
+        let instances = match instance {
+            Some(i) => vec![i.to_owned()],
+            None => self.instances()?,
+        };
+        let mut out = Vec::new();
+        for instance in instances {
+            let conn = self.conn();
+            let mut stmt = conn.prepare(
+                "SELECT seq, hash, body FROM decisions WHERE instance = ?1 ORDER BY seq",
+            )?;
+            let mut rows = stmt.query(params![instance])?;
+            let mut v = Verifier::default();
+            let (mut first_break, mut last_seq) = (None, 0);
+            // The chain is anchored at seq 1: a stored chain starting later
+            // has lost its beginning.
+            let mut started = false;
+            while let Some(row) = rows.next()? {
+                let seq = row.get::<_, i64>(0)? as u64;
+                let hash: Hash = row.get::<_, Vec<u8>>(1)?.try_into().unwrap_or(GENESIS);
+                let body: String = row.get(2)?;
+                if !started && seq != 1 && first_break.is_none() {
+                    first_break = Some(Break {
+                        instance: instance.clone(),
+                        seq: 1,
+                        reason: format!("records 1..={} are missing", seq - 1),
+                    });
+                }
+                started = true;
+                if let Err(b) = v.push(&instance, seq, &hash, body.as_bytes())
+                    && first_break.is_none()
+                {
+                    first_break = Some(b);
+                }
+                last_seq = seq;
+            }
+            drop(rows);
+            drop(stmt);
+            let mut stmt = conn
+                .prepare("SELECT seq, reason FROM chain_breaks WHERE instance = ?1 ORDER BY seq")?;
+            let flagged = stmt
+                .query_map(params![instance], |r| {
+                    Ok(Break {
+                        instance: instance.clone(),
+                        seq: r.get::<_, i64>(0)? as u64,
+                        reason: r.get(1)?,
+                    })
+                })?
+                .collect::<Result<_, _>>()?;
+            out.push(ChainReport {
+                instance: instance.clone(),
+                records: v.records,
+                last_seq,
+                first_break,
+                flagged_on_receipt: flagged,
+            });
+        }
+        Ok(out)
+    }
+
+    /// One instance's records in the chained line form (`log verify --file`).
+    pub fn export(&self, instance: &str) -> Result<Vec<u8>, TrailError> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare("SELECT hash, body FROM decisions WHERE instance = ?1 ORDER BY seq")?;
+        let mut rows = stmt.query(params![instance])?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next()? {
+            let hash: Hash = row.get::<_, Vec<u8>>(0)?.try_into().unwrap_or(GENESIS);
+            let body: String = row.get(1)?;
+            chain::write_line(&mut out, &hash, body.as_bytes());
+        }
+        Ok(out)
+    }
+}
+
+/// The gRPC service sidecars ship to.
+pub struct DecisionLogService {
+    pub store: Arc<DecisionStore>,
+}
+
+type AckStream = Pin<Box<dyn Stream<Item = Result<ShipAck, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl DecisionLog for DecisionLogService {
+    type ShipStream = AckStream;
+
+    async fn ship(
+        &self,
+        request: Request<Streaming<RecordBatch>>,
+    ) -> Result<Response<Self::ShipStream>, Status> {
+        let mut inbound = request.into_inner();
+        let hello = inbound.message().await?.ok_or_else(|| {
+            Status::invalid_argument("the stream must open with a batch naming the instance")
+        })?;
+        let instance = hello.instance_id.clone();
+        if instance.is_empty() || instance.len() > 128 {
+            return Err(Status::invalid_argument(
+                "`instance_id` must be 1 to 128 characters",
+            ));
+        }
+        let store = self.store.clone();
+        let lookup = store.clone();
+        let who = instance.clone();
+        let mut head = tokio::task::spawn_blocking(move || lookup.head(&who))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let (tx, rx) = mpsc::channel::<Result<ShipAck, Status>>(8);
+        tokio::spawn(async move {
+            let mut pending = Some(hello);
+            loop {
+                let batch = match pending.take() {
+                    Some(b) => b,
+                    None => match inbound.message().await {
+                        Ok(Some(b)) => b,
+                        Ok(None) => return,
+                        Err(e) => {
+                            tracing::debug!(%instance, "decision stream ended: {e}");
+                            return;
+                        }
+                    },
+                };
+                let (s, who, records) = (store.clone(), instance.clone(), batch.records);
+                let stored = tokio::task::spawn_blocking(move || {
+                    let breaks = s.append(&who, &mut head, &records);
+                    (breaks, head)
+                })
+                .await;
+                let ack = match stored {
+                    Ok((Ok(breaks), moved)) => {
+                        head = moved;
+                        for b in &breaks {
+                            tracing::error!(instance = %b.instance, seq = b.seq, "decision chain break on receipt: {}", b.reason);
+                        }
+                        Ok(ShipAck {
+                            instance_id: instance.clone(),
+                            acked_seq: head.0,
+                            chain_breaks: breaks.len() as u32,
+                        })
+                    }
+                    Ok((Err(e), _)) => Err(Status::internal(e.to_string())),
+                    Err(e) => Err(Status::internal(e.to_string())),
+                };
+                let failed = ack.is_err();
+                if tx.send(ack).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn records(from: u64, to: u64, prev: &mut Hash) -> Vec<ChainedRecord> {
+        (from..=to)
+            .map(|seq| {
+                let body = format!(
+                    r#"{{"v":1,"instance":"i1","seq":{seq},"kind":"check","time":"2026-11-24T10:00:{:02}.000000Z","decision_id":"d{seq}","outcome":"ALLOW","policy_ids":["p{seq}"],"request":{{"subject":{{"type":"User","id":"u{}"}},"resource":{{"type":"Doc","id":"r"}}}}}}"#,
+                    seq % 60,
+                    seq % 2
+                );
+                *prev = chain::link(prev, body.as_bytes());
+                ChainedRecord { seq, hash: prev.to_vec(), body: body.into_bytes() }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn stores_dedupes_flags_breaks_and_verifies() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = DecisionStore::open(&dir.path().join("cp.db")).expect("open");
+        let mut prev = GENESIS;
+        let first = records(1, 5, &mut prev);
+        let mut head = store.head("i1").expect("head");
+        assert!(
+            store
+                .append("i1", &mut head, &first)
+                .expect("append")
+                .is_empty()
+        );
+        // A resend changes nothing.
+        assert!(
+            store
+                .append("i1", &mut head, &first[2..])
+                .expect("again")
+                .is_empty()
+        );
+        assert_eq!(head.0, 5);
+        assert_eq!(store.head("i1").expect("head").0, 5);
+
+        let q = store
+            .query(&Filter {
+                subject: Some("u1".into()),
+                ..Filter::default()
+            })
+            .expect("query");
+        assert_eq!(q.iter().map(|s| s.seq).collect::<Vec<_>>(), [1, 3, 5]);
+        let q = store
+            .query(&Filter {
+                policy: Some("p4".into()),
+                ..Filter::default()
+            })
+            .expect("query");
+        assert_eq!(q.len(), 1);
+        assert!(store.get("d2").expect("get").is_some());
+
+        // A gap is flagged on receipt and found again by verify.
+        let mut skipped = prev;
+        let later = records(6, 8, &mut skipped);
+        let breaks = store.append("i1", &mut head, &later[1..]).expect("gap");
+        assert_eq!(breaks.len(), 1);
+        assert_eq!(breaks[0].seq, 6);
+        let report = store.verify(Some("i1")).expect("verify");
+        assert_eq!(report[0].first_break.as_ref().map(|b| b.seq), Some(6));
+        assert_eq!(report[0].flagged_on_receipt.len(), 1);
+        let exported = store.export("i1").expect("export");
+        assert_eq!(chain::verify_lines(&exported).expect_err("gap").seq, 6);
+    }
+}

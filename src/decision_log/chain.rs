@@ -1,0 +1,224 @@
+//! The hash chain: `hash_n = SHA-256(hash_{n-1} ‖ body_n)`, seq 1 chaining
+//! from 32 zero bytes. Each body names its instance and sequence number, so a
+//! gap, an edit or a reordering breaks the chain at a nameable place.
+//!
+//! The line form, used by the spool and by exports, is one JSON object per
+//! line: `{"hash":"<hex>","record":<body>}`; the body's bytes are kept exactly
+//! as hashed, so verifying never depends on re-serializing.
+
+use std::collections::HashMap;
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use sha2::{Digest, Sha256};
+
+use super::mask::hex;
+
+pub type Hash = [u8; 32];
+
+/// What seq 1 chains from.
+pub const GENESIS: Hash = [0; 32];
+
+pub fn link(prev: &Hash, body: &[u8]) -> Hash {
+    let mut h = Sha256::new();
+    h.update(prev);
+    h.update(body);
+    h.finalize().into()
+}
+
+/// Appends one line (with its newline) to `out`.
+pub fn write_line(out: &mut Vec<u8>, hash: &Hash, body: &[u8]) {
+    out.extend_from_slice(b"{\"hash\":\"");
+    out.extend_from_slice(hex(hash).as_bytes());
+    out.extend_from_slice(b"\",\"record\":");
+    out.extend_from_slice(body);
+    out.extend_from_slice(b"}\n");
+}
+
+/// One line, parsed: the body borrowed exactly as written.
+pub struct Line<'a> {
+    pub hash: Hash,
+    pub body: &'a [u8],
+    pub seq: u64,
+    pub instance: String,
+}
+
+#[derive(Deserialize)]
+struct LineForm<'a> {
+    hash: &'a str,
+    #[serde(borrow)]
+    record: &'a RawValue,
+}
+
+/// The fields of a body the chain needs.
+#[derive(Deserialize)]
+pub struct Position {
+    pub seq: u64,
+    pub instance: String,
+}
+
+pub fn parse_line(line: &[u8]) -> Result<Line<'_>, String> {
+    let form: LineForm = serde_json::from_slice(line).map_err(|e| e.to_string())?;
+    let hash = parse_hash(form.hash).ok_or("`hash` is not 64 hex digits")?;
+    let body = form.record.get().as_bytes();
+    let pos: Position = serde_json::from_slice(body).map_err(|e| format!("record: {e}"))?;
+    Ok(Line {
+        hash,
+        body,
+        seq: pos.seq,
+        instance: pos.instance,
+    })
+}
+
+pub fn parse_hash(text: &str) -> Option<Hash> {
+    let bytes = text.as_bytes();
+    if bytes.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in bytes.chunks(2).enumerate() {
+        let s = std::str::from_utf8(pair).ok()?;
+        out[i] = u8::from_str_radix(s, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// Where and why a chain breaks.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Break {
+    pub instance: String,
+    /// The first sequence number that is missing, out of place or altered.
+    pub seq: u64,
+    pub reason: String,
+}
+
+impl std::fmt::Display for Break {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "chain of instance {} breaks at seq {}: {}",
+            self.instance, self.seq, self.reason
+        )
+    }
+}
+
+/// Checks records in order, per instance.
+#[derive(Debug, Default)]
+pub struct Verifier {
+    heads: HashMap<String, (u64, Hash)>,
+    /// Instances whose first record seen was not seq 1: their first link
+    /// could not be checked.
+    pub partial: Vec<(String, u64)>,
+    pub records: u64,
+}
+
+impl Verifier {
+    /// The next record of `instance`. The first break is returned; after it
+    /// the verifier re-anchors on the record, so later breaks are found too.
+    pub fn push(
+        &mut self,
+        instance: &str,
+        seq: u64,
+        hash: &Hash,
+        body: &[u8],
+    ) -> Result<(), Break> {
+        self.records += 1;
+        let broken = |seq: u64, reason: String| Break {
+            instance: instance.to_owned(),
+            seq,
+            reason,
+        };
+        let result = match self.heads.get(instance) {
+            None if seq == 1 => check(&GENESIS, hash, body).map_err(|r| broken(1, r)),
+            None => {
+                self.partial.push((instance.to_owned(), seq));
+                Ok(())
+            }
+            Some(&(last, prev)) if seq == last + 1 => {
+                check(&prev, hash, body).map_err(|r| broken(seq, r))
+            }
+            Some(&(last, _)) if seq > last + 1 => Err(broken(
+                last + 1,
+                format!("records {}..={} are missing", last + 1, seq - 1),
+            )),
+            Some(&(last, _)) => Err(broken(
+                last + 1,
+                format!("seq {seq} appears after seq {last} (reordered or repeated)"),
+            )),
+        };
+        self.heads.insert(instance.to_owned(), (seq, *hash));
+        result
+    }
+}
+
+fn check(prev: &Hash, hash: &Hash, body: &[u8]) -> Result<(), String> {
+    if link(prev, body) == *hash {
+        Ok(())
+    } else {
+        Err("the record does not match its hash (edited, or its predecessor was)".into())
+    }
+}
+
+/// Verifies an NDJSON export or spool: the first break, if any.
+pub fn verify_lines(text: &[u8]) -> Result<Verifier, Break> {
+    let mut v = Verifier::default();
+    for (i, line) in text.split(|b| *b == b'\n').enumerate() {
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let parsed = parse_line(line).map_err(|e| Break {
+            instance: "?".into(),
+            seq: 0,
+            reason: format!("line {} is not a record: {e}", i + 1),
+        })?;
+        v.push(&parsed.instance, parsed.seq, &parsed.hash, parsed.body)?;
+    }
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chain(n: u64) -> Vec<Vec<u8>> {
+        let mut prev = GENESIS;
+        (1..=n)
+            .map(|seq| {
+                let body = format!(r#"{{"seq":{seq},"instance":"i1","outcome":"ALLOW"}}"#);
+                prev = link(&prev, body.as_bytes());
+                let mut line = Vec::new();
+                write_line(&mut line, &prev, body.as_bytes());
+                line
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_intact_chain_verifies() {
+        let v = verify_lines(&chain(5).concat()).expect("intact");
+        assert_eq!(v.records, 5);
+        assert!(v.partial.is_empty());
+    }
+
+    #[test]
+    fn edits_gaps_and_reorderings_name_the_first_broken_seq() {
+        let mut edited = chain(5);
+        edited[2] = String::from_utf8(edited[2].clone())
+            .expect("utf8")
+            .replace("ALLOW", "DENY")
+            .into_bytes();
+        assert_eq!(verify_lines(&edited.concat()).expect_err("edited").seq, 3);
+
+        let mut gap = chain(5);
+        gap.remove(1);
+        let b = verify_lines(&gap.concat()).expect_err("gap");
+        assert_eq!((b.seq, b.reason.contains("missing")), (2, true));
+
+        let mut swapped = chain(5);
+        swapped.swap(3, 4);
+        assert_eq!(verify_lines(&swapped.concat()).expect_err("swap").seq, 4);
+
+        let b = verify_lines(b"not json\n").expect_err("garbage");
+        assert!(b.reason.contains("line 1"), "{b}");
+    }
+}

@@ -1,0 +1,250 @@
+//! The decision trail: one record per decision, masked, hash-chained,
+//! spooled to disk and shipped to the control plane without loss.
+//!
+//! ```text
+//! decision path ──try_send──▶ bounded queue ──▶ writer thread ──▶ spool segments ──▶ shipper ──gRPC──▶ control plane
+//!   (no lock, no I/O)                       number, hash, append,     (deleted only once      (batches, gzip,
+//!                                           fsync per batch            acknowledged)           ack by seq)
+//! ```
+//!
+//! Durability: `buffered` answers at once (a `kill -9` loses only records
+//! still in the queue: those of the current write, a millisecond or so);
+//! `durable` answers once the record is in the spool (fsynced). At the spool
+//! cap, `block` (the default) refuses decisions it cannot record after a short
+//! wait, `drop` keeps deciding and writes a `dropped` marker into the chain.
+
+pub mod chain;
+pub mod mask;
+pub mod record;
+pub mod shipper;
+pub mod spool;
+pub mod time;
+mod writer;
+
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde::Deserialize;
+use tokio::sync::{mpsc, oneshot, watch};
+
+pub use mask::MaskRules;
+pub use record::Entry;
+
+use crate::decision::{DecisionSink, Handoff};
+use crate::telemetry::DecisionLogMetrics;
+
+/// When a decision's answer may leave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Durability {
+    /// At once; the record follows within one write cycle.
+    #[default]
+    Buffered,
+    /// Only once its record is fsynced to the spool.
+    Durable,
+}
+
+/// What happens when records cannot be kept (spool at its cap, or queue full).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Overflow {
+    /// Wait up to the block timeout, then refuse the decision (UNAVAILABLE):
+    /// no decision goes unrecorded.
+    #[default]
+    Block,
+    /// Keep deciding; count the lost records and mark the loss in the chain.
+    Drop,
+}
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub spool_dir: PathBuf,
+    pub durability: Durability,
+    pub overflow: Overflow,
+    pub max_spool_bytes: u64,
+    pub segment_bytes: u64,
+    pub block_timeout: Duration,
+    pub queue_capacity: usize,
+    pub batch_max: usize,
+    pub fsync: bool,
+    /// Also write every chained line here (`-` = stdout), for local use.
+    pub copy_to: Option<PathBuf>,
+}
+
+/// What the queue carries: the entry and, in durable mode, who waits for it.
+pub(crate) struct Queued {
+    entry: Entry,
+    done: Option<oneshot::Sender<bool>>,
+}
+
+/// State the sink, writer and shipper share.
+pub(crate) struct Shared {
+    metrics: DecisionLogMetrics,
+    /// Records lost to `drop` since the last marker.
+    dropped: AtomicU64,
+    spool_bytes: Arc<AtomicU64>,
+    full_logged: AtomicBool,
+}
+
+/// The sink the decision path hands records to.
+pub struct DecisionLog {
+    tx: mpsc::Sender<Queued>,
+    settings: Settings,
+    shared: Arc<Shared>,
+}
+
+/// The running trail: what shutdown and the shipper need.
+pub struct Running {
+    pub instance: String,
+    pub spool_dir: PathBuf,
+    pub spool_bytes: Arc<AtomicU64>,
+    /// The last spooled seq.
+    pub spooled: watch::Receiver<u64>,
+    pub metrics: DecisionLogMetrics,
+    stop: watch::Sender<bool>,
+    writer: std::thread::JoinHandle<()>,
+}
+
+impl Running {
+    /// Writes what is queued, then stops the writer.
+    pub async fn close(self) {
+        let _ = self.stop.send(true);
+        let writer = self.writer;
+        let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+    }
+}
+
+/// Opens the spool (recovering after a crash) and starts the writer.
+pub fn start(
+    settings: Settings,
+    metrics: DecisionLogMetrics,
+) -> std::io::Result<(Arc<DecisionLog>, Running)> {
+    let (spool, instance, head) = spool::Spool::open(&settings.spool_dir, settings.segment_bytes)?;
+    let copy: Option<Box<dyn std::io::Write + Send>> = match &settings.copy_to {
+        None => None,
+        Some(p) if p.as_os_str() == "-" => Some(Box::new(std::io::stdout())),
+        Some(p) => Some(Box::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)?,
+        )),
+    };
+    let shared = Arc::new(Shared {
+        metrics: metrics.clone(),
+        dropped: AtomicU64::new(0),
+        spool_bytes: spool.bytes.clone(),
+        full_logged: AtomicBool::new(false),
+    });
+    metrics
+        .spool_bytes
+        .set(shared.spool_bytes.load(Ordering::Relaxed) as i64);
+    let (tx, rx) = mpsc::channel(settings.queue_capacity.max(1));
+    let (spooled_tx, spooled) = watch::channel(head.seq);
+    let (stop, stop_rx) = watch::channel(false);
+    tracing::info!(
+        %instance,
+        spool = %settings.spool_dir.display(),
+        resumes_after_seq = head.seq,
+        durability = ?settings.durability,
+        overflow = ?settings.overflow,
+        "decision log open"
+    );
+    let w = writer::Writer {
+        rx,
+        spool,
+        instance: instance.clone(),
+        head,
+        shared: shared.clone(),
+        settings: settings.clone(),
+        copy,
+        spooled: spooled_tx,
+        stop: stop_rx,
+    };
+    let writer = std::thread::Builder::new()
+        .name("decision-log-writer".into())
+        .spawn(move || w.run())?;
+    let running = Running {
+        instance,
+        spool_dir: settings.spool_dir.clone(),
+        spool_bytes: shared.spool_bytes.clone(),
+        spooled,
+        metrics,
+        stop,
+        writer,
+    };
+    Ok((
+        Arc::new(DecisionLog {
+            tx,
+            settings,
+            shared,
+        }),
+        running,
+    ))
+}
+
+type Wait = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
+
+impl DecisionSink for DecisionLog {
+    fn record(&self, entry: Entry) -> Handoff {
+        let durable = self.settings.durability == Durability::Durable;
+        let (done, waiter) = if durable {
+            let (tx, rx) = oneshot::channel();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        let queued = Queued { entry, done };
+        let pending = match self.tx.try_send(queued) {
+            Ok(()) => None,
+            Err(mpsc::error::TrySendError::Full(q)) => match self.settings.overflow {
+                Overflow::Drop => {
+                    self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+                    self.shared.metrics.dropped.inc();
+                    if !self.shared.full_logged.swap(true, Ordering::Relaxed) {
+                        tracing::error!(
+                            "decision log queue is full; dropping records (overflow = drop)"
+                        );
+                    }
+                    return Handoff::Done;
+                }
+                Overflow::Block => Some(q),
+            },
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                return Handoff::Refused("the decision log is shut down".into());
+            }
+        };
+        if pending.is_none() && waiter.is_none() {
+            return Handoff::Done;
+        }
+        let (tx, timeout, metrics) = (
+            self.tx.clone(),
+            self.settings.block_timeout,
+            self.shared.metrics.clone(),
+        );
+        let wait: Wait = Box::pin(async move {
+            let recorded = tokio::time::timeout(timeout, async move {
+                if let Some(q) = pending
+                    && tx.send(q).await.is_err()
+                {
+                    return false;
+                }
+                match waiter {
+                    Some(rx) => rx.await.unwrap_or(false),
+                    None => true,
+                }
+            })
+            .await;
+            if recorded == Ok(true) {
+                Ok(())
+            } else {
+                metrics.refused.inc();
+                Err("the decision could not be recorded in time (decision log spool full or unwritable); retry later".into())
+            }
+        });
+        Handoff::Wait(wait)
+    }
+}

@@ -1,0 +1,211 @@
+//! The shipper: streams spooled records to the control plane (bidirectional
+//! gRPC, gzip), keeps a few batches in flight, and deletes spool segments
+//! only once the control plane has acknowledged every record in them. After
+//! any failure it reconnects with backoff and resumes after the last
+//! acknowledged sequence number, so nothing is skipped and the control plane
+//! de-duplicates what is sent twice.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tonic::codec::CompressionEncoding;
+
+use super::Running;
+use super::spool::{self, Reader};
+use crate::api::pb::v1::{ChainedRecord, RecordBatch, decision_log_client::DecisionLogClient};
+use crate::telemetry::DecisionLogMetrics;
+
+#[derive(Debug, Clone)]
+pub struct ShipSettings {
+    /// Base URL of the control plane.
+    pub url: String,
+    pub ca_file: Option<PathBuf>,
+    pub batch_max: usize,
+    /// Batches sent ahead of their acknowledgement.
+    pub window: usize,
+    pub connect_timeout: Duration,
+    pub max_backoff: Duration,
+    /// How long to keep shipping after shutdown starts.
+    pub drain_for: Duration,
+}
+
+/// Most bytes of record bodies in one batch (well under gRPC's 4 MiB).
+const BATCH_BYTES: usize = 1 << 20;
+
+struct Ship {
+    settings: ShipSettings,
+    instance: String,
+    dir: PathBuf,
+    spool_bytes: Arc<AtomicU64>,
+    spooled: watch::Receiver<u64>,
+    metrics: DecisionLogMetrics,
+    acked: u64,
+    /// Set once a session got its first acknowledgement.
+    connected: bool,
+}
+
+/// Ships until `stop`, then for at most `drain_for` more while records remain.
+pub fn run(
+    settings: ShipSettings,
+    running: &Running,
+    stop: watch::Receiver<bool>,
+) -> impl Future<Output = ()> + Send + 'static {
+    let ship = Ship {
+        settings,
+        instance: running.instance.clone(),
+        dir: running.spool_dir.clone(),
+        spool_bytes: running.spool_bytes.clone(),
+        spooled: running.spooled.clone(),
+        metrics: running.metrics.clone(),
+        acked: 0,
+        connected: false,
+    };
+    ship_loop(ship, stop)
+}
+
+async fn ship_loop(mut ship: Ship, mut stop: watch::Receiver<bool>) {
+    let mut backoff = Duration::from_millis(100);
+    let mut failing = false;
+    let mut deadline: Option<tokio::time::Instant> = None;
+    loop {
+        let result = ship.session(&mut stop, &mut deadline).await;
+        match result {
+            Ok(()) => return,
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(url = %ship.settings.url, "decision log: shipping interrupted: {e}; records stay in the spool");
+                    failing = true;
+                }
+            }
+        }
+        if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+            return;
+        }
+        let jitter = Duration::from_millis(fastrand::u64(0..=backoff.as_millis() as u64 / 5 + 1));
+        tokio::select! {
+            () = tokio::time::sleep(backoff + jitter) => {}
+            _ = stop.wait_for(|s| *s), if deadline.is_none() => {
+                deadline = Some(tokio::time::Instant::now() + ship.settings.drain_for);
+            }
+        }
+        backoff = (backoff * 2).min(ship.settings.max_backoff);
+        if std::mem::take(&mut ship.connected) {
+            // The last session got going: the next failure is news again.
+            failing = false;
+            backoff = Duration::from_millis(100);
+        }
+    }
+}
+
+impl Ship {
+    async fn session(
+        &mut self,
+        stop: &mut watch::Receiver<bool>,
+        deadline: &mut Option<tokio::time::Instant>,
+    ) -> Result<(), String> {
+        let channel = crate::controlplane::client::grpc_channel(
+            &self.settings.url,
+            self.settings.connect_timeout,
+            self.settings.ca_file.as_deref(),
+        )
+        .map_err(|e| e.to_string())?;
+        let mut client = DecisionLogClient::new(channel)
+            .send_compressed(CompressionEncoding::Gzip)
+            .accept_compressed(CompressionEncoding::Gzip);
+        let (tx, rx) = mpsc::channel::<RecordBatch>(self.settings.window + 1);
+        let hello = RecordBatch {
+            instance_id: self.instance.clone(),
+            records: Vec::new(),
+        };
+        tx.send(hello).await.map_err(|_| "stream closed")?;
+        let mut acks = client
+            .ship(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .map_err(|s| s.message().to_owned())?
+            .into_inner();
+        let first = acks
+            .message()
+            .await
+            .map_err(|s| s.message().to_owned())?
+            .ok_or("the control plane closed the stream")?;
+        // The control plane's record is the truth: resend anything after it.
+        self.acked = first.acked_seq;
+        self.connected = true;
+        tracing::info!(instance = %self.instance, acked_seq = self.acked, "decision log: shipping to the control plane");
+        self.forget_acked();
+
+        let mut reader = Reader::new(&self.dir);
+        let mut sent = self.acked;
+        let mut in_flight: std::collections::VecDeque<u64> = Default::default();
+        loop {
+            while in_flight.len() < self.settings.window {
+                let batch = reader
+                    .next_batch(sent, self.settings.batch_max, BATCH_BYTES)
+                    .map_err(|e| format!("reading the spool: {e}"))?;
+                let Some(last) = batch.last().map(|r| r.seq) else {
+                    break;
+                };
+                let n = batch.len() as u64;
+                let records = batch
+                    .into_iter()
+                    .map(|r| ChainedRecord {
+                        seq: r.seq,
+                        hash: r.hash.to_vec(),
+                        body: r.body,
+                    })
+                    .collect();
+                tx.send(RecordBatch {
+                    instance_id: String::new(),
+                    records,
+                })
+                .await
+                .map_err(|_| "the stream closed")?;
+                self.metrics.shipped.inc_by(n);
+                sent = last;
+                in_flight.push_back(last);
+            }
+            if deadline.is_some() && in_flight.is_empty() && sent >= *self.spooled.borrow() {
+                return Ok(());
+            }
+            let until =
+                deadline.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                ack = acks.message() => {
+                    let ack = ack.map_err(|s| s.message().to_owned())?.ok_or("the control plane closed the stream")?;
+                    while in_flight.front().is_some_and(|s| *s <= ack.acked_seq) {
+                        in_flight.pop_front();
+                    }
+                    if ack.chain_breaks > 0 {
+                        self.metrics.chain_breaks.inc_by(u64::from(ack.chain_breaks));
+                        tracing::error!(breaks = ack.chain_breaks, "decision log: the control plane reports chain breaks");
+                    }
+                    if ack.acked_seq > self.acked {
+                        self.metrics.acknowledged.inc_by(ack.acked_seq - self.acked);
+                        self.acked = ack.acked_seq;
+                        self.forget_acked();
+                    }
+                }
+                _ = self.spooled.changed(), if in_flight.len() < self.settings.window => {}
+                _ = stop.wait_for(|s| *s), if deadline.is_none() => {
+                    *deadline = Some(tokio::time::Instant::now() + self.settings.drain_for);
+                }
+                () = tokio::time::sleep_until(until) => return Ok(()),
+            }
+        }
+    }
+
+    /// Deletes fully acknowledged segments.
+    fn forget_acked(&self) {
+        match spool::delete_acked(&self.dir, self.acked, &self.spool_bytes) {
+            Ok(_) => {
+                self.metrics
+                    .spool_bytes
+                    .set(self.spool_bytes.load(Ordering::Relaxed) as i64);
+            }
+            Err(e) => tracing::warn!("decision log: cannot delete acknowledged segments: {e}"),
+        }
+    }
+}

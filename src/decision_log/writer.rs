@@ -1,0 +1,203 @@
+//! The writer: one thread that owns the chain. It drains the queue in
+//! batches, numbers and hashes each record, appends the batch to the spool
+//! (one write, one fsync: group commit), then releases durable waiters and
+//! tells the shipper how far the spool goes.
+
+use std::io::Write;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, watch};
+
+use super::chain::{self, Hash};
+use super::record;
+use super::spool::{Head, Spool};
+use super::{Overflow, Queued, Settings, Shared};
+
+pub(super) struct Writer {
+    pub rx: mpsc::Receiver<Queued>,
+    pub spool: Spool,
+    pub instance: String,
+    pub head: Head,
+    pub shared: Arc<Shared>,
+    pub settings: Settings,
+    pub copy: Option<Box<dyn Write + Send>>,
+    pub spooled: watch::Sender<u64>,
+    pub stop: watch::Receiver<bool>,
+}
+
+impl Writer {
+    pub fn run(mut self) {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+        else {
+            tracing::error!("decision log: cannot start the writer's runtime");
+            return;
+        };
+        let mut batch: Vec<Queued> = Vec::with_capacity(self.settings.batch_max);
+        let mut lines = Vec::new();
+        let mut body = Vec::new();
+        loop {
+            let mut stop = self.stop.clone();
+            let first = rt.block_on(async {
+                tokio::select! {
+                    biased;
+                    q = self.rx.recv() => q,
+                    _ = stop.wait_for(|s| *s) => None,
+                }
+            });
+            let closing = first.is_none();
+            batch.extend(first);
+            while batch.len() < self.settings.batch_max || closing {
+                match self.rx.try_recv() {
+                    Ok(q) => batch.push(q),
+                    Err(_) => break,
+                }
+            }
+            self.shared.metrics.queued.set(self.rx.len() as i64);
+            if !closing && !self.room_for(&mut batch, &rt) {
+                continue;
+            }
+            self.write(&mut batch, &mut lines, &mut body, &rt);
+            if closing {
+                return;
+            }
+        }
+    }
+
+    /// Applies the overflow policy while the spool is at its cap. False if
+    /// the batch was dropped.
+    fn room_for(&mut self, batch: &mut Vec<Queued>, rt: &tokio::runtime::Runtime) -> bool {
+        let cap = self.settings.max_spool_bytes;
+        let full = || self.shared.spool_bytes.load(Ordering::Relaxed) >= cap;
+        if !full() {
+            self.shared.full_logged.store(false, Ordering::Relaxed);
+            return true;
+        }
+        if !self.shared.full_logged.swap(true, Ordering::Relaxed) {
+            tracing::error!(
+                cap_bytes = cap,
+                overflow = ?self.settings.overflow,
+                "decision log spool is full (the control plane has not acknowledged records for a while)"
+            );
+        }
+        match self.settings.overflow {
+            Overflow::Drop => {
+                let n = batch.len() as u64;
+                self.shared.dropped.fetch_add(n, Ordering::Relaxed);
+                self.shared.metrics.dropped.inc_by(n);
+                for q in batch.drain(..) {
+                    if let Some(done) = q.done {
+                        let _ = done.send(false);
+                    }
+                }
+                false
+            }
+            Overflow::Block => {
+                // Hold the batch until the shipper frees room; the queue
+                // fills behind it and the decision path refuses after its
+                // block timeout. On shutdown the batch is written anyway.
+                let mut stop = self.stop.clone();
+                while full() && !*stop.borrow() {
+                    rt.block_on(async {
+                        tokio::select! {
+                            () = tokio::time::sleep(Duration::from_millis(10)) => {}
+                            _ = stop.wait_for(|s| *s) => {}
+                        }
+                    });
+                }
+                true
+            }
+        }
+    }
+
+    fn write(
+        &mut self,
+        batch: &mut Vec<Queued>,
+        lines: &mut Vec<u8>,
+        body: &mut Vec<u8>,
+        rt: &tokio::runtime::Runtime,
+    ) {
+        lines.clear();
+        let first_seq = self.head.seq + 1;
+        let mut head = self.head;
+        let push = |body: &[u8], head: &mut Head, lines: &mut Vec<u8>| {
+            let hash: Hash = chain::link(&head.hash, body);
+            chain::write_line(lines, &hash, body);
+            *head = Head {
+                seq: head.seq + 1,
+                hash,
+            };
+        };
+        let dropped = self.shared.dropped.swap(0, Ordering::Relaxed);
+        if dropped > 0 {
+            body.clear();
+            record::dropped_body(&self.instance, head.seq + 1, dropped, body);
+            push(body, &mut head, lines);
+        }
+        for q in batch.iter() {
+            body.clear();
+            record::decision_body(&self.instance, head.seq + 1, &q.entry, body);
+            push(body, &mut head, lines);
+        }
+        if lines.is_empty() {
+            return;
+        }
+        // A spool that cannot be written is retried, never skipped: the
+        // queue backs up behind it and the overflow policy applies.
+        let mut failing_since: Option<Instant> = None;
+        loop {
+            let result = self.spool.append(lines, first_seq).and_then(|()| {
+                if self.settings.fsync {
+                    self.spool.sync()
+                } else {
+                    Ok(())
+                }
+            });
+            match result {
+                Ok(()) => break,
+                Err(e) => {
+                    if failing_since.is_none() {
+                        tracing::error!("decision log: cannot write the spool: {e}; retrying");
+                        failing_since = Some(Instant::now());
+                    }
+                    if *self.stop.borrow()
+                        && failing_since.is_some_and(|t| t.elapsed() > Duration::from_secs(2))
+                    {
+                        tracing::error!(
+                            "decision log: giving up on {} records at shutdown",
+                            batch.len()
+                        );
+                        for q in batch.drain(..) {
+                            if let Some(done) = q.done {
+                                let _ = done.send(false);
+                            }
+                        }
+                        return;
+                    }
+                    rt.block_on(tokio::time::sleep(Duration::from_millis(100)));
+                }
+            }
+        }
+        self.head = head;
+        if let Some(copy) = &mut self.copy
+            && let Err(e) = copy.write_all(lines).and_then(|()| copy.flush())
+        {
+            tracing::warn!("decision log: cannot write the NDJSON copy: {e}");
+        }
+        let n = batch.len() as u64 + u64::from(dropped > 0);
+        self.shared.metrics.spooled.inc_by(n);
+        self.shared
+            .metrics
+            .spool_bytes
+            .set(self.shared.spool_bytes.load(Ordering::Relaxed) as i64);
+        self.spooled.send_replace(self.head.seq);
+        for q in batch.drain(..) {
+            if let Some(done) = q.done {
+                let _ = done.send(true);
+            }
+        }
+    }
+}
