@@ -4,78 +4,10 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{BIN, Sidecar, build_example, eventually, run, s};
-
-const TOKEN: &str = "test-token-0123456789";
-
-struct ControlPlane(Child, String);
-
-impl ControlPlane {
-    fn start(db: &Path, public: &Path) -> Self {
-        Self::start_with(db, public, &[])
-    }
-
-    fn start_with(db: &Path, public: &Path, extra: &[&str]) -> Self {
-        let mut child = Command::new(BIN)
-            .args([
-                "control-plane",
-                "--addr",
-                "127.0.0.1:0",
-                "--db",
-                s(db),
-                "--trusted-key",
-                s(public),
-                "--log-format",
-                "json",
-            ])
-            .args(["--token", TOKEN])
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            else {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("control plane did not start");
-            };
-            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
-                continue;
-            };
-            if v["fields"]["message"] == "control plane listening" {
-                let addr = v["fields"]["addr"].as_str().unwrap().to_owned();
-                let scheme = if v["fields"]["tls"] == true {
-                    "https"
-                } else {
-                    "http"
-                };
-                return Self(child, format!("{scheme}://{addr}"));
-            }
-        }
-    }
-}
-
-impl Drop for ControlPlane {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use common::{ControlPlane, Sidecar, TOKEN, build_example, eventually, run, s};
 
 #[tokio::test]
 async fn publish_long_poll_rollback() {

@@ -163,6 +163,7 @@ pub fn start(
         copy,
         spooled: spooled_tx,
         stop: stop_rx,
+        last_marker: None,
     };
     let writer = std::thread::Builder::new()
         .name("decision-log-writer".into())

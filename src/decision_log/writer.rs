@@ -25,6 +25,8 @@ pub(super) struct Writer {
     pub copy: Option<Box<dyn Write + Send>>,
     pub spooled: watch::Sender<u64>,
     pub stop: watch::Receiver<bool>,
+    /// When a `dropped` marker was last written while the spool was full.
+    pub last_marker: Option<Instant>,
 }
 
 impl Writer {
@@ -58,6 +60,16 @@ impl Writer {
             }
             self.shared.metrics.queued.set(self.rx.len() as i64);
             if !closing && !self.room_for(&mut batch, &rt) {
+                // Put the loss on the record now (at most every 10 s while
+                // full, so markers cannot fill the disk), not only once
+                // room returns: a crash in between would hide it.
+                if self
+                    .last_marker
+                    .is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
+                {
+                    self.last_marker = Some(Instant::now());
+                    self.write(&mut batch, &mut lines, &mut body, &rt);
+                }
                 continue;
             }
             self.write(&mut batch, &mut lines, &mut body, &rt);

@@ -241,3 +241,96 @@ where
     }
     panic!("timed out after {within:?} waiting for {what}");
 }
+
+pub const TOKEN: &str = "test-token-0123456789";
+
+/// A running `arbiter control-plane`: the child and its base URL.
+pub struct ControlPlane(pub Child, pub String);
+
+impl ControlPlane {
+    pub fn start(db: &Path, public: &Path) -> Self {
+        Self::start_with(db, public, &[])
+    }
+
+    pub fn start_with(db: &Path, public: &Path, extra: &[&str]) -> Self {
+        let addr = if extra.contains(&"--addr") {
+            &[][..]
+        } else {
+            &["--addr", "127.0.0.1:0"][..]
+        };
+        let mut child = Command::new(BIN)
+            .arg("control-plane")
+            .args(addr)
+            .args([
+                "--db",
+                s(db),
+                "--trusted-key",
+                s(public),
+                "--log-format",
+                "json",
+            ])
+            .args(["--token", TOKEN])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            else {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("control plane did not start");
+            };
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            if v["fields"]["message"] == "control plane listening" {
+                let addr = v["fields"]["addr"].as_str().unwrap().to_owned();
+                let scheme = if v["fields"]["tls"] == true {
+                    "https"
+                } else {
+                    "http"
+                };
+                return Self(child, format!("{scheme}://{addr}"));
+            }
+        }
+    }
+}
+
+impl ControlPlane {
+    /// `host:port` it listens on.
+    pub fn addr(&self) -> &str {
+        self.1.split("://").nth(1).unwrap()
+    }
+
+    /// An authenticated GET, parsed as JSON.
+    pub async fn get_json(&self, path: &str) -> Value {
+        let r = reqwest::Client::new()
+            .get(format!("{}{path}", self.1))
+            .bearer_auth(TOKEN)
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .expect("control plane answers");
+        let status = r.status();
+        let text = r.text().await.unwrap();
+        assert!(status.is_success(), "{path}: {status} {text}");
+        serde_json::from_str(&text).unwrap()
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

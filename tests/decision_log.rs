@@ -1,0 +1,573 @@
+//! The decision trail end to end, with the real binaries: records masked,
+//! chained and delivered exactly once through control-plane outages and
+//! sidecar crashes; tampering found by `arbiter log verify`; the spool cap's
+//! overflow policies. Every load is bounded in requests and time.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use arbiter::api::pb::v1::CheckRequest;
+use common::{ControlPlane, Sidecar, TOKEN, eventually, example, example_request, run, s};
+use serde_json::Value;
+
+const REQUESTS: [&str; 6] = [
+    "requests/allow-edit-department.json",
+    "requests/step-up-delete.json",
+    "requests/deny-edit-archived.json",
+    "requests/approval-share-external.json",
+    "requests/allow-view-own.json",
+    "requests/deny-suspended-user.json",
+];
+
+fn requests() -> Vec<CheckRequest> {
+    REQUESTS.iter().map(|r| example_request(r)).collect()
+}
+
+/// The example bundle plus masking rules: entity properties are erased and
+/// the subject id is hashed, so `"department"` and `"engineering"` must
+/// never reach a record.
+fn masked_bundle(work: &Path) -> PathBuf {
+    let dir = work.join("bundle");
+    let ok = std::process::Command::new("cp")
+        .args(["-r", s(&example("documents")), s(&dir)])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    std::fs::write(
+        dir.join("masking.json"),
+        r#"{"erase": ["/subject/properties", "/resource/properties"], "hash": ["/subject/id"], "salt": "t"}"#,
+    )
+    .unwrap();
+    dir
+}
+
+fn spool_args<'a>(cp: &'a str, spool: &'a Path) -> Vec<&'a str> {
+    vec!["--decision-log-to", cp, "--decision-log-spool", s(spool)]
+}
+
+/// What a load run saw: decision ids of answered calls and failures.
+#[derive(Default)]
+struct Seen {
+    ids: Vec<String>,
+    failures: usize,
+}
+
+/// Sends `total` checks over `conns` connections, or until `stop` is set.
+async fn load(sidecar_grpc: String, total: usize, conns: usize, stop: Arc<AtomicBool>) -> Seen {
+    let per = total / conns;
+    let mut tasks = Vec::new();
+    for c in 0..conns {
+        let addr = format!("http://{sidecar_grpc}");
+        let stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut seen = Seen::default();
+            let Ok(channel) = tonic::transport::Endpoint::from_shared(addr)
+                .unwrap()
+                .timeout(Duration::from_secs(5))
+                .connect()
+                .await
+            else {
+                seen.failures += per;
+                return seen;
+            };
+            let mut client =
+                arbiter::api::pb::v1::authorizer_client::AuthorizerClient::new(channel);
+            let reqs = requests();
+            for i in 0..per {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                match client.check(reqs[(i + c) % reqs.len()].clone()).await {
+                    Ok(r) => seen.ids.push(r.into_inner().decision_id),
+                    Err(_) => seen.failures += 1,
+                }
+            }
+            seen
+        }));
+    }
+    let mut all = Seen::default();
+    for t in tasks {
+        let seen = t.await.unwrap();
+        all.ids.extend(seen.ids);
+        all.failures += seen.failures;
+    }
+    all
+}
+
+/// The stored chain report of the only instance (or of `instance`).
+async fn report(cp: &ControlPlane) -> Value {
+    let v = cp.get_json("/decisions/verify").await;
+    let list = v["instances"].as_array().unwrap();
+    assert_eq!(list.len(), 1, "{v}");
+    list[0].clone()
+}
+
+/// Decision ids in the stored chain, in order (from the export).
+async fn stored_ids(cp: &ControlPlane, instance: &str) -> Vec<String> {
+    let r = reqwest::Client::new()
+        .get(format!("{}/decisions/export?instance={instance}", cp.1))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    let text = r.text().await.unwrap();
+    text.lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            v["record"]["decision_id"].as_str().unwrap_or("").to_owned()
+        })
+        .collect()
+}
+
+/// Every file under `dir`, concatenated.
+fn bytes_under(dir: &Path) -> Vec<u8> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let p = entry.unwrap().path();
+        if p.is_file() {
+            out.extend(std::fs::read(&p).unwrap());
+        }
+    }
+    out
+}
+
+fn contains(hay: &[u8], needle: &str) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle.as_bytes())
+}
+
+fn cli(cp: &ControlPlane, args: &[&str]) -> (i32, String, String) {
+    let mut all = vec!["log"];
+    all.extend_from_slice(&args[..1]);
+    all.extend_from_slice(&["--control-plane", &cp.1, "--token", TOKEN]);
+    all.extend_from_slice(&args[1..]);
+    run(&all)
+}
+
+#[tokio::test]
+async fn records_are_masked_chained_explained_and_tamper_evident() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let (spool, ndjson) = (w.join("spool"), w.join("decisions.ndjson"));
+    // Publish the masked bundle so `log show` can print policy text.
+    let bundle = masked_bundle(w);
+    let (code, _, err) = run(&["bundle", "keygen", "--out", s(&w.join("k"))]);
+    assert_eq!(code, 0, "{err}");
+    let archive = w.join("b.tar.gz");
+    let (code, _, err) = run(&[
+        "bundle",
+        "build",
+        s(&bundle),
+        "-o",
+        s(&archive),
+        "--sign-key",
+        s(&w.join("k.key.pem")),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let public = w.join("k.pub.pem");
+    let db = w.join("cp.db");
+    let cp = ControlPlane::start(&db, &public);
+    let (code, _, err) = run(&[
+        "bundle",
+        "push",
+        s(&archive),
+        "--to",
+        &cp.1,
+        "--token",
+        TOKEN,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let cache = w.join("cache");
+    let mut args = vec![
+        "--control-plane",
+        &cp.1,
+        "--bundle-name",
+        "documents",
+        "--trusted-key",
+        s(&public),
+        "--bundle-cache",
+        s(&cache),
+        "--decision-log-file",
+        s(&ndjson),
+        "--decision-log-spool",
+        s(&spool),
+    ];
+    args.extend(["--decision-log-durability", "durable"]);
+    let sidecar = Sidecar::start(Path::new(""), &args);
+    eventually("the bundle is active", Duration::from_secs(20), || async {
+        sidecar.revision().await.is_some()
+    })
+    .await;
+
+    // 60 decisions (plus the one revision() made), with a trace id on one.
+    let mut client = sidecar.client().await;
+    let mut traced = tonic::Request::new(example_request("requests/step-up-delete.json"));
+    traced.metadata_mut().insert(
+        "traceparent",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+            .parse()
+            .unwrap(),
+    );
+    let step_up_id = client.check(traced).await.unwrap().into_inner().decision_id;
+    let seen = load(
+        sidecar.grpc_addr.clone(),
+        60,
+        2,
+        Arc::new(AtomicBool::new(false)),
+    )
+    .await;
+    assert_eq!((seen.ids.len(), seen.failures), (60, 0));
+    let total = seen.ids.len() + 2;
+    eventually(
+        "every record is stored",
+        Duration::from_secs(20),
+        || async { report(&cp).await["records"] == total },
+    )
+    .await;
+    let r = report(&cp).await;
+    assert!(r["first_break"].is_null(), "{r}");
+    assert_eq!(r["last_seq"], total);
+    let instance = r["instance"].as_str().unwrap().to_owned();
+    let ids: HashSet<String> = stored_ids(&cp, &instance).await.into_iter().collect();
+    assert_eq!(ids.len(), total, "each decision stored once");
+    assert!(seen.ids.iter().all(|id| ids.contains(id)));
+
+    // Masked fields are in no byte the sidecar wrote or the store holds.
+    let stored = [
+        bytes_under(&spool),
+        std::fs::read(&ndjson).unwrap(),
+        bytes_under(w), // cp.db and its WAL
+    ]
+    .concat();
+    for secret in ["\"department\"", "engineering", "\"alice\"", "\"bob\""] {
+        assert!(!contains(&stored, secret), "{secret} leaked into a record");
+    }
+
+    // log show: the whole record, with its deciding policies' text.
+    let (code, out, err) = cli(&cp, &["show", &step_up_id]);
+    assert_eq!(code, 0, "{err}");
+    for needle in [
+        "STEP_UP",
+        "delete-needs-recent-mfa",
+        "forbid",
+        "4bf92f3577b34da6a3ce929d0e0e4736",
+        "sha256:",
+        "acr_values",
+    ] {
+        assert!(out.contains(needle), "{needle} missing from:\n{out}");
+    }
+    // log query filters.
+    let (code, out, err) = cli(&cp, &["query", "--outcome", "STEP_UP", "--limit", "1000"]);
+    assert_eq!(code, 0, "{err}");
+    let expected = 1 + seen.ids.len() / REQUESTS.len();
+    assert_eq!(out.lines().count(), expected, "{out}");
+    assert!(out.lines().all(|l| l.contains("STEP_UP")));
+    let (_, out, _) = cli(&cp, &["query", "--policy", "suspended-users"]);
+    assert!(
+        !out.is_empty() && out.lines().all(|l| l.contains("suspended-users")),
+        "{out}"
+    );
+    let (_, out, _) = cli(&cp, &["query", "--since", "2999-01-01T00:00:00Z"]);
+    assert!(out.is_empty());
+    let (code, _, err) = cli(&cp, &["query", "--since", "yesterday"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("RFC 3339"), "{err}");
+
+    // log verify: intact on the control plane and in an export.
+    let (code, out, err) = cli(&cp, &["verify"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("chain intact"), "{out}");
+    let export = reqwest::Client::new()
+        .get(format!("{}/decisions/export?instance={instance}", cp.1))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let file = w.join("export.ndjson");
+    std::fs::write(&file, &export).unwrap();
+    let (code, _, err) = run(&["log", "verify", "--file", s(&file)]);
+    assert_eq!(code, 0, "{err}");
+    // The local NDJSON copy verifies too.
+    let (code, _, err) = run(&["log", "verify", "--file", s(&ndjson)]);
+    assert_eq!(code, 0, "{err}");
+
+    // An edited line and a deleted line in a file are named.
+    let mut lines: Vec<String> = export.lines().map(str::to_owned).collect();
+    lines[6] = lines[6].replacen("\"kind\":\"check\"", "\"kind\":\"chek\"", 1);
+    std::fs::write(&file, lines.join("\n")).unwrap();
+    let (code, _, err) = run(&["log", "verify", "--file", s(&file)]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("seq 7") && err.contains("does not match"),
+        "{err}"
+    );
+    let mut lines: Vec<String> = export.lines().map(str::to_owned).collect();
+    lines.remove(11);
+    std::fs::write(&file, lines.join("\n")).unwrap();
+    let (code, _, err) = run(&["log", "verify", "--file", s(&file)]);
+    assert_eq!(code, 1);
+    assert!(err.contains("seq 12") && err.contains("missing"), "{err}");
+
+    // An edited and a deleted record in the store are named.
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.execute(
+        "UPDATE decisions SET body = replace(body, '\"outcome\":\"DENY\"', '\"outcome\":\"ALLOW\"') WHERE seq = (SELECT MIN(seq) FROM decisions WHERE outcome = 'DENY')",
+        [],
+    )
+    .unwrap();
+    let edited: i64 = conn
+        .query_row(
+            "SELECT MIN(seq) FROM decisions WHERE outcome = 'DENY'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    conn.execute("DELETE FROM decisions WHERE seq = 40", [])
+        .unwrap();
+    drop(conn);
+    let (code, _, err) = cli(&cp, &["verify"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains(&format!("first break at seq {edited}:")),
+        "{err}"
+    );
+    let (code, _, err) = cli(&cp, &["verify", "--instance", &instance]);
+    assert_eq!(code, 1, "{err}");
+}
+
+#[tokio::test]
+async fn a_control_plane_outage_under_load_loses_and_repeats_nothing() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let (code, _, err) = run(&["bundle", "keygen", "--out", s(&w.join("k"))]);
+    assert_eq!(code, 0, "{err}");
+    let public = w.join("k.pub.pem");
+    let db = w.join("cp.db");
+    let cp = ControlPlane::start(&db, &public);
+    let addr = cp.addr().to_owned();
+    let spool = w.join("spool");
+    let sidecar = Sidecar::start(&example("documents"), &spool_args(&cp.1, &spool));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let running = tokio::spawn(load(sidecar.grpc_addr.clone(), 200_000, 4, stop.clone()));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    drop(cp); // SIGKILL: in-flight batches are never acknowledged
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let cp = ControlPlane::start_with(&db, &public, &["--addr", &addr]);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    stop.store(true, Ordering::Relaxed);
+    let seen = tokio::time::timeout(Duration::from_secs(120), running)
+        .await
+        .expect("load finishes")
+        .unwrap();
+    assert_eq!(seen.failures, 0, "no decision failed during the outage");
+    let total = seen.ids.len();
+    eprintln!("{total} decisions across the outage");
+    assert!(total > 500, "the load ran through the outage");
+    eventually("every record arrives", Duration::from_secs(30), || async {
+        report(&cp).await["records"] == total
+    })
+    .await;
+    let r = report(&cp).await;
+    assert!(r["first_break"].is_null(), "{r}");
+    assert_eq!(r["flagged_on_receipt"], serde_json::json!([]));
+    let stored = stored_ids(&cp, r["instance"].as_str().unwrap()).await;
+    let unique: HashSet<&String> = stored.iter().collect();
+    assert_eq!((stored.len(), unique.len()), (total, total), "exactly once");
+    assert!(seen.ids.iter().all(|id| unique.contains(id)));
+    let (_, metrics) = sidecar.get("/metrics").await;
+    assert!(
+        metrics.contains("arbiter_decision_log_dropped_records_total 0"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn after_sigkill_the_spool_is_resent_and_durable_answers_are_all_stored() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let (code, _, err) = run(&["bundle", "keygen", "--out", s(&w.join("k"))]);
+    assert_eq!(code, 0, "{err}");
+    let public = w.join("k.pub.pem");
+    let cp = ControlPlane::start(&w.join("cp.db"), &public);
+    let spool = w.join("spool");
+    let mut args = spool_args(&cp.1, &spool);
+    args.extend(["--decision-log-durability", "durable"]);
+
+    // Kill the sidecar mid-load; keep the ids of every answer received.
+    let mut sidecar = Sidecar::start(&example("documents"), &args);
+    let stop = Arc::new(AtomicBool::new(false));
+    let running = tokio::spawn(load(sidecar.grpc_addr.clone(), 100_000, 4, stop.clone()));
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    sidecar.child.kill().unwrap(); // SIGKILL
+    sidecar.child.wait().unwrap();
+    stop.store(true, Ordering::Relaxed);
+    let seen = tokio::time::timeout(Duration::from_secs(30), running)
+        .await
+        .expect("load stops")
+        .unwrap();
+    assert!(seen.ids.len() > 50, "the load ran: {}", seen.ids.len());
+    eprintln!("{} decisions answered before SIGKILL", seen.ids.len());
+
+    // The restarted sidecar continues the same chain and resends the rest.
+    let sidecar = Sidecar::start(&example("documents"), &args);
+    let after = load(
+        sidecar.grpc_addr.clone(),
+        20,
+        1,
+        Arc::new(AtomicBool::new(false)),
+    )
+    .await;
+    assert_eq!(after.failures, 0);
+    let want: HashSet<String> = seen.ids.iter().chain(&after.ids).cloned().collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let stored = loop {
+        let r = report(&cp).await;
+        let stored = stored_ids(&cp, r["instance"].as_str().unwrap()).await;
+        let have: HashSet<&String> = stored.iter().collect();
+        if want.iter().all(|id| have.contains(id)) {
+            break stored;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "answered decisions missing from the store: {} of {}",
+            want.iter().filter(|id| !have.contains(id)).count(),
+            want.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let r = report(&cp).await;
+    assert!(
+        r["first_break"].is_null(),
+        "chain verifies across the restart: {r}"
+    );
+    assert_eq!(
+        r["records"], r["last_seq"],
+        "no seq stored twice or skipped"
+    );
+    let unique: HashSet<&String> = stored.iter().collect();
+    assert_eq!(unique.len(), stored.len(), "exactly once");
+}
+
+fn config_file(dir: &Path, body: &str) -> PathBuf {
+    let p = dir.join("arbiter.toml");
+    std::fs::write(&p, body).unwrap();
+    p
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(-1.0)
+}
+
+#[tokio::test]
+async fn at_the_spool_cap_drop_keeps_deciding_and_marks_the_loss() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let spool = w.join("spool");
+    // Nothing listens on port 9: records pile up in the spool.
+    let config = config_file(
+        w,
+        &format!(
+            "[decision_log]\nship_to = \"http://127.0.0.1:9\"\nspool_dir = \"{}\"\nmax_spool_bytes = 16384\nsegment_bytes = 4096\noverflow = \"drop\"\n",
+            s(&spool)
+        ),
+    );
+    let sidecar = Sidecar::start(
+        &example("documents"),
+        &["--config", s(&config), "--decision-log-spool", s(&spool)],
+    );
+    let seen = load(
+        sidecar.grpc_addr.clone(),
+        200,
+        1,
+        Arc::new(AtomicBool::new(false)),
+    )
+    .await;
+    assert_eq!(
+        (seen.ids.len(), seen.failures),
+        (200, 0),
+        "drop keeps deciding"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let metrics = loop {
+        let m = sidecar.get("/metrics").await.1;
+        if metric(&m, "arbiter_decision_log_dropped_records_total") > 0.0 {
+            break m;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no loss counted:\n{m}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(metric(&metrics, "arbiter_decision_log_spool_bytes") < 16384.0 + 8192.0);
+    // The loss itself is a record in the chain.
+    eventually(
+        "a dropped marker is spooled",
+        Duration::from_secs(10),
+        || async {
+            load(
+                sidecar.grpc_addr.clone(),
+                1,
+                1,
+                Arc::new(AtomicBool::new(false)),
+            )
+            .await;
+            contains(&bytes_under(&spool), "\"kind\":\"dropped\"")
+        },
+    )
+    .await;
+    assert_eq!(
+        metric(&metrics, "arbiter_decision_log_refused_decisions_total"),
+        0.0
+    );
+}
+
+#[tokio::test]
+async fn at_the_spool_cap_block_refuses_what_it_cannot_record() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let spool = w.join("spool");
+    let config = config_file(
+        w,
+        &format!(
+            "[decision_log]\nship_to = \"http://127.0.0.1:9\"\nspool_dir = \"{}\"\nmax_spool_bytes = 16384\nsegment_bytes = 4096\nblock_timeout_ms = 50\nqueue_capacity = 4\n",
+            s(&spool)
+        ),
+    );
+    let sidecar = Sidecar::start(
+        &example("documents"),
+        &["--config", s(&config), "--decision-log-spool", s(&spool)],
+    );
+    let mut client = sidecar.client().await;
+    let req = example_request("requests/allow-edit-department.json");
+    let mut refused = None;
+    for _ in 0..400 {
+        if let Err(status) = client.check(req.clone()).await {
+            refused = Some(status);
+            break;
+        }
+    }
+    let status = refused.expect("a decision is refused once the spool is full");
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    assert!(
+        status.message().contains("could not be recorded"),
+        "{status:?}"
+    );
+    let (_, metrics) = sidecar.get("/metrics").await;
+    assert!(metric(&metrics, "arbiter_decision_log_refused_decisions_total") >= 1.0);
+    assert_eq!(
+        metric(&metrics, "arbiter_decision_log_dropped_records_total"),
+        0.0
+    );
+}
