@@ -60,6 +60,10 @@ pub struct BenchArgs {
     /// Compare the policy index with whole-set evaluation (adds runs with the index off).
     #[arg(long)]
     index_off_too: bool,
+    /// Decision-log modes to run besides `off` (cache off, shipping to a
+    /// control plane this bench starts): `buffered`, `durable`.
+    #[arg(long, value_delimiter = ',', default_value = "")]
+    decision_log: Vec<String>,
     /// Only time bundle activation (verify, compile, test, swap); no load runs.
     #[arg(long)]
     activation_only: bool,
@@ -206,9 +210,15 @@ fn spawn(
     Ok(Server { child, addr })
 }
 
+/// `GRPC_ADDR|HTTP_ADDR` from the sidecar's listening line.
 fn sidecar_addr(line: &str) -> Option<String> {
     let v: Value = serde_json::from_str(line).ok()?;
-    Some(v.get("fields")?.get("grpc_addr")?.as_str()?.to_owned())
+    let f = v.get("fields")?;
+    Some(format!(
+        "{}|{}",
+        f.get("grpc_addr")?.as_str()?,
+        f.get("http_addr")?.as_str()?
+    ))
 }
 
 fn echo_addr(line: &str) -> Option<String> {
@@ -456,6 +466,16 @@ async fn run_async(args: BenchArgs) -> Result<(), String> {
         false,
     )?;
     let echo_channel = connect(&echo_server.addr).await?;
+    let log_modes: Vec<&String> = args
+        .decision_log
+        .iter()
+        .filter(|m| !m.is_empty() && *m != "off")
+        .collect();
+    let log_sink = if log_modes.is_empty() {
+        None
+    } else {
+        Some(decision_log_sink(&tmp)?)
+    };
 
     for s in &args.scenarios {
         let prepared = prepare(*s, &tmp, args.distinct)?;
@@ -495,6 +515,27 @@ async fn run_async(args: BenchArgs) -> Result<(), String> {
                 vec!["--cache-entries".into(), entries.into()],
             ));
         }
+        for mode in &log_modes {
+            let (_, url) = log_sink.as_ref().ok_or("no control plane")?;
+            variants.push((
+                format!("arbiter log {mode}"),
+                vec![
+                    "--cache-entries".into(),
+                    "0".into(),
+                    "--decision-log-to".into(),
+                    url.clone(),
+                    "--decision-log-spool".into(),
+                    tmp.join(format!(
+                        "spool-{mode}-{}",
+                        prepared.name.split(' ').next().unwrap_or("x")
+                    ))
+                    .display()
+                    .to_string(),
+                    "--decision-log-durability".into(),
+                    mode.to_string(),
+                ],
+            ));
+        }
         if args.index_off_too {
             variants.push((
                 "arbiter index off".into(),
@@ -523,7 +564,9 @@ async fn run_async(args: BenchArgs) -> Result<(), String> {
             let sidecar = spawn(&args.server_cpu, &serve_args, sidecar_addr, true)?;
             tokio::time::sleep(Duration::from_millis(300)).await;
             let idle_rss = rss_kib(sidecar.pid());
-            let channel = connect(&sidecar.addr).await?;
+            let (grpc_addr, http_addr) =
+                sidecar.addr.split_once('|').unwrap_or((&sidecar.addr, ""));
+            let channel = connect(grpc_addr).await?;
             let caller = Caller::Sidecar(
                 pb::authorizer_client::AuthorizerClient::new(channel),
                 prepared.requests.clone().into(),
@@ -531,6 +574,9 @@ async fn run_async(args: BenchArgs) -> Result<(), String> {
             for (i, &c) in args.concurrency.iter().enumerate() {
                 let stats = drive(caller.clone(), sidecar.pid(), c, warmup, duration).await;
                 println!("{}", row(&label, c, &stats, echo_runs.get(i)));
+                if label.starts_with("arbiter log") {
+                    print!("{}", shipping_report(http_addr).await);
+                }
             }
             if let Some(kib) = idle_rss {
                 println!(
@@ -580,6 +626,78 @@ fn write_index_off(tmp: &Path) -> Result<String, String> {
     )
     .map_err(|e| e.to_string())?;
     Ok(path.display().to_string())
+}
+
+/// Starts a control plane for the decision log runs (unpinned: it is the
+/// remote end, not what is measured). Returns it and its URL.
+fn decision_log_sink(tmp: &Path) -> Result<(Server, String), String> {
+    let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+    let public = tmp.join("log.pub.pem");
+    {
+        use ed25519_dalek::pkcs8::EncodePublicKey;
+        let pem = key
+            .verifying_key()
+            .to_public_key_pem(ed25519_dalek::pkcs8::spki::der::pem::LineEnding::LF)
+            .map_err(|e| e.to_string())?;
+        std::fs::write(&public, pem).map_err(|e| e.to_string())?;
+    }
+    let cp = spawn(
+        "none",
+        &[
+            "control-plane".into(),
+            "--addr".into(),
+            "127.0.0.1:0".into(),
+            "--db".into(),
+            tmp.join("log-cp.db").display().to_string(),
+            "--trusted-key".into(),
+            public.display().to_string(),
+            "--token".into(),
+            "bench-token-0123456789".into(),
+            "--log-format".into(),
+            "json".into(),
+        ],
+        control_plane_addr,
+        true,
+    )?;
+    let url = format!("http://{}", cp.addr);
+    Ok((cp, url))
+}
+
+/// A metric's value from a Prometheus text page.
+fn metric_value(page: &str, name: &str) -> Option<f64> {
+    page.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+}
+
+/// After a decision-log run: how far shipping lags at the end of the load and
+/// two seconds later (spooled vs acknowledged records, spool bytes).
+async fn shipping_report(http_addr: &str) -> String {
+    let Ok(client) = crate::controlplane::AdminClient::new(
+        &format!("http://{http_addr}"),
+        "",
+        Duration::from_secs(5),
+        None,
+    ) else {
+        return "  (no metrics)".into();
+    };
+    let mut out = String::new();
+    for when in ["end of load", "+2 s"] {
+        if when == "+2 s" {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+        let page = client.get("/metrics").await.unwrap_or_default();
+        let m = |n: &str| metric_value(&page, n).unwrap_or(-1.0);
+        let spooled = m("arbiter_decision_log_spooled_records_total");
+        let acked = m("arbiter_decision_log_acknowledged_records_total");
+        out.push_str(&format!(
+            "  decision log at {when}: {spooled:.0} spooled, {acked:.0} acknowledged (lag {:.0}), spool {:.0} KiB, dropped {:.0}, refused {:.0}\n",
+            spooled - acked,
+            m("arbiter_decision_log_spool_bytes") / 1024.0,
+            m("arbiter_decision_log_dropped_records_total"),
+            m("arbiter_decision_log_refused_decisions_total"),
+        ));
+    }
+    out
 }
 
 fn control_plane_addr(line: &str) -> Option<String> {
@@ -740,7 +858,8 @@ async fn swap_test(args: &BenchArgs, tmp: &Path, duration: Duration) -> Result<(
         sidecar_addr,
         true,
     )?;
-    let channel = connect(&sidecar.addr).await?;
+    let grpc_addr = sidecar.addr.split('|').next().unwrap_or_default();
+    let channel = connect(grpc_addr).await?;
     let requests: Vec<pb::CheckRequest> =
         scenario::request_mix(&scenario::peer_request(), args.distinct.max(1), None)
             .into_iter()

@@ -218,6 +218,11 @@ pub struct DecisionLogConfig {
     pub batch_max_records: usize,
     /// fsync the spool after every batch (group commit).
     pub fsync: bool,
+    /// `buffered`: milliseconds the writer gathers records before one
+    /// write + fsync. A `kill -9` loses at most this long's records.
+    pub batch_interval_ms: u64,
+    /// Least milliseconds between batches sent to the control plane.
+    pub ship_interval_ms: u64,
 }
 
 impl Default for DecisionLogConfig {
@@ -235,6 +240,8 @@ impl Default for DecisionLogConfig {
             queue_capacity: 65_536,
             batch_max_records: 1024,
             fsync: true,
+            batch_interval_ms: 10,
+            ship_interval_ms: 20,
         }
     }
 }
@@ -383,10 +390,17 @@ impl Config {
             ("decision_log.block_timeout_ms", d.block_timeout_ms),
             ("decision_log.queue_capacity", d.queue_capacity as u64),
             ("decision_log.batch_max_records", d.batch_max_records as u64),
+            ("decision_log.ship_interval_ms", d.ship_interval_ms),
         ] {
             if value == 0 {
                 return bad(format!("`{name}` must be at least 1"));
             }
+        }
+        if d.batch_interval_ms > 1000 {
+            return bad(format!(
+                "`decision_log.batch_interval_ms` is {}; use at most 1000 (a crash loses up to this long's records)",
+                d.batch_interval_ms
+            ));
         }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| ConfigError::Invalid(format!("`log.level` `{}`: {e}", self.log.level)))?;

@@ -266,8 +266,7 @@ fn router(state: Arc<AppState>, limits: ArchiveLimits) -> Router {
     let ship = DecisionLogServer::new(DecisionLogService {
         store: state.decisions.clone(),
     })
-    .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
-    .send_compressed(tonic::codec::CompressionEncoding::Gzip)
+    // Batches arrive gzip-compressed inside the message (see the proto).
     .max_decoding_message_size(16 << 20);
     let grpc = tonic::service::Routes::new(ship).into_axum_router();
     Router::new()

@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::api::pb::v1::{ChainedRecord, RecordBatch, ShipAck, decision_log_server::DecisionLog};
+use crate::api::pb::v1::{RecordBatch, ShipAck, decision_log_server::DecisionLog};
 use crate::decision_log::chain::{self, Break, GENESIS, Hash, Verifier};
 use crate::decision_log::mask::hex;
 
@@ -68,6 +68,68 @@ pub struct DecisionStore {
     conn: Mutex<Connection>,
     pub records_stored: Counter,
     pub chain_breaks: Counter,
+}
+
+/// One received record.
+pub struct Incoming<'a> {
+    pub seq: u64,
+    pub hash: Hash,
+    pub body: &'a [u8],
+}
+
+/// Most bytes one batch may unpack to (a gzip bomb stops here).
+const MAX_BATCH_BYTES: u64 = 64 << 20;
+
+/// Unpacks a shipped batch's gzip-compressed lines.
+pub fn unpack(batch: &RecordBatch) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let mut text = Vec::new();
+    flate2::read::GzDecoder::new(&batch.lines_gzip[..])
+        .take(MAX_BATCH_BYTES + 1)
+        .read_to_end(&mut text)
+        .map_err(|e| format!("batch at seq {} is not gzip: {e}", batch.first_seq))?;
+    if text.len() as u64 > MAX_BATCH_BYTES {
+        return Err(format!(
+            "batch at seq {} unpacks to more than {MAX_BATCH_BYTES} bytes",
+            batch.first_seq
+        ));
+    }
+    Ok(text)
+}
+
+/// Parses unpacked lines, checking each is where the batch says it is.
+pub fn parse_batch<'a>(
+    instance: &str,
+    first_seq: u64,
+    count: u32,
+    text: &'a [u8],
+) -> Result<Vec<Incoming<'a>>, String> {
+    let mut out = Vec::with_capacity(count as usize);
+    for (i, line) in text
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .enumerate()
+    {
+        let parsed = chain::parse_line(line).map_err(|e| format!("batch line {}: {e}", i + 1))?;
+        let want = first_seq + i as u64;
+        if parsed.seq != want || parsed.instance != instance {
+            return Err(format!(
+                "batch line {} is seq {} of instance {}, expected seq {want} of {instance}",
+                i + 1,
+                parsed.seq,
+                parsed.instance
+            ));
+        }
+        out.push(Incoming {
+            seq: parsed.seq,
+            hash: parsed.hash,
+            body: parsed.body,
+        });
+    }
+    if out.len() != count as usize {
+        return Err(format!("batch says {count} lines but holds {}", out.len()));
+    }
+    Ok(out)
 }
 
 /// The fields of a record body the store indexes.
@@ -161,7 +223,7 @@ impl DecisionStore {
         &self,
         instance: &str,
         head: &mut (u64, Hash),
-        records: &[ChainedRecord],
+        records: &[Incoming],
     ) -> Result<Vec<Break>, TrailError> {
         let mut breaks = Vec::new();
         let mut conn = self.conn();
@@ -179,21 +241,15 @@ impl DecisionStore {
                 if r.seq <= head.0 {
                     continue; // a resend of what is already stored
                 }
-                let hash: Hash = r.hash.as_slice().try_into().map_err(|_| {
-                    TrailError::Bad(format!(
-                        "record {} has a hash of {} bytes, not 32",
-                        r.seq,
-                        r.hash.len()
-                    ))
-                })?;
-                let body = std::str::from_utf8(&r.body)
+                let hash = r.hash;
+                let body = std::str::from_utf8(r.body)
                     .map_err(|_| TrailError::Bad(format!("record {} is not UTF-8", r.seq)))?;
                 let mut v = Verifier::default();
                 if head.0 > 0 || r.seq > 1 {
                     // Anchor on the stored head, then check this record's link.
                     let _ = v.push(instance, head.0, &head.1, b"");
                 }
-                if let Err(b) = v.push(instance, r.seq, &hash, &r.body) {
+                if let Err(b) = v.push(instance, r.seq, &hash, r.body) {
                     flag.execute(params![instance, b.seq as i64, b.reason])?;
                     breaks.push(b);
                 }
@@ -446,8 +502,31 @@ impl DecisionLog for DecisionLogService {
                         }
                     },
                 };
-                let (s, who, records) = (store.clone(), instance.clone(), batch.records);
+                if batch.count == 0 {
+                    // The hello: answer with where the stored chain stands.
+                    if tx
+                        .send(Ok(ShipAck {
+                            instance_id: instance.clone(),
+                            acked_seq: head.0,
+                            chain_breaks: 0,
+                        }))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    continue;
+                }
+                let (s, who) = (store.clone(), instance.clone());
                 let stored = tokio::task::spawn_blocking(move || {
+                    let text = match unpack(&batch) {
+                        Ok(t) => t,
+                        Err(e) => return (Err(TrailError::Bad(e)), head),
+                    };
+                    let records = match parse_batch(&who, batch.first_seq, batch.count, &text) {
+                        Ok(r) => r,
+                        Err(e) => return (Err(TrailError::Bad(e)), head),
+                    };
                     let breaks = s.append(&who, &mut head, &records);
                     (breaks, head)
                 })
@@ -464,6 +543,7 @@ impl DecisionLog for DecisionLogService {
                             chain_breaks: breaks.len() as u32,
                         })
                     }
+                    Ok((Err(TrailError::Bad(e)), _)) => Err(Status::invalid_argument(e)),
                     Ok((Err(e), _)) => Err(Status::internal(e.to_string())),
                     Err(e) => Err(Status::internal(e.to_string())),
                 };
@@ -483,7 +563,7 @@ impl DecisionLog for DecisionLogService {
 mod tests {
     use super::*;
 
-    fn records(from: u64, to: u64, prev: &mut Hash) -> Vec<ChainedRecord> {
+    fn records(from: u64, to: u64, prev: &mut Hash) -> Vec<(u64, Hash, Vec<u8>)> {
         (from..=to)
             .map(|seq| {
                 let body = format!(
@@ -492,9 +572,44 @@ mod tests {
                     seq % 2
                 );
                 *prev = chain::link(prev, body.as_bytes());
-                ChainedRecord { seq, hash: prev.to_vec(), body: body.into_bytes() }
+                (seq, *prev, body.into_bytes())
             })
             .collect()
+    }
+
+    fn incoming(r: &[(u64, Hash, Vec<u8>)]) -> Vec<Incoming<'_>> {
+        r.iter()
+            .map(|(seq, hash, body)| Incoming {
+                seq: *seq,
+                hash: *hash,
+                body,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn batches_must_hold_what_they_claim() {
+        let mut prev = GENESIS;
+        let mut text = Vec::new();
+        for (_, hash, body) in records(3, 5, &mut prev) {
+            chain::write_line(&mut text, &hash, &body);
+        }
+        assert_eq!(parse_batch("i1", 3, 3, &text).expect("valid").len(), 3);
+        for (instance, first, count, needle) in [
+            ("i1", 4, 3, "expected seq 4"),
+            ("i2", 3, 3, "expected seq 3 of i2"),
+            ("i1", 3, 2, "holds 3"),
+        ] {
+            let err = parse_batch(instance, first, count, &text)
+                .err()
+                .expect("refused");
+            assert!(err.contains(needle), "{err}");
+        }
+        let bomb = RecordBatch {
+            lines_gzip: b"not gzip".to_vec(),
+            ..RecordBatch::default()
+        };
+        assert!(unpack(&bomb).expect_err("refused").contains("not gzip"));
     }
 
     #[test]
@@ -506,14 +621,14 @@ mod tests {
         let mut head = store.head("i1").expect("head");
         assert!(
             store
-                .append("i1", &mut head, &first)
+                .append("i1", &mut head, &incoming(&first))
                 .expect("append")
                 .is_empty()
         );
         // A resend changes nothing.
         assert!(
             store
-                .append("i1", &mut head, &first[2..])
+                .append("i1", &mut head, &incoming(&first[2..]))
                 .expect("again")
                 .is_empty()
         );
@@ -539,7 +654,9 @@ mod tests {
         // A gap is flagged on receipt and found again by verify.
         let mut skipped = prev;
         let later = records(6, 8, &mut skipped);
-        let breaks = store.append("i1", &mut head, &later[1..]).expect("gap");
+        let breaks = store
+            .append("i1", &mut head, &incoming(&later[1..]))
+            .expect("gap");
         assert_eq!(breaks.len(), 1);
         assert_eq!(breaks[0].seq, 6);
         let report = store.verify(Some("i1")).expect("verify");

@@ -69,6 +69,8 @@ pub struct Settings {
     pub block_timeout: Duration,
     pub queue_capacity: usize,
     pub batch_max: usize,
+    /// `buffered`: how long the writer gathers records before a write.
+    pub batch_interval: Duration,
     pub fsync: bool,
     /// Also write every chained line here (`-` = stdout), for local use.
     pub copy_to: Option<PathBuf>,

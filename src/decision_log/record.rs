@@ -43,7 +43,7 @@ struct Body<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     revision: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    request: Option<Value>,
+    request: Option<RequestForm<'a>>,
     #[serde(skip_serializing_if = "Option::is_none", flatten)]
     decision: Option<&'a Decision>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -55,28 +55,99 @@ struct Body<'a> {
     dropped: Option<u64>,
 }
 
-/// The request in the record's (AuthZEN-shaped) form, masked.
-fn request_form(r: &Request, mask: &MaskRules) -> Value {
-    let entity = |e: &EntityRef| {
-        let mut m = Map::new();
-        m.insert("type".into(), Value::String(e.kind.clone()));
-        m.insert("id".into(), Value::String(e.id.clone()));
-        if let Some(p) = &e.properties {
-            m.insert("properties".into(), Value::Object(p.clone()));
+/// The request in the record's (AuthZEN-shaped) form, masked. Without
+/// masking rules it is serialized straight from the request (no copy).
+enum RequestForm<'a> {
+    Borrowed(Borrowed<'a>),
+    Masked(Value),
+}
+
+impl Serialize for RequestForm<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            RequestForm::Borrowed(b) => b.serialize(s),
+            RequestForm::Masked(v) => v.serialize(s),
         }
-        Value::Object(m)
+    }
+}
+
+/// Fields in key order, as the sorted `Value` form serializes them.
+#[derive(Serialize)]
+struct Borrowed<'a> {
+    action: ActionForm<'a>,
+    context: SortedMap<'a>,
+    resource: EntityForm<'a>,
+    subject: EntityForm<'a>,
+}
+
+#[derive(Serialize)]
+struct ActionForm<'a> {
+    name: &'a str,
+}
+
+#[derive(Serialize)]
+struct EntityForm<'a> {
+    id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    properties: Option<SortedMap<'a>>,
+    #[serde(rename = "type")]
+    kind: &'a str,
+}
+
+/// A JSON object serialized with its keys sorted, at every depth.
+struct SortedMap<'a>(&'a Map<String, Value>);
+
+impl Serialize for SortedMap<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut keys: Vec<&String> = self.0.keys().collect();
+        keys.sort_unstable();
+        let mut map = s.serialize_map(Some(keys.len()))?;
+        for k in keys {
+            map.serialize_entry(k, &Sorted(&self.0[k]))?;
+        }
+        map.end()
+    }
+}
+
+struct Sorted<'a>(&'a Value);
+
+impl Serialize for Sorted<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        match self.0 {
+            Value::Object(m) => SortedMap(m).serialize(s),
+            Value::Array(items) => {
+                let mut seq = s.serialize_seq(Some(items.len()))?;
+                for item in items {
+                    seq.serialize_element(&Sorted(item))?;
+                }
+                seq.end()
+            }
+            other => other.serialize(s),
+        }
+    }
+}
+
+fn request_form<'a>(r: &'a Request, mask: &MaskRules) -> RequestForm<'a> {
+    let entity = |e: &'a EntityRef| EntityForm {
+        id: &e.id,
+        properties: e.properties.as_ref().map(SortedMap),
+        kind: &e.kind,
     };
-    let mut action = Map::new();
-    action.insert("name".into(), Value::String(r.action.clone()));
-    let mut form = Map::new();
-    form.insert("subject".into(), entity(&r.subject));
-    form.insert("action".into(), Value::Object(action));
-    form.insert("resource".into(), entity(&r.resource));
-    form.insert("context".into(), Value::Object(r.context.clone()));
-    let mut form = Value::Object(form);
+    let borrowed = Borrowed {
+        action: ActionForm { name: &r.action },
+        context: SortedMap(&r.context),
+        resource: entity(&r.resource),
+        subject: entity(&r.subject),
+    };
+    if mask.is_empty() {
+        return RequestForm::Borrowed(borrowed);
+    }
+    let mut form = serde_json::to_value(&borrowed).unwrap_or(Value::Null);
     mask.apply(&mut form);
     form.sort_all_objects();
-    form
+    RequestForm::Masked(form)
 }
 
 /// The canonical body of a decision record.
@@ -125,6 +196,36 @@ pub fn dropped_body(instance: &str, seq: u64, count: u64, out: &mut Vec<u8>) {
 mod tests {
     use super::*;
     use crate::decision::Outcome;
+
+    #[test]
+    fn the_borrowed_and_the_masked_form_serialize_alike() {
+        let mut context = Map::new();
+        context.insert(
+            "b".into(),
+            serde_json::json!({"y": [1, {"d": 1, "c": 2}], "x": null}),
+        );
+        context.insert("a".into(), Value::from("z"));
+        let r = Request {
+            subject: EntityRef {
+                kind: "User".into(),
+                id: "u".into(),
+                properties: Some(context.clone()),
+            },
+            action: "view".into(),
+            resource: EntityRef {
+                kind: "Doc".into(),
+                id: "d".into(),
+                properties: None,
+            },
+            context,
+        };
+        let plain = serde_json::to_string(&request_form(&r, &MaskRules::default())).expect("json");
+        // A rule that matches nothing takes the masking path.
+        let rules = MaskRules::parse(br#"{"erase": ["/context/absent"]}"#).expect("rules");
+        let masked = serde_json::to_string(&request_form(&r, &rules)).expect("json");
+        assert_eq!(plain, masked);
+        assert!(plain.starts_with(r#"{"action":{"name":"view"},"context":{"a":"z","b":{"x":null,"y":[1,{"c":2,"d":1}]}}"#), "{plain}");
+    }
 
     #[test]
     fn bodies_are_canonical_and_masked() {

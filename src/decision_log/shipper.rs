@@ -11,11 +11,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
-use tonic::codec::CompressionEncoding;
 
 use super::Running;
 use super::spool::{self, Reader};
-use crate::api::pb::v1::{ChainedRecord, RecordBatch, decision_log_client::DecisionLogClient};
+use crate::api::pb::v1::{RecordBatch, decision_log_client::DecisionLogClient};
 use crate::telemetry::DecisionLogMetrics;
 
 #[derive(Debug, Clone)]
@@ -26,6 +25,8 @@ pub struct ShipSettings {
     pub batch_max: usize,
     /// Batches sent ahead of their acknowledgement.
     pub window: usize,
+    /// Least time between sends: records that arrive meanwhile go together.
+    pub interval: Duration,
     pub connect_timeout: Duration,
     pub max_backoff: Duration,
     /// How long to keep shipping after shutdown starts.
@@ -112,13 +113,11 @@ impl Ship {
             self.settings.ca_file.as_deref(),
         )
         .map_err(|e| e.to_string())?;
-        let mut client = DecisionLogClient::new(channel)
-            .send_compressed(CompressionEncoding::Gzip)
-            .accept_compressed(CompressionEncoding::Gzip);
+        let mut client = DecisionLogClient::new(channel);
         let (tx, rx) = mpsc::channel::<RecordBatch>(self.settings.window + 1);
         let hello = RecordBatch {
             instance_id: self.instance.clone(),
-            records: Vec::new(),
+            ..RecordBatch::default()
         };
         tx.send(hello).await.map_err(|_| "stream closed")?;
         let mut acks = client
@@ -140,36 +139,38 @@ impl Ship {
         let mut reader = Reader::new(&self.dir);
         let mut sent = self.acked;
         let mut in_flight: std::collections::VecDeque<u64> = Default::default();
+        let mut next_send = tokio::time::Instant::now();
         loop {
-            while in_flight.len() < self.settings.window {
-                let batch = reader
-                    .next_batch(sent, self.settings.batch_max, BATCH_BYTES)
-                    .map_err(|e| format!("reading the spool: {e}"))?;
-                let Some(last) = batch.last().map(|r| r.seq) else {
-                    break;
-                };
-                let n = batch.len() as u64;
-                let records = batch
-                    .into_iter()
-                    .map(|r| ChainedRecord {
-                        seq: r.seq,
-                        hash: r.hash.to_vec(),
-                        body: r.body,
+            let now = tokio::time::Instant::now();
+            if now >= next_send && in_flight.len() < self.settings.window {
+                while in_flight.len() < self.settings.window {
+                    let chunk = reader
+                        .next_chunk(sent, self.settings.batch_max, BATCH_BYTES)
+                        .map_err(|e| format!("reading the spool: {e}"))?;
+                    let Some(chunk) = chunk else {
+                        break;
+                    };
+                    let lines_gzip = gzip(&chunk.lines).map_err(|e| format!("compressing: {e}"))?;
+                    let last = chunk.first_seq + u64::from(chunk.count) - 1;
+                    tx.send(RecordBatch {
+                        instance_id: String::new(),
+                        first_seq: chunk.first_seq,
+                        count: chunk.count,
+                        lines_gzip,
                     })
-                    .collect();
-                tx.send(RecordBatch {
-                    instance_id: String::new(),
-                    records,
-                })
-                .await
-                .map_err(|_| "the stream closed")?;
-                self.metrics.shipped.inc_by(n);
-                sent = last;
-                in_flight.push_back(last);
+                    .await
+                    .map_err(|_| "the stream closed")?;
+                    self.metrics.shipped.inc_by(u64::from(chunk.count));
+                    sent = last;
+                    in_flight.push_back(last);
+                }
+                next_send = now + self.settings.interval;
             }
-            if deadline.is_some() && in_flight.is_empty() && sent >= *self.spooled.borrow() {
+            let spooled = *self.spooled.borrow();
+            if deadline.is_some() && in_flight.is_empty() && sent >= spooled {
                 return Ok(());
             }
+            let more = spooled > sent && in_flight.len() < self.settings.window;
             let until =
                 deadline.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
             tokio::select! {
@@ -188,9 +189,11 @@ impl Ship {
                         self.forget_acked();
                     }
                 }
-                _ = self.spooled.changed(), if in_flight.len() < self.settings.window => {}
+                _ = self.spooled.changed(), if !more => {}
+                () = tokio::time::sleep_until(next_send), if more => {}
                 _ = stop.wait_for(|s| *s), if deadline.is_none() => {
                     *deadline = Some(tokio::time::Instant::now() + self.settings.drain_for);
+                    next_send = tokio::time::Instant::now();
                 }
                 () = tokio::time::sleep_until(until) => return Ok(()),
             }
@@ -208,4 +211,16 @@ impl Ship {
             Err(e) => tracing::warn!("decision log: cannot delete acknowledged segments: {e}"),
         }
     }
+}
+
+/// Fast gzip: records are repetitive JSON, so level 1 already shrinks them
+/// several times for a fraction of the default level's CPU.
+fn gzip(bytes: &[u8]) -> std::io::Result<Vec<u8>> {
+    use std::io::Write;
+    let mut enc = flate2::write::GzEncoder::new(
+        Vec::with_capacity(bytes.len() / 4),
+        flate2::Compression::fast(),
+    );
+    enc.write_all(bytes)?;
+    enc.finish()
 }

@@ -200,11 +200,11 @@ pub struct Reader {
     pending: Vec<u8>,
 }
 
-/// One spooled record, ready to ship.
-pub struct Spooled {
-    pub seq: u64,
-    pub hash: Hash,
-    pub body: Vec<u8>,
+/// Whole spooled lines, ready to ship as they are.
+pub struct Chunk {
+    pub first_seq: u64,
+    pub count: u32,
+    pub lines: Vec<u8>,
 }
 
 impl Reader {
@@ -216,43 +216,53 @@ impl Reader {
         }
     }
 
-    /// Up to `max` records after `after`, or fewer if that is all there is.
-    pub fn next_batch(
+    /// Up to `max_lines` whole lines (about `max_bytes`) after seq `after`;
+    /// `None` when there is nothing new yet.
+    pub fn next_chunk(
         &mut self,
         after: u64,
-        max: usize,
+        max_lines: usize,
         max_bytes: usize,
-    ) -> io::Result<Vec<Spooled>> {
-        let mut out = Vec::new();
-        let mut size = 0;
+    ) -> io::Result<Option<Chunk>> {
+        let mut first_seq = None;
+        let mut taken = 0; // bytes of `pending` that go into the chunk
+        let mut count = 0u32;
         loop {
-            // Whole lines already read.
-            while let Some(nl) = self.pending.iter().position(|b| *b == b'\n') {
-                let line: Vec<u8> = self.pending.drain(..=nl).collect();
-                let parsed = match chain::parse_line(&line[..nl]) {
-                    Ok(p) => p,
-                    Err(e) => {
-                        tracing::warn!("decision spool: skipping an unreadable line: {e}");
-                        continue;
+            // Take whole lines from what is buffered.
+            while let Some(nl) = self.pending[taken..].iter().position(|b| *b == b'\n') {
+                let line = &self.pending[taken..taken + nl];
+                if first_seq.is_none() {
+                    // Only the first line of a chunk is parsed: the rest
+                    // follow it without gaps (one writer numbers them).
+                    match chain::parse_line(line) {
+                        Ok(p) if p.seq <= after => {
+                            self.pending.drain(..=taken + nl);
+                            continue;
+                        }
+                        Ok(p) => first_seq = Some(p.seq),
+                        Err(e) => {
+                            tracing::warn!("decision spool: skipping an unreadable line: {e}");
+                            self.pending.drain(..=taken + nl);
+                            continue;
+                        }
                     }
-                };
-                if parsed.seq <= after {
-                    continue;
                 }
-                size += parsed.body.len();
-                out.push(Spooled {
-                    seq: parsed.seq,
-                    hash: parsed.hash,
-                    body: parsed.body.to_vec(),
-                });
-                if out.len() >= max || size >= max_bytes {
-                    return Ok(out);
+                taken += nl + 1;
+                count += 1;
+                if count as usize >= max_lines || taken >= max_bytes {
+                    break;
                 }
             }
-            if !self.fill(after)? {
-                return Ok(out);
+            let full = count as usize >= max_lines || taken >= max_bytes;
+            if full || !self.fill(after)? {
+                break;
             }
         }
+        Ok(first_seq.filter(|_| count > 0).map(|first_seq| Chunk {
+            first_seq,
+            count,
+            lines: self.pending.drain(..taken).collect(),
+        }))
     }
 
     /// Reads more bytes; false when nothing new is there yet.
@@ -280,8 +290,13 @@ impl Reader {
         match next {
             Some((first, path)) => {
                 // A partial line at the end of a finished segment cannot be
-                // completed (a crash tore it): drop it.
-                self.pending.clear();
+                // completed (a crash tore it): drop it, keep whole lines.
+                let whole = self
+                    .pending
+                    .iter()
+                    .rposition(|b| *b == b'\n')
+                    .map_or(0, |i| i + 1);
+                self.pending.truncate(whole);
                 self.current = Some((*first, File::open(path)?));
                 Ok(true)
             }
@@ -324,11 +339,16 @@ mod tests {
         assert!(segments(dir.path()).expect("list").len() > 1, "rotated");
 
         let mut reader = Reader::new(dir.path());
-        let got = reader.next_batch(6, 100, usize::MAX).expect("read");
-        assert_eq!(
-            got.iter().map(|r| r.seq).collect::<Vec<_>>(),
-            (7..=20).collect::<Vec<_>>()
-        );
+        let mut got = Vec::new();
+        let mut after = 6;
+        while let Some(chunk) = reader.next_chunk(after, 5, usize::MAX).expect("read") {
+            for line in chunk.lines.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+                got.push(chain::parse_line(line).expect("line").seq);
+            }
+            assert_eq!(chunk.first_seq, after + 1);
+            after += u64::from(chunk.count);
+        }
+        assert_eq!(got, (7..=20).collect::<Vec<_>>());
 
         let before = spool.bytes.load(Ordering::Relaxed);
         let freed = delete_acked(dir.path(), 10, &spool.bytes).expect("delete");

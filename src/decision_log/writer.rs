@@ -41,6 +41,7 @@ impl Writer {
         let mut batch: Vec<Queued> = Vec::with_capacity(self.settings.batch_max);
         let mut lines = Vec::new();
         let mut body = Vec::new();
+        let mut last_write = Instant::now();
         loop {
             let mut stop = self.stop.clone();
             let first = rt.block_on(async {
@@ -52,6 +53,21 @@ impl Writer {
             });
             let closing = first.is_none();
             batch.extend(first);
+            if !closing
+                && self.settings.durability == super::Durability::Buffered
+                && !self.settings.batch_interval.is_zero()
+            {
+                // Gather for one batch interval: one write and one fsync for
+                // everything that arrives meanwhile.
+                let until = last_write + self.settings.batch_interval;
+                let mut stop = self.stop.clone();
+                rt.block_on(async {
+                    tokio::select! {
+                        () = tokio::time::sleep_until(until.into()) => {}
+                        _ = stop.wait_for(|s| *s) => {}
+                    }
+                });
+            }
             while batch.len() < self.settings.batch_max || closing {
                 match self.rx.try_recv() {
                     Ok(q) => batch.push(q),
@@ -73,6 +89,7 @@ impl Writer {
                 continue;
             }
             self.write(&mut batch, &mut lines, &mut body, &rt);
+            last_write = Instant::now();
             if closing {
                 return;
             }

@@ -127,6 +127,7 @@ pub async fn serve_until(
             block_timeout: Duration::from_millis(d.block_timeout_ms),
             queue_capacity: d.queue_capacity,
             batch_max: d.batch_max_records,
+            batch_interval: Duration::from_millis(d.batch_interval_ms),
             fsync: d.fsync,
             copy_to: d.file.clone(),
         };
@@ -158,6 +159,7 @@ pub async fn serve_until(
             ca_file: config.control_plane.ca_file.clone(),
             batch_max: config.decision_log.batch_max_records,
             window: 4,
+            interval: Duration::from_millis(config.decision_log.ship_interval_ms),
             connect_timeout: Duration::from_secs(5),
             max_backoff: Duration::from_secs(config.control_plane.max_backoff_secs.clamp(1, 30)),
             drain_for: Duration::from_secs(3),
