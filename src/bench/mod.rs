@@ -171,14 +171,37 @@ fn spawn(
     addr_from: fn(&str) -> Option<String>,
     stderr: bool,
 ) -> Result<Server, String> {
+    spawn_with(server_cpu, false, args, addr_from, stderr)
+}
+
+/// `background`: at the lowest CPU priority (`nice -n 19`), so it only
+/// takes CPU time the load generator leaves idle.
+fn spawn_with(
+    server_cpu: &str,
+    background: bool,
+    args: &[String],
+    addr_from: fn(&str) -> Option<String>,
+    stderr: bool,
+) -> Result<Server, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let pin = server_cpu != "none" && Command::new("taskset").arg("-V").output().is_ok();
-    let mut cmd = if pin {
-        let mut c = Command::new("taskset");
-        c.arg("-c").arg(server_cpu).arg(&exe);
-        c
-    } else {
-        Command::new(&exe)
+    let mut cmd = match (background, pin) {
+        (true, true) => {
+            let mut c = Command::new("nice");
+            c.args(["-n", "19", "taskset", "-c", server_cpu]).arg(&exe);
+            c
+        }
+        (true, false) => {
+            let mut c = Command::new("nice");
+            c.args(["-n", "19"]).arg(&exe);
+            c
+        }
+        (false, true) => {
+            let mut c = Command::new("taskset");
+            c.arg("-c").arg(server_cpu).arg(&exe);
+            c
+        }
+        (false, false) => Command::new(&exe),
     };
     cmd.args(args).stdin(Stdio::null());
     if stderr {
@@ -628,8 +651,7 @@ fn write_index_off(tmp: &Path) -> Result<String, String> {
     Ok(path.display().to_string())
 }
 
-/// Starts a control plane for the decision log runs (unpinned: it is the
-/// remote end, not what is measured). Returns it and its URL.
+/// Starts a control plane for the decision log runs. Returns it and its URL.
 fn decision_log_sink(tmp: &Path) -> Result<(Server, String), String> {
     let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
     let public = tmp.join("log.pub.pem");
@@ -641,8 +663,12 @@ fn decision_log_sink(tmp: &Path) -> Result<(Server, String), String> {
             .map_err(|e| e.to_string())?;
         std::fs::write(&public, pem).map_err(|e| e.to_string())?;
     }
-    let cp = spawn(
-        "none",
+    // On the load generator's CPU 0 at the lowest priority, so it takes
+    // neither the measured sidecar's CPU nor the load generator's (in
+    // production it runs elsewhere).
+    let cp = spawn_with(
+        "0",
+        true,
         &[
             "control-plane".into(),
             "--addr".into(),

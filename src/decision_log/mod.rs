@@ -76,9 +76,10 @@ pub struct Settings {
     pub copy_to: Option<PathBuf>,
 }
 
-/// What the queue carries: the entry and, in durable mode, who waits for it.
+/// What the queue carries: a record without its chain position, and in
+/// durable mode who waits for it.
 pub(crate) struct Queued {
-    entry: Entry,
+    tail: Vec<u8>,
     done: Option<oneshot::Sender<bool>>,
 }
 
@@ -189,6 +190,27 @@ pub fn start(
     ))
 }
 
+/// The writer's nice value: below decisions, so a batch being written gives
+/// way to a decision at once, yet with enough share (about a tenth of a busy
+/// core) to keep up when decisions saturate the CPU.
+const WRITER_NICE: i32 = 10;
+/// The packer's: shipping may lag under saturation; the spool absorbs it.
+const PACKER_NICE: i32 = 15;
+
+/// Lowers the calling thread's CPU priority to `nice`, so the trail's work
+/// does not show in decision latency.
+pub(crate) fn background_priority(nice: i32) {
+    #[cfg(target_os = "linux")]
+    {
+        let tid = rustix::thread::gettid();
+        if let Err(e) = rustix::process::setpriority_process(Some(tid), nice) {
+            tracing::debug!("cannot lower the decision log's thread priority: {e}");
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = nice;
+}
+
 type Wait = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
 
 impl DecisionSink for DecisionLog {
@@ -200,7 +222,12 @@ impl DecisionSink for DecisionLog {
         } else {
             (None, None)
         };
-        let queued = Queued { entry, done };
+        // Serialized (and masked) here: one buffer crosses to the writer
+        // thread instead of the request's many small allocations.
+        let queued = Queued {
+            tail: record::decision_tail(&entry),
+            done,
+        };
         let pending = match self.tx.try_send(queued) {
             Ok(()) => None,
             Err(mpsc::error::TrySendError::Full(q)) => match self.settings.overflow {

@@ -27,13 +27,11 @@ pub struct Entry {
     pub mask: Arc<MaskRules>,
 }
 
-/// The body's field order is fixed by this struct; maps inside the request
-/// are sorted when the body is built, so equal records give equal bytes.
+/// The body after its chain position (`v`, `instance`, `seq`, which the
+/// writer puts in front). Field order is fixed by this struct and maps
+/// inside the request are sorted, so equal records give equal bytes.
 #[derive(Serialize)]
-struct Body<'a> {
-    v: u8,
-    instance: &'a str,
-    seq: u64,
+struct Tail<'a> {
     kind: &'a str,
     time: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -150,12 +148,10 @@ fn request_form<'a>(r: &'a Request, mask: &MaskRules) -> RequestForm<'a> {
     RequestForm::Masked(form)
 }
 
-/// The canonical body of a decision record.
-pub fn decision_body(instance: &str, seq: u64, e: &Entry, out: &mut Vec<u8>) {
-    let body = Body {
-        v: 1,
-        instance,
-        seq,
+/// Everything of a decision record but its chain position, masked. Built on
+/// the decision path, so an unmasked request never leaves it.
+pub fn decision_tail(e: &Entry) -> Vec<u8> {
+    let tail = Tail {
         kind: e.kind,
         time: super::time::format_micros(e.time_us),
         decision_id: Some(e.decision_id.to_string()),
@@ -167,17 +163,16 @@ pub fn decision_body(instance: &str, seq: u64, e: &Entry, out: &mut Vec<u8>) {
         trace_id: e.trace_id.as_deref(),
         dropped: None,
     };
+    let mut out = Vec::with_capacity(1024);
     // Serializing plain data into a Vec cannot fail.
-    let _ = serde_json::to_writer(out, &body);
+    let _ = serde_json::to_writer(&mut out, &tail);
+    out
 }
 
 /// A marker standing in for records that were dropped (overflow `drop`), so
 /// the loss itself is in the chain.
-pub fn dropped_body(instance: &str, seq: u64, count: u64, out: &mut Vec<u8>) {
-    let body = Body {
-        v: 1,
-        instance,
-        seq,
+pub fn dropped_tail(count: u64) -> Vec<u8> {
+    let tail = Tail {
         kind: "dropped",
         time: super::time::format_micros(super::time::now_micros()),
         decision_id: None,
@@ -189,7 +184,19 @@ pub fn dropped_body(instance: &str, seq: u64, count: u64, out: &mut Vec<u8>) {
         trace_id: None,
         dropped: Some(count),
     };
-    let _ = serde_json::to_writer(out, &body);
+    let mut out = Vec::with_capacity(128);
+    let _ = serde_json::to_writer(&mut out, &tail);
+    out
+}
+
+/// The canonical body: `{"v":1,"instance":…,"seq":…,` then the tail's fields.
+pub fn body(instance: &str, seq: u64, tail: &[u8], out: &mut Vec<u8>) {
+    out.extend_from_slice(b"{\"v\":1,\"instance\":");
+    let _ = serde_json::to_writer(&mut *out, instance);
+    out.extend_from_slice(b",\"seq\":");
+    out.extend_from_slice(seq.to_string().as_bytes());
+    out.push(b',');
+    out.extend_from_slice(tail.get(1..).unwrap_or_default());
 }
 
 #[cfg(test)]
@@ -259,7 +266,7 @@ mod tests {
             mask: Arc::new(MaskRules::parse(br#"{"erase":["/context/ssn"]}"#).expect("rules")),
         };
         let mut out = Vec::new();
-        decision_body("i1", 7, &entry, &mut out);
+        body("i1", 7, &decision_tail(&entry), &mut out);
         let text = String::from_utf8(out).expect("utf8");
         assert!(!text.contains("123-45"), "{text}");
         assert!(text.starts_with(r#"{"v":1,"instance":"i1","seq":7,"kind":"check","time":"2024-02-29T12:34:56.789012Z""#), "{text}");

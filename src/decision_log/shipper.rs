@@ -134,9 +134,8 @@ impl Ship {
         self.acked = first.acked_seq;
         self.connected = true;
         tracing::info!(instance = %self.instance, acked_seq = self.acked, "decision log: shipping to the control plane");
-        self.forget_acked();
-
-        let mut reader = Reader::new(&self.dir);
+        let mut packer = Packer::start(self)?;
+        packer.forget(self.acked);
         let mut sent = self.acked;
         let mut in_flight: std::collections::VecDeque<u64> = Default::default();
         let mut next_send = tokio::time::Instant::now();
@@ -144,23 +143,23 @@ impl Ship {
             let now = tokio::time::Instant::now();
             if now >= next_send && in_flight.len() < self.settings.window {
                 while in_flight.len() < self.settings.window {
-                    let chunk = reader
-                        .next_chunk(sent, self.settings.batch_max, BATCH_BYTES)
-                        .map_err(|e| format!("reading the spool: {e}"))?;
-                    let Some(chunk) = chunk else {
+                    let Some((first_seq, count, lines_gzip)) = packer
+                        .next(sent, self.settings.batch_max)
+                        .await
+                        .map_err(|e| format!("reading the spool: {e}"))?
+                    else {
                         break;
                     };
-                    let lines_gzip = gzip(&chunk.lines).map_err(|e| format!("compressing: {e}"))?;
-                    let last = chunk.first_seq + u64::from(chunk.count) - 1;
+                    let last = first_seq + u64::from(count) - 1;
                     tx.send(RecordBatch {
                         instance_id: String::new(),
-                        first_seq: chunk.first_seq,
-                        count: chunk.count,
+                        first_seq,
+                        count,
                         lines_gzip,
                     })
                     .await
                     .map_err(|_| "the stream closed")?;
-                    self.metrics.shipped.inc_by(u64::from(chunk.count));
+                    self.metrics.shipped.inc_by(u64::from(count));
                     sent = last;
                     in_flight.push_back(last);
                 }
@@ -186,7 +185,7 @@ impl Ship {
                     if ack.acked_seq > self.acked {
                         self.metrics.acknowledged.inc_by(ack.acked_seq - self.acked);
                         self.acked = ack.acked_seq;
-                        self.forget_acked();
+                        packer.forget(self.acked);
                     }
                 }
                 _ = self.spooled.changed(), if !more => {}
@@ -199,17 +198,72 @@ impl Ship {
             }
         }
     }
+}
 
-    /// Deletes fully acknowledged segments.
-    fn forget_acked(&self) {
-        match spool::delete_acked(&self.dir, self.acked, &self.spool_bytes) {
-            Ok(_) => {
-                self.metrics
-                    .spool_bytes
-                    .set(self.spool_bytes.load(Ordering::Relaxed) as i64);
-            }
-            Err(e) => tracing::warn!("decision log: cannot delete acknowledged segments: {e}"),
-        }
+/// Reads and compresses spooled batches, and deletes acknowledged
+/// segments, on a thread of its own at the lowest priority: a batch takes a
+/// millisecond or so of CPU and file I/O, which must not delay a decision.
+struct Packer {
+    ask: std::sync::mpsc::Sender<Ask>,
+}
+
+type Packed = std::io::Result<Option<(u64, u32, Vec<u8>)>>;
+
+enum Ask {
+    Next(u64, usize, tokio::sync::oneshot::Sender<Packed>),
+    Forget(u64),
+}
+
+impl Packer {
+    fn start(ship: &Ship) -> Result<Self, String> {
+        let (ask, asks) = std::sync::mpsc::channel::<Ask>();
+        let dir = ship.dir.clone();
+        let (bytes, metrics) = (ship.spool_bytes.clone(), ship.metrics.clone());
+        let mut reader = Reader::new(&dir);
+        std::thread::Builder::new()
+            .name("decision-log-packer".into())
+            .spawn(move || {
+                super::background_priority(super::PACKER_NICE);
+                // Ends when the session drops its Packer.
+                for ask in asks {
+                    match ask {
+                        Ask::Next(after, max, reply) => {
+                            let packed = reader.next_chunk(after, max, BATCH_BYTES).and_then(|c| {
+                                c.map(|c| gzip(&c.lines).map(|gz| (c.first_seq, c.count, gz)))
+                                    .transpose()
+                            });
+                            let _ = reply.send(packed);
+                        }
+                        Ask::Forget(acked) => match spool::delete_acked(&dir, acked, &bytes) {
+                            Ok(_) => {
+                                metrics
+                                    .spool_bytes
+                                    .set(bytes.load(Ordering::Relaxed) as i64);
+                            }
+                            Err(e) => tracing::warn!(
+                                "decision log: cannot delete acknowledged segments: {e}"
+                            ),
+                        },
+                    }
+                }
+            })
+            .map_err(|e| format!("cannot start the packer thread: {e}"))?;
+        Ok(Self { ask })
+    }
+
+    /// The next batch after `after`, compressed; `None` if nothing is new.
+    async fn next(&mut self, after: u64, max: usize) -> Packed {
+        let (reply, packed) = tokio::sync::oneshot::channel();
+        let gone = || std::io::Error::other("the packer thread stopped");
+        self.ask
+            .send(Ask::Next(after, max, reply))
+            .map_err(|_| gone())?;
+        packed.await.map_err(|_| gone())?
+    }
+
+    /// Deletes segments the control plane has acknowledged entirely.
+    fn forget(&self, acked: u64) {
+        let _ = self.ask.send(Ask::Forget(acked));
     }
 }
 

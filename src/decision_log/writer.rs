@@ -31,6 +31,7 @@ pub(super) struct Writer {
 
 impl Writer {
     pub fn run(mut self) {
+        super::background_priority(super::WRITER_NICE);
         let Ok(rt) = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()
@@ -163,12 +164,17 @@ impl Writer {
         let dropped = self.shared.dropped.swap(0, Ordering::Relaxed);
         if dropped > 0 {
             body.clear();
-            record::dropped_body(&self.instance, head.seq + 1, dropped, body);
+            record::body(
+                &self.instance,
+                head.seq + 1,
+                &record::dropped_tail(dropped),
+                body,
+            );
             push(body, &mut head, lines);
         }
         for q in batch.iter() {
             body.clear();
-            record::decision_body(&self.instance, head.seq + 1, &q.entry, body);
+            record::body(&self.instance, head.seq + 1, &q.tail, body);
             push(body, &mut head, lines);
         }
         if lines.is_empty() {
