@@ -316,6 +316,9 @@ struct ServeArgs {
     /// The decision log spool directory [default: .arbiter/decisions].
     #[arg(long, env = "ARBITER_DECISION_LOG_SPOOL")]
     decision_log_spool: Option<PathBuf>,
+    /// Also export records and spans to this OTLP/gRPC collector.
+    #[arg(long, env = "ARBITER_DECISION_LOG_OTLP")]
+    decision_log_otlp: Option<String>,
     /// When an answer may leave [default: buffered].
     #[arg(long, env = "ARBITER_DECISION_LOG_DURABILITY")]
     decision_log_durability: Option<arbiter::decision_log::Durability>,
@@ -426,6 +429,9 @@ fn serve(args: ServeArgs) -> ExitCode {
     }
     if let Some(v) = args.decision_log_spool {
         d.spool_dir = v;
+    }
+    if let Some(v) = args.decision_log_otlp {
+        d.otlp_endpoint = Some(v);
     }
     if let Some(v) = args.decision_log_durability {
         d.durability = v;

@@ -571,3 +571,138 @@ async fn at_the_spool_cap_block_refuses_what_it_cannot_record() {
         0.0
     );
 }
+
+/// A fake OpenTelemetry collector: keeps the encoded bytes of every export.
+mod collector {
+    use std::sync::{Arc, Mutex};
+
+    use opentelemetry_proto::tonic::collector::logs::v1::{
+        ExportLogsServiceRequest, ExportLogsServiceResponse,
+        logs_service_server::{LogsService, LogsServiceServer},
+    };
+    use opentelemetry_proto::tonic::collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+        trace_service_server::{TraceService, TraceServiceServer},
+    };
+    use prost::Message;
+
+    #[derive(Clone, Default)]
+    pub struct Seen {
+        pub logs: Arc<Mutex<Vec<ExportLogsServiceRequest>>>,
+        pub traces: Arc<Mutex<Vec<ExportTraceServiceRequest>>>,
+        pub bytes: Arc<Mutex<Vec<u8>>>,
+    }
+
+    #[tonic::async_trait]
+    impl LogsService for Seen {
+        async fn export(
+            &self,
+            r: tonic::Request<ExportLogsServiceRequest>,
+        ) -> Result<tonic::Response<ExportLogsServiceResponse>, tonic::Status> {
+            let r = r.into_inner();
+            self.bytes.lock().unwrap().extend(r.encode_to_vec());
+            self.logs.lock().unwrap().push(r);
+            Ok(tonic::Response::new(ExportLogsServiceResponse::default()))
+        }
+    }
+
+    #[tonic::async_trait]
+    impl TraceService for Seen {
+        async fn export(
+            &self,
+            r: tonic::Request<ExportTraceServiceRequest>,
+        ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+            let r = r.into_inner();
+            self.bytes.lock().unwrap().extend(r.encode_to_vec());
+            self.traces.lock().unwrap().push(r);
+            Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+        }
+    }
+
+    /// Serves on an ephemeral loopback port; returns its URL.
+    pub async fn start(seen: Seen) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(LogsServiceServer::new(seen.clone()))
+                .add_service(TraceServiceServer::new(seen))
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+        );
+        format!("http://{addr}")
+    }
+}
+
+#[tokio::test]
+async fn otlp_export_carries_masked_records_and_joins_the_callers_trace() {
+    let work = tempfile::tempdir().unwrap();
+    let bundle = masked_bundle(work.path());
+    let seen = collector::Seen::default();
+    let url = collector::start(seen.clone()).await;
+    let sidecar = Sidecar::start(&bundle, &["--decision-log-otlp", &url]);
+
+    let mut client = sidecar.client().await;
+    let mut traced = tonic::Request::new(example_request("requests/step-up-delete.json"));
+    traced.metadata_mut().insert(
+        "traceparent",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+            .parse()
+            .unwrap(),
+    );
+    let id = client.check(traced).await.unwrap().into_inner().decision_id;
+    let more = load(
+        sidecar.grpc_addr.clone(),
+        10,
+        1,
+        Arc::new(AtomicBool::new(false)),
+    )
+    .await;
+    assert_eq!(more.failures, 0);
+
+    eventually(
+        "11 records are exported",
+        Duration::from_secs(20),
+        || async {
+            let logs = seen.logs.lock().unwrap();
+            logs.iter()
+                .flat_map(|r| &r.resource_logs)
+                .flat_map(|r| &r.scope_logs)
+                .map(|s| s.log_records.len())
+                .sum::<usize>()
+                == 11
+        },
+    )
+    .await;
+    let bytes = seen.bytes.lock().unwrap().clone();
+    assert!(
+        contains(&bytes, &id),
+        "the record of the traced call is exported"
+    );
+    for secret in ["\"department\"", "engineering", "\"alice\"", "\"bob\""] {
+        assert!(
+            !contains(&bytes, secret),
+            "{secret} leaked into the OTLP export"
+        );
+    }
+    let traces = seen.traces.lock().unwrap();
+    let spans: Vec<_> = traces
+        .iter()
+        .flat_map(|r| &r.resource_spans)
+        .flat_map(|r| &r.scope_spans)
+        .flat_map(|s| &s.spans)
+        .collect();
+    assert_eq!(spans.len(), 1, "one span: only the traced call");
+    assert_eq!(
+        spans[0].trace_id,
+        [
+            0x4b, 0xf9, 0x2f, 0x35, 0x77, 0xb3, 0x4d, 0xa6, 0xa3, 0xce, 0x92, 0x9d, 0x0e, 0x0e,
+            0x47, 0x36
+        ]
+    );
+    assert_eq!(
+        spans[0].parent_span_id,
+        [0x00, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7]
+    );
+    assert_eq!(spans[0].name, "arbiter.decide");
+    assert!(spans[0].end_time_unix_nano >= spans[0].start_time_unix_nano);
+}

@@ -31,11 +31,24 @@ fn status(e: CheckError) -> Status {
     }
 }
 
-/// The trace id of a W3C `traceparent` header (`00-<trace id>-<span id>-<flags>`).
-fn trace_id(metadata: &tonic::metadata::MetadataMap) -> Option<String> {
-    let value = metadata.get("traceparent")?.to_str().ok()?;
-    let id = value.split('-').nth(1)?;
-    (id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit())).then(|| id.to_owned())
+/// A call's record identity, with the trace id and parent span id of a W3C
+/// `traceparent` header (`00-<trace id>-<span id>-<flags>`) if it is valid.
+fn call(kind: &'static str, metadata: &tonic::metadata::MetadataMap) -> Call {
+    let hex = |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit());
+    let parts: Option<(String, String)> = metadata
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let mut it = v.split('-');
+            let (_, trace, span) = (it.next()?, it.next()?, it.next()?);
+            (hex(trace, 32) && hex(span, 16)).then(|| (trace.to_owned(), span.to_owned()))
+        });
+    let (trace_id, span_id) = parts.unzip();
+    Call {
+        kind,
+        trace_id,
+        span_id,
+    }
 }
 
 #[tonic::async_trait]
@@ -44,10 +57,7 @@ impl Authorizer for AuthorizerService {
         &self,
         request: Request<pb::CheckRequest>,
     ) -> Result<Response<pb::CheckResponse>, Status> {
-        let call = Call {
-            kind: "check",
-            trace_id: trace_id(request.metadata()),
-        };
+        let call = call("check", request.metadata());
         let msg = request.into_inner();
         convert::check_size(msg.encoded_len(), &self.limits)?;
         let req = convert::request(msg, &self.limits)?;
@@ -59,10 +69,7 @@ impl Authorizer for AuthorizerService {
         &self,
         request: Request<pb::CheckBatchRequest>,
     ) -> Result<Response<pb::CheckBatchResponse>, Status> {
-        let call = Call {
-            kind: "check_batch",
-            trace_id: trace_id(request.metadata()),
-        };
+        let call = call("check_batch", request.metadata());
         let msg = request.into_inner();
         convert::check_size(msg.encoded_len(), &self.limits)?;
         let (items, semantic) = convert::batch(msg, &self.limits)?;

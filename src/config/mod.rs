@@ -202,6 +202,9 @@ pub struct DecisionLogConfig {
     pub ship_to: Option<String>,
     /// Also write every record here as NDJSON (`-` = stdout).
     pub file: Option<PathBuf>,
+    /// Also export records (and spans of traced calls) to this OTLP/gRPC
+    /// collector, e.g. `http://127.0.0.1:4317` (best effort).
+    pub otlp_endpoint: Option<String>,
     /// Where records wait until the control plane acknowledges them.
     pub spool_dir: PathBuf,
     /// `buffered` (answer at once) or `durable` (answer once the record is fsynced).
@@ -231,6 +234,7 @@ impl Default for DecisionLogConfig {
             enabled: true,
             ship_to: None,
             file: None,
+            otlp_endpoint: None,
             spool_dir: PathBuf::from(".arbiter/decisions"),
             durability: Default::default(),
             overflow: Default::default(),
@@ -258,7 +262,9 @@ impl Config {
     /// Whether decisions are recorded at all.
     pub fn decision_log_on(&self) -> bool {
         self.decision_log.enabled
-            && (self.decision_log_destination().is_some() || self.decision_log.file.is_some())
+            && (self.decision_log_destination().is_some()
+                || self.decision_log.file.is_some()
+                || self.decision_log.otlp_endpoint.is_some())
     }
 }
 
@@ -382,6 +388,14 @@ impl Config {
         {
             return bad(format!(
                 "`decision_log.ship_to` `{url}` must be an http:// or https:// URL"
+            ));
+        }
+        if let Some(url) = &d.otlp_endpoint
+            && !url.starts_with("http://")
+            && !url.starts_with("https://")
+        {
+            return bad(format!(
+                "`decision_log.otlp_endpoint` `{url}` must be an http:// or https:// URL"
             ));
         }
         for (name, value) in [

@@ -56,8 +56,9 @@ impl Handoff {
 pub struct Call {
     /// The API that asked: `check`, `check_batch`, ...
     pub kind: &'static str,
-    /// W3C trace id of the caller's `traceparent`, if any.
+    /// W3C trace id and parent span id of the caller's `traceparent`, if any.
     pub trace_id: Option<String>,
+    pub span_id: Option<String>,
 }
 
 /// Decision cache settings.
@@ -247,6 +248,7 @@ impl Decider {
                 decision: answer.decision.clone(),
                 latency: took,
                 trace_id: call.trace_id.clone(),
+                span_id: call.span_id.clone(),
                 mask: active.engine.masking().clone(),
             }),
         };

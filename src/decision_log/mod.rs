@@ -15,6 +15,7 @@
 
 pub mod chain;
 pub mod mask;
+pub mod otlp;
 pub mod record;
 pub mod shipper;
 pub mod spool;
@@ -74,6 +75,9 @@ pub struct Settings {
     pub fsync: bool,
     /// Also write every chained line here (`-` = stdout), for local use.
     pub copy_to: Option<PathBuf>,
+    /// Also export records (and spans of traced calls) to this OTLP/gRPC
+    /// collector, e.g. `http://127.0.0.1:4317`.
+    pub otlp_endpoint: Option<String>,
 }
 
 /// What the queue carries: a record without its chain position, and in
@@ -147,6 +151,16 @@ pub fn start(
         .set(shared.spool_bytes.load(Ordering::Relaxed) as i64);
     let (tx, rx) = mpsc::channel(settings.queue_capacity.max(1));
     let (spooled_tx, spooled) = watch::channel(head.seq);
+    let otlp = settings.otlp_endpoint.as_ref().map(|endpoint| {
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(otlp::run(
+            endpoint.clone(),
+            instance.clone(),
+            rx,
+            metrics.clone(),
+        ));
+        tx
+    });
     let (stop, stop_rx) = watch::channel(false);
     tracing::info!(
         %instance,
@@ -167,6 +181,7 @@ pub fn start(
         spooled: spooled_tx,
         stop: stop_rx,
         last_marker: None,
+        otlp,
     };
     let writer = std::thread::Builder::new()
         .name("decision-log-writer".into())

@@ -23,6 +23,8 @@ pub struct Entry {
     pub decision: Arc<Decision>,
     pub latency: Duration,
     pub trace_id: Option<String>,
+    /// The caller's span id from the same header.
+    pub span_id: Option<String>,
     /// The masking rules of the revision that decided.
     pub mask: Arc<MaskRules>,
 }
@@ -48,6 +50,8 @@ struct Tail<'a> {
     latency_us: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     trace_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    span_id: Option<&'a str>,
     /// For a `dropped` marker: how many records were not kept.
     #[serde(skip_serializing_if = "Option::is_none")]
     dropped: Option<u64>,
@@ -161,6 +165,7 @@ pub fn decision_tail(e: &Entry) -> Vec<u8> {
         decision: Some(&e.decision),
         latency_us: Some(e.latency.as_micros() as u64),
         trace_id: e.trace_id.as_deref(),
+        span_id: e.span_id.as_deref(),
         dropped: None,
     };
     let mut out = Vec::with_capacity(1024);
@@ -182,6 +187,7 @@ pub fn dropped_tail(count: u64) -> Vec<u8> {
         decision: None,
         latency_us: None,
         trace_id: None,
+        span_id: None,
         dropped: Some(count),
     };
     let mut out = Vec::with_capacity(128);
@@ -263,6 +269,7 @@ mod tests {
             decision: Arc::new(Decision::deny(vec!["p1".into()], vec![])),
             latency: Duration::from_micros(12),
             trace_id: None,
+            span_id: None,
             mask: Arc::new(MaskRules::parse(br#"{"erase":["/context/ssn"]}"#).expect("rules")),
         };
         let mut out = Vec::new();

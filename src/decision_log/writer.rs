@@ -27,6 +27,8 @@ pub(super) struct Writer {
     pub stop: watch::Receiver<bool>,
     /// When a `dropped` marker was last written while the spool was full.
     pub last_marker: Option<Instant>,
+    /// The optional OTLP exporter's queue.
+    pub otlp: Option<mpsc::Sender<super::otlp::Lines>>,
 }
 
 impl Writer {
@@ -223,6 +225,12 @@ impl Writer {
             tracing::warn!("decision log: cannot write the NDJSON copy: {e}");
         }
         let n = batch.len() as u64 + u64::from(dropped > 0);
+        if let Some(otlp) = &self.otlp
+            && otlp.try_send(bytes::Bytes::copy_from_slice(lines)).is_err()
+        {
+            // The exporter is behind: this copy is best effort.
+            self.shared.metrics.otlp_dropped.inc_by(n);
+        }
         self.shared.metrics.spooled.inc_by(n);
         self.shared
             .metrics

@@ -130,6 +130,7 @@ pub async fn serve_until(
             batch_interval: Duration::from_millis(d.batch_interval_ms),
             fsync: d.fsync,
             copy_to: d.file.clone(),
+            otlp_endpoint: d.otlp_endpoint.clone(),
         };
         let started =
             decision_log::start(settings, metrics.decision_log.clone()).map_err(|source| {

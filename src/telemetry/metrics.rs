@@ -94,6 +94,8 @@ pub struct DecisionLogMetrics {
     pub dropped: Counter,
     pub refused: Counter,
     pub chain_breaks: Counter,
+    pub otlp_exported: Counter,
+    pub otlp_dropped: Counter,
 }
 
 impl DecisionLogMetrics {
@@ -133,6 +135,16 @@ impl DecisionLogMetrics {
             "refused_decisions",
             "Decisions refused because their record could not be kept in time",
             self.refused.clone(),
+        );
+        sub.register(
+            "otlp_exported_records",
+            "Records exported through OTLP (the optional copy)",
+            self.otlp_exported.clone(),
+        );
+        sub.register(
+            "otlp_dropped_records",
+            "Records the OTLP copy could not deliver (the spool and control plane still hold them)",
+            self.otlp_dropped.clone(),
         );
         sub.register(
             "chain_breaks",
