@@ -64,6 +64,11 @@ pub struct BenchArgs {
     /// control plane this bench starts): `buffered`, `durable`.
     #[arg(long, value_delimiter = ',', default_value = "")]
     decision_log: Vec<String>,
+    /// Run that control plane at normal priority on CPU 0 (it then competes
+    /// with the load generator) instead of in the background: shows whether
+    /// shipping keeps up at the saturated rate.
+    #[arg(long)]
+    log_cp_foreground: bool,
     /// Only time bundle activation (verify, compile, test, swap); no load runs.
     #[arg(long)]
     activation_only: bool,
@@ -497,7 +502,7 @@ async fn run_async(args: BenchArgs) -> Result<(), String> {
     let log_sink = if log_modes.is_empty() {
         None
     } else {
-        Some(decision_log_sink(&tmp)?)
+        Some(decision_log_sink(&tmp, args.log_cp_foreground)?)
     };
 
     for s in &args.scenarios {
@@ -652,7 +657,7 @@ fn write_index_off(tmp: &Path) -> Result<String, String> {
 }
 
 /// Starts a control plane for the decision log runs. Returns it and its URL.
-fn decision_log_sink(tmp: &Path) -> Result<(Server, String), String> {
+fn decision_log_sink(tmp: &Path, foreground: bool) -> Result<(Server, String), String> {
     let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
     let public = tmp.join("log.pub.pem");
     {
@@ -668,7 +673,7 @@ fn decision_log_sink(tmp: &Path) -> Result<(Server, String), String> {
     // production it runs elsewhere).
     let cp = spawn_with(
         "0",
-        true,
+        !foreground,
         &[
             "control-plane".into(),
             "--addr".into(),

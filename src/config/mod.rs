@@ -457,6 +457,49 @@ mod tests {
     }
 
     #[test]
+    fn the_example_shows_the_decision_log_defaults() {
+        let text = include_str!("../../examples/arbiter.toml");
+        let c = Config::from_toml(text).expect("example parses");
+        assert_eq!(c.decision_log, DecisionLogConfig::default());
+    }
+
+    #[test]
+    fn decision_log_settings_are_checked() {
+        let base = || {
+            let mut c = Config::default();
+            c.bundle.path = Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+            c
+        };
+        let mut c = base();
+        assert!(!c.decision_log_on(), "no destination: off");
+        c.decision_log.file = Some("-".into());
+        assert!(c.decision_log_on());
+        for (edit, needle) in [
+            (
+                (|c: &mut Config| c.decision_log.ship_to = Some("127.0.0.1:8181".into()))
+                    as fn(&mut Config),
+                "ship_to",
+            ),
+            (|c| c.decision_log.max_spool_bytes = 0, "max_spool_bytes"),
+            (
+                |c| c.decision_log.batch_interval_ms = 5000,
+                "batch_interval_ms",
+            ),
+            (
+                |c| c.decision_log.otlp_endpoint = Some("collector:4317".into()),
+                "otlp_endpoint",
+            ),
+        ] {
+            let mut c = base();
+            edit(&mut c);
+            let err = c.validate().expect_err(needle).to_string();
+            assert!(err.contains(needle), "{err}");
+        }
+        let err = Config::from_toml("[decision_log]\noverflow = \"discard\"\n").expect_err("enum");
+        assert!(err.contains("overflow") || err.contains("discard"), "{err}");
+    }
+
+    #[test]
     fn limits_are_checked() {
         let mut c = Config::default();
         c.bundle.path = Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")));
