@@ -100,6 +100,22 @@ async fn load(sidecar_grpc: String, total: usize, conns: usize, stop: Arc<Atomic
     all
 }
 
+/// A STEP_UP check carrying a W3C `traceparent`; its decision id.
+async fn traced_check(
+    client: &mut arbiter::api::pb::v1::authorizer_client::AuthorizerClient<
+        tonic::transport::Channel,
+    >,
+) -> String {
+    let mut traced = tonic::Request::new(example_request("requests/step-up-delete.json"));
+    traced.metadata_mut().insert(
+        "traceparent",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+            .parse()
+            .unwrap(),
+    );
+    client.check(traced).await.unwrap().into_inner().decision_id
+}
+
 /// The stored chain report of the only instance (or of `instance`).
 async fn report(cp: &ControlPlane) -> Value {
     let v = cp.get_json("/decisions/verify").await;
@@ -206,14 +222,7 @@ async fn records_are_masked_chained_explained_and_tamper_evident() {
 
     // 60 decisions (plus the one revision() made), with a trace id on one.
     let mut client = sidecar.client().await;
-    let mut traced = tonic::Request::new(example_request("requests/step-up-delete.json"));
-    traced.metadata_mut().insert(
-        "traceparent",
-        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
-            .parse()
-            .unwrap(),
-    );
-    let step_up_id = client.check(traced).await.unwrap().into_inner().decision_id;
+    let step_up_id = traced_check(&mut client).await;
     let seen = load(
         sidecar.grpc_addr.clone(),
         60,
@@ -642,14 +651,7 @@ async fn otlp_export_carries_masked_records_and_joins_the_callers_trace() {
     let sidecar = Sidecar::start(&bundle, &["--decision-log-otlp", &url]);
 
     let mut client = sidecar.client().await;
-    let mut traced = tonic::Request::new(example_request("requests/step-up-delete.json"));
-    traced.metadata_mut().insert(
-        "traceparent",
-        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
-            .parse()
-            .unwrap(),
-    );
-    let id = client.check(traced).await.unwrap().into_inner().decision_id;
+    let id = traced_check(&mut client).await;
     let more = load(
         sidecar.grpc_addr.clone(),
         10,

@@ -656,18 +656,20 @@ fn write_index_off(tmp: &Path) -> Result<String, String> {
     Ok(path.display().to_string())
 }
 
+fn write_public_key(key: &ed25519_dalek::SigningKey, path: &Path) -> Result<(), String> {
+    use ed25519_dalek::pkcs8::EncodePublicKey;
+    let pem = key
+        .verifying_key()
+        .to_public_key_pem(ed25519_dalek::pkcs8::spki::der::pem::LineEnding::LF)
+        .map_err(|e| e.to_string())?;
+    std::fs::write(path, pem).map_err(|e| e.to_string())
+}
+
 /// Starts a control plane for the decision log runs. Returns it and its URL.
 fn decision_log_sink(tmp: &Path, foreground: bool) -> Result<(Server, String), String> {
     let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
     let public = tmp.join("log.pub.pem");
-    {
-        use ed25519_dalek::pkcs8::EncodePublicKey;
-        let pem = key
-            .verifying_key()
-            .to_public_key_pem(ed25519_dalek::pkcs8::spki::der::pem::LineEnding::LF)
-            .map_err(|e| e.to_string())?;
-        std::fs::write(&public, pem).map_err(|e| e.to_string())?;
-    }
+    write_public_key(&key, &public)?;
     // On the load generator's CPU 0 at the lowest priority, so it takes
     // neither the measured sidecar's CPU nor the load generator's (in
     // production it runs elsewhere).
@@ -826,14 +828,7 @@ async fn swap_test(args: &BenchArgs, tmp: &Path, duration: Duration) -> Result<(
     use crate::controlplane::AdminClient;
     let key = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
     let public = tmp.join("swap.pub.pem");
-    {
-        use ed25519_dalek::pkcs8::EncodePublicKey;
-        let pem = key
-            .verifying_key()
-            .to_public_key_pem(ed25519_dalek::pkcs8::spki::der::pem::LineEnding::LF)
-            .map_err(|e| e.to_string())?;
-        std::fs::write(&public, pem).map_err(|e| e.to_string())?;
-    }
+    write_public_key(&key, &public)?;
     let swaps = usize::try_from(duration.as_secs()).unwrap_or(30) + 2;
     let archives = numbered_archives(swaps, &key)?;
     let token = "bench-token-0123456789";
