@@ -245,7 +245,7 @@ impl Default for DecisionLogConfig {
             batch_max_records: 1024,
             fsync: true,
             batch_interval_ms: 10,
-            ship_interval_ms: 20,
+            ship_interval_ms: 100,
         }
     }
 }

@@ -77,17 +77,17 @@ pub struct Incoming<'a> {
     pub body: &'a [u8],
 }
 
-/// Most bytes one batch may unpack to (a gzip bomb stops here).
+/// Most bytes one batch may unpack to (a compression bomb stops here).
 const MAX_BATCH_BYTES: u64 = 64 << 20;
 
-/// Unpacks a shipped batch's gzip-compressed lines.
+/// Unpacks a shipped batch's DEFLATE-compressed lines.
 pub fn unpack(batch: &RecordBatch) -> Result<Vec<u8>, String> {
     use std::io::Read;
     let mut text = Vec::new();
-    flate2::read::GzDecoder::new(&batch.lines_gzip[..])
+    flate2::read::DeflateDecoder::new(&batch.lines_deflate[..])
         .take(MAX_BATCH_BYTES + 1)
         .read_to_end(&mut text)
-        .map_err(|e| format!("batch at seq {} is not gzip: {e}", batch.first_seq))?;
+        .map_err(|e| format!("batch at seq {} is not DEFLATE data: {e}", batch.first_seq))?;
     if text.len() as u64 > MAX_BATCH_BYTES {
         return Err(format!(
             "batch at seq {} unpacks to more than {MAX_BATCH_BYTES} bytes",
@@ -606,10 +606,10 @@ mod tests {
             assert!(err.contains(needle), "{err}");
         }
         let bomb = RecordBatch {
-            lines_gzip: b"not gzip".to_vec(),
+            lines_deflate: b"\xff\xffnot deflate".to_vec(),
             ..RecordBatch::default()
         };
-        assert!(unpack(&bomb).expect_err("refused").contains("not gzip"));
+        assert!(unpack(&bomb).expect_err("refused").contains("not DEFLATE"));
     }
 
     #[test]

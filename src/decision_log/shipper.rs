@@ -1,5 +1,5 @@
 //! The shipper: streams spooled records to the control plane (bidirectional
-//! gRPC, gzip), keeps a few batches in flight, and deletes spool segments
+//! gRPC, DEFLATE), keeps a few batches in flight, and deletes spool segments
 //! only once the control plane has acknowledged every record in them. After
 //! any failure it reconnects with backoff and resumes after the last
 //! acknowledged sequence number, so nothing is skipped and the control plane
@@ -143,7 +143,7 @@ impl Ship {
             let now = tokio::time::Instant::now();
             if now >= next_send && in_flight.len() < self.settings.window {
                 while in_flight.len() < self.settings.window {
-                    let Some((first_seq, count, lines_gzip)) = packer
+                    let Some((first_seq, count, lines_deflate)) = packer
                         .next(sent, self.settings.batch_max)
                         .await
                         .map_err(|e| format!("reading the spool: {e}"))?
@@ -155,7 +155,7 @@ impl Ship {
                         instance_id: String::new(),
                         first_seq,
                         count,
-                        lines_gzip,
+                        lines_deflate,
                     })
                     .await
                     .map_err(|_| "the stream closed")?;
@@ -220,6 +220,8 @@ impl Packer {
         let dir = ship.dir.clone();
         let (bytes, metrics) = (ship.spool_bytes.clone(), ship.metrics.clone());
         let mut reader = Reader::new(&dir);
+        // One compressor for the session: its tables are allocated once.
+        let mut deflate = flate2::Compress::new(flate2::Compression::fast(), false);
         std::thread::Builder::new()
             .name("decision-log-packer".into())
             .spawn(move || {
@@ -229,8 +231,11 @@ impl Packer {
                     match ask {
                         Ask::Next(after, max, reply) => {
                             let packed = reader.next_chunk(after, max, BATCH_BYTES).and_then(|c| {
-                                c.map(|c| gzip(&c.lines).map(|gz| (c.first_seq, c.count, gz)))
-                                    .transpose()
+                                c.map(|c| {
+                                    compress(&mut deflate, &c.lines)
+                                        .map(|z| (c.first_seq, c.count, z))
+                                })
+                                .transpose()
                             });
                             let _ = reply.send(packed);
                         }
@@ -267,14 +272,19 @@ impl Packer {
     }
 }
 
-/// Fast gzip: records are repetitive JSON, so level 1 already shrinks them
-/// several times for a fraction of the default level's CPU.
-fn gzip(bytes: &[u8]) -> std::io::Result<Vec<u8>> {
-    use std::io::Write;
-    let mut enc = flate2::write::GzEncoder::new(
-        Vec::with_capacity(bytes.len() / 4),
-        flate2::Compression::fast(),
-    );
-    enc.write_all(bytes)?;
-    enc.finish()
+/// DEFLATE at level 1: records are repetitive JSON, so the fastest level
+/// already shrinks them several times for a fraction of the default's CPU.
+fn compress(deflate: &mut flate2::Compress, bytes: &[u8]) -> std::io::Result<Vec<u8>> {
+    deflate.reset();
+    let mut out = Vec::with_capacity(bytes.len() / 4 + 64);
+    loop {
+        let consumed = deflate.total_in() as usize;
+        let status = deflate
+            .compress_vec(&bytes[consumed..], &mut out, flate2::FlushCompress::Finish)
+            .map_err(std::io::Error::other)?;
+        if status == flate2::Status::StreamEnd {
+            return Ok(out);
+        }
+        out.reserve(out.capacity().max(4096));
+    }
 }
