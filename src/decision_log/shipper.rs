@@ -143,8 +143,11 @@ impl Ship {
             let now = tokio::time::Instant::now();
             if now >= next_send && in_flight.len() < self.settings.window {
                 while in_flight.len() < self.settings.window {
+                    // Behind by more than a few batches: no yielding, catch up.
+                    let backlog = self.spooled.borrow().saturating_sub(sent);
+                    let polite = backlog < 4 * self.settings.batch_max as u64;
                     let Some((first_seq, count, lines_deflate)) = packer
-                        .next(sent, self.settings.batch_max)
+                        .next(sent, self.settings.batch_max, polite)
                         .await
                         .map_err(|e| format!("reading the spool: {e}"))?
                     else {
@@ -210,7 +213,8 @@ struct Packer {
 type Packed = std::io::Result<Option<(u64, u32, Vec<u8>)>>;
 
 enum Ask {
-    Next(u64, usize, tokio::sync::oneshot::Sender<Packed>),
+    /// After seq, at most this many records, yield while compressing.
+    Next(u64, usize, bool, tokio::sync::oneshot::Sender<Packed>),
     Forget(u64),
 }
 
@@ -229,10 +233,10 @@ impl Packer {
                 // Ends when the session drops its Packer.
                 for ask in asks {
                     match ask {
-                        Ask::Next(after, max, reply) => {
+                        Ask::Next(after, max, polite, reply) => {
                             let packed = reader.next_chunk(after, max, BATCH_BYTES).and_then(|c| {
                                 c.map(|c| {
-                                    compress(&mut deflate, &c.lines)
+                                    compress(&mut deflate, &c.lines, polite)
                                         .map(|z| (c.first_seq, c.count, z))
                                 })
                                 .transpose()
@@ -257,11 +261,12 @@ impl Packer {
     }
 
     /// The next batch after `after`, compressed; `None` if nothing is new.
-    async fn next(&mut self, after: u64, max: usize) -> Packed {
+    /// `polite`: yield the CPU between slices (when shipping keeps up).
+    async fn next(&mut self, after: u64, max: usize, polite: bool) -> Packed {
         let (reply, packed) = tokio::sync::oneshot::channel();
         let gone = || std::io::Error::other("the packer thread stopped");
         self.ask
-            .send(Ask::Next(after, max, reply))
+            .send(Ask::Next(after, max, polite, reply))
             .map_err(|_| gone())?;
         packed.await.map_err(|_| gone())?
     }
@@ -274,9 +279,13 @@ impl Packer {
 
 /// DEFLATE at level 1: records are repetitive JSON, so the fastest level
 /// already shrinks them several times for a fraction of the default's CPU.
-fn compress(deflate: &mut flate2::Compress, bytes: &[u8]) -> std::io::Result<Vec<u8>> {
-    // In slices with a yield between them: a decision waiting for this core
-    // runs after at most one slice, not after the whole batch.
+fn compress(
+    deflate: &mut flate2::Compress,
+    bytes: &[u8],
+    polite: bool,
+) -> std::io::Result<Vec<u8>> {
+    // In slices, with a yield between them when `polite`: a decision waiting
+    // for this core runs after at most one slice, not after the whole batch.
     const SLICE: usize = 32 * 1024;
     deflate.reset();
     let mut out = Vec::with_capacity(bytes.len() / 4 + 64);
@@ -297,7 +306,9 @@ fn compress(deflate: &mut flate2::Compress, bytes: &[u8]) -> std::io::Result<Vec
         if status == flate2::Status::StreamEnd {
             return Ok(out);
         }
-        std::thread::yield_now();
+        if polite {
+            std::thread::yield_now();
+        }
     }
 }
 
@@ -314,7 +325,7 @@ mod tests {
         let mut deflate = flate2::Compress::new(flate2::Compression::fast(), false);
         for _ in 0..2 {
             // The compressor is reused between batches.
-            let z = super::compress(&mut deflate, &lines).expect("compresses");
+            let z = super::compress(&mut deflate, &lines, true).expect("compresses");
             assert!(z.len() < lines.len() / 3);
             let mut back = Vec::new();
             flate2::read::DeflateDecoder::new(&z[..])

@@ -181,9 +181,10 @@ impl Writer {
             body.clear();
             record::body(&self.instance, head.seq + 1, &q.tail, body);
             push(body, &mut head, lines);
-            if i % YIELD_EVERY == YIELD_EVERY - 1 {
-                // Short slices: a decision waiting for this core runs now,
-                // not after the whole batch.
+            // Short slices while keeping up: a decision waiting for this
+            // core runs now, not after the whole batch. With a backlog, no
+            // yields: the writer must catch up or the queue fills.
+            if i % YIELD_EVERY == YIELD_EVERY - 1 && self.rx.len() < self.settings.batch_max {
                 std::thread::yield_now();
             }
         }
