@@ -110,8 +110,19 @@ pub fn parse_batch<'a>(
         .filter(|l| !l.is_empty())
         .enumerate()
     {
-        let parsed = chain::parse_line(line).map_err(|e| format!("batch line {}: {e}", i + 1))?;
         let want = first_seq + i as u64;
+        let Ok(parsed) = chain::parse_line(line) else {
+            // A line damaged in the sidecar's spool: keep it as evidence at
+            // the seq it stands for. It cannot match any hash, so the chain
+            // shows the break there, and shipping goes on (refusing the
+            // batch would make the sidecar resend it forever).
+            out.push(Incoming {
+                seq: want,
+                hash: [0; 32],
+                body: line,
+            });
+            continue;
+        };
         if parsed.seq != want || parsed.instance != instance {
             return Err(format!(
                 "batch line {} is seq {} of instance {}, expected seq {want} of {instance}",
@@ -242,8 +253,10 @@ impl DecisionStore {
                     continue; // a resend of what is already stored
                 }
                 let hash = r.hash;
-                let body = std::str::from_utf8(r.body)
-                    .map_err(|_| TrailError::Bad(format!("record {} is not UTF-8", r.seq)))?;
+                // Not UTF-8 means damaged: its hash check fails below and flags
+                // the break; the text is kept as well as it can be.
+                let body = String::from_utf8_lossy(r.body);
+                let body = body.as_ref();
                 let mut v = Verifier::default();
                 if head.0 > 0 || r.seq > 1 {
                     // Anchor on the stored head, then check this record's link.
@@ -595,6 +608,12 @@ mod tests {
             chain::write_line(&mut text, &hash, &body);
         }
         assert_eq!(parse_batch("i1", 3, 3, &text).expect("valid").len(), 3);
+        // A damaged line stands at its position, with a hash nothing matches.
+        let mut damaged = text.clone();
+        let second = damaged.iter().position(|b| *b == b'\n').expect("lines") + 1;
+        damaged[second] = b'#';
+        let parsed = parse_batch("i1", 3, 3, &damaged).expect("kept");
+        assert_eq!((parsed[1].seq, parsed[1].hash), (4, [0; 32]));
         for (instance, first, count, needle) in [
             ("i1", 4, 3, "expected seq 4"),
             ("i2", 3, 3, "expected seq 3 of i2"),
