@@ -19,11 +19,16 @@
 //! - [`policy`]: compiles a bundle into an [`policy::Engine`] and decides.
 //! - [`policytest`]: the policy tests a bundle carries (`tests/*.json`).
 //! - [`decision`]: the decision vocabulary and the service every adapter calls.
+//! - [`decision_log`]: the decision trail: masked, hash-chained records, spooled
+//!   and shipped to the control plane (and optionally OTLP).
 //! - [`api`]: gRPC and HTTP adapters and the generated protobuf code.
 //! - [`config`]: typed, validated configuration.
+//! - [`controlplane`]: the sidecar's client of the control plane and the
+//!   reference control plane (bundles, decision records).
+//! - [`distribution`]: pulling, verifying and activating bundles.
 //! - [`telemetry`]: metrics and logs.
 //! - [`server`]: the composition root of `arbiter serve`.
-//! - [`cli`]: the offline and client subcommands (`check`).
+//! - [`cli`]: the offline and client subcommands (`check`, `bundle`, `log`).
 //! - [`bench`]: the load generator and its echo baseline.
 
 pub mod api;

@@ -52,9 +52,9 @@ struct LineForm<'a> {
 
 /// The fields of a body the chain needs.
 #[derive(Deserialize)]
-pub struct Position {
-    pub seq: u64,
-    pub instance: String,
+struct Position {
+    seq: u64,
+    instance: String,
 }
 
 pub fn parse_line(line: &[u8]) -> Result<Line<'_>, String> {
@@ -70,7 +70,7 @@ pub fn parse_line(line: &[u8]) -> Result<Line<'_>, String> {
     })
 }
 
-pub fn parse_hash(text: &str) -> Option<Hash> {
+fn parse_hash(text: &str) -> Option<Hash> {
     let bytes = text.as_bytes();
     if bytes.len() != 64 {
         return None;

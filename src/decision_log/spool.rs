@@ -303,12 +303,6 @@ impl Reader {
             None => Ok(false),
         }
     }
-
-    /// Forget the position (after a reconnect, reading restarts at `after`).
-    pub fn reset(&mut self) {
-        self.current = None;
-        self.pending.clear();
-    }
 }
 
 #[cfg(test)]
