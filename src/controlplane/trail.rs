@@ -80,37 +80,19 @@ pub struct Incoming<'a> {
 /// Most bytes one batch may unpack to (a compression bomb stops here).
 const MAX_BATCH_BYTES: u64 = 64 << 20;
 
-/// Unpacks a shipped batch's LZ4 slices (see the proto), refusing more
-/// than `MAX_BATCH_BYTES` before allocating it.
+/// Unpacks a shipped batch's DEFLATE-compressed lines.
 pub fn unpack(batch: &RecordBatch) -> Result<Vec<u8>, String> {
-    let bad = |why: &str| {
-        format!(
-            "batch at seq {} is not valid LZ4 slices: {why}",
-            batch.first_seq
-        )
-    };
+    use std::io::Read;
     let mut text = Vec::new();
-    let mut rest = &batch.lines_lz4[..];
-    while !rest.is_empty() {
-        let (len, tail) = rest
-            .split_first_chunk::<4>()
-            .ok_or_else(|| bad("truncated length"))?;
-        let len = u32::from_le_bytes(*len) as usize;
-        let block = tail.get(..len).ok_or_else(|| bad("truncated slice"))?;
-        let (size, _) = block
-            .split_first_chunk::<4>()
-            .ok_or_else(|| bad("truncated size"))?;
-        let size = u64::from(u32::from_le_bytes(*size));
-        if text.len() as u64 + size > MAX_BATCH_BYTES {
-            return Err(format!(
-                "batch at seq {} unpacks to more than {MAX_BATCH_BYTES} bytes",
-                batch.first_seq
-            ));
-        }
-        let slice =
-            lz4_flex::block::decompress_size_prepended(block).map_err(|e| bad(&e.to_string()))?;
-        text.extend_from_slice(&slice);
-        rest = &tail[len..];
+    flate2::read::DeflateDecoder::new(&batch.lines_deflate[..])
+        .take(MAX_BATCH_BYTES + 1)
+        .read_to_end(&mut text)
+        .map_err(|e| format!("batch at seq {} is not DEFLATE data: {e}", batch.first_seq))?;
+    if text.len() as u64 > MAX_BATCH_BYTES {
+        return Err(format!(
+            "batch at seq {} unpacks to more than {MAX_BATCH_BYTES} bytes",
+            batch.first_seq
+        ));
     }
     Ok(text)
 }
@@ -643,19 +625,10 @@ mod tests {
             assert!(err.contains(needle), "{err}");
         }
         let bomb = RecordBatch {
-            lines_lz4: b"\x05\x00\x00\x00\xff\xff\xff\x7fnot lz4".to_vec(),
+            lines_deflate: b"\xff\xffnot deflate".to_vec(),
             ..RecordBatch::default()
         };
-        assert!(unpack(&bomb).expect_err("refused").contains("more than"));
-        let garbage = RecordBatch {
-            lines_lz4: b"not lz4 at all".to_vec(),
-            ..RecordBatch::default()
-        };
-        assert!(
-            unpack(&garbage)
-                .expect_err("refused")
-                .contains("not valid LZ4")
-        );
+        assert!(unpack(&bomb).expect_err("refused").contains("not DEFLATE"));
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! The shipper: streams spooled records to the control plane (bidirectional
-//! gRPC, LZ4), keeps a few batches in flight, and deletes spool segments
+//! gRPC, DEFLATE), keeps a few batches in flight, and deletes spool segments
 //! only once the control plane has acknowledged every record in them. After
 //! any failure it reconnects with backoff and resumes after the last
 //! acknowledged sequence number, so nothing is skipped and the control plane
@@ -146,7 +146,7 @@ impl Ship {
                     // Behind by more than a few batches: no yielding, catch up.
                     let backlog = self.spooled.borrow().saturating_sub(sent);
                     let polite = backlog < 4 * self.settings.batch_max as u64;
-                    let Some((first_seq, count, lines_lz4)) = packer
+                    let Some((first_seq, count, lines_deflate)) = packer
                         .next(sent, self.settings.batch_max, polite)
                         .await
                         .map_err(|e| format!("reading the spool: {e}"))?
@@ -158,7 +158,7 @@ impl Ship {
                         instance_id: String::new(),
                         first_seq,
                         count,
-                        lines_lz4,
+                        lines_deflate,
                     })
                     .await
                     .map_err(|_| "the stream closed")?;
@@ -224,6 +224,8 @@ impl Packer {
         let dir = ship.dir.clone();
         let (bytes, metrics) = (ship.spool_bytes.clone(), ship.metrics.clone());
         let mut reader = Reader::new(&dir);
+        // One compressor for the session: its tables are allocated once.
+        let mut deflate = flate2::Compress::new(flate2::Compression::fast(), false);
         std::thread::Builder::new()
             .name("decision-log-packer".into())
             .spawn(move || {
@@ -234,7 +236,8 @@ impl Packer {
                         Ask::Next(after, max, polite, reply) => {
                             let packed = reader.next_chunk(after, max, BATCH_BYTES).and_then(|c| {
                                 c.map(|c| {
-                                    compress(&c.lines, polite).map(|z| (c.first_seq, c.count, z))
+                                    compress(&mut deflate, &c.lines, polite)
+                                        .map(|z| (c.first_seq, c.count, z))
                                 })
                                 .transpose()
                             });
@@ -274,56 +277,61 @@ impl Packer {
     }
 }
 
-/// LZ4: records are repetitive JSON, and LZ4 shrinks them a few times at a
-/// fraction of even DEFLATE level 1's CPU. In slices of whole lines — each a
-/// little-endian u32 length, then an LZ4 block with its uncompressed size
-/// prepended — with a yield between slices when `polite`, so a decision
-/// waiting for this core runs after at most one slice.
-fn compress(bytes: &[u8], polite: bool) -> std::io::Result<Vec<u8>> {
-    const SLICE: usize = 64 * 1024;
-    let mut out = Vec::with_capacity(bytes.len() / 2 + 64);
-    let mut rest = bytes;
-    while !rest.is_empty() {
-        let cut = if rest.len() <= SLICE {
-            rest.len()
+/// DEFLATE at level 1: records are repetitive JSON, so the fastest level
+/// already shrinks them several times for a fraction of the default's CPU.
+fn compress(
+    deflate: &mut flate2::Compress,
+    bytes: &[u8],
+    polite: bool,
+) -> std::io::Result<Vec<u8>> {
+    // In slices, with a yield between them when `polite`: a decision waiting
+    // for this core runs after at most one slice, not after the whole batch.
+    const SLICE: usize = 32 * 1024;
+    deflate.reset();
+    let mut out = Vec::with_capacity(bytes.len() / 4 + 64);
+    loop {
+        let consumed = deflate.total_in() as usize;
+        let end = (consumed + SLICE).min(bytes.len());
+        let flush = if end == bytes.len() {
+            flate2::FlushCompress::Finish
         } else {
-            rest[..SLICE]
-                .iter()
-                .rposition(|b| *b == b'\n')
-                .map_or(SLICE, |i| i + 1)
+            flate2::FlushCompress::None
         };
-        let block = lz4_flex::block::compress_prepend_size(&rest[..cut]);
-        let len = u32::try_from(block.len()).map_err(std::io::Error::other)?;
-        out.extend_from_slice(&len.to_le_bytes());
-        out.extend_from_slice(&block);
-        rest = &rest[cut..];
-        if polite && !rest.is_empty() {
+        if out.capacity() - out.len() < SLICE / 2 {
+            out.reserve(SLICE);
+        }
+        let status = deflate
+            .compress_vec(&bytes[consumed..end], &mut out, flush)
+            .map_err(std::io::Error::other)?;
+        if status == flate2::Status::StreamEnd {
+            return Ok(out);
+        }
+        if polite {
             std::thread::yield_now();
         }
     }
-    Ok(out)
 }
 
 #[cfg(test)]
 mod tests {
     #[test]
     fn compressed_batches_unpack_to_the_same_lines() {
+        use std::io::Read;
         let lines: Vec<u8> = (0..5000)
             .flat_map(|i| {
                 format!("{{\"hash\":\"{i:064}\",\"record\":{{\"seq\":{i}}}}}\n").into_bytes()
             })
             .collect();
-        for polite in [true, false] {
-            let z = super::compress(&lines, polite).expect("compresses");
-            assert!(z.len() < lines.len() / 2);
-            let batch = crate::api::pb::v1::RecordBatch {
-                lines_lz4: z,
-                ..Default::default()
-            };
-            assert_eq!(
-                crate::controlplane::trail::unpack(&batch).expect("unpacks"),
-                lines
-            );
+        let mut deflate = flate2::Compress::new(flate2::Compression::fast(), false);
+        for _ in 0..2 {
+            // The compressor is reused between batches.
+            let z = super::compress(&mut deflate, &lines, true).expect("compresses");
+            assert!(z.len() < lines.len() / 3);
+            let mut back = Vec::new();
+            flate2::read::DeflateDecoder::new(&z[..])
+                .read_to_end(&mut back)
+                .expect("inflates");
+            assert_eq!(back, lines);
         }
     }
 }
