@@ -709,3 +709,28 @@ async fn otlp_export_carries_masked_records_and_joins_the_callers_trace() {
     assert_eq!(spans[0].name, "arbiter.decide");
     assert!(spans[0].end_time_unix_nano >= spans[0].start_time_unix_nano);
 }
+
+#[tokio::test]
+async fn sigterm_delivers_every_record_before_exit() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let (code, _, err) = run(&["bundle", "keygen", "--out", s(&w.join("k"))]);
+    assert_eq!(code, 0, "{err}");
+    let cp = ControlPlane::start(&w.join("cp.db"), &w.join("k.pub.pem"));
+    let spool = w.join("spool");
+    let mut sidecar = Sidecar::start(&example("documents"), &spool_args(&cp.1, &spool));
+    let seen = load(
+        sidecar.grpc_addr.clone(),
+        300,
+        3,
+        Arc::new(AtomicBool::new(false)),
+    )
+    .await;
+    assert_eq!((seen.ids.len(), seen.failures), (300, 0));
+    // At once: most of these records are still queued or in the spool.
+    let status = sidecar.terminate();
+    assert!(status.success(), "clean exit: {status:?}");
+    let r = report(&cp).await;
+    assert_eq!(r["records"], 300, "shipped before exit: {r}");
+    assert!(r["first_break"].is_null(), "{r}");
+}
