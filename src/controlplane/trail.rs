@@ -248,6 +248,9 @@ impl DecisionStore {
             let mut flag = tx.prepare_cached(
                 "INSERT INTO chain_breaks (instance, seq, reason) VALUES (?1, ?2, ?3)",
             )?;
+            // Each record must continue the stored chain.
+            let mut v = Verifier::default();
+            v.resume(instance, head.0, head.1);
             for r in records {
                 if r.seq <= head.0 {
                     continue; // a resend of what is already stored
@@ -257,11 +260,6 @@ impl DecisionStore {
                 // the break; the text is kept as well as it can be.
                 let body = String::from_utf8_lossy(r.body);
                 let body = body.as_ref();
-                let mut v = Verifier::default();
-                if head.0 > 0 || r.seq > 1 {
-                    // Anchor on the stored head, then check this record's link.
-                    let _ = v.push(instance, head.0, &head.1, b"");
-                }
                 if let Err(b) = v.push(instance, r.seq, &hash, r.body) {
                     flag.execute(params![instance, b.seq as i64, b.reason])?;
                     breaks.push(b);
@@ -404,23 +402,15 @@ impl DecisionStore {
                 "SELECT seq, hash, body FROM decisions WHERE instance = ?1 ORDER BY seq",
             )?;
             let mut rows = stmt.query(params![instance])?;
-            let mut v = Verifier::default();
-            let (mut first_break, mut last_seq) = (None, 0);
-            // The chain is anchored at seq 1: a stored chain starting later
+            // Anchored at its start: a stored chain beginning after seq 1
             // has lost its beginning.
-            let mut started = false;
+            let mut v = Verifier::default();
+            v.resume(&instance, 0, GENESIS);
+            let (mut first_break, mut last_seq) = (None, 0);
             while let Some(row) = rows.next()? {
                 let seq = row.get::<_, i64>(0)? as u64;
                 let hash: Hash = row.get::<_, Vec<u8>>(1)?.try_into().unwrap_or(GENESIS);
                 let body: String = row.get(2)?;
-                if !started && seq != 1 && first_break.is_none() {
-                    first_break = Some(Break {
-                        instance: instance.clone(),
-                        seq: 1,
-                        reason: format!("records 1..={} are missing", seq - 1),
-                    });
-                }
-                started = true;
                 if let Err(b) = v.push(&instance, seq, &hash, body.as_bytes())
                     && first_break.is_none()
                 {
@@ -683,5 +673,16 @@ mod tests {
         assert_eq!(report[0].flagged_on_receipt.len(), 1);
         let exported = store.export("i1").expect("export");
         assert_eq!(chain::verify_lines(&exported).expect_err("gap").seq, 6);
+
+        // A chain whose beginning never arrived breaks at seq 1, on receipt and on verify.
+        let mut prev = GENESIS;
+        let late = records(1, 4, &mut prev);
+        let mut head = store.head("i2").expect("head");
+        let breaks = store
+            .append("i2", &mut head, &incoming(&late[2..]))
+            .expect("late start");
+        assert_eq!(breaks.iter().map(|b| b.seq).collect::<Vec<_>>(), [1]);
+        let report = store.verify(Some("i2")).expect("verify");
+        assert_eq!(report[0].first_break.as_ref().map(|b| b.seq), Some(1));
     }
 }

@@ -113,6 +113,12 @@ pub struct Verifier {
 }
 
 impl Verifier {
+    /// Continues a chain known to stand at `seq` with `hash`; `(0, GENESIS)`
+    /// anchors it at its start, so a first record other than seq 1 is a gap.
+    pub fn resume(&mut self, instance: &str, seq: u64, hash: Hash) {
+        self.heads.insert(instance.to_owned(), (seq, hash));
+    }
+
     /// The next record of `instance`. The first break is returned; after it
     /// the verifier re-anchors on the record, so later breaks are found too.
     pub fn push(

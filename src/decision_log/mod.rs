@@ -254,6 +254,14 @@ impl DecisionSink for DecisionLog {
                             "decision log queue is full; dropping records (overflow = drop)"
                         );
                     }
+                    // `durable` promises no answer without its record, as
+                    // the writer does when it drops at the spool cap.
+                    if durable {
+                        self.shared.metrics.refused.inc();
+                        return Handoff::Refused(
+                            "the decision could not be recorded (decision log full, overflow = drop, durability = durable)".into(),
+                        );
+                    }
                     return Handoff::Done;
                 }
                 Overflow::Block => Some(q),
@@ -291,5 +299,67 @@ impl DecisionSink for DecisionLog {
             }
         });
         Handoff::Wait(wait)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decision::{Decision, EntityRef, Request};
+
+    fn entry() -> Entry {
+        let e = |kind: &str| EntityRef {
+            kind: kind.into(),
+            id: "x".into(),
+            properties: None,
+        };
+        Entry {
+            time_us: 0,
+            decision_id: uuid::Uuid::nil(),
+            kind: "check",
+            bundle: "b".into(),
+            revision: "r".into(),
+            request: Request {
+                subject: e("User"),
+                action: "view".into(),
+                resource: e("Doc"),
+                context: Default::default(),
+            },
+            decision: Arc::new(Decision::deny(vec![], vec![])),
+            latency: Duration::ZERO,
+            trace_id: None,
+            span_id: None,
+            mask: Arc::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn durable_answers_only_recorded_decisions_even_under_drop() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let settings = Settings {
+            spool_dir: dir.path().to_path_buf(),
+            durability: Durability::Durable,
+            overflow: Overflow::Drop,
+            // Full after the first record.
+            max_spool_bytes: 1,
+            segment_bytes: 1 << 20,
+            block_timeout: Duration::from_secs(5),
+            queue_capacity: 16,
+            batch_max: 16,
+            batch_interval: Duration::ZERO,
+            fsync: false,
+            copy_to: None,
+            otlp_endpoint: None,
+        };
+        let metrics = DecisionLogMetrics::default();
+        let (sink, running) = start(settings, metrics.clone()).expect("starts");
+        assert!(sink.record(entry()).settle().await.is_ok(), "recorded");
+        let refused = sink.record(entry()).settle().await;
+        assert!(
+            matches!(refused, Err(crate::decision::CheckError::NotRecorded(_))),
+            "a dropped record is a refused durable decision"
+        );
+        assert!(metrics.dropped.get() >= 1 && metrics.refused.get() >= 1);
+        running.close().await;
     }
 }
