@@ -11,6 +11,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             &[
                 "proto/arbiter/v1/authorizer.proto",
                 "proto/arbiter/v1/decision_log.proto",
+                "proto/arbiter/v1/tool_access.proto",
+                "proto/arbiter/v1/sessions.proto",
             ][..],
             "authorizer_descriptor.bin",
         ),

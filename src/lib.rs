@@ -43,4 +43,5 @@ pub mod distribution;
 pub mod policy;
 pub mod policytest;
 pub mod server;
+pub mod sessions;
 pub mod telemetry;

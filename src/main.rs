@@ -36,6 +36,12 @@ enum Command {
     /// Ask the decision trail: show one decision, query, verify the chain.
     #[command(subcommand)]
     Log(LogCommand),
+    /// Send a session signal (CAEP-style) to the control plane.
+    #[command(subcommand)]
+    Signal(SignalCommand),
+    /// List, approve or deny approval requests on the control plane.
+    #[command(subcommand)]
+    Approval(ApprovalCommand),
     /// Load-test a sidecar against a bare gRPC echo baseline.
     Bench(arbiter::bench::BenchArgs),
     /// The echo server `bench` measures against (started by `bench`).
@@ -129,6 +135,61 @@ struct TrailSource {
     token: String,
     #[arg(long, env = "ARBITER_CONTROL_PLANE_CA")]
     ca: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum SignalCommand {
+    /// Send one signal about a session or a subject; sidecars apply it at once.
+    Send {
+        /// session-revoked | risk-level-changed | assurance-level-changed |
+        /// device-compliance-changed
+        #[arg(value_name = "TYPE")]
+        kind: String,
+        /// The new level: low|medium|high, e.g. aal2, compliant|not-compliant.
+        value: Option<String>,
+        /// The session the signal is about.
+        #[arg(long, conflicts_with = "subject", required_unless_present = "subject")]
+        session: Option<String>,
+        /// Or the subject, as `Type::"id"` (e.g. `User::"alice"`): all its sessions.
+        #[arg(long)]
+        subject: Option<String>,
+        /// Why, kept in the trail record.
+        #[arg(long)]
+        reason: Option<String>,
+        #[command(flatten)]
+        source: TrailSource,
+    },
+}
+
+#[derive(Subcommand)]
+enum ApprovalCommand {
+    /// Approval requests, newest first.
+    List {
+        /// Only those in this state: pending, granted, denied, used, expired.
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        source: TrailSource,
+    },
+    /// Grant a pending request: the call it is bound to may then go ahead once.
+    Approve {
+        id: String,
+        /// The approver's name, kept with the grant and in the trail.
+        #[arg(long, env = "USER")]
+        by: String,
+        #[command(flatten)]
+        source: TrailSource,
+    },
+    /// Refuse a pending request.
+    Deny {
+        id: String,
+        #[arg(long, env = "USER")]
+        by: String,
+        #[command(flatten)]
+        source: TrailSource,
+    },
 }
 
 #[derive(Subcommand)]
@@ -236,6 +297,9 @@ struct ControlPlaneArgs {
     /// The private key (PEM) of --tls-cert.
     #[arg(long, env = "ARBITER_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// How long an approval request stays open, and a grant usable (seconds).
+    #[arg(long, env = "ARBITER_APPROVAL_TTL_SECS", default_value_t = 900)]
+    approval_ttl_secs: u64,
     /// Log level filter.
     #[arg(long, env = "ARBITER_LOG_LEVEL", default_value = "info")]
     log_level: String,
@@ -352,6 +416,8 @@ fn main() -> ExitCode {
         Command::Check(args) => check(args),
         Command::Bundle(cmd) => bundle(cmd),
         Command::ControlPlane(args) => control_plane(args),
+        Command::Signal(cmd) => signal(cmd),
+        Command::Approval(cmd) => approval(cmd),
         Command::Test(args) => match arbiter::cli::bundle::test(&args.dir, args.junit.as_deref()) {
             Ok((text, passed)) => {
                 print!("{text}");
@@ -527,6 +593,7 @@ fn control_plane(args: ControlPlaneArgs) -> ExitCode {
         token: args.token,
         limits: arbiter::bundle::ArchiveLimits::default(),
         tls: args.tls_cert.zip(args.tls_key),
+        approval_ttl: std::time::Duration::from_secs(args.approval_ttl_secs.max(1)),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -654,6 +721,64 @@ fn log(cmd: LogCommand) -> ExitCode {
         }
         Err(f) => failure(f),
     }
+}
+
+fn trail_source(s: &TrailSource) -> arbiter::cli::log::Source<'_> {
+    arbiter::cli::log::Source {
+        url: &s.control_plane,
+        token: &s.token,
+        ca: s.ca.as_deref(),
+    }
+}
+
+fn print_result(result: Result<String, arbiter::cli::bundle::Failure>) -> ExitCode {
+    match result {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(f) => failure(f),
+    }
+}
+
+fn signal(cmd: SignalCommand) -> ExitCode {
+    use arbiter::cli::journeys;
+    let SignalCommand::Send {
+        kind,
+        value,
+        session,
+        subject,
+        reason,
+        source,
+    } = cmd;
+    let value = value.map(|v| v.replace("not-compliant", "not_compliant"));
+    print_result(journeys::send_signal(
+        &trail_source(&source),
+        &journeys::SignalArgs {
+            kind: &kind,
+            session: session.as_deref(),
+            subject: subject.as_deref(),
+            value: value.as_deref(),
+            reason: reason.as_deref(),
+        },
+    ))
+}
+
+fn approval(cmd: ApprovalCommand) -> ExitCode {
+    use arbiter::cli::journeys;
+    print_result(match cmd {
+        ApprovalCommand::List {
+            state,
+            json,
+            source,
+        } => journeys::list_approvals(&trail_source(&source), state.as_deref(), json),
+        ApprovalCommand::Approve { id, by, source } => {
+            journeys::decide_approval(&trail_source(&source), &id, true, &by)
+        }
+        ApprovalCommand::Deny { id, by, source } => {
+            journeys::decide_approval(&trail_source(&source), &id, false, &by)
+        }
+    })
 }
 
 fn failure(f: arbiter::cli::bundle::Failure) -> ExitCode {

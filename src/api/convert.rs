@@ -24,6 +24,9 @@ pub enum Semantic {
     PermitOnFirstPermit,
 }
 
+/// Longest session id accepted.
+const MAX_ID_BYTES: usize = 1024;
+
 /// Rejects a message over the size limit before any conversion work.
 pub fn check_size(len: usize, limits: &Limits) -> Result<(), Status> {
     if len > limits.max_request_bytes {
@@ -41,6 +44,7 @@ pub fn request(msg: pb::CheckRequest, limits: &Limits) -> Result<Request, Status
         action,
         resource,
         context,
+        session_id,
     } = msg;
     let subject = subject.ok_or_else(|| missing("subject"))?;
     let pb::Subject {
@@ -73,7 +77,18 @@ pub fn request(msg: pb::CheckRequest, limits: &Limits) -> Result<Request, Status
         action: name,
         resource,
         context,
+        session_id: session(session_id)?,
     })
+}
+
+/// A session id, if given (bounded like an entity id).
+pub fn session(id: String) -> Result<Option<String>, Status> {
+    if id.len() > MAX_ID_BYTES {
+        return Err(Status::invalid_argument(format!(
+            "`session_id` is over {MAX_ID_BYTES} bytes"
+        )));
+    }
+    Ok((!id.is_empty()).then_some(id))
 }
 
 /// Splits a batch into requests, each default-filled; an item that does not
@@ -122,6 +137,7 @@ pub fn batch(
                     action: item.action.or_else(|| action.clone()),
                     resource: item.resource.or_else(|| resource.clone()),
                     context: item.context.or_else(|| context.clone()),
+                    session_id: item.session_id,
                 },
                 limits,
             )
@@ -145,6 +161,8 @@ pub fn answer(a: &Answer) -> pb::CheckResponse {
         }),
         approval: (d.outcome == Outcome::ApprovalRequired).then(|| pb::Approval {
             approver_groups: d.approver_groups.clone(),
+            approval_id: a.links.approval_id.clone().unwrap_or_default(),
+            expires_at: a.links.approval_expires_at.clone().unwrap_or_default(),
         }),
         obligations: d
             .obligations
@@ -155,11 +173,15 @@ pub fn answer(a: &Answer) -> pb::CheckResponse {
                 policy_id: o.policy_id.clone(),
             })
             .collect(),
-        errors: d.errors.clone(),
+        errors: {
+            let mut e = d.errors.clone();
+            e.extend(a.links.approval_error.clone());
+            e
+        },
     }
 }
 
-fn outcome(o: Outcome) -> pb::Outcome {
+pub fn outcome(o: Outcome) -> pb::Outcome {
     match o {
         Outcome::Allow => pb::Outcome::Allow,
         Outcome::Deny => pb::Outcome::Deny,
@@ -195,7 +217,7 @@ fn entity(
     })
 }
 
-fn object(
+pub(crate) fn object(
     s: prost_types::Struct,
     path: &str,
     depth: usize,

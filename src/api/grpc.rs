@@ -21,7 +21,7 @@ impl AuthorizerService {
 }
 
 /// The one place decision errors become gRPC statuses.
-fn status(e: CheckError) -> Status {
+pub(crate) fn status(e: CheckError) -> Status {
     match e {
         CheckError::NotReady => {
             Status::unavailable("no policy bundle is active yet; retry shortly")
@@ -33,7 +33,7 @@ fn status(e: CheckError) -> Status {
 
 /// A call's record identity, with the trace id and parent span id of a W3C
 /// `traceparent` header (`00-<trace id>-<span id>-<flags>`) if it is valid.
-fn call(kind: &'static str, metadata: &tonic::metadata::MetadataMap) -> Call {
+pub(crate) fn call(kind: &'static str, metadata: &tonic::metadata::MetadataMap) -> Call {
     let hex = |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit());
     let parts: Option<(String, String)> = metadata
         .get("traceparent")
@@ -48,6 +48,7 @@ fn call(kind: &'static str, metadata: &tonic::metadata::MetadataMap) -> Call {
         kind,
         trace_id,
         span_id,
+        signals_subject: None,
     }
 }
 

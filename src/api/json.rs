@@ -15,6 +15,8 @@ struct JsonRequest {
     resource: JsonEntity,
     #[serde(default)]
     context: Map<String, Value>,
+    #[serde(default)]
+    session_id: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -51,6 +53,7 @@ pub fn request_from_json(value: Value) -> Result<Request, String> {
         action: r.action.name,
         resource: entity(r.resource),
         context: r.context,
+        session_id: r.session_id.filter(|s| !s.is_empty()),
     })
 }
 
@@ -73,6 +76,7 @@ pub fn request_to_pb(r: &Request) -> pb::CheckRequest {
             properties: props(&r.resource.properties),
         }),
         context: Some(to_struct(&r.context)),
+        session_id: r.session_id.clone().unwrap_or_default(),
     }
 }
 

@@ -8,5 +8,6 @@ pub mod grpc;
 pub mod http;
 pub mod json;
 pub mod pb;
+pub mod tools;
 
 pub use convert::Limits;

@@ -77,6 +77,11 @@ pub fn show(src: &Source, id: &str, as_json: bool) -> Result<String, Failure> {
             let _ = writeln!(out, "{key:<10} {field}");
         }
     }
+    for key in ["session_id", "approval_id", "approved_by", "approval_error"] {
+        if let Some(field) = r[key].as_str() {
+            let _ = writeln!(out, "{key:<10} {field}");
+        }
+    }
     let policies = v["policies"].as_array().cloned().unwrap_or_default();
     if policies.is_empty() {
         let _ = writeln!(out, "policies   (none matched: default deny)");
@@ -97,7 +102,55 @@ pub fn show(src: &Source, id: &str, as_json: bool) -> Result<String, Failure> {
             }
         }
     }
+    let next = v["followed_by"].as_array().cloned().unwrap_or_default();
+    if !next.is_empty() {
+        let _ = writeln!(out, "what happened next:");
+    }
+    for n in next {
+        let _ = writeln!(out, "  {}", next_line(&n["record"]));
+    }
     Ok(out)
+}
+
+/// One linked record on one line: a signal, an approval change, a decision.
+fn next_line(r: &Value) -> String {
+    let s = |v: &Value| v.as_str().unwrap_or("-").to_owned();
+    let time = s(&r["time"]);
+    match r["kind"].as_str() {
+        Some("signal") => {
+            let sig = &r["signal"];
+            format!(
+                "{time}  signal {} {} on {} {} ({})",
+                s(&sig["type"]),
+                s(&sig["value"]),
+                s(&sig["target_kind"]),
+                s(&sig["target"]),
+                s(&r["decision_id"])
+            )
+        }
+        Some("approval") => {
+            let a = &r["approval"];
+            let by = a["by"]
+                .as_str()
+                .map(|b| format!(" by {b}"))
+                .unwrap_or_default();
+            format!(
+                "{time}  approval {} {}{by}",
+                s(&r["approval_id"]),
+                s(&a["state"])
+            )
+        }
+        _ => format!(
+            "{time}  decision {} {} {}{}",
+            s(&r["decision_id"]),
+            s(&r["outcome"]),
+            s(&r["request"]["action"]["name"]),
+            r["approved_by"]
+                .as_str()
+                .map(|b| format!(" (approved by {b})"))
+                .unwrap_or_default()
+        ),
+    }
 }
 
 /// `log query`: matching records, one line each (or JSON lines).

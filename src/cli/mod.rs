@@ -2,4 +2,5 @@
 
 pub mod bundle;
 pub mod check;
+pub mod journeys;
 pub mod log;

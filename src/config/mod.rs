@@ -22,6 +22,35 @@ pub struct Config {
     pub policy: PolicyConfig,
     pub log: LogConfig,
     pub decision_log: DecisionLogConfig,
+    pub sessions: SessionsConfig,
+}
+
+/// Journey-time state: session signals and approvals, through the control
+/// plane at `control_plane.url` (off without one).
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionsConfig {
+    /// `false`: no signals are followed and no approvals can be filed.
+    pub enabled: bool,
+    /// Sessions kept (and, separately, subjects with signals); the least
+    /// recently used go first when full.
+    pub max_sessions: u64,
+    /// Distinct requests remembered per session, for `WatchSession`.
+    pub max_recent_decisions: usize,
+    /// Milliseconds an APPROVAL_REQUIRED answer may wait for the control
+    /// plane to file or check an approval.
+    pub approval_timeout_ms: u64,
+}
+
+impl Default for SessionsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_sessions: 100_000,
+            max_recent_decisions: 32,
+            approval_timeout_ms: 2_000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -129,6 +158,8 @@ pub struct LimitsConfig {
     pub max_depth: usize,
     /// Calls one connection may have in flight (HTTP/2 concurrent streams).
     pub max_concurrent_calls: usize,
+    /// Largest `AuthorizeTool` arguments, in bytes.
+    pub max_argument_bytes: usize,
 }
 
 impl Default for LimitsConfig {
@@ -138,6 +169,7 @@ impl Default for LimitsConfig {
             max_batch_items: 256,
             max_depth: 32,
             max_concurrent_calls: 1024,
+            max_argument_bytes: 16 * 1024,
         }
     }
 }
@@ -368,6 +400,16 @@ impl Config {
             ("limits.max_batch_items", l.max_batch_items),
             ("limits.max_depth", l.max_depth),
             ("limits.max_concurrent_calls", l.max_concurrent_calls),
+            ("limits.max_argument_bytes", l.max_argument_bytes),
+            ("sessions.max_sessions", self.sessions.max_sessions as usize),
+            (
+                "sessions.max_recent_decisions",
+                self.sessions.max_recent_decisions,
+            ),
+            (
+                "sessions.approval_timeout_ms",
+                self.sessions.approval_timeout_ms as usize,
+            ),
         ] {
             if value == 0 {
                 return bad(format!("`{name}` must be at least 1"));
@@ -461,6 +503,8 @@ mod tests {
         let text = include_str!("../../examples/arbiter.toml");
         let c = Config::from_toml(text).expect("example parses");
         assert_eq!(c.decision_log, DecisionLogConfig::default());
+        assert_eq!(c.sessions, SessionsConfig::default());
+        assert_eq!(c.limits, LimitsConfig::default());
     }
 
     #[test]

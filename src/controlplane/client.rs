@@ -305,6 +305,11 @@ impl AdminClient {
         .await
     }
 
+    /// Any authenticated POST of a JSON body, e.g. `/signals`.
+    pub async fn post(&self, path: &str, json: String) -> Result<String, FetchError> {
+        self.send(Method::POST, path, Bytes::from(json)).await
+    }
+
     /// Any authenticated GET, e.g. `/decisions?outcome=DENY`.
     pub async fn get(&self, path_and_query: &str) -> Result<String, FetchError> {
         self.send(Method::GET, path_and_query, Bytes::new()).await

@@ -4,6 +4,7 @@
 //! reference control plane, `arbiter control-plane`.
 
 pub mod client;
+pub mod journeys;
 pub mod server;
 pub mod store;
 pub mod trail;

@@ -12,8 +12,13 @@
 //! GET  /decisions/{id}             one record, with the text of its deciding policies
 //! GET  /decisions/verify?instance= walk each stored chain from seq 1
 //! GET  /decisions/export?instance= the chained NDJSON lines (all /decisions: bearer token)
+//! POST /signals                    {"type", "session_id"|"subject", "value"} (bearer token)
+//! GET  /approvals?state=           approval requests, newest first (bearer token)
+//! GET  /approvals/{id}
+//! POST /approvals/{id}/approve     {"by": "..."}; /deny likewise (bearer token)
 //! GET  /healthz, /metrics
 //! gRPC arbiter.v1.DecisionLog/Ship sidecars stream decision records (same port, HTTP/2)
+//! gRPC arbiter.v1.Sessions/*       sidecars follow signals and approvals, file and spend approvals
 //! ```
 
 use std::collections::HashMap;
@@ -30,9 +35,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use tokio::sync::watch;
 
+use super::journeys::{JourneyError, Journeys, SessionsService, Signal};
 use super::store::{Put, Store, StoreError};
 use super::trail::{DecisionLogService, DecisionStore, Filter, TrailError};
 use crate::api::pb::v1::decision_log_server::DecisionLogServer;
+use crate::api::pb::v1::sessions_server::SessionsServer;
 use crate::bundle::keys::TrustedKeys;
 use crate::bundle::{ArchiveLimits, archive};
 use crate::policy::{CompileOptions, Engine};
@@ -50,6 +57,8 @@ pub struct Settings {
     pub limits: ArchiveLimits,
     /// Certificate chain and private key (PEM): serve HTTPS instead of HTTP.
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// How long an approval request stays open (and a grant usable).
+    pub approval_ttl: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -142,6 +151,7 @@ struct Published {
 struct AppState {
     store: Store,
     decisions: Arc<DecisionStore>,
+    journeys: Arc<Journeys>,
     trusted: TrustedKeys,
     token: String,
     limits: ArchiveLimits,
@@ -227,9 +237,14 @@ pub async fn serve(
     let decisions = Arc::new(
         DecisionStore::open(&settings.db).map_err(|e| ServerError::Decisions(e.to_string()))?,
     );
+    let journeys = Arc::new(
+        Journeys::open(&settings.db, decisions.clone(), settings.approval_ttl)
+            .map_err(|e| ServerError::Decisions(e.to_string()))?,
+    );
     let state = Arc::new(AppState {
         store,
         decisions,
+        journeys,
         trusted: settings.trusted,
         token: settings.token,
         limits: settings.limits,
@@ -268,7 +283,21 @@ fn router(state: Arc<AppState>, limits: ArchiveLimits) -> Router {
     })
     // Batches arrive gzip-compressed inside the message (see the proto).
     .max_decoding_message_size(16 << 20);
-    let grpc = tonic::service::Routes::new(ship).into_axum_router();
+    let sessions = SessionsServer::new(SessionsService {
+        journeys: state.journeys.clone(),
+    });
+    let grpc = tonic::service::Routes::new(ship)
+        .add_service(sessions)
+        .into_axum_router();
+    // Operators' journey endpoints take small JSON bodies.
+    let journeys = Router::new()
+        .route("/signals", post(send_signal))
+        .route("/approvals", get(list_approvals))
+        .route("/approvals/{id}", get(show_approval))
+        .route("/approvals/{id}/approve", post(approve))
+        .route("/approvals/{id}/deny", post(deny))
+        .layer(DefaultBodyLimit::max(64 << 10))
+        .with_state(state.clone());
     Router::new()
         .route("/bundles/{name}", get(fetch).put(publish))
         .route("/bundles/{name}/revisions", get(revisions))
@@ -284,6 +313,7 @@ fn router(state: Arc<AppState>, limits: ArchiveLimits) -> Router {
             usize::try_from(limits.max_archive_bytes).unwrap_or(usize::MAX),
         ))
         .with_state(state)
+        .merge(journeys)
         .merge(grpc)
 }
 
@@ -401,6 +431,20 @@ async fn show_decision(
             .await
             .unwrap_or_default()
     };
+    let next = {
+        let id = id.clone();
+        let time = record["time"]
+            .as_str()
+            .and_then(crate::decision_log::time::parse_micros)
+            .unwrap_or(0) as i64;
+        let session = record["session_id"].as_str().map(str::to_owned);
+        let approval = record["approval_id"].as_str().map(str::to_owned);
+        read_trail(&state, &headers, move |s| {
+            s.followed_by(&id, time, session.as_deref(), approval.as_deref())
+        })
+        .await
+        .unwrap_or_default()
+    };
     let policies: Vec<serde_json::Value> = record["policy_ids"]
         .as_array()
         .into_iter()
@@ -416,6 +460,7 @@ async fn show_decision(
             "hash": found.hash,
             "record": record,
             "policies": policies,
+            "followed_by": next,
         }),
     )
 }
@@ -617,5 +662,125 @@ async fn revisions(State(state): State<Arc<AppState>>, Path(name): Path<String>)
         ),
         Ok(Err(e)) => message(StatusCode::INTERNAL_SERVER_ERROR, e),
         Err(e) => message(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}
+
+/// Runs a journeys operation off the async threads, for an operator with the
+/// token; maps errors to responses.
+async fn journey<T: Send + 'static>(
+    state: &Arc<AppState>,
+    headers: &HeaderMap,
+    op: impl FnOnce(&Journeys) -> Result<T, JourneyError> + Send + 'static,
+) -> Result<T, Response> {
+    if !state.authorized(headers) {
+        return Err(message(
+            StatusCode::UNAUTHORIZED,
+            "signals and approvals need `Authorization: Bearer <token>`",
+        ));
+    }
+    let journeys = state.journeys.clone();
+    match tokio::task::spawn_blocking(move || op(&journeys)).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(JourneyError::Bad(why))) => Err(message(StatusCode::BAD_REQUEST, why)),
+        Ok(Err(JourneyError::NotFound(why))) => Err(message(StatusCode::NOT_FOUND, why)),
+        Ok(Err(JourneyError::Conflict(why))) => Err(message(StatusCode::CONFLICT, why)),
+        Ok(Err(e)) => Err(message(StatusCode::INTERNAL_SERVER_ERROR, e)),
+        Err(e) => Err(message(StatusCode::INTERNAL_SERVER_ERROR, e)),
+    }
+}
+
+async fn send_signal(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let signal: Signal = match serde_json::from_slice(&body) {
+        Ok(s) => s,
+        Err(e) => return message(StatusCode::BAD_REQUEST, format_args!("bad signal: {e}")),
+    };
+    match journey(&state, &headers, move |j| j.signal(&signal)).await {
+        Ok((id, seq)) => json(
+            StatusCode::ACCEPTED,
+            serde_json::json!({ "event_id": id, "position": seq }),
+        ),
+        Err(r) => r,
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct ApprovalFilter {
+    state: Option<String>,
+}
+
+async fn list_approvals(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(f): Query<ApprovalFilter>,
+) -> Response {
+    match journey(&state, &headers, move |j| j.approvals(f.state.as_deref())).await {
+        Ok(list) => json(StatusCode::OK, serde_json::json!({ "approvals": list })),
+        Err(r) => r,
+    }
+}
+
+async fn show_approval(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let lookup = id.clone();
+    match journey(&state, &headers, move |j| j.approval(&lookup)).await {
+        Ok(Some(a)) => json(StatusCode::OK, serde_json::json!(a)),
+        Ok(None) => message(
+            StatusCode::NOT_FOUND,
+            format_args!("no approval request `{id}`"),
+        ),
+        Err(r) => r,
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Verdict {
+    by: String,
+}
+
+async fn approve(
+    state: State<Arc<AppState>>,
+    id: Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    verdict(state, id, headers, body, true).await
+}
+
+async fn deny(
+    state: State<Arc<AppState>>,
+    id: Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    verdict(state, id, headers, body, false).await
+}
+
+async fn verdict(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+    grant: bool,
+) -> Response {
+    let v: Verdict = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            return message(
+                StatusCode::BAD_REQUEST,
+                format_args!("expected {{\"by\": \"<approver>\"}}: {e}"),
+            );
+        }
+    };
+    match journey(&state, &headers, move |j| j.decide(&id, grant, &v.by)).await {
+        Ok(a) => json(StatusCode::OK, serde_json::json!(a)),
+        Err(r) => r,
     }
 }

@@ -302,6 +302,26 @@ impl DecisionStore {
         Ok(found.pop())
     }
 
+    /// What happened after a decision, linked by ids: records of the same
+    /// session from its time on (signals, later decisions), and records of
+    /// the approval it filed or spent. Oldest first, at most 100.
+    pub fn followed_by(
+        &self,
+        decision_id: &str,
+        time_us: i64,
+        session_id: Option<&str>,
+        approval_id: Option<&str>,
+    ) -> Result<Vec<Stored>, TrailError> {
+        self.select(
+            "WHERE decision_id IS NOT ?1 AND (
+               (?2 IS NOT NULL AND time_us >= ?3 AND json_extract(body, '$.session_id') = ?2)
+               OR (?4 IS NOT NULL AND json_extract(body, '$.approval_id') = ?4)
+               OR json_extract(body, '$.approval.for_decision') = ?1)
+             ORDER BY time_us, instance, seq LIMIT 100",
+            params![decision_id, session_id, time_us, approval_id],
+        )
+    }
+
     pub fn query(&self, f: &Filter) -> Result<Vec<Stored>, TrailError> {
         let mut clauses: Vec<String> = Vec::new();
         let mut args: Vec<Box<dyn rusqlite::ToSql>> = Vec::new();

@@ -21,6 +21,7 @@ pub use model::{Answer, Decision, EntityRef, Obligation, Outcome, Request, StepU
 
 use crate::decision_log::Entry;
 use crate::policy::{Engine, RequestError};
+use crate::sessions::{ChangedDecision, Remembered, Sessions, SignalState, Tracked, subject_key};
 use crate::telemetry::Metrics;
 
 /// Receives every answered decision. Implementations must not block: the
@@ -59,6 +60,25 @@ pub struct Call {
     /// W3C trace id and parent span id of the caller's `traceparent`, if any.
     pub trace_id: Option<String>,
     pub span_id: Option<String>,
+    /// Whose subject-wide signals apply, when not the request's subject (a
+    /// tool call's user, not its agent), as `Type::"id"`.
+    pub signals_subject: Option<String>,
+}
+
+/// What a decision is linked to beyond its request: the approval it filed or
+/// spent. Carried to the answer and the record.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Links {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub approval_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub approval_expires_at: Option<String>,
+    /// Who granted the approval this decision spent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub approved_by: Option<String>,
+    /// Why an approval could not be filed or spent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub approval_error: Option<String>,
 }
 
 /// Decision cache settings.
@@ -104,6 +124,7 @@ pub struct Decider {
     cache: CacheSettings,
     metrics: Arc<Metrics>,
     sink: Option<Arc<dyn DecisionSink>>,
+    sessions: Option<Arc<Sessions>>,
 }
 
 impl Decider {
@@ -119,7 +140,18 @@ impl Decider {
             cache,
             metrics,
             sink,
+            sessions: None,
         }
+    }
+
+    /// Adds session state from control-plane signals to decisions.
+    pub fn with_sessions(mut self, sessions: Arc<Sessions>) -> Self {
+        self.sessions = Some(sessions);
+        self
+    }
+
+    pub fn sessions(&self) -> Option<&Arc<Sessions>> {
+        self.sessions.as_ref()
     }
 
     /// Makes `engine` answer every decision from now on. In-flight decisions
@@ -169,19 +201,219 @@ impl Decider {
     pub fn check_on(
         &self,
         active: &Arc<Active>,
-        request: Request,
+        mut request: Request,
         call: &Call,
     ) -> Result<(Answer, Handoff), CheckError> {
         let start = Instant::now();
-        let decided = if self.deny_all.load(std::sync::atomic::Ordering::Relaxed) {
-            Ok(Arc::new(Decision::deny(
+        let decision = self.evaluate(active, &mut request, call.signals_subject.as_deref())?;
+        Ok(self.conclude(active, request, call, decision, start, Links::default()))
+    }
+
+    /// Decides without answering or recording: the request gets its session
+    /// state added to its context (as its record will show it).
+    pub fn evaluate(
+        &self,
+        active: &Arc<Active>,
+        request: &mut Request,
+        signals_subject: Option<&str>,
+    ) -> Result<Arc<Decision>, CheckError> {
+        if self.deny_all.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(Arc::new(Decision::deny(
                 Vec::new(),
                 vec!["the policy bundle is stale and the fail mode is deny-all".to_owned()],
-            )))
-        } else {
-            self.decide(active, &request)
+            )));
+        }
+        let state = self.add_session(active, request, signals_subject)?;
+        let decided = self
+            .decide(active, request)
+            .inspect_err(|_| self.metrics.rejected())?;
+        Ok(self.apply_revocation(active, state.as_ref(), decided))
+    }
+
+    /// Like `evaluate`, with context attribute `unknown` not known yet (a
+    /// tool listed before it is called). Uncached. Returns whether the
+    /// outcome depends on `unknown`.
+    pub fn evaluate_partially(
+        &self,
+        active: &Arc<Active>,
+        request: &mut Request,
+        signals_subject: Option<&str>,
+        unknown: &str,
+    ) -> Result<(Arc<Decision>, bool), CheckError> {
+        let state = self.add_session(active, request, signals_subject)?;
+        let (decided, depends) = active.engine.decide_partially(request, unknown)?;
+        Ok((
+            self.apply_revocation(active, state.as_ref(), Arc::new(decided)),
+            depends,
+        ))
+    }
+
+    /// Adds `context.session` where the action declares it; returns the
+    /// signal state the decision is subject to.
+    fn add_session(
+        &self,
+        active: &Arc<Active>,
+        request: &mut Request,
+        signals_subject: Option<&str>,
+    ) -> Result<Option<SignalState>, CheckError> {
+        let state = self.signal_state(request, signals_subject);
+        if active.engine.context_declares(&request.action, "session") {
+            if request.context.contains_key("session") {
+                self.metrics.rejected();
+                return Err(RequestError(
+                    "`context.session` is set by the sidecar from control-plane signals; do not send it (send `session_id`)".into(),
+                )
+                .into());
+            }
+            let state = state.clone().unwrap_or_default();
+            let id = request.session_id.as_deref().unwrap_or("");
+            request.context.insert("session".into(), state.context(id));
+        }
+        Ok(state)
+    }
+
+    fn apply_revocation(
+        &self,
+        active: &Arc<Active>,
+        state: Option<&SignalState>,
+        decided: Arc<Decision>,
+    ) -> Arc<Decision> {
+        // A revoked session is denied everything, unless every policy that
+        // allowed says otherwise (`@session_revoked("allow")`, e.g. logout).
+        if let Some(s) = state.filter(|s| s.revoked)
+            && decided.outcome != Outcome::Deny
+            && !(decided.outcome == Outcome::Allow
+                && active.engine.allows_revoked_session(&decided.policy_ids))
+        {
+            let what = if s.event_id.is_empty() {
+                "the session is revoked".to_owned()
+            } else {
+                format!("the session is revoked (signal {})", s.event_id)
+            };
+            return Arc::new(Decision::deny(decided.policy_ids.clone(), vec![what]));
+        }
+        decided
+    }
+
+    fn signal_state(
+        &self,
+        request: &Request,
+        signals_subject: Option<&str>,
+    ) -> Option<SignalState> {
+        let sessions = self.sessions.as_ref()?;
+        let session = request.session_id.as_deref();
+        if !sessions.tracks(session) {
+            return None;
+        }
+        let key;
+        let subject = match signals_subject {
+            Some(s) => s,
+            None => {
+                key = subject_key(&request.subject.kind, &request.subject.id);
+                &key
+            }
         };
-        self.answer(active, request, call, decided, start)
+        Some(sessions.state_for(session, Some(subject)))
+    }
+
+    /// Answers a decision made by `evaluate`: remembers it for its session,
+    /// hands its record to the sink, and gives it an id.
+    pub fn conclude(
+        &self,
+        active: &Arc<Active>,
+        request: Request,
+        call: &Call,
+        decision: Arc<Decision>,
+        start: Instant,
+        links: Links,
+    ) -> (Answer, Handoff) {
+        let id = uuid::Uuid::new_v7(uuid::Timestamp::now(uuid::NoContext));
+        self.conclude_as(active, request, call, decision, start, links, id)
+    }
+
+    /// `conclude` with an id chosen beforehand (an approval request names
+    /// the decision that filed it).
+    #[allow(clippy::too_many_arguments)]
+    pub fn conclude_as(
+        &self,
+        active: &Arc<Active>,
+        request: Request,
+        call: &Call,
+        decision: Arc<Decision>,
+        start: Instant,
+        links: Links,
+        decision_id: uuid::Uuid,
+    ) -> (Answer, Handoff) {
+        let took = start.elapsed();
+        self.metrics.decided(decision.outcome, took);
+        if let (Some(sessions), Some(session)) = (&self.sessions, request.session_id.as_deref()) {
+            let mut plain = request.clone();
+            plain.context.remove("session");
+            let subject = call
+                .signals_subject
+                .clone()
+                .unwrap_or_else(|| subject_key(&request.subject.kind, &request.subject.id));
+            sessions.remember(
+                session,
+                subject,
+                Remembered {
+                    decision_id: decision_id.to_string(),
+                    request: plain,
+                    outcome: decision.outcome,
+                },
+            );
+        }
+        let answer = Answer {
+            decision_id,
+            bundle: active.engine.name().clone(),
+            revision: active.engine.revision().clone(),
+            decision,
+            links: links.clone(),
+        };
+        let handoff = match &self.sink {
+            None => Handoff::Done,
+            Some(sink) => sink.record(Entry {
+                time_us: crate::decision_log::time::now_micros(),
+                decision_id: answer.decision_id,
+                kind: call.kind,
+                bundle: answer.bundle.clone(),
+                revision: answer.revision.clone(),
+                request,
+                decision: answer.decision.clone(),
+                latency: took,
+                trace_id: call.trace_id.clone(),
+                span_id: call.span_id.clone(),
+                mask: active.engine.masking().clone(),
+                links,
+            }),
+        };
+        (answer, handoff)
+    }
+
+    /// Decides a session's remembered requests again on its current state;
+    /// returns those whose outcome changed (and remembers the new outcome).
+    pub fn reevaluate(&self, tracked: &Tracked) -> Vec<ChangedDecision> {
+        let Some(active) = self.snapshot() else {
+            return Vec::new();
+        };
+        let subject = tracked.subject();
+        let mut changed = Vec::new();
+        for r in tracked.recent() {
+            let mut request = r.request;
+            let Ok(now) = self.evaluate(&active, &mut request, subject.as_deref()) else {
+                continue;
+            };
+            if now.outcome != r.outcome {
+                tracked.update_outcome(&r.decision_id, now.outcome);
+                changed.push(ChangedDecision {
+                    decision_id: r.decision_id,
+                    previous: r.outcome,
+                    current: now.outcome,
+                    policy_ids: now.policy_ids.clone(),
+                });
+            }
+        }
+        changed
     }
 
     fn decide(
@@ -211,48 +443,6 @@ impl Decider {
                 }
             }
         }
-    }
-
-    fn answer(
-        &self,
-        active: &Arc<Active>,
-        request: Request,
-        call: &Call,
-        decided: Result<Arc<Decision>, RequestError>,
-        start: Instant,
-    ) -> Result<(Answer, Handoff), CheckError> {
-        let decision = match decided {
-            Ok(d) => d,
-            Err(e) => {
-                self.metrics.rejected();
-                return Err(e.into());
-            }
-        };
-        let took = start.elapsed();
-        self.metrics.decided(decision.outcome, took);
-        let answer = Answer {
-            decision_id: uuid::Uuid::new_v7(uuid::Timestamp::now(uuid::NoContext)),
-            bundle: active.engine.name().clone(),
-            revision: active.engine.revision().clone(),
-            decision,
-        };
-        let handoff = match &self.sink {
-            None => Handoff::Done,
-            Some(sink) => sink.record(Entry {
-                time_us: crate::decision_log::time::now_micros(),
-                decision_id: answer.decision_id,
-                kind: call.kind,
-                bundle: answer.bundle.clone(),
-                revision: answer.revision.clone(),
-                request,
-                decision: answer.decision.clone(),
-                latency: took,
-                trace_id: call.trace_id.clone(),
-                span_id: call.span_id.clone(),
-                mask: active.engine.masking().clone(),
-            }),
-        };
-        Ok((answer, handoff))
     }
 }
 
@@ -304,6 +494,7 @@ mod tests {
             action: "view".into(),
             resource: e("Doc"),
             context: serde_json::Map::new(),
+            session_id: None,
         }
     }
 

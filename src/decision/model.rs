@@ -26,6 +26,9 @@ pub struct Request {
     pub action: String,
     pub resource: EntityRef,
     pub context: Map<String, Value>,
+    /// The user's session, whose signal state the sidecar adds to the context.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<String>,
 }
 
 impl Request {
@@ -120,4 +123,6 @@ pub struct Answer {
     pub bundle: Arc<str>,
     pub revision: Arc<str>,
     pub decision: Arc<Decision>,
+    /// The approval this answer filed or spent, if any.
+    pub links: super::Links,
 }

@@ -324,12 +324,14 @@ mod tests {
                 action: "view".into(),
                 resource: e("Doc"),
                 context: Default::default(),
+                session_id: None,
             },
             decision: Arc::new(Decision::deny(vec![], vec![])),
             latency: Duration::ZERO,
             trace_id: None,
             span_id: None,
             mask: Arc::default(),
+            links: Default::default(),
         }
     }
 

@@ -27,6 +27,8 @@ pub struct Entry {
     pub span_id: Option<String>,
     /// The masking rules of the revision that decided.
     pub mask: Arc<MaskRules>,
+    /// The approval the decision filed or spent.
+    pub links: crate::decision::Links,
 }
 
 /// The body after its chain position (`v`, `instance`, `seq`, which the
@@ -46,6 +48,10 @@ struct Tail<'a> {
     request: Option<RequestForm<'a>>,
     #[serde(skip_serializing_if = "Option::is_none", flatten)]
     decision: Option<&'a Decision>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    session_id: Option<&'a str>,
+    #[serde(flatten)]
+    links: Option<&'a crate::decision::Links>,
     #[serde(skip_serializing_if = "Option::is_none")]
     latency_us: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -163,6 +169,8 @@ pub fn decision_tail(e: &Entry) -> Vec<u8> {
         revision: Some(&e.revision),
         request: Some(request_form(&e.request, &e.mask)),
         decision: Some(&e.decision),
+        session_id: e.request.session_id.as_deref(),
+        links: Some(&e.links),
         latency_us: Some(e.latency.as_micros() as u64),
         trace_id: e.trace_id.as_deref(),
         span_id: e.span_id.as_deref(),
@@ -185,6 +193,8 @@ pub fn dropped_tail(count: u64) -> Vec<u8> {
         revision: None,
         request: None,
         decision: None,
+        session_id: None,
+        links: None,
         latency_us: None,
         trace_id: None,
         span_id: None,
@@ -231,6 +241,7 @@ mod tests {
                 properties: None,
             },
             context,
+            session_id: None,
         };
         let plain = serde_json::to_string(&request_form(&r, &MaskRules::default())).expect("json");
         // A rule that matches nothing takes the masking path.
@@ -265,12 +276,14 @@ mod tests {
                     properties: None,
                 },
                 context,
+                session_id: None,
             },
             decision: Arc::new(Decision::deny(vec!["p1".into()], vec![])),
             latency: Duration::from_micros(12),
             trace_id: None,
             span_id: None,
             mask: Arc::new(MaskRules::parse(br#"{"erase":["/context/ssn"]}"#).expect("rules")),
+            links: Default::default(),
         };
         let mut out = Vec::new();
         body("i1", 7, &decision_tail(&entry), &mut out);

@@ -190,6 +190,20 @@ impl<'m> Converter<'m> {
     where
         'm: 'r,
     {
+        self.prepare_with_unknown(req, None)
+    }
+
+    /// Like `prepare`, with context attribute `unknown` (if the action's
+    /// context declares it) left unknown, for partial evaluation: the
+    /// request must not give it.
+    pub(crate) fn prepare_with_unknown<'r>(
+        &self,
+        req: &'r Request,
+        unknown: Option<&str>,
+    ) -> Result<Prepared<'r>, RequestError>
+    where
+        'm: 'r,
+    {
         let action = self.model.action(&req.action).map_err(RequestError)?;
         let subject_path = Path::root("subject");
         let resource_path = Path::root("resource");
@@ -213,10 +227,35 @@ impl<'m> Converter<'m> {
         let (resource_uid, resource, resource_attrs) =
             self.entity(&resource_path, &req.resource)?;
         let ctx_path = Path::root("context");
+        let unknown = unknown.filter(|u| action.context.attrs.contains_key(*u));
+        let reduced;
+        let context_type = match unknown {
+            None => &action.context,
+            Some(u) => {
+                let mut t = action.context.clone();
+                t.attrs.remove(u);
+                reduced = t;
+                &reduced
+            }
+        };
         let context: BTreeMap<SmolStr, CedarValue> = self
-            .record_fields(&ctx_path, &req.context, &action.context)?
+            .record_fields(&ctx_path, &req.context, context_type)?
             .into_iter()
             .collect();
+        let context = match unknown {
+            None => ast::Context::Value(Arc::new(context)),
+            Some(u) => {
+                let mut exprs: BTreeMap<SmolStr, ast::Expr> = context
+                    .into_iter()
+                    .map(|(k, v)| (k, ast::Expr::from(v)))
+                    .collect();
+                exprs.insert(
+                    SmolStr::new(u),
+                    ast::Expr::unknown(ast::Unknown::new_untyped(u)),
+                );
+                ast::Context::RestrictedResidual(Arc::new(exprs))
+            }
+        };
 
         let mut fresh: Vec<Arc<ast::Entity>> = Vec::with_capacity(3);
         fresh.extend(principal.map(Arc::new));
@@ -249,7 +288,7 @@ impl<'m> Converter<'m> {
             EntityUIDEntry::known(principal_uid, None),
             EntityUIDEntry::known(action.uid.as_ref().clone(), None),
             EntityUIDEntry::known(resource_uid, None),
-            Some(ast::Context::Value(Arc::new(context))),
+            Some(context),
         );
 
         Ok(Prepared {

@@ -316,6 +316,92 @@ impl Engine {
         &self.masking
     }
 
+    /// Decides a request whose context attribute `unknown` is not known yet
+    /// (a tool listed before any call: its arguments), by Cedar's partial
+    /// evaluation. Returns the outcome some value of `unknown` can get, and
+    /// whether the outcome depends on it. A plain `forbid` that applies
+    /// whatever the value is a DENY; one that depends on the value is not.
+    pub fn decide_partially(
+        &self,
+        request: &Request,
+        unknown: &str,
+    ) -> Result<(Decision, bool), RequestError> {
+        use cedar_policy_core::ast::Effect as CoreEffect;
+        let converter = Converter {
+            model: &self.model,
+            statics: &self.statics,
+            action_entities: &self.action_entities,
+        };
+        let prepared = converter.prepare_with_unknown(request, Some(unknown))?;
+        let slice = self.index.select(&prepared);
+        let core = cedar_policy_core::authorizer::Authorizer::new();
+        let run = |set: &PolicySet| {
+            core.is_authorized_core(
+                AsRef::<cedar_policy_core::ast::Request>::as_ref(&prepared.request).clone(),
+                set.as_ref(),
+                prepared.entities.as_ref(),
+            )
+        };
+        let metas = |policies: Vec<cedar_policy_core::ast::Policy>, effect: CoreEffect| {
+            policies
+                .into_iter()
+                .filter(|p| p.effect() == effect)
+                .filter_map(|p| self.meta.get(&PolicyId::new(p.id())))
+                .collect::<Vec<&PolicyMeta>>()
+        };
+        let all = run(&slice.all);
+        let satisfied: Vec<_> = all.definitely_satisfied().collect();
+        Ok(match all.decision() {
+            Some(cedar_policy::Decision::Allow) => {
+                (outcome::allow(&metas(satisfied, CoreEffect::Permit)), false)
+            }
+            None => {
+                // Some arguments allow: name the permits that may.
+                let maybe: Vec<_> = all.may_be_determining().collect();
+                (outcome::allow(&metas(maybe, CoreEffect::Permit)), true)
+            }
+            Some(cedar_policy::Decision::Deny) => {
+                let forbids = metas(satisfied, CoreEffect::Forbid);
+                if !outcome::deny_is_conditional(&forbids) {
+                    (outcome::deny(&forbids, &[]), false)
+                } else {
+                    let permits = run(&slice.permits);
+                    let depends = permits.decision().is_none();
+                    let applying = if permits.decision() == Some(cedar_policy::Decision::Deny) {
+                        Vec::new()
+                    } else {
+                        metas(permits.may_be_determining().collect(), CoreEffect::Permit)
+                    };
+                    (outcome::deny(&forbids, &applying), depends)
+                }
+            }
+        })
+    }
+
+    /// Whether the schema declares action `name` (a tool, for `AuthorizeTool`).
+    pub fn has_action(&self, name: &str) -> bool {
+        self.model.action(name).is_ok()
+    }
+
+    /// Whether the context type of `action` has attribute `attr` (the
+    /// sidecar adds `session` only where the schema declares it).
+    pub fn context_declares(&self, action: &str, attr: &str) -> bool {
+        self.model
+            .action(action)
+            .is_ok_and(|a| a.context.attrs.contains_key(attr))
+    }
+
+    /// Whether every one of these (allowing) policies keeps allowing for a
+    /// revoked session.
+    pub fn allows_revoked_session(&self, policy_ids: &[String]) -> bool {
+        !policy_ids.is_empty()
+            && policy_ids.iter().all(|id| {
+                self.meta
+                    .get(&PolicyId::new(id))
+                    .is_some_and(|m| m.allows_revoked_session)
+            })
+    }
+
     /// Scopes in the policy index, and how many have an equality index.
     pub fn index_stats(&self) -> (usize, usize) {
         self.index.stats()

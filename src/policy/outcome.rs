@@ -13,6 +13,9 @@ pub struct PolicyMeta {
     pub step_up: Option<StepUp>,
     pub approver_group: Option<String>,
     pub obligations: Vec<(String, String)>,
+    /// `@session_revoked("allow")`: this permit still applies to a revoked
+    /// session (e.g. logging out).
+    pub allows_revoked_session: bool,
 }
 
 impl PolicyMeta {
@@ -48,6 +51,14 @@ impl PolicyMeta {
                     max_age = Some(value.trim().parse::<u64>().map_err(|_| {
                         format!("`@max_age(\"{value}\")` must be a whole number of seconds")
                     })?);
+                }
+                "session_revoked" => {
+                    if value.trim() != "allow" || is_forbid {
+                        return Err(
+                            "`@session_revoked(\"allow\")` is the only form, on a `permit`".into(),
+                        );
+                    }
+                    meta.allows_revoked_session = true;
                 }
                 "approval" => {
                     if value.trim().is_empty() {

@@ -25,6 +25,8 @@ use tonic_health::server::HealthReporter;
 use crate::api::grpc::AuthorizerService;
 use crate::api::http::{OpsState, router};
 use crate::api::pb::v1::authorizer_server::AuthorizerServer;
+use crate::api::pb::v1::tool_access_server::ToolAccessServer;
+use crate::api::tools::ToolService;
 use crate::api::{Limits, pb};
 use crate::bundle::keys::{KeyError, TrustedKeys};
 use crate::bundle::{ArchiveLimits, Bundle, BundleError, VerifyError};
@@ -34,6 +36,8 @@ use crate::decision::{CacheSettings, Decider, DecisionSink};
 use crate::decision_log;
 use crate::distribution::{self, Activator, FailMode, Freshness, PollSettings};
 use crate::policy::{CompileError, CompileOptions, Engine};
+use crate::sessions::feed::Link;
+use crate::sessions::{Limits as SessionLimits, Sessions};
 use crate::telemetry::Metrics;
 
 /// Why the sidecar could not start or stopped uncleanly.
@@ -149,7 +153,32 @@ pub async fn serve_until(
     let sink = trail
         .as_ref()
         .map(|(sink, _)| sink.clone() as Arc<dyn DecisionSink>);
-    let decider = Arc::new(Decider::new(cache, metrics.clone(), sink));
+    // Journey-time state follows the control plane, when there is one.
+    let journeys = match (&config.control_plane.url, config.sessions.enabled) {
+        (Some(url), true) => {
+            let s = &config.sessions;
+            let link = Link::new(
+                url,
+                config.control_plane.ca_file.as_deref(),
+                Duration::from_millis(s.approval_timeout_ms),
+            )
+            .map_err(|e| ServeError::Source(e.to_string()))?;
+            let sessions = Arc::new(Sessions::new(
+                SessionLimits {
+                    max_sessions: s.max_sessions,
+                    max_recent: s.max_recent_decisions,
+                },
+                metrics.sessions.clone(),
+            ));
+            Some((link, sessions))
+        }
+        _ => None,
+    };
+    let mut decider = Decider::new(cache, metrics.clone(), sink);
+    if let Some((_, sessions)) = &journeys {
+        decider = decider.with_sessions(sessions.clone());
+    }
+    let decider = Arc::new(decider);
     // The shipper outlives the listeners: it gets its own stop, after the
     // writer has spooled the last record.
     let (ship_stop, ship_stop_rx) = watch::channel(false);
@@ -242,6 +271,13 @@ pub async fn serve_until(
         // The transport's hard cap; messages between the configured limit
         // and this get a clear INVALID_ARGUMENT from the service.
         .max_decoding_message_size(limits.max_request_bytes.saturating_mul(4));
+    let tools = ToolAccessServer::new(ToolService::new(
+        decider.clone(),
+        limits,
+        config.limits.max_argument_bytes,
+        journeys.as_ref().map(|(link, _)| link.clone()),
+    ))
+    .max_decoding_message_size(limits.max_request_bytes.saturating_mul(4));
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::AUTHORIZER_DESCRIPTOR)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -250,6 +286,20 @@ pub async fn serve_until(
 
     let draining = Arc::new(AtomicBool::new(false));
     let (stop_tx, stop_rx) = watch::channel(false);
+    let follower = journeys.map(|(link, sessions)| {
+        let instance = trail
+            .as_ref()
+            .map(|(_, running)| running.instance.clone())
+            .unwrap_or_default();
+        tokio::spawn(crate::sessions::feed::follow(
+            link,
+            sessions,
+            decider.clone(),
+            instance,
+            Duration::from_secs(config.control_plane.max_backoff_secs.clamp(1, 30)),
+            stop_rx.clone(),
+        ))
+    });
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
@@ -268,6 +318,7 @@ pub async fn serve_until(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(authorizer)
+        .add_service(tools)
         .serve_with_incoming_shutdown(
             // Decisions are small request/response pairs: send them at once (the
             // builder's `tcp_nodelay` does not apply to a listener passed in).
@@ -326,6 +377,9 @@ pub async fn serve_until(
     set_health(&health, ServingStatus::NotServing).await;
     let _ = stop_tx.send(true);
     if let Some(task) = poll_task {
+        let _ = task.await;
+    }
+    if let Some(task) = follower {
         let _ = task.await;
     }
 

@@ -154,9 +154,44 @@ impl DecisionLogMetrics {
     }
 }
 
+/// Journey-time state: signals followed from the control plane.
+#[derive(Debug, Clone, Default)]
+pub struct SessionMetrics {
+    pub signals_applied: Counter,
+    pub held: Gauge,
+    pub evicted: Counter,
+    pub feed_position: Gauge,
+}
+
+impl SessionMetrics {
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "session_signals_applied",
+            "Session signals applied from the control plane's feed",
+            self.signals_applied.clone(),
+        );
+        registry.register(
+            "sessions_held",
+            "Sessions and subjects with state held in memory",
+            self.held.clone(),
+        );
+        registry.register(
+            "sessions_evicted",
+            "Sessions or subjects dropped because the memory budget was full",
+            self.evicted.clone(),
+        );
+        registry.register(
+            "session_feed_position",
+            "Feed position applied (where a reconnect resumes)",
+            self.feed_position.clone(),
+        );
+    }
+}
+
 /// Every metric the sidecar exports.
 pub struct Metrics {
     pub decision_log: DecisionLogMetrics,
+    pub sessions: SessionMetrics,
     registry: Registry,
     by_outcome: [Counter; 4],
     rejected: Counter,
@@ -275,6 +310,8 @@ impl Metrics {
         );
         let decision_log = DecisionLogMetrics::default();
         decision_log.register(&mut registry);
+        let sessions = SessionMetrics::default();
+        sessions.register(&mut registry);
         registry.register(
             "build",
             "Build information",
@@ -282,6 +319,7 @@ impl Metrics {
         );
         Self {
             decision_log,
+            sessions,
             registry,
             by_outcome,
             rejected,

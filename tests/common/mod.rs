@@ -180,9 +180,14 @@ pub fn s(p: &Path) -> &str {
 /// Builds the example bundle at `revision` into `work/REVISION.tar.gz`,
 /// signed with `key` when given.
 pub fn build_example(work: &Path, revision: &str, key: Option<&Path>) -> PathBuf {
+    build_bundle(work, "documents", revision, key)
+}
+
+/// Builds example bundle `name` at `revision` into `work/REVISION.tar.gz`.
+pub fn build_bundle(work: &Path, name: &str, revision: &str, key: Option<&Path>) -> PathBuf {
     let dir = work.join(format!("src-{revision}"));
     let copied = Command::new("cp")
-        .args(["-r", s(&example("documents")), s(&dir)])
+        .args(["-r", s(&example(name)), s(&dir)])
         .status()
         .unwrap();
     assert!(copied.success());

@@ -1,0 +1,156 @@
+//! The sidecar's journey link to the control plane, over the same gRPC
+//! channel kind as the decision trail: it follows the feed of signals (and
+//! resumes after the last position applied when the stream breaks), and it
+//! files and spends approvals.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tonic::transport::Channel;
+
+use super::{SessionChange, Sessions, SignalState};
+use crate::api::pb::v1::{self as pb, sessions_client::SessionsClient};
+use crate::decision::Decider;
+
+/// The control plane's `arbiter.v1.Sessions` service.
+#[derive(Clone)]
+pub struct Link {
+    client: SessionsClient<Channel>,
+    /// Bound on each approval call: an APPROVAL_REQUIRED answer waits for it.
+    timeout: Duration,
+}
+
+impl Link {
+    pub fn new(
+        url: &str,
+        ca: Option<&std::path::Path>,
+        timeout: Duration,
+    ) -> Result<Self, crate::controlplane::FetchError> {
+        let channel = crate::controlplane::client::grpc_channel(url, timeout, ca)?;
+        Ok(Self {
+            client: SessionsClient::new(channel),
+            timeout,
+        })
+    }
+
+    pub async fn request_approval(
+        &self,
+        binding: pb::ApprovalBinding,
+    ) -> Result<pb::ApprovalTicket, String> {
+        let mut c = self.client.clone();
+        match tokio::time::timeout(self.timeout, c.request_approval(binding)).await {
+            Ok(Ok(r)) => Ok(r.into_inner()),
+            Ok(Err(s)) => Err(format!(
+                "the control plane did not file the approval request: {}",
+                s.message()
+            )),
+            Err(_) => Err("the control plane did not answer the approval request in time".into()),
+        }
+    }
+
+    pub async fn redeem(&self, req: pb::RedeemRequest) -> Result<pb::RedeemResult, String> {
+        let mut c = self.client.clone();
+        match tokio::time::timeout(self.timeout, c.redeem_approval(req)).await {
+            Ok(Ok(r)) => Ok(r.into_inner()),
+            Ok(Err(s)) => Err(format!(
+                "the control plane could not check the approval: {}",
+                s.message()
+            )),
+            Err(_) => Err("the control plane did not answer the approval check in time".into()),
+        }
+    }
+}
+
+/// Follows the feed until `stop`, applying each change to `sessions` and
+/// telling watchers which remembered decisions it turned.
+pub async fn follow(
+    link: Link,
+    sessions: Arc<Sessions>,
+    decider: Arc<Decider>,
+    instance_id: String,
+    max_backoff: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let mut client = link.client.clone();
+        let request = pb::FollowRequest {
+            after: sessions.position(),
+            instance_id: instance_id.clone(),
+        };
+        let opened = tokio::select! {
+            r = client.follow(request) => r,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        match opened {
+            Ok(stream) => {
+                let mut stream = stream.into_inner();
+                tracing::info!(
+                    position = sessions.position(),
+                    "following control-plane signals"
+                );
+                loop {
+                    let next = tokio::select! {
+                        m = stream.message() => m,
+                        _ = stop.wait_for(|s| *s) => return,
+                    };
+                    match next {
+                        Ok(Some(event)) => {
+                            backoff = Duration::from_millis(100);
+                            apply(&sessions, &decider, event);
+                        }
+                        Ok(None) => break,
+                        Err(s) => {
+                            tracing::warn!("signal feed broke: {}", s.message());
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(s) => tracing::warn!("cannot follow control-plane signals: {}", s.message()),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        backoff = (backoff * 2).min(max_backoff);
+    }
+}
+
+/// Applies one feed event.
+pub fn apply(sessions: &Sessions, decider: &Decider, event: pb::FeedEvent) {
+    let seq = event.seq;
+    if let Some(pb::feed_event::Event::Signal(s)) = event.event {
+        sessions.metrics.signals_applied.inc();
+        let state = SignalState {
+            revoked: s.revoked,
+            risk: s.risk,
+            assurance: s.assurance,
+            device_compliant: s.device_compliant,
+            version: seq,
+            last_event: s.last_event,
+            event_id: s.event_id,
+        };
+        let touched = if s.target_kind == "session" {
+            vec![(
+                s.target.clone(),
+                sessions.apply_session(&s.target, state.clone()),
+            )]
+        } else {
+            sessions.apply_subject(&s.target, state.clone())
+        };
+        for (session_id, tracked) in touched {
+            let changed = decider.reevaluate(&tracked);
+            let subject = tracked.subject();
+            sessions.publish(SessionChange {
+                state: sessions.state_for(Some(&session_id), subject.as_deref()),
+                session_id,
+                cause: format!("{} ({})", state.last_event, state.event_id),
+                changed,
+            });
+        }
+    }
+    sessions.set_position(seq);
+    sessions.metrics.held.set(sessions.held() as i64);
+}

@@ -1,0 +1,434 @@
+//! Journey-time state on the sidecar: what the control plane's session
+//! signals say about each session and subject, the recent decisions of each
+//! session (to tell a watcher which of them a signal turned), and the feed
+//! that keeps it current (`feed`).
+//!
+//! ```text
+//! control plane ──Follow stream──▶ feed::follow ──apply──▶ Sessions
+//!                                                          │  read on every decision (moka get, no lock)
+//! Decider ──remember(session, request, outcome)──────────▶ │
+//! WatchSession ◀──broadcast of SessionChange──────────────┘
+//! ```
+//!
+//! Memory is bounded: at most `max_sessions` sessions and as many subjects
+//! are kept (least recently used go first, counted in metrics), each with at
+//! most `max_recent` remembered decisions. A signal for a session this
+//! sidecar has not seen yet is kept the same way and applies when the
+//! session appears.
+
+pub mod feed;
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use moka::sync::Cache;
+use serde_json::{Map, Value};
+
+use crate::decision::{Outcome, Request};
+use crate::telemetry::SessionMetrics;
+
+/// Risk levels in increasing order.
+pub const RISK_LEVELS: [&str; 3] = ["low", "medium", "high"];
+
+/// What signals say about a session or a subject.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignalState {
+    pub revoked: bool,
+    pub risk: String,
+    pub assurance: String,
+    pub device_compliant: bool,
+    /// Feed position of the last signal applied (0: none).
+    pub version: u64,
+    /// The last signal's event type and id, for watchers and records.
+    pub last_event: String,
+    pub event_id: String,
+}
+
+impl Default for SignalState {
+    fn default() -> Self {
+        Self {
+            revoked: false,
+            risk: "low".into(),
+            assurance: String::new(),
+            device_compliant: true,
+            version: 0,
+            last_event: String::new(),
+            event_id: String::new(),
+        }
+    }
+}
+
+fn risk_rank(r: &str) -> usize {
+    RISK_LEVELS.iter().position(|l| *l == r).unwrap_or(0)
+}
+
+impl SignalState {
+    /// Session and subject signals together, the stricter of each: revoked
+    /// if either is, the higher risk, non-compliant if either is; the newer
+    /// assurance level.
+    pub fn combine(session: Option<&SignalState>, subject: Option<&SignalState>) -> SignalState {
+        match (session, subject) {
+            (None, None) => SignalState::default(),
+            (Some(s), None) | (None, Some(s)) => s.clone(),
+            (Some(a), Some(b)) => {
+                let newer = if a.version >= b.version { a } else { b };
+                SignalState {
+                    revoked: a.revoked || b.revoked,
+                    risk: if risk_rank(&a.risk) >= risk_rank(&b.risk) {
+                        a.risk.clone()
+                    } else {
+                        b.risk.clone()
+                    },
+                    assurance: newer.assurance.clone(),
+                    device_compliant: a.device_compliant && b.device_compliant,
+                    version: a.version.max(b.version),
+                    last_event: newer.last_event.clone(),
+                    event_id: newer.event_id.clone(),
+                }
+            }
+        }
+    }
+
+    /// The `context.session` record policies see.
+    pub fn context(&self, session_id: &str) -> Value {
+        let mut m = Map::new();
+        m.insert("id".into(), Value::String(session_id.to_owned()));
+        m.insert("revoked".into(), Value::Bool(self.revoked));
+        m.insert("risk".into(), Value::String(self.risk.clone()));
+        m.insert("assurance".into(), Value::String(self.assurance.clone()));
+        m.insert(
+            "device_compliant".into(),
+            Value::Bool(self.device_compliant),
+        );
+        Value::Object(m)
+    }
+}
+
+/// A decision remembered for its session: re-evaluated when a signal
+/// arrives, so watchers learn which answers no longer hold.
+#[derive(Debug, Clone)]
+pub struct Remembered {
+    pub decision_id: String,
+    pub request: Request,
+    pub outcome: Outcome,
+}
+
+/// One session as this sidecar knows it.
+#[derive(Debug, Default)]
+pub struct Tracked {
+    signals: std::sync::Mutex<Option<SignalState>>,
+    /// The subject key of the session's decisions, once one is made.
+    subject: std::sync::Mutex<Option<String>>,
+    recent: std::sync::Mutex<VecDeque<Remembered>>,
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Tracked {
+    pub fn signals(&self) -> Option<SignalState> {
+        lock(&self.signals).clone()
+    }
+
+    pub fn subject(&self) -> Option<String> {
+        lock(&self.subject).clone()
+    }
+
+    pub fn recent(&self) -> Vec<Remembered> {
+        lock(&self.recent).iter().cloned().collect()
+    }
+
+    /// Replaces the remembered outcome of a decision (after re-evaluation).
+    pub fn update_outcome(&self, decision_id: &str, outcome: Outcome) {
+        for r in lock(&self.recent).iter_mut() {
+            if r.decision_id == decision_id {
+                r.outcome = outcome;
+            }
+        }
+    }
+}
+
+/// A change of a session's state, as watchers receive it.
+#[derive(Debug, Clone)]
+pub struct SessionChange {
+    pub session_id: String,
+    pub state: SignalState,
+    pub cause: String,
+    pub changed: Vec<ChangedDecision>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ChangedDecision {
+    pub decision_id: String,
+    pub previous: Outcome,
+    pub current: Outcome,
+    pub policy_ids: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Sessions (and, separately, subjects) kept.
+    pub max_sessions: u64,
+    /// Distinct requests remembered per session.
+    pub max_recent: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_sessions: 100_000,
+            max_recent: 32,
+        }
+    }
+}
+
+pub struct Sessions {
+    by_session: Cache<String, Arc<Tracked>>,
+    by_subject: Cache<String, Arc<SignalState>>,
+    /// Whether any subject-wide signal is held (skips a lookup per decision).
+    any_subject: AtomicBool,
+    limits: Limits,
+    /// Feed position applied so far: where a reconnect resumes.
+    position: AtomicU64,
+    changes: tokio::sync::broadcast::Sender<Arc<SessionChange>>,
+    pub metrics: SessionMetrics,
+}
+
+impl Sessions {
+    pub fn new(limits: Limits, metrics: SessionMetrics) -> Self {
+        let counter = metrics.evicted.clone();
+        let listener = move |_k: Arc<String>, _v, cause: moka::notification::RemovalCause| {
+            if cause.was_evicted() {
+                counter.inc();
+            }
+        };
+        let counter2 = metrics.evicted.clone();
+        let listener2 = move |_k: Arc<String>,
+                              _v: Arc<SignalState>,
+                              cause: moka::notification::RemovalCause| {
+            if cause.was_evicted() {
+                counter2.inc();
+            }
+        };
+        Self {
+            // LRU, not moka's default TinyLFU: a new signal must always be
+            // admitted (TinyLFU may turn a first-seen key away when full).
+            by_session: Cache::builder()
+                .eviction_policy(moka::policy::EvictionPolicy::lru())
+                .max_capacity(limits.max_sessions)
+                .eviction_listener(listener)
+                .build(),
+            by_subject: Cache::builder()
+                .eviction_policy(moka::policy::EvictionPolicy::lru())
+                .max_capacity(limits.max_sessions)
+                .eviction_listener(listener2)
+                .build(),
+            any_subject: AtomicBool::new(false),
+            limits,
+            position: AtomicU64::new(0),
+            changes: tokio::sync::broadcast::channel(1024).0,
+            metrics,
+        }
+    }
+
+    pub fn position(&self) -> u64 {
+        self.position.load(Ordering::Acquire)
+    }
+
+    pub fn set_position(&self, seq: u64) {
+        let was = self.position.fetch_max(seq, Ordering::AcqRel);
+        self.metrics.feed_position.set(was.max(seq) as i64);
+    }
+
+    /// The state a decision sees: its session's and its subject's signals.
+    pub fn state_for(&self, session_id: Option<&str>, subject: Option<&str>) -> SignalState {
+        let session = session_id
+            .and_then(|s| self.by_session.get(s))
+            .and_then(|t| t.signals());
+        let subject = if self.any_subject.load(Ordering::Relaxed) {
+            subject.and_then(|k| self.by_subject.get(k))
+        } else {
+            None
+        };
+        SignalState::combine(session.as_ref(), subject.as_deref())
+    }
+
+    /// Whether a decision for this subject could be affected by signals.
+    pub fn tracks(&self, session_id: Option<&str>) -> bool {
+        session_id.is_some() || self.any_subject.load(Ordering::Relaxed)
+    }
+
+    pub fn session(&self, session_id: &str) -> Option<Arc<Tracked>> {
+        self.by_session.get(session_id)
+    }
+
+    /// Remembers an answered decision of a session (the newest answer per
+    /// distinct request, at most `max_recent`).
+    pub fn remember(&self, session_id: &str, subject: String, r: Remembered) {
+        let tracked = self
+            .by_session
+            .get_with_by_ref(session_id, || Arc::new(Tracked::default()));
+        *lock(&tracked.subject) = Some(subject);
+        let mut recent = lock(&tracked.recent);
+        recent.retain(|old| old.request != r.request);
+        if recent.len() >= self.limits.max_recent {
+            recent.pop_front();
+        }
+        recent.push_back(r);
+    }
+
+    /// Applies a session-wide signal state; returns the tracked session.
+    pub fn apply_session(&self, session_id: &str, state: SignalState) -> Arc<Tracked> {
+        let tracked = self
+            .by_session
+            .get_with_by_ref(session_id, || Arc::new(Tracked::default()));
+        *lock(&tracked.signals) = Some(state);
+        tracked
+    }
+
+    /// Applies a subject-wide signal state; returns the sessions of that
+    /// subject this sidecar has seen.
+    pub fn apply_subject(&self, subject: &str, state: SignalState) -> Vec<(String, Arc<Tracked>)> {
+        self.by_subject.insert(subject.to_owned(), Arc::new(state));
+        self.any_subject.store(true, Ordering::Relaxed);
+        self.by_session
+            .iter()
+            .filter(|(_, t)| t.subject().as_deref() == Some(subject))
+            .map(|(k, t)| ((*k).clone(), t))
+            .collect()
+    }
+
+    pub fn publish(&self, change: SessionChange) {
+        // No watcher is fine.
+        let _ = self.changes.send(Arc::new(change));
+    }
+
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Arc<SessionChange>> {
+        self.changes.subscribe()
+    }
+
+    /// Sessions and subjects held (approximate, for metrics and tests).
+    pub fn held(&self) -> u64 {
+        self.by_session.run_pending_tasks();
+        self.by_subject.run_pending_tasks();
+        self.by_session.entry_count() + self.by_subject.entry_count()
+    }
+}
+
+/// The subject key signals name: `Type::"id"`.
+pub fn subject_key(kind: &str, id: &str) -> String {
+    format!("{kind}::{}", Value::String(id.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(risk: &str, revoked: bool, version: u64) -> SignalState {
+        SignalState {
+            risk: risk.into(),
+            revoked,
+            version,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn session_and_subject_combine_to_the_stricter() {
+        let a = state("high", false, 3);
+        let b = SignalState {
+            assurance: "aal2".into(),
+            device_compliant: false,
+            ..state("medium", true, 5)
+        };
+        let c = SignalState::combine(Some(&a), Some(&b));
+        assert_eq!(
+            (
+                c.risk.as_str(),
+                c.revoked,
+                c.device_compliant,
+                c.assurance.as_str()
+            ),
+            ("high", true, false, "aal2")
+        );
+        assert_eq!(SignalState::combine(None, None), SignalState::default());
+    }
+
+    #[test]
+    fn memory_stays_within_the_budget() {
+        let s = Sessions::new(
+            Limits {
+                max_sessions: 100,
+                max_recent: 4,
+            },
+            SessionMetrics::default(),
+        );
+        for i in 0..5_000 {
+            s.apply_session(&format!("s{i}"), state("high", false, i));
+        }
+        assert!(s.held() <= 100, "held {}", s.held());
+        assert!(s.metrics.evicted.get() >= 4_900);
+    }
+
+    #[test]
+    fn the_newest_signal_is_kept_when_the_budget_is_full() {
+        let s = Sessions::new(
+            Limits {
+                max_sessions: 10,
+                max_recent: 4,
+            },
+            SessionMetrics::default(),
+        );
+        for i in 0..100 {
+            s.apply_session(&format!("s{i}"), state("medium", false, i));
+            s.held();
+        }
+        s.apply_session("last", state("high", true, 100));
+        s.held();
+        assert!(s.state_for(Some("last"), None).revoked);
+    }
+
+    #[test]
+    fn a_signal_before_the_session_applies_when_it_appears() {
+        let s = Sessions::new(Limits::default(), SessionMetrics::default());
+        s.apply_session("later", state("high", false, 1));
+        assert_eq!(s.state_for(Some("later"), None).risk, "high");
+        assert_eq!(s.state_for(Some("other"), None).risk, "low");
+    }
+
+    #[test]
+    fn subject_signals_reach_every_session_of_the_subject() {
+        let s = Sessions::new(Limits::default(), SessionMetrics::default());
+        assert_eq!(subject_key("User", "alice"), "User::\"alice\"");
+        let req = Request {
+            subject: crate::decision::EntityRef {
+                kind: "User".into(),
+                id: "alice".into(),
+                properties: None,
+            },
+            action: "view".into(),
+            resource: crate::decision::EntityRef {
+                kind: "Doc".into(),
+                id: "d".into(),
+                properties: None,
+            },
+            context: Map::new(),
+            session_id: Some("s1".into()),
+        };
+        s.remember(
+            "s1",
+            subject_key("User", "alice"),
+            Remembered {
+                decision_id: "d1".into(),
+                request: req,
+                outcome: Outcome::Allow,
+            },
+        );
+        let hit = s.apply_subject("User::\"alice\"", state("low", true, 2));
+        assert_eq!(hit.len(), 1);
+        assert!(s.state_for(Some("s1"), Some("User::\"alice\"")).revoked);
+        assert!(!s.state_for(Some("s1"), None).revoked);
+    }
+}
