@@ -212,9 +212,27 @@ async fn approval_is_filed_granted_by_the_cli_and_spent_exactly_once() {
         "{early:?}"
     );
 
+    // An agent runtime waits on its session for the verdict.
+    let mut watch = c
+        .watch_session(pb::WatchSessionRequest {
+            session_id: "s-a".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let _current = watch.message().await.unwrap().unwrap();
     let (code, out, err) = w.cli(&["approval", "approve", &approval.approval_id, "--by", "bob"]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("granted"), "{out}");
+    let verdict = tokio::time::timeout(Duration::from_secs(10), watch.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        verdict.cause,
+        format!("approval {} granted by bob", approval.approval_id)
+    );
 
     // Bound to its arguments and its agent.
     let other_args = ask(&mut c, with_id(refund(801, "s-a"))).await;

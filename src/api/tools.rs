@@ -211,7 +211,6 @@ impl ToolAccess for ToolService {
             Some(a) => convert::object(a, "arguments", 2, &self.limits)?,
             None => Map::new(),
         };
-        let digest = arguments_digest(&args);
         let active = self
             .decider
             .snapshot()
@@ -224,18 +223,23 @@ impl ToolAccess for ToolService {
             .evaluate(&active, &mut req, Some(&subject))
             .map_err(status)?;
         let decision_id = uuid::Uuid::new_v7(uuid::Timestamp::now(uuid::NoContext));
-        let binding = pb::ApprovalBinding {
-            subject,
-            agent: caller.agent.id.clone(),
-            tool: req.action.clone(),
-            arguments_digest: digest,
-            approver_groups: decision.approver_groups.clone(),
-            session_id: caller.session_id.clone().unwrap_or_default(),
-            decision_id: decision_id.to_string(),
-            arguments_json: String::new(),
-        };
         let mut links = Links::default();
         if decision.outcome == Outcome::ApprovalRequired {
+            // What an approval is bound to (only built when one is involved).
+            let args = match req.context.get("args") {
+                Some(Value::Object(a)) => arguments_digest(a),
+                _ => arguments_digest(&Map::new()),
+            };
+            let binding = pb::ApprovalBinding {
+                subject,
+                agent: caller.agent.id.clone(),
+                tool: req.action.clone(),
+                arguments_digest: args,
+                approver_groups: decision.approver_groups.clone(),
+                session_id: caller.session_id.clone().unwrap_or_default(),
+                decision_id: decision_id.to_string(),
+                arguments_json: String::new(),
+            };
             if msg.approval_id.is_empty() {
                 // File the request (or find the identical pending one).
                 let mut binding = binding;

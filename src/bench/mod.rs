@@ -7,6 +7,7 @@
 //! Run it pinned so the figures mean something: `taskset -c 0 arbiter bench`
 //! (the servers it starts are pinned to `--server-cpu`, default 1).
 
+mod agent;
 mod echo;
 pub mod scenario;
 
@@ -77,6 +78,12 @@ pub struct BenchArgs {
     /// through a control plane (peer scenario, first concurrency value).
     #[arg(long)]
     swap_seconds: Option<u64>,
+    /// Instead of the scenario runs: the agent bundle's `AuthorizeTool`
+    /// against `Check` of the same Cedar request, then the time from a
+    /// session signal sent to the control plane to the first decision it
+    /// changes, under `AuthorizeTool` load, for this many seconds.
+    #[arg(long)]
+    agent_seconds: Option<u64>,
 }
 
 /// Times activating a scenario's bundle as a signed archive: the median of
@@ -285,6 +292,10 @@ enum Caller {
         pb::authorizer_client::AuthorizerClient<Channel>,
         std::sync::Arc<Vec<pb::CheckRequest>>,
     ),
+    Tool(
+        pb::tool_access_client::ToolAccessClient<Channel>,
+        std::sync::Arc<Vec<pb::AuthorizeToolRequest>>,
+    ),
 }
 
 impl Caller {
@@ -293,6 +304,10 @@ impl Caller {
             Caller::Echo(c, msgs) => c.echo(msgs[i % msgs.len()].clone()).await.is_ok(),
             Caller::Sidecar(c, msgs) => c
                 .check(msgs[i % msgs.len()].clone())
+                .await
+                .is_ok_and(|r| r.get_ref().outcome == pb::Outcome::Allow as i32),
+            Caller::Tool(c, msgs) => c
+                .authorize_tool(msgs[i % msgs.len()].clone())
                 .await
                 .is_ok_and(|r| r.get_ref().outcome == pb::Outcome::Allow as i32),
         }
@@ -470,6 +485,11 @@ async fn run_async(args: BenchArgs) -> Result<(), String> {
         args.duration, args.warmup, args.server_cpu, args.distinct
     );
 
+    if let Some(secs) = args.agent_seconds {
+        let result = agent::run(&args, &tmp, Duration::from_secs(secs)).await;
+        let _ = std::fs::remove_dir_all(&tmp);
+        return result;
+    }
     if let Some(secs) = args.swap_seconds {
         let result = swap_test(&args, &tmp, Duration::from_secs(secs)).await;
         let _ = std::fs::remove_dir_all(&tmp);

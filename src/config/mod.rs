@@ -93,6 +93,8 @@ pub struct BundleConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct ControlPlaneConfig {
     /// Base URL of the control plane; the bundle is `{url}/bundles/{bundle_name}`.
+    /// With a local `bundle.path` and no `bundle_name`, the control plane is
+    /// used for signals, approvals and the trail only.
     pub url: Option<String>,
     /// Name of the bundle to pull from the control plane.
     pub bundle_name: Option<String>,
@@ -334,8 +336,13 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
         let cp = &self.control_plane;
-        if cp.url.is_some() != cp.bundle_name.is_some() {
-            return bad("`--control-plane` and `--bundle-name` go together".into());
+        // A control plane without a bundle name serves a sidecar with a local
+        // bundle: signals, approvals and the trail, no bundle pulls.
+        if cp.bundle_name.is_some() && cp.url.is_none() {
+            return bad("`--bundle-name` needs `--control-plane`".into());
+        }
+        if cp.url.is_some() && cp.bundle_name.is_none() && self.bundle.path.is_none() {
+            return bad("`--control-plane` needs `--bundle-name` (or a local `--bundle`)".into());
         }
         if cp.bundle_url.is_some() && cp.url.is_some() {
             return bad(

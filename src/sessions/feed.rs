@@ -121,6 +121,25 @@ pub async fn follow(
 /// Applies one feed event.
 pub fn apply(sessions: &Sessions, decider: &Decider, event: pb::FeedEvent) {
     let seq = event.seq;
+    // An approval decided for a session: its watchers (an agent runtime
+    // waiting to retry) learn at once.
+    if let Some(pb::feed_event::Event::Approval(a)) = &event.event
+        && !a.session_id.is_empty()
+        && a.state != "pending"
+        && seq > sessions.position()
+    {
+        let subject = sessions.session(&a.session_id).and_then(|t| t.subject());
+        sessions.publish(SessionChange {
+            state: sessions.state_for(Some(&a.session_id), subject.as_deref()),
+            session_id: a.session_id.clone(),
+            cause: if a.by.is_empty() {
+                format!("approval {} {}", a.id, a.state)
+            } else {
+                format!("approval {} {} by {}", a.id, a.state, a.by)
+            },
+            changed: Vec::new(),
+        });
+    }
     if let Some(pb::feed_event::Event::Signal(s)) = event.event {
         sessions.metrics.signals_applied.inc();
         let state = SignalState {
