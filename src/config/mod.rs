@@ -35,7 +35,7 @@ pub struct SessionsConfig {
     /// Sessions kept (and, separately, subjects with signals); the least
     /// recently used go first when full.
     pub max_sessions: u64,
-    /// Distinct requests remembered per session, for `WatchSession`.
+    /// Calls (subject, action, resource) remembered per session, for `WatchSession`.
     pub max_recent_decisions: usize,
     /// Milliseconds an APPROVAL_REQUIRED answer may wait for the control
     /// plane to file or check an approval.

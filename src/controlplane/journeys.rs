@@ -438,6 +438,16 @@ impl Journeys {
                 return no(format!("bound to other {field}"));
             }
         }
+        // The policies now in force may name a group this approval did not ask.
+        if let Some(g) = b
+            .approver_groups
+            .iter()
+            .find(|g| !a.approver_groups.contains(g))
+        {
+            return no(format!(
+                "not approved by group `{g}`, which the policies now require"
+            ));
+        }
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let seq = next_seq(&tx)?;
@@ -788,6 +798,16 @@ mod tests {
         j.decide(&t1.id, true, "bob").expect("granted");
         assert!(j.decide(&t1.id, false, "eve").is_err(), "decided once");
         assert_eq!(redeem(&t1.id, "bb").reason, "bound to other arguments");
+        let mut stricter = binding("aa");
+        stricter.approver_groups.push("legal".into());
+        let r = j
+            .redeem(&pb::RedeemRequest {
+                id: t1.id.clone(),
+                binding: Some(stricter),
+                decision_id: "d1".into(),
+            })
+            .expect("redeem");
+        assert!(r.reason.contains("`legal`"), "{}", r.reason);
         let ok = redeem(&t1.id, "aa");
         assert!(ok.ok && ok.granted_by == "bob");
         assert_eq!(redeem(&t1.id, "aa").reason, "used");

@@ -356,11 +356,7 @@ impl Decider {
             sessions.remember(
                 session,
                 subject,
-                Remembered {
-                    decision_id: decision_id.to_string(),
-                    request: plain,
-                    outcome: decision.outcome,
-                },
+                Remembered::new(decision_id.to_string(), plain, decision.outcome),
             );
         }
         let answer = Answer {

@@ -109,9 +109,34 @@ impl SignalState {
 /// arrives, so watchers learn which answers no longer hold.
 #[derive(Debug, Clone)]
 pub struct Remembered {
+    /// Which call this is: subject, action and resource (a newer decision of
+    /// the same call replaces it; its other facts, e.g. the user's sign-in
+    /// age, change from call to call).
+    call: u64,
     pub decision_id: String,
     pub request: Request,
     pub outcome: Outcome,
+}
+
+impl Remembered {
+    pub fn new(decision_id: String, request: Request, outcome: Outcome) -> Self {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::hash::DefaultHasher::new();
+        (
+            &request.subject.kind,
+            &request.subject.id,
+            &request.action,
+            &request.resource.kind,
+            &request.resource.id,
+        )
+            .hash(&mut h);
+        Self {
+            call: h.finish(),
+            decision_id,
+            request,
+            outcome,
+        }
+    }
 }
 
 /// One session as this sidecar knows it.
@@ -265,14 +290,14 @@ impl Sessions {
     }
 
     /// Remembers an answered decision of a session (the newest answer per
-    /// distinct request, at most `max_recent`).
+    /// call, at most `max_recent` calls).
     pub fn remember(&self, session_id: &str, subject: String, r: Remembered) {
         let tracked = self
             .by_session
             .get_with_by_ref(session_id, || Arc::new(Tracked::default()));
         *lock(&tracked.subject) = Some(subject);
         let mut recent = lock(&tracked.recent);
-        recent.retain(|old| old.request != r.request);
+        recent.retain(|old| old.call != r.call);
         if recent.len() >= self.limits.max_recent {
             recent.pop_front();
         }
@@ -420,11 +445,7 @@ mod tests {
         s.remember(
             "s1",
             subject_key("User", "alice"),
-            Remembered {
-                decision_id: "d1".into(),
-                request: req,
-                outcome: Outcome::Allow,
-            },
+            Remembered::new("d1".into(), req, Outcome::Allow),
         );
         let hit = s.apply_subject("User::\"alice\"", state("low", true, 2));
         assert_eq!(hit.len(), 1);
