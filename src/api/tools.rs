@@ -297,7 +297,7 @@ impl ToolAccess for ToolService {
         }
         let (answer, handoff) =
             self.decider
-                .conclude_as(&active, req, &call, decision, start, links, decision_id);
+                .conclude(&active, req, &call, decision, start, links, decision_id);
         handoff.settle().await.map_err(status)?;
         Ok(Response::new(convert::answer(&answer)))
     }

@@ -17,14 +17,9 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use serde_json::json;
 
-use super::{
-    BenchArgs, Caller, HEADER, connect, control_plane_addr, cpu_count, drive, row, sidecar_addr,
-    spawn, spawn_with,
-};
+use super::{BenchArgs, Caller, HEADER, connect, cpu_count, drive, row, sidecar_addr, spawn};
 use crate::api::json::to_struct;
 use crate::api::pb::v1 as pb;
-
-const TOKEN: &str = "bench-token-0123456789";
 
 fn now() -> i64 {
     std::time::SystemTime::now()
@@ -102,31 +97,9 @@ fn requests(n: usize) -> (Vec<pb::AuthorizeToolRequest>, Vec<pb::CheckRequest>) 
 }
 
 pub(super) async fn run(args: &BenchArgs, tmp: &Path, duration: Duration) -> Result<(), String> {
-    let key = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
-    let public = tmp.join("agent.pub.pem");
-    super::write_public_key(&key, &public)?;
     // The control plane runs beside the load generator on CPU 0, at normal
     // priority: the signal path through it is what is measured.
-    let cp = spawn_with(
-        "0",
-        false,
-        &[
-            "control-plane".into(),
-            "--addr".into(),
-            "127.0.0.1:0".into(),
-            "--db".into(),
-            tmp.join("agent-cp.db").display().to_string(),
-            "--trusted-key".into(),
-            public.display().to_string(),
-            "--token".into(),
-            TOKEN.into(),
-            "--log-format".into(),
-            "json".into(),
-        ],
-        control_plane_addr,
-        true,
-    )?;
-    let cp_url = format!("http://{}", cp.addr);
+    let (cp, cp_url) = super::decision_log_sink(tmp, true)?;
     let threads = if args.server_cpu == "none" {
         "0".to_owned()
     } else {
@@ -193,7 +166,7 @@ pub(super) async fn run(args: &BenchArgs, tmp: &Path, duration: Duration) -> Res
     }
 
     // Signal → decision, under load.
-    let c = args.concurrency.first().copied().unwrap_or(8);
+    let c = args.concurrency.last().copied().unwrap_or(8);
     let stop = Arc::new(AtomicBool::new(false));
     let load = {
         let (tool, stop, pid) = (tool.clone(), stop.clone(), sidecar.pid());
@@ -213,9 +186,13 @@ pub(super) async fn run(args: &BenchArgs, tmp: &Path, duration: Duration) -> Res
             rounds
         })
     };
-    let admin =
-        crate::controlplane::AdminClient::new(&cp_url, TOKEN, Duration::from_secs(10), None)
-            .map_err(|e| e.to_string())?;
+    let admin = crate::controlplane::AdminClient::new(
+        &cp_url,
+        super::BENCH_TOKEN,
+        Duration::from_secs(10),
+        None,
+    )
+    .map_err(|e| e.to_string())?;
     let mut prober = pb::tool_access_client::ToolAccessClient::new(connect(&grpc_addr).await?);
     let probe = tool_call(
         0,

@@ -685,7 +685,8 @@ fn write_public_key(key: &ed25519_dalek::SigningKey, path: &Path) -> Result<(), 
     std::fs::write(path, pem).map_err(|e| e.to_string())
 }
 
-/// Starts a control plane for the decision log runs. Returns it and its URL.
+/// Starts a control plane for the decision log (and agent) runs. Returns it
+/// and its URL.
 fn decision_log_sink(tmp: &Path, foreground: bool) -> Result<(Server, String), String> {
     let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
     let public = tmp.join("log.pub.pem");
@@ -705,7 +706,7 @@ fn decision_log_sink(tmp: &Path, foreground: bool) -> Result<(Server, String), S
             "--trusted-key".into(),
             public.display().to_string(),
             "--token".into(),
-            "bench-token-0123456789".into(),
+            BENCH_TOKEN.into(),
             "--log-format".into(),
             "json".into(),
         ],
@@ -715,6 +716,9 @@ fn decision_log_sink(tmp: &Path, foreground: bool) -> Result<(Server, String), S
     let url = format!("http://{}", cp.addr);
     Ok((cp, url))
 }
+
+/// The operator token of the control planes the bench starts.
+const BENCH_TOKEN: &str = "bench-token-0123456789";
 
 /// A metric's value from a Prometheus text page.
 fn metric_value(page: &str, name: &str) -> Option<f64> {
@@ -851,7 +855,7 @@ async fn swap_test(args: &BenchArgs, tmp: &Path, duration: Duration) -> Result<(
     write_public_key(&key, &public)?;
     let swaps = usize::try_from(duration.as_secs()).unwrap_or(30) + 2;
     let archives = numbered_archives(swaps, &key)?;
-    let token = "bench-token-0123456789";
+    let token = BENCH_TOKEN;
     let cp = spawn(
         "none",
         &[

@@ -206,7 +206,8 @@ impl Decider {
     ) -> Result<(Answer, Handoff), CheckError> {
         let start = Instant::now();
         let decision = self.evaluate(active, &mut request, call.signals_subject.as_deref())?;
-        Ok(self.conclude(active, request, call, decision, start, Links::default()))
+        let id = uuid::Uuid::new_v7(uuid::Timestamp::now(uuid::NoContext));
+        Ok(self.conclude(active, request, call, decision, start, Links::default(), id))
     }
 
     /// Decides without answering or recording: the request gets its session
@@ -316,25 +317,11 @@ impl Decider {
         Some(sessions.state_for(session, Some(subject)))
     }
 
-    /// Answers a decision made by `evaluate`: remembers it for its session,
-    /// hands its record to the sink, and gives it an id.
-    pub fn conclude(
-        &self,
-        active: &Arc<Active>,
-        request: Request,
-        call: &Call,
-        decision: Arc<Decision>,
-        start: Instant,
-        links: Links,
-    ) -> (Answer, Handoff) {
-        let id = uuid::Uuid::new_v7(uuid::Timestamp::now(uuid::NoContext));
-        self.conclude_as(active, request, call, decision, start, links, id)
-    }
-
-    /// `conclude` with an id chosen beforehand (an approval request names
-    /// the decision that filed it).
+    /// Answers a decision made by `evaluate` under `decision_id` (chosen
+    /// beforehand: an approval request names the decision that filed it):
+    /// remembers it for its session and hands its record to the sink.
     #[allow(clippy::too_many_arguments)]
-    pub fn conclude_as(
+    pub fn conclude(
         &self,
         active: &Arc<Active>,
         request: Request,
