@@ -292,6 +292,25 @@ async fn approval_is_filed_granted_by_the_cli_and_spent_exactly_once() {
     assert!(story.contains(&allowed.decision_id), "{story}");
     let spent = show(&allowed.decision_id);
     assert!(spent.contains("approved_by bob"), "{spent}");
+
+    // Approval is not permission: the retry is decided again, and a revoked
+    // session is denied without spending the grant.
+    let filed = ask(&mut c, refund(650, "s-a2")).await;
+    let id = filed.approval.unwrap().approval_id;
+    let (code, _, err) = w.cli(&["approval", "approve", &id, "--by", "bob"]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = w.cli(&["signal", "send", "session-revoked", "--session", "s-a2"]);
+    assert_eq!(code, 0, "{err}");
+    let mut retry = refund(650, "s-a2");
+    retry.approval_id = id.clone();
+    eventually("the revocation to apply", Duration::from_secs(10), || {
+        let (mut c, retry) = (c.clone(), retry.clone());
+        async move { outcome(&ask(&mut c, retry).await) == Outcome::Deny }
+    })
+    .await;
+    let (code, out, err) = w.cli(&["approval", "list", "--state", "granted", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(&id), "still granted, not spent: {out}");
 }
 
 #[tokio::test]

@@ -39,6 +39,10 @@ fn test_command_runs_the_bundle_cases() {
     assert!(out.contains("14 passed, 0 failed"), "{out}");
     let xml = std::fs::read_to_string(&junit).unwrap();
     assert!(xml.contains("tests=\"14\" failures=\"0\""), "{xml}");
+    // The agent example: tools as actions, step-up, approval, session rules.
+    let (code, out, err) = run(&["test", s(&example("agent"))]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("11 passed, 0 failed"), "{out}");
 
     let broken = dir.path().join("broken");
     copy_example(&broken);

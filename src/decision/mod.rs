@@ -481,6 +481,110 @@ mod tests {
         }
     }
 
+    /// A bundle whose actions see `context.session`; `logout` stays allowed
+    /// for a revoked session.
+    fn session_engine() -> Engine {
+        let bundle = Bundle {
+            manifest: Manifest {
+                name: "s".into(),
+                revision: "r1".into(),
+                description: None,
+                files: Default::default(),
+            },
+            policies: vec![PolicyFile {
+                name: "p.cedar".into(),
+                text: r#"
+                    @id("view") permit(principal, action == Action::"view", resource);
+                    @id("risky") forbid(principal, action == Action::"view", resource)
+                      when { context.session.risk == "high" };
+                    @id("logout") @session_revoked("allow")
+                    permit(principal, action == Action::"logout", resource);
+                "#
+                .into(),
+            }],
+            schema: r#"entity User; entity Doc;
+                type S = { id: String, revoked: Bool, risk: String, assurance: String, device_compliant: Bool };
+                action view, logout appliesTo { principal: User, resource: Doc, context: { session: S } };"#
+                .into(),
+            entities: serde_json::json!([]),
+            files: Default::default(),
+            source: "test".into(),
+        };
+        Engine::compile(&bundle, CompileOptions::default()).expect("compiles")
+    }
+
+    #[test]
+    fn session_state_decides_at_once_and_a_revoked_session_is_denied() {
+        let sessions = Arc::new(Sessions::new(
+            crate::sessions::Limits::default(),
+            crate::telemetry::SessionMetrics::default(),
+        ));
+        let cache = CacheSettings {
+            max_entries: 100,
+            ttl: Duration::from_secs(60),
+        };
+        let decider =
+            Decider::new(cache, Arc::new(Metrics::new()), None).with_sessions(sessions.clone());
+        decider.activate(session_engine());
+        let ask = |action: &str| {
+            let mut r = request();
+            r.action = action.into();
+            r.session_id = Some("s1".into());
+            decider.check_now(r).expect("decides")
+        };
+        assert_eq!(ask("view").decision.outcome, Outcome::Allow);
+        assert_eq!(ask("view").decision.outcome, Outcome::Allow, "cached");
+        // A signal changes the next answer although the first is cached.
+        let high = SignalState {
+            risk: "high".into(),
+            version: 1,
+            ..Default::default()
+        };
+        sessions.apply_session("s1", high.clone());
+        let risky = ask("view");
+        assert_eq!(
+            (risky.decision.outcome, risky.decision.policy_ids.clone()),
+            (Outcome::Deny, vec!["risky".to_owned()])
+        );
+        // WatchSession's view: the remembered call turned back once risk is low.
+        let tracked = sessions.session("s1").expect("tracked");
+        sessions.apply_session(
+            "s1",
+            SignalState {
+                version: 2,
+                ..Default::default()
+            },
+        );
+        let turned = decider.reevaluate(&tracked);
+        assert_eq!(turned.len(), 1, "{turned:?}");
+        assert_eq!(
+            (turned[0].previous, turned[0].current),
+            (Outcome::Deny, Outcome::Allow)
+        );
+
+        sessions.apply_session(
+            "s1",
+            SignalState {
+                revoked: true,
+                event_id: "e9".into(),
+                version: 3,
+                ..Default::default()
+            },
+        );
+        let revoked = ask("view");
+        assert_eq!(revoked.decision.outcome, Outcome::Deny);
+        assert!(revoked.decision.errors[0].contains("revoked (signal e9)"));
+        assert_eq!(ask("logout").decision.outcome, Outcome::Allow);
+
+        // Callers cannot supply the session state themselves.
+        let mut forged = request();
+        forged.context.insert("session".into(), high.context("s1"));
+        assert!(matches!(
+            decider.check_now(forged),
+            Err(CheckError::Invalid(e)) if e.0.contains("set by the sidecar")
+        ));
+    }
+
     #[test]
     fn cached_decisions_never_cross_revisions() {
         let cache = CacheSettings {
