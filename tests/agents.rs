@@ -417,6 +417,39 @@ async fn a_risk_signal_turns_the_next_call_and_watch_session_reports_it() {
         denied.errors.iter().any(|e| e.contains("revoked")),
         "{denied:?}"
     );
+    // `Check` of the same session sees the same state.
+    let mut check = w.sidecar.client().await;
+    let same = check
+        .check(pb::CheckRequest {
+            subject: Some(pb::Subject {
+                r#type: "Agent".into(),
+                id: "support-bot".into(),
+                properties: None,
+            }),
+            action: Some(pb::Action {
+                name: "crm/get_customer".into(),
+                properties: None,
+            }),
+            resource: Some(pb::Resource {
+                r#type: "Tool".into(),
+                id: "crm/get_customer".into(),
+                properties: None,
+            }),
+            context: Some(structure(json!({
+                "args": {"customer_id": "alice"},
+                "user": {"id": "alice", "acr": "aal1", "auth_time": now(), "auth_age_secs": 0},
+                "delegation": [],
+            }))),
+            session_id: "s-c".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(outcome(&same), Outcome::Deny, "{same:?}");
+    assert!(
+        same.errors.iter().any(|e| e.contains("revoked")),
+        "{same:?}"
+    );
     // Other sessions are not affected.
     assert_eq!(
         outcome(&ask(&mut c, refund(120, "s-other")).await),
