@@ -524,6 +524,25 @@ async fn a_control_plane_restart_keeps_pending_approvals_and_session_state() {
     retry.approval_id = id.clone();
     let allowed = ask(&mut c, retry).await;
     assert_eq!(outcome(&allowed), Outcome::Allow, "{allowed:?}");
+    // The running sidecar resumed its feed after the restart: a new signal applies.
+    let (code, _, err) = w.cli(&[
+        "signal",
+        "send",
+        "risk-level-changed",
+        "high",
+        "--session",
+        "s-d",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    eventually(
+        "the resumed feed to apply a new signal",
+        Duration::from_secs(20),
+        || {
+            let mut c = c.clone();
+            async move { outcome(&ask(&mut c, refund(10, "s-d")).await) == Outcome::Deny }
+        },
+    )
+    .await;
 
     // A sidecar started now learns the whole state from the feed.
     let fresh = World::sidecar(&w.cp.1, &w.public, &w.dir, "cache-2");
@@ -546,8 +565,7 @@ async fn a_control_plane_restart_keeps_pending_approvals_and_session_state() {
         outcome(&ask(&mut c2, read_own("s-d")).await),
         Outcome::Allow
     );
-    // The risk signal survived too: medium is not high, so a small refund is fine,
-    // and WatchSession shows it.
+    // The newest risk signal reached it too, and WatchSession shows it.
     let mut watch = c2
         .watch_session(pb::WatchSessionRequest {
             session_id: "s-d".into(),
@@ -556,7 +574,7 @@ async fn a_control_plane_restart_keeps_pending_approvals_and_session_state() {
         .unwrap()
         .into_inner();
     let first = watch.message().await.unwrap().unwrap();
-    assert_eq!(first.state.unwrap().risk, "medium");
+    assert_eq!(first.state.unwrap().risk, "high");
 }
 
 #[tokio::test]
