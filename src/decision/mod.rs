@@ -258,7 +258,7 @@ impl Decider {
         signals_subject: Option<&str>,
     ) -> Result<Option<SignalState>, CheckError> {
         let state = self.signal_state(request, signals_subject);
-        if active.engine.context_declares(&request.action, "session") {
+        if active.engine.takes_session(&request.action) {
             if request.context.contains_key("session") {
                 self.metrics.rejected();
                 return Err(RequestError(

@@ -86,6 +86,9 @@ pub struct Engine {
     policy_count: usize,
     /// What decision records of this revision must not reveal.
     masking: Arc<crate::decision_log::MaskRules>,
+    /// Whether any action's context declares `session` (most bundles: no,
+    /// and then a decision skips the lookup).
+    any_session: bool,
 }
 
 impl fmt::Debug for Engine {
@@ -285,6 +288,10 @@ impl Engine {
             })?,
         };
         let index = PolicyIndex::build(&policies, &schema, &model, &actions, options.index);
+        let any_session = model
+            .actions
+            .values()
+            .any(|a| a.context.attrs.contains_key("session"));
 
         Ok(Self {
             name: bundle.manifest.name.as_str().into(),
@@ -296,6 +303,7 @@ impl Engine {
             meta,
             authorizer: Authorizer::new(),
             policy_count: policies.len(),
+            any_session,
             masking: Arc::new(masking),
         })
     }
@@ -389,6 +397,12 @@ impl Engine {
         self.model
             .action(action)
             .is_ok_and(|a| a.context.attrs.contains_key(attr))
+    }
+
+    /// Whether the context of `action` declares `session` (then the sidecar
+    /// adds the session's signal state).
+    pub fn takes_session(&self, action: &str) -> bool {
+        self.any_session && self.context_declares(action, "session")
     }
 
     /// Whether every one of these (allowing) policies keeps allowing for a
