@@ -256,6 +256,17 @@ async fn approval_is_filed_granted_by_the_cli_and_spent_exactly_once() {
         "{other_agent:?}"
     );
 
+    // ...and its session: a grant does not follow the call into another one.
+    let other_session = ask(&mut c, with_id(refund(800, "s-elsewhere"))).await;
+    assert_eq!(outcome(&other_session), Outcome::Deny);
+    assert!(
+        other_session
+            .errors
+            .iter()
+            .any(|e| e.contains("bound to other session")),
+        "{other_session:?}"
+    );
+
     // The call it was granted for: once.
     let allowed = ask(&mut c, with_id(refund(800, "s-a"))).await;
     assert_eq!(outcome(&allowed), Outcome::Allow, "{allowed:?}");
@@ -341,6 +352,12 @@ async fn step_up_loop_completes_and_a_stale_sign_in_steps_up_again() {
     assert_eq!(outcome(&stale), Outcome::StepUp, "{stale:?}");
     let unknown_time = ask(&mut c, delete("aal2", 0)).await;
     assert_eq!(outcome(&unknown_time), Outcome::StepUp);
+    let future = ask(&mut c, delete("aal2", now() + 86_400)).await;
+    assert_eq!(
+        outcome(&future),
+        Outcome::StepUp,
+        "a sign-in in the future is not fresh"
+    );
 }
 
 #[tokio::test]

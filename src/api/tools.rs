@@ -102,8 +102,9 @@ impl ToolService {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs() as i64)
             .unwrap_or(0);
-        // Unknown authentication time counts as long ago: never fresh.
-        let age = if user.auth_time > 0 {
+        // Unknown authentication time counts as long ago: never fresh; so
+        // does one more than a minute in the future (clock skew allowed).
+        let age = if user.auth_time > 0 && user.auth_time <= now + 60 {
             (now - user.auth_time).max(0)
         } else {
             i64::from(i32::MAX)

@@ -96,6 +96,8 @@ pub struct Journeys {
     /// Newest feed position; followers wait on it.
     latest: watch::Sender<u64>,
     approval_ttl: Duration,
+    /// One writer at a time continues the control plane's own chain.
+    chain: Mutex<()>,
 }
 
 const SCHEMA: &str = "
@@ -157,6 +159,7 @@ impl Journeys {
             decisions,
             latest: watch::Sender::new(seq as u64),
             approval_ttl,
+            chain: Mutex::new(()),
         })
     }
 
@@ -433,6 +436,7 @@ impl Journeys {
             ("agent", &a.agent, &b.agent),
             ("tool", &a.tool, &b.tool),
             ("arguments", &a.arguments_digest, &b.arguments_digest),
+            ("session", &a.session_id, &b.session_id),
         ] {
             if want != got {
                 return no(format!("bound to other {field}"));
@@ -483,13 +487,30 @@ impl Journeys {
             .next())
     }
 
-    /// Approvals, newest first, optionally only those in `state`.
+    /// Approvals, newest first (at most 1,000), optionally only those in
+    /// `state` (expiry is a state derived from the time, in SQL as well).
     pub fn approvals(&self, state: Option<&str>) -> Result<Vec<Approval>, JourneyError> {
-        let all = self.select_approvals("ORDER BY created_us DESC LIMIT 1000", params![])?;
-        Ok(all
-            .into_iter()
-            .filter(|a| state.is_none_or(|s| a.state == s))
-            .collect())
+        let now = now_micros() as i64;
+        let (filter, state) = match state {
+            None => ("", String::new()),
+            Some("expired") => (
+                "WHERE state IN ('pending', 'granted') AND expires_us <= ?1",
+                String::new(),
+            ),
+            Some(s @ ("pending" | "granted")) => {
+                ("WHERE state = ?2 AND expires_us > ?1", s.to_owned())
+            }
+            Some(s) => ("WHERE state = ?2", s.to_owned()),
+        };
+        let tail = format!("{filter} ORDER BY created_us DESC LIMIT 1000");
+        let all = if state.is_empty() && filter.is_empty() {
+            self.select_approvals(&tail, params![])?
+        } else if state.is_empty() {
+            self.select_approvals(&tail, params![now])?
+        } else {
+            self.select_approvals(&tail, params![now, state])?
+        };
+        Ok(all)
     }
 
     fn select_approvals(
@@ -606,8 +627,7 @@ impl Journeys {
         tail["time"] = json!(format_micros(now_micros()));
         tail.sort_all_objects();
         let tail = tail.to_string().into_bytes();
-        // One writer at a time continues the chain (the journeys lock).
-        let _guard = self.conn();
+        let _guard = self.chain.lock().unwrap_or_else(|p| p.into_inner());
         let result = self.decisions.head(INSTANCE).and_then(|mut head| {
             let seq = head.0 + 1;
             let mut body = Vec::with_capacity(tail.len() + 64);

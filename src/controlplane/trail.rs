@@ -503,6 +503,11 @@ impl DecisionLog for DecisionLogService {
                 "`instance_id` must be 1 to 128 characters",
             ));
         }
+        if instance == super::journeys::INSTANCE {
+            return Err(Status::invalid_argument(
+                "`control-plane` is the control plane's own chain; sidecars may not write to it",
+            ));
+        }
         let store = self.store.clone();
         let lookup = store.clone();
         let who = instance.clone();

@@ -219,10 +219,7 @@ impl Decider {
         signals_subject: Option<&str>,
     ) -> Result<Arc<Decision>, CheckError> {
         if self.deny_all.load(std::sync::atomic::Ordering::Relaxed) {
-            return Ok(Arc::new(Decision::deny(
-                Vec::new(),
-                vec!["the policy bundle is stale and the fail mode is deny-all".to_owned()],
-            )));
+            return Ok(Arc::new(Self::stale_deny()));
         }
         let state = self.add_session(active, request, signals_subject)?;
         let decided = self
@@ -241,12 +238,22 @@ impl Decider {
         signals_subject: Option<&str>,
         unknown: &str,
     ) -> Result<(Arc<Decision>, bool), CheckError> {
+        if self.deny_all.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok((Arc::new(Self::stale_deny()), false));
+        }
         let state = self.add_session(active, request, signals_subject)?;
         let (decided, depends) = active.engine.decide_partially(request, unknown)?;
         Ok((
             self.apply_revocation(active, state.as_ref(), Arc::new(decided)),
             depends,
         ))
+    }
+
+    fn stale_deny() -> Decision {
+        Decision::deny(
+            Vec::new(),
+            vec!["the policy bundle is stale and the fail mode is deny-all".to_owned()],
+        )
     }
 
     /// Adds `context.session` where the action declares it; returns the
@@ -333,7 +340,13 @@ impl Decider {
     ) -> (Answer, Handoff) {
         let took = start.elapsed();
         self.metrics.decided(decision.outcome, took);
-        if let (Some(sessions), Some(session)) = (&self.sessions, request.session_id.as_deref()) {
+        // A decision that spent an approval is not remembered: decided again
+        // without it, it would look like a change to watchers.
+        if let (Some(sessions), Some(session), None) = (
+            &self.sessions,
+            request.session_id.as_deref(),
+            &links.approved_by,
+        ) {
             let mut plain = request.clone();
             plain.context.remove("session");
             let subject = call

@@ -374,7 +374,12 @@ impl Engine {
                     (outcome::deny(&forbids, &[]), false)
                 } else {
                     let permits = run(&slice.permits);
-                    let depends = permits.decision().is_none();
+                    // Depends on the arguments if a permit might apply, or a
+                    // forbid might (a plain one would make it a DENY).
+                    let forbid_residual = all
+                        .nontrivial_residuals()
+                        .any(|p| p.effect() == CoreEffect::Forbid);
+                    let depends = permits.decision().is_none() || forbid_residual;
                     let applying = if permits.decision() == Some(cedar_policy::Decision::Deny) {
                         Vec::new()
                     } else {

@@ -157,11 +157,18 @@ pub fn apply(sessions: &Sessions, decider: &Decider, event: pb::FeedEvent) {
                 sessions.apply_session(&s.target, state.clone()),
             )]
         } else {
-            sessions.apply_subject(&s.target, state.clone())
+            sessions
+                .apply_subject(&s.target, state.clone())
+                .into_iter()
+                .map(|(id, t)| (id, Some(t)))
+                .collect()
         };
         for (session_id, tracked) in touched {
-            let changed = decider.reevaluate(&tracked);
-            let subject = tracked.subject();
+            let changed = tracked
+                .as_ref()
+                .map(|t| decider.reevaluate(t))
+                .unwrap_or_default();
+            let subject = tracked.and_then(|t| t.subject());
             sessions.publish(SessionChange {
                 state: sessions.state_for(Some(&session_id), subject.as_deref()),
                 session_id,

@@ -11,10 +11,11 @@
 //! ```
 //!
 //! Memory is bounded: at most `max_sessions` sessions and as many subjects
-//! are kept (least recently used go first, counted in metrics), each with at
-//! most `max_recent` remembered decisions. A signal for a session this
-//! sidecar has not seen yet is kept the same way and applies when the
-//! session appears.
+//! with signal state are kept (least recently used go first, counted in
+//! metrics). Only the feed fills that state: callers' traffic cannot push a
+//! revocation out. The remembered decisions live apart (as many sessions,
+//! `max_recent` calls each). A signal for a session this sidecar has not
+//! seen yet is kept the same way and applies when the session appears.
 
 pub mod feed;
 
@@ -139,10 +140,9 @@ impl Remembered {
     }
 }
 
-/// One session as this sidecar knows it.
+/// The decisions of one session this sidecar answered.
 #[derive(Debug, Default)]
 pub struct Tracked {
-    signals: std::sync::Mutex<Option<SignalState>>,
     /// The subject key of the session's decisions, once one is made.
     subject: std::sync::Mutex<Option<String>>,
     recent: std::sync::Mutex<VecDeque<Remembered>>,
@@ -153,10 +153,6 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Tracked {
-    pub fn signals(&self) -> Option<SignalState> {
-        lock(&self.signals).clone()
-    }
-
     pub fn subject(&self) -> Option<String> {
         lock(&self.subject).clone()
     }
@@ -210,8 +206,11 @@ impl Default for Limits {
 }
 
 pub struct Sessions {
-    by_session: Cache<String, Arc<Tracked>>,
+    /// Signal state by session id (filled by the feed only).
+    by_session: Cache<String, Arc<SignalState>>,
     by_subject: Cache<String, Arc<SignalState>>,
+    /// Remembered decisions by session id (filled by callers' traffic).
+    tracked: Cache<String, Arc<Tracked>>,
     /// Whether any subject-wide signal is held (skips a lookup per decision).
     any_subject: AtomicBool,
     limits: Limits,
@@ -224,7 +223,9 @@ pub struct Sessions {
 impl Sessions {
     pub fn new(limits: Limits, metrics: SessionMetrics) -> Self {
         let counter = metrics.evicted.clone();
-        let listener = move |_k: Arc<String>, _v, cause: moka::notification::RemovalCause| {
+        let listener = move |_k: Arc<String>,
+                             _v: Arc<SignalState>,
+                             cause: moka::notification::RemovalCause| {
             if cause.was_evicted() {
                 counter.inc();
             }
@@ -250,6 +251,10 @@ impl Sessions {
                 .max_capacity(limits.max_sessions)
                 .eviction_listener(listener2)
                 .build(),
+            tracked: Cache::builder()
+                .eviction_policy(moka::policy::EvictionPolicy::lru())
+                .max_capacity(limits.max_sessions)
+                .build(),
             any_subject: AtomicBool::new(false),
             limits,
             position: AtomicU64::new(0),
@@ -269,15 +274,13 @@ impl Sessions {
 
     /// The state a decision sees: its session's and its subject's signals.
     pub fn state_for(&self, session_id: Option<&str>, subject: Option<&str>) -> SignalState {
-        let session = session_id
-            .and_then(|s| self.by_session.get(s))
-            .and_then(|t| t.signals());
+        let session = session_id.and_then(|s| self.by_session.get(s));
         let subject = if self.any_subject.load(Ordering::Relaxed) {
             subject.and_then(|k| self.by_subject.get(k))
         } else {
             None
         };
-        SignalState::combine(session.as_ref(), subject.as_deref())
+        SignalState::combine(session.as_deref(), subject.as_deref())
     }
 
     /// Whether a decision for this subject could be affected by signals.
@@ -286,14 +289,14 @@ impl Sessions {
     }
 
     pub fn session(&self, session_id: &str) -> Option<Arc<Tracked>> {
-        self.by_session.get(session_id)
+        self.tracked.get(session_id)
     }
 
     /// Remembers an answered decision of a session (the newest answer per
     /// call, at most `max_recent` calls).
     pub fn remember(&self, session_id: &str, subject: String, r: Remembered) {
         let tracked = self
-            .by_session
+            .tracked
             .get_with_by_ref(session_id, || Arc::new(Tracked::default()));
         *lock(&tracked.subject) = Some(subject);
         let mut recent = lock(&tracked.recent);
@@ -304,13 +307,12 @@ impl Sessions {
         recent.push_back(r);
     }
 
-    /// Applies a session-wide signal state; returns the tracked session.
-    pub fn apply_session(&self, session_id: &str, state: SignalState) -> Arc<Tracked> {
-        let tracked = self
-            .by_session
-            .get_with_by_ref(session_id, || Arc::new(Tracked::default()));
-        *lock(&tracked.signals) = Some(state);
-        tracked
+    /// Applies a session-wide signal state; returns the session's
+    /// remembered decisions, if it has any.
+    pub fn apply_session(&self, session_id: &str, state: SignalState) -> Option<Arc<Tracked>> {
+        self.by_session
+            .insert(session_id.to_owned(), Arc::new(state));
+        self.tracked.get(session_id)
     }
 
     /// Applies a subject-wide signal state; returns the sessions of that
@@ -318,7 +320,7 @@ impl Sessions {
     pub fn apply_subject(&self, subject: &str, state: SignalState) -> Vec<(String, Arc<Tracked>)> {
         self.by_subject.insert(subject.to_owned(), Arc::new(state));
         self.any_subject.store(true, Ordering::Relaxed);
-        self.by_session
+        self.tracked
             .iter()
             .filter(|(_, t)| t.subject().as_deref() == Some(subject))
             .map(|(k, t)| ((*k).clone(), t))
@@ -334,7 +336,7 @@ impl Sessions {
         self.changes.subscribe()
     }
 
-    /// Sessions and subjects held (approximate, for metrics and tests).
+    /// Sessions and subjects with signal state held (for metrics and tests).
     pub fn held(&self) -> u64 {
         self.by_session.run_pending_tasks();
         self.by_subject.run_pending_tasks();
@@ -413,6 +415,47 @@ mod tests {
         s.apply_session("last", state("high", true, 100));
         s.held();
         assert!(s.state_for(Some("last"), None).revoked);
+    }
+
+    #[test]
+    fn callers_cannot_push_signal_state_out() {
+        let s = Sessions::new(
+            Limits {
+                max_sessions: 10,
+                max_recent: 4,
+            },
+            SessionMetrics::default(),
+        );
+        s.apply_session("victim", state("low", true, 1));
+        for i in 0..1_000 {
+            let mut req = request("u");
+            req.session_id = Some(format!("junk-{i}"));
+            s.remember(
+                &format!("junk-{i}"),
+                subject_key("User", "u"),
+                Remembered::new(format!("d{i}"), req, Outcome::Allow),
+            );
+        }
+        s.held();
+        assert!(s.state_for(Some("victim"), None).revoked);
+    }
+
+    fn request(user: &str) -> Request {
+        Request {
+            subject: crate::decision::EntityRef {
+                kind: "User".into(),
+                id: user.into(),
+                properties: None,
+            },
+            action: "view".into(),
+            resource: crate::decision::EntityRef {
+                kind: "Doc".into(),
+                id: "d".into(),
+                properties: None,
+            },
+            context: Map::new(),
+            session_id: None,
+        }
     }
 
     #[test]
