@@ -564,20 +564,21 @@ async fn a_control_plane_restart_keeps_pending_approvals_and_session_state() {
     // A sidecar started now learns the whole state from the feed.
     let fresh = World::sidecar(&w.cp.1, &w.public, &w.dir, "cache-2");
     let mut c2 = ToolAccessClient::new(fresh.channel().await);
-    eventually(
-        "the new sidecar to apply the revocation",
-        Duration::from_secs(20),
-        || {
-            let mut c2 = c2.clone();
-            async move {
-                match c2.authorize_tool(read_own("s-gone")).await {
-                    Ok(r) => outcome(&r.into_inner()) == Outcome::Deny,
-                    Err(_) => false,
-                }
-            }
-        },
-    )
-    .await;
+    // It answers nothing (UNAVAILABLE) until its feed has caught up, so its
+    // very first answer already knows the revocation.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let first = loop {
+        match c2.authorize_tool(read_own("s-gone")).await {
+            Ok(r) => break r.into_inner(),
+            Err(s) => assert_eq!(s.code(), tonic::Code::Unavailable, "{s:?}"),
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new sidecar never answered"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    assert_eq!(outcome(&first), Outcome::Deny, "{first:?}");
     assert_eq!(
         outcome(&ask(&mut c2, read_own("s-d")).await),
         Outcome::Allow

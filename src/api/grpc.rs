@@ -28,6 +28,7 @@ pub(crate) fn status(e: CheckError) -> Status {
         }
         CheckError::Invalid(e) => Status::invalid_argument(e.to_string()),
         CheckError::NotRecorded(why) => Status::unavailable(why),
+        CheckError::SignalsNotLoaded => Status::unavailable(e.to_string()),
     }
 }
 

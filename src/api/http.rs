@@ -50,6 +50,12 @@ async fn readyz(State(s): State<OpsState>) -> impl IntoResponse {
             "shutting down\n".to_owned(),
         );
     }
+    if s.decider.sessions().is_some_and(|x| !x.ready()) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "session signals not loaded yet\n".to_owned(),
+        );
+    }
     let stale = s.freshness.as_ref().filter(|f| f.is_stale());
     match s.decider.snapshot() {
         Some(_) if stale.is_some_and(|f| f.mode == FailMode::DenyAll) => (

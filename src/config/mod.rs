@@ -40,6 +40,11 @@ pub struct SessionsConfig {
     /// Milliseconds an APPROVAL_REQUIRED answer may wait for the control
     /// plane to file or check an approval.
     pub approval_timeout_ms: u64,
+    /// At start, decisions are refused (UNAVAILABLE) until the signal feed has
+    /// caught up, for at most this many milliseconds; then they go ahead
+    /// without signals (a warning is logged) so a control-plane outage does
+    /// not stop the sidecar.
+    pub startup_wait_ms: u64,
 }
 
 impl Default for SessionsConfig {
@@ -49,6 +54,7 @@ impl Default for SessionsConfig {
             max_sessions: 100_000,
             max_recent_decisions: 32,
             approval_timeout_ms: 2_000,
+            startup_wait_ms: 5_000,
         }
     }
 }

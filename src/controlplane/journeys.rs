@@ -715,6 +715,9 @@ impl SessionsApi for SessionsService {
         // sidecar holds back its own reads, never the control plane's memory.
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         tokio::spawn(async move {
+            // After the backlog, a heartbeat at once tells the sidecar it has
+            // caught up (it holds decisions until then).
+            let mut caught_up = false;
             loop {
                 latest.borrow_and_update();
                 let j = journeys.clone();
@@ -734,6 +737,16 @@ impl SessionsApi for SessionsService {
                 }
                 if full {
                     continue;
+                }
+                if !caught_up {
+                    caught_up = true;
+                    let beat = pb::FeedEvent {
+                        seq: cursor,
+                        event: Some(pb::feed_event::Event::Heartbeat(true)),
+                    };
+                    if tx.send(Ok(beat)).await.is_err() {
+                        return;
+                    }
                 }
                 tokio::select! {
                     changed = latest.changed() => if changed.is_err() { return },

@@ -109,6 +109,8 @@ pub struct Active {
 pub enum CheckError {
     #[error("no policy bundle is active yet")]
     NotReady,
+    #[error("session signals are not loaded yet; retry shortly")]
+    SignalsNotLoaded,
     #[error(transparent)]
     Invalid(#[from] RequestError),
     #[error("{0}")]
@@ -264,6 +266,9 @@ impl Decider {
         request: &mut Request,
         signals_subject: Option<&str>,
     ) -> Result<Option<SignalState>, CheckError> {
+        if self.sessions.as_ref().is_some_and(|s| !s.ready()) {
+            return Err(CheckError::SignalsNotLoaded);
+        }
         let state = self.signal_state(request, signals_subject);
         if active.engine.takes_session(&request.action) {
             if request.context.contains_key("session") {
@@ -539,6 +544,16 @@ mod tests {
         let decider =
             Decider::new(cache, Arc::new(Metrics::new()), None).with_sessions(sessions.clone());
         decider.activate(session_engine());
+        let mut unready = request();
+        unready.session_id = Some("s1".into());
+        assert!(
+            matches!(
+                decider.check_now(unready),
+                Err(CheckError::SignalsNotLoaded)
+            ),
+            "no decision before the feed has caught up"
+        );
+        sessions.set_ready();
         let ask = |action: &str| {
             let mut r = request();
             r.action = action.into();

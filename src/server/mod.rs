@@ -286,6 +286,22 @@ pub async fn serve_until(
 
     let draining = Arc::new(AtomicBool::new(false));
     let (stop_tx, stop_rx) = watch::channel(false);
+    if let Some((_, sessions)) = &journeys {
+        let (sessions, wait) = (
+            sessions.clone(),
+            Duration::from_millis(config.sessions.startup_wait_ms),
+        );
+        tokio::spawn(async move {
+            tokio::time::sleep(wait).await;
+            if !sessions.ready() {
+                tracing::warn!(
+                    wait_ms = wait.as_millis() as u64,
+                    "the control plane's signal feed did not catch up in time; deciding without session signals until it does"
+                );
+                sessions.set_ready();
+            }
+        });
+    }
     let follower = journeys.map(|(link, sessions)| {
         let instance = trail
             .as_ref()

@@ -121,6 +121,7 @@ pub async fn follow(
 /// Applies one feed event.
 pub fn apply(sessions: &Sessions, decider: &Decider, event: pb::FeedEvent) {
     let seq = event.seq;
+    let heartbeat = matches!(event.event, Some(pb::feed_event::Event::Heartbeat(_)));
     // An approval decided for a session: its watchers (an agent runtime
     // waiting to retry) learn at once.
     if let Some(pb::feed_event::Event::Approval(a)) = &event.event
@@ -176,6 +177,10 @@ pub fn apply(sessions: &Sessions, decider: &Decider, event: pb::FeedEvent) {
                 changed,
             });
         }
+    }
+    if heartbeat && !sessions.ready() {
+        tracing::info!(position = seq, "session signals caught up");
+        sessions.set_ready();
     }
     sessions.set_position(seq);
     sessions.metrics.held.set(sessions.held() as i64);

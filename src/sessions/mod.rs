@@ -216,6 +216,9 @@ pub struct Sessions {
     limits: Limits,
     /// Feed position applied so far: where a reconnect resumes.
     position: AtomicU64,
+    /// Set once the feed has caught up (or the start-up wait gave up):
+    /// until then decisions are refused rather than made without signals.
+    ready: AtomicBool,
     changes: tokio::sync::broadcast::Sender<Arc<SessionChange>>,
     pub metrics: SessionMetrics,
 }
@@ -258,9 +261,18 @@ impl Sessions {
             any_subject: AtomicBool::new(false),
             limits,
             position: AtomicU64::new(0),
+            ready: AtomicBool::new(false),
             changes: tokio::sync::broadcast::channel(1024).0,
             metrics,
         }
+    }
+
+    pub fn ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    pub fn set_ready(&self) {
+        self.ready.store(true, Ordering::Release);
     }
 
     pub fn position(&self) -> u64 {
@@ -392,6 +404,7 @@ mod tests {
             },
             SessionMetrics::default(),
         );
+        s.set_ready();
         for i in 0..5_000 {
             s.apply_session(&format!("s{i}"), state("high", false, i));
         }
@@ -408,6 +421,7 @@ mod tests {
             },
             SessionMetrics::default(),
         );
+        s.set_ready();
         for i in 0..100 {
             s.apply_session(&format!("s{i}"), state("medium", false, i));
             s.held();
@@ -426,6 +440,7 @@ mod tests {
             },
             SessionMetrics::default(),
         );
+        s.set_ready();
         s.apply_session("victim", state("low", true, 1));
         for i in 0..1_000 {
             let mut req = request("u");
@@ -461,6 +476,7 @@ mod tests {
     #[test]
     fn a_signal_before_the_session_applies_when_it_appears() {
         let s = Sessions::new(Limits::default(), SessionMetrics::default());
+        s.set_ready();
         s.apply_session("later", state("high", false, 1));
         assert_eq!(s.state_for(Some("later"), None).risk, "high");
         assert_eq!(s.state_for(Some("other"), None).risk, "low");
@@ -469,6 +485,7 @@ mod tests {
     #[test]
     fn subject_signals_reach_every_session_of_the_subject() {
         let s = Sessions::new(Limits::default(), SessionMetrics::default());
+        s.set_ready();
         assert_eq!(subject_key("User", "alice"), "User::\"alice\"");
         let req = Request {
             subject: crate::decision::EntityRef {
