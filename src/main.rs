@@ -297,6 +297,10 @@ struct ControlPlaneArgs {
     /// The private key (PEM) of --tls-cert.
     #[arg(long, env = "ARBITER_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Token sidecars must present on the gRPC services (records, signals,
+    /// approvals); without it they are open to anyone reaching the port.
+    #[arg(long, env = "ARBITER_SIDECAR_TOKEN", hide_env_values = true)]
+    sidecar_token: Option<String>,
     /// How long an approval request stays open, and a grant usable (seconds).
     #[arg(long, env = "ARBITER_APPROVAL_TTL_SECS", default_value_t = 900)]
     approval_ttl_secs: u64,
@@ -344,6 +348,9 @@ struct ServeArgs {
     /// Certificate authority (PEM) an https control plane must chain to.
     #[arg(long = "control-plane-ca", env = "ARBITER_CONTROL_PLANE_CA")]
     control_plane_ca: Option<PathBuf>,
+    /// This sidecar's token for the control plane's gRPC services.
+    #[arg(long, env = "ARBITER_SIDECAR_TOKEN", hide_env_values = true)]
+    sidecar_token: Option<String>,
     /// Where the last-known-good bundle is kept [default: .arbiter/bundles].
     #[arg(long, env = "ARBITER_BUNDLE_CACHE")]
     bundle_cache: Option<PathBuf>,
@@ -464,6 +471,9 @@ fn serve(args: ServeArgs) -> ExitCode {
     }
     if let Some(v) = args.control_plane_ca {
         cp.ca_file = Some(v);
+    }
+    if let Some(v) = args.sidecar_token {
+        cp.sidecar_token = Some(v);
     }
     if let Some(v) = args.poll_interval_ms {
         cp.poll_interval_ms = v;
@@ -594,6 +604,7 @@ fn control_plane(args: ControlPlaneArgs) -> ExitCode {
         limits: arbiter::bundle::ArchiveLimits::default(),
         tls: args.tls_cert.zip(args.tls_key),
         approval_ttl: std::time::Duration::from_secs(args.approval_ttl_secs.max(1)),
+        sidecar_token: args.sidecar_token,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

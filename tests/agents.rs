@@ -830,3 +830,77 @@ async fn signals_for_unseen_sessions_apply_later_and_a_flood_stays_bounded() {
         "{metrics}"
     );
 }
+
+#[tokio::test]
+async fn a_control_plane_with_a_sidecar_token_refuses_sidecars_without_it() {
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path();
+    let public = keyed(dir);
+    let cp = ControlPlane::start_with(
+        &dir.join("cp.db"),
+        &public,
+        &["--sidecar-token", "sidecar-secret-0123456789"],
+    );
+    // A stranger cannot read the feed or file approvals.
+    let channel = tonic::transport::Endpoint::from_shared(cp.1.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut stranger = pb::sessions_client::SessionsClient::new(channel);
+    let refused = stranger
+        .follow(pb::FollowRequest {
+            after: 0,
+            instance_id: "x".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+    let refused = stranger
+        .request_approval(pb::ApprovalBinding::default())
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+
+    // A sidecar with the token files approvals (local bundle, control plane
+    // for journeys only); one without gets none.
+    let bundle = example("agent");
+    let with = Sidecar::start(
+        &bundle,
+        &[
+            "--control-plane",
+            &cp.1,
+            "--sidecar-token",
+            "sidecar-secret-0123456789",
+        ],
+    );
+    let mut c = ToolAccessClient::new(with.channel().await);
+    eventually("the sidecar to catch up", Duration::from_secs(20), || {
+        let mut c = c.clone();
+        async move { c.authorize_tool(read_own("probe")).await.is_ok() }
+    })
+    .await;
+    let filed = ask(&mut c, refund(900, "s-t")).await;
+    assert!(!filed.approval.unwrap().approval_id.is_empty(), "filed");
+
+    let config = dir.join("quick.toml");
+    std::fs::write(&config, "[sessions]\nstartup_wait_ms = 200\n").unwrap();
+    let without = Sidecar::start(&bundle, &["--control-plane", &cp.1, "--config", s(&config)]);
+    let mut c = ToolAccessClient::new(without.channel().await);
+    eventually(
+        "the sidecar to give up waiting",
+        Duration::from_secs(20),
+        || {
+            let mut c = c.clone();
+            async move { c.authorize_tool(read_own("probe")).await.is_ok() }
+        },
+    )
+    .await;
+    let refused = ask(&mut c, refund(900, "s-t")).await;
+    assert_eq!(outcome(&refused), Outcome::ApprovalRequired);
+    assert!(refused.approval.as_ref().unwrap().approval_id.is_empty());
+    assert!(
+        refused.errors.iter().any(|e| e.contains("sidecar token")),
+        "{refused:?}"
+    );
+}

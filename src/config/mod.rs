@@ -118,6 +118,9 @@ pub struct ControlPlaneConfig {
     pub cache_dir: PathBuf,
     /// The certificate authority (PEM) an `https` control plane must chain to.
     pub ca_file: Option<PathBuf>,
+    /// The sidecar's bearer token for the control plane's gRPC services
+    /// (records, signals, approvals), when it requires one.
+    pub sidecar_token: Option<String>,
     /// Seconds the active bundle may go without its source confirming it
     /// current before it counts as stale; 0 = never stale.
     pub max_bundle_age_secs: u64,
@@ -138,6 +141,7 @@ impl Default for ControlPlaneConfig {
             max_backoff_secs: 60,
             cache_dir: PathBuf::from(".arbiter/bundles"),
             ca_file: None,
+            sidecar_token: None,
             max_bundle_age_secs: 0,
             fail_mode: crate::distribution::FailMode::ServeStale,
         }

@@ -178,6 +178,37 @@ fn connector(
     connector_for(url, timeout, ca, false)
 }
 
+/// The sidecar's credential at the control plane: adds `authorization:
+/// Bearer <token>` to every gRPC call when a token is configured.
+#[derive(Clone, Default)]
+pub struct SidecarAuth(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl SidecarAuth {
+    pub fn new(token: Option<&str>) -> Result<Self, FetchError> {
+        token
+            .map(|t| {
+                format!("Bearer {t}")
+                    .parse()
+                    .map_err(|_| FetchError::BadUrl("the sidecar token is not valid ASCII".into()))
+            })
+            .transpose()
+            .map(Self)
+    }
+}
+
+impl tonic::service::Interceptor for SidecarAuth {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// A gRPC channel with the sidecar's credential.
+pub type AuthedChannel =
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, SidecarAuth>;
+
 /// A gRPC channel to the control plane (HTTP/2; TLS verified against `ca`
 /// for https), for the decision-log stream.
 pub fn grpc_channel(

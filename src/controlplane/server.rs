@@ -59,6 +59,8 @@ pub struct Settings {
     pub tls: Option<(PathBuf, PathBuf)>,
     /// How long an approval request stays open (and a grant usable).
     pub approval_ttl: Duration,
+    /// Token sidecars must present on the gRPC services, if any.
+    pub sidecar_token: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -260,7 +262,7 @@ pub async fn serve(
             source,
         })?;
     let addr = listener.local_addr().unwrap_or(settings.addr);
-    let app = router(state, settings.limits);
+    let app = router(state, settings.limits, settings.sidecar_token);
     match &settings.tls {
         Some((cert, key)) => {
             let acceptor = tls_acceptor(cert, key)?;
@@ -277,15 +279,53 @@ pub async fn serve(
     }
 }
 
-fn router(state: Arc<AppState>, limits: ArchiveLimits) -> Router {
-    let ship = DecisionLogServer::new(DecisionLogService {
-        store: state.decisions.clone(),
-    })
-    // Batches arrive gzip-compressed inside the message (see the proto).
-    .max_decoding_message_size(16 << 20);
-    let sessions = SessionsServer::new(SessionsService {
-        journeys: state.journeys.clone(),
-    });
+/// Checks the sidecar token on the control plane's gRPC services (constant
+/// time), when one is configured.
+fn sidecar_check(
+    token: Option<String>,
+) -> impl FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone {
+    move |req: tonic::Request<()>| {
+        let Some(want) = &token else {
+            return Ok(req);
+        };
+        let given = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        let same = given.len() == want.len()
+            && given
+                .bytes()
+                .zip(want.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0;
+        if same {
+            Ok(req)
+        } else {
+            Err(tonic::Status::unauthenticated(
+                "this control plane needs the sidecar token (`--sidecar-token`)",
+            ))
+        }
+    }
+}
+
+fn router(state: Arc<AppState>, limits: ArchiveLimits, sidecar_token: Option<String>) -> Router {
+    let check = sidecar_check(sidecar_token);
+    let ship = tonic::service::interceptor::InterceptedService::new(
+        DecisionLogServer::new(DecisionLogService {
+            store: state.decisions.clone(),
+        })
+        // Batches arrive compressed inside the message (see the proto).
+        .max_decoding_message_size(16 << 20),
+        check.clone(),
+    );
+    let sessions = SessionsServer::with_interceptor(
+        SessionsService {
+            journeys: state.journeys.clone(),
+        },
+        check,
+    );
     let grpc = tonic::service::Routes::new(ship)
         .add_service(sessions)
         .into_axum_router();

@@ -22,6 +22,8 @@ pub struct ShipSettings {
     /// Base URL of the control plane.
     pub url: String,
     pub ca_file: Option<PathBuf>,
+    /// The sidecar's credential at the control plane, if it requires one.
+    pub token: Option<String>,
     pub batch_max: usize,
     /// Batches sent ahead of their acknowledgement.
     pub window: usize,
@@ -113,7 +115,9 @@ impl Ship {
             self.settings.ca_file.as_deref(),
         )
         .map_err(|e| e.to_string())?;
-        let mut client = DecisionLogClient::new(channel);
+        let auth = crate::controlplane::client::SidecarAuth::new(self.settings.token.as_deref())
+            .map_err(|e| e.to_string())?;
+        let mut client = DecisionLogClient::with_interceptor(channel, auth);
         let (tx, rx) = mpsc::channel::<RecordBatch>(self.settings.window + 1);
         let hello = RecordBatch {
             instance_id: self.instance.clone(),

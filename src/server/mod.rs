@@ -160,6 +160,7 @@ pub async fn serve_until(
             let link = Link::new(
                 url,
                 config.control_plane.ca_file.as_deref(),
+                config.control_plane.sidecar_token.as_deref(),
                 Duration::from_millis(s.approval_timeout_ms),
             )
             .map_err(|e| ServeError::Source(e.to_string()))?;
@@ -187,6 +188,7 @@ pub async fn serve_until(
         let settings = decision_log::shipper::ShipSettings {
             url: url.to_owned(),
             ca_file: config.control_plane.ca_file.clone(),
+            token: config.control_plane.sidecar_token.clone(),
             batch_max: config.decision_log.batch_max_records,
             window: 4,
             interval: Duration::from_millis(config.decision_log.ship_interval_ms),

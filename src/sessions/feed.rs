@@ -6,8 +6,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::controlplane::client::{AuthedChannel, SidecarAuth};
 use tokio::sync::watch;
-use tonic::transport::Channel;
 
 use super::{SessionChange, Sessions, SignalState};
 use crate::api::pb::v1::{self as pb, sessions_client::SessionsClient};
@@ -16,7 +16,7 @@ use crate::decision::Decider;
 /// The control plane's `arbiter.v1.Sessions` service.
 #[derive(Clone)]
 pub struct Link {
-    client: SessionsClient<Channel>,
+    client: SessionsClient<AuthedChannel>,
     /// Bound on each approval call: an APPROVAL_REQUIRED answer waits for it.
     timeout: Duration,
 }
@@ -25,11 +25,12 @@ impl Link {
     pub fn new(
         url: &str,
         ca: Option<&std::path::Path>,
+        token: Option<&str>,
         timeout: Duration,
     ) -> Result<Self, crate::controlplane::FetchError> {
         let channel = crate::controlplane::client::grpc_channel(url, timeout, ca)?;
         Ok(Self {
-            client: SessionsClient::new(channel),
+            client: SessionsClient::with_interceptor(channel, SidecarAuth::new(token)?),
             timeout,
         })
     }
