@@ -226,74 +226,25 @@ impl ToolAccess for ToolService {
         let decision_id = uuid::Uuid::new_v7(uuid::Timestamp::now(uuid::NoContext));
         let mut links = Links::default();
         if decision.outcome == Outcome::ApprovalRequired {
-            // What an approval is bound to (only built when one is involved).
-            let args = match req.context.get("args") {
-                Some(Value::Object(a)) => arguments_digest(a),
-                _ => arguments_digest(&Map::new()),
-            };
             let binding = pb::ApprovalBinding {
                 subject,
                 agent: caller.agent.id.clone(),
                 tool: req.action.clone(),
-                arguments_digest: args,
+                arguments_digest: match req.context.get("args") {
+                    Some(Value::Object(a)) => arguments_digest(a),
+                    _ => arguments_digest(&Map::new()),
+                },
                 approver_groups: decision.approver_groups.clone(),
                 session_id: caller.session_id.clone().unwrap_or_default(),
                 decision_id: decision_id.to_string(),
                 arguments_json: String::new(),
             };
             if msg.approval_id.is_empty() {
-                // File the request (or find the identical pending one).
-                let mut binding = binding;
-                binding.arguments_json = masked_arguments(&active, &req);
-                match &self.link {
-                    None => {
-                        links.approval_error = Some(
-                            "no control plane is configured: approvals cannot be requested".into(),
-                        );
-                    }
-                    Some(link) => match link.request_approval(binding).await {
-                        Ok(t) => {
-                            links.approval_id = Some(t.id);
-                            links.approval_expires_at = Some(t.expires_at);
-                        }
-                        Err(e) => links.approval_error = Some(e),
-                    },
-                }
+                links = self.file_approval(&active, &req, binding).await;
             } else {
-                // Spend the grant: at the control plane, so once across
-                // every sidecar and restart.
-                links.approval_id = Some(msg.approval_id.clone());
-                let verdict = match &self.link {
-                    None => {
-                        Err("no control plane is configured: approvals cannot be checked".into())
-                    }
-                    Some(link) => {
-                        link.redeem(pb::RedeemRequest {
-                            id: msg.approval_id.clone(),
-                            binding: Some(binding),
-                            decision_id: decision_id.to_string(),
-                        })
-                        .await
-                    }
-                };
-                decision = Arc::new(match verdict {
-                    Ok(v) if v.ok => {
-                        links.approved_by = Some(v.granted_by);
-                        Decision {
-                            outcome: Outcome::Allow,
-                            approver_groups: Vec::new(),
-                            ..(*decision).clone()
-                        }
-                    }
-                    Ok(v) => Decision::deny(
-                        decision.policy_ids.clone(),
-                        vec![format!(
-                            "approval `{}` does not allow this call: {}",
-                            msg.approval_id, v.reason
-                        )],
-                    ),
-                    Err(e) => Decision::deny(decision.policy_ids.clone(), vec![e]),
-                });
+                (decision, links) = self
+                    .spend_approval(decision, &msg.approval_id, binding)
+                    .await;
             }
         }
         let (answer, handoff) =
@@ -414,6 +365,81 @@ impl ToolAccess for ToolService {
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
+    }
+}
+
+impl ToolService {
+    /// Files the approval request for an APPROVAL_REQUIRED answer (or finds
+    /// the identical pending one); the answer carries its id or the reason
+    /// there is none.
+    async fn file_approval(
+        &self,
+        active: &Active,
+        req: &crate::decision::Request,
+        mut binding: pb::ApprovalBinding,
+    ) -> Links {
+        let mut links = Links::default();
+        binding.arguments_json = masked_arguments(active, req);
+        match &self.link {
+            None => {
+                links.approval_error =
+                    Some("no control plane is configured: approvals cannot be requested".into());
+            }
+            Some(link) => match link.request_approval(binding).await {
+                Ok(t) => {
+                    links.approval_id = Some(t.id);
+                    links.approval_expires_at = Some(t.expires_at);
+                }
+                Err(e) => links.approval_error = Some(e),
+            },
+        }
+        links
+    }
+
+    /// Spends a grant on a call that (decided again) still needs approval:
+    /// at the control plane, so once across every sidecar and restart.
+    /// ALLOW if it was granted for exactly this call, else DENY with why.
+    async fn spend_approval(
+        &self,
+        decision: Arc<Decision>,
+        approval_id: &str,
+        binding: pb::ApprovalBinding,
+    ) -> (Arc<Decision>, Links) {
+        let mut links = Links {
+            approval_id: Some(approval_id.to_owned()),
+            ..Links::default()
+        };
+        let decision_id = binding.decision_id.clone();
+        let verdict = match &self.link {
+            None => Err("no control plane is configured: approvals cannot be checked".into()),
+            Some(link) => {
+                link.redeem(pb::RedeemRequest {
+                    id: approval_id.to_owned(),
+                    binding: Some(binding),
+                    decision_id,
+                })
+                .await
+            }
+        };
+        let decided = match verdict {
+            Ok(v) if v.ok => {
+                links.approved_by = Some(v.granted_by);
+                Decision {
+                    outcome: Outcome::Allow,
+                    approver_groups: Vec::new(),
+                    ..(*decision).clone()
+                }
+            }
+            Ok(v) => Decision::deny(
+                decision.policy_ids.clone(),
+                vec![format!(
+                    "approval `{approval_id}` does not allow this call: {}",
+                    v.reason
+                )],
+            ),
+            Err(e) => Decision::deny(decision.policy_ids.clone(), vec![e]),
+        };
+        (Arc::new(decided), links)
     }
 }
 
