@@ -181,6 +181,12 @@ fn outcome(r: &pb::CheckResponse) -> Outcome {
     Outcome::try_from(r.outcome).unwrap()
 }
 
+/// A DENY whose errors say `why`.
+fn denied_because(r: &pb::CheckResponse, why: &str) {
+    assert_eq!(outcome(r), Outcome::Deny, "{r:?}");
+    assert!(r.errors.iter().any(|e| e.contains(why)), "{why}: {r:?}");
+}
+
 #[tokio::test]
 async fn approval_is_filed_granted_by_the_cli_and_spent_exactly_once() {
     let w = World::start(&[]).await;
@@ -206,11 +212,7 @@ async fn approval_is_filed_granted_by_the_cli_and_spent_exactly_once() {
     };
     // Not yet approved: no.
     let early = ask(&mut c, with_id(refund(800, "s-a"))).await;
-    assert_eq!(outcome(&early), Outcome::Deny);
-    assert!(
-        early.errors.iter().any(|e| e.contains("pending")),
-        "{early:?}"
-    );
+    denied_because(&early, "pending");
 
     // An agent runtime waits on its session for the verdict.
     let mut watch = c
@@ -236,36 +238,15 @@ async fn approval_is_filed_granted_by_the_cli_and_spent_exactly_once() {
 
     // Bound to its arguments and its agent.
     let other_args = ask(&mut c, with_id(refund(801, "s-a"))).await;
-    assert_eq!(outcome(&other_args), Outcome::Deny);
-    assert!(
-        other_args
-            .errors
-            .iter()
-            .any(|e| e.contains("bound to other arguments")),
-        "{other_args:?}"
-    );
+    denied_because(&other_args, "bound to other arguments");
     let mut by_other_agent = with_id(refund(800, "s-a"));
     by_other_agent.agent.as_mut().unwrap().id = "billing-bot".into();
     let other_agent = ask(&mut c, by_other_agent).await;
-    assert_eq!(outcome(&other_agent), Outcome::Deny);
-    assert!(
-        other_agent
-            .errors
-            .iter()
-            .any(|e| e.contains("bound to other agent")),
-        "{other_agent:?}"
-    );
+    denied_because(&other_agent, "bound to other agent");
 
     // ...and its session: a grant does not follow the call into another one.
     let other_session = ask(&mut c, with_id(refund(800, "s-elsewhere"))).await;
-    assert_eq!(outcome(&other_session), Outcome::Deny);
-    assert!(
-        other_session
-            .errors
-            .iter()
-            .any(|e| e.contains("bound to other session")),
-        "{other_session:?}"
-    );
+    denied_because(&other_session, "bound to other session");
 
     // The call it was granted for: once.
     let allowed = ask(&mut c, with_id(refund(800, "s-a"))).await;
@@ -275,11 +256,7 @@ async fn approval_is_filed_granted_by_the_cli_and_spent_exactly_once() {
         ["large-refund-needs-approval", "refund"]
     );
     let replay = ask(&mut c, with_id(refund(800, "s-a"))).await;
-    assert_eq!(outcome(&replay), Outcome::Deny);
-    assert!(
-        replay.errors.iter().any(|e| e.contains("used")),
-        "{replay:?}"
-    );
+    denied_because(&replay, "used");
 
     // The trail links it all: the first decision shows what happened next.
     // (records reach the control plane within a shipping interval)
@@ -429,11 +406,7 @@ async fn a_risk_signal_turns_the_next_call_and_watch_session_reports_it() {
         .unwrap();
     assert!(revoked.state.unwrap().revoked);
     let denied = ask(&mut c, read_own("s-c")).await;
-    assert_eq!(outcome(&denied), Outcome::Deny);
-    assert!(
-        denied.errors.iter().any(|e| e.contains("revoked")),
-        "{denied:?}"
-    );
+    denied_because(&denied, "revoked");
     // `Check` of the same session sees the same state.
     let mut check = w.sidecar.client().await;
     let same = check
@@ -663,8 +636,7 @@ async fn bad_tool_calls_and_stale_approvals_are_refused_clearly() {
     let mut made_up = refund(700, "s-e");
     made_up.approval_id = "not-an-approval".into();
     let r = ask(&mut c, made_up).await;
-    assert_eq!(outcome(&r), Outcome::Deny);
-    assert!(r.errors.iter().any(|e| e.contains("unknown")), "{r:?}");
+    denied_because(&r, "unknown");
     let filed = ask(&mut c, refund(700, "s-e")).await;
     let id = filed.approval.unwrap().approval_id;
     tokio::time::sleep(Duration::from_millis(1_300)).await;
@@ -674,8 +646,7 @@ async fn bad_tool_calls_and_stale_approvals_are_refused_clearly() {
     let mut late = refund(700, "s-e");
     late.approval_id = id;
     let r = ask(&mut c, late).await;
-    assert_eq!(outcome(&r), Outcome::Deny);
-    assert!(r.errors.iter().any(|e| e.contains("expired")), "{r:?}");
+    denied_because(&r, "expired");
 
     // Bad signals are refused by the control plane, with the reason.
     let (code, _, err) = w.cli(&[
