@@ -156,6 +156,10 @@ struct Indexed<'a> {
     policy_ids: Vec<std::borrow::Cow<'a, str>>,
     #[serde(default)]
     request: Option<IndexedRequest>,
+    #[serde(default)]
+    session_id: Option<&'a str>,
+    #[serde(default)]
+    approval_id: Option<&'a str>,
 }
 
 #[derive(Deserialize)]
@@ -189,6 +193,8 @@ impl DecisionStore {
                subject_type TEXT, subject_id TEXT,
                resource_type TEXT, resource_id TEXT,
                policy_ids TEXT,
+               session_id TEXT,
+               approval_id TEXT,
                PRIMARY KEY (instance, seq)
              ) WITHOUT ROWID;
              CREATE INDEX IF NOT EXISTS decisions_by_id ON decisions (decision_id);
@@ -199,6 +205,19 @@ impl DecisionStore {
                reason TEXT NOT NULL,
                detected_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
              );",
+        )?;
+        // Stores made before sessions existed lack the link columns.
+        for column in ["session_id", "approval_id"] {
+            let has: bool = conn
+                .prepare("SELECT 1 FROM pragma_table_info('decisions') WHERE name = ?1")?
+                .exists(params![column])?;
+            if !has {
+                conn.execute_batch(&format!("ALTER TABLE decisions ADD COLUMN {column} TEXT"))?;
+            }
+        }
+        conn.execute_batch(
+            "CREATE INDEX IF NOT EXISTS decisions_by_session ON decisions (session_id, time_us);
+             CREATE INDEX IF NOT EXISTS decisions_by_approval ON decisions (approval_id);",
         )?;
         Ok(Self {
             conn: Mutex::new(conn),
@@ -242,8 +261,9 @@ impl DecisionStore {
         {
             let mut insert = tx.prepare_cached(
                 "INSERT OR IGNORE INTO decisions (instance, seq, hash, body, decision_id, time_us, outcome,
-                   subject_type, subject_id, resource_type, resource_id, policy_ids)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                   subject_type, subject_id, resource_type, resource_id, policy_ids,
+                   session_id, approval_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
             )?;
             let mut flag = tx.prepare_cached(
                 "INSERT INTO chain_breaks (instance, seq, reason) VALUES (?1, ?2, ?3)",
@@ -287,6 +307,8 @@ impl DecisionStore {
                     resource.and_then(|e| e.kind.as_deref()),
                     resource.and_then(|e| e.id.as_deref()),
                     ix.as_ref().map(|i| format!(",{},", i.policy_ids.join(","))),
+                    ix.as_ref().and_then(|i| i.session_id),
+                    ix.as_ref().and_then(|i| i.approval_id),
                 ])?;
                 *head = (r.seq, hash);
             }
@@ -312,11 +334,10 @@ impl DecisionStore {
         session_id: Option<&str>,
         approval_id: Option<&str>,
     ) -> Result<Vec<Stored>, TrailError> {
+        // Two indexed lookups (the link columns are filled on receipt).
         self.select(
             "WHERE decision_id IS NOT ?1 AND (
-               (?2 IS NOT NULL AND time_us >= ?3 AND json_extract(body, '$.session_id') = ?2)
-               OR (?4 IS NOT NULL AND json_extract(body, '$.approval_id') = ?4)
-               OR json_extract(body, '$.approval.for_decision') = ?1)
+               (session_id = ?2 AND time_us >= ?3) OR approval_id = ?4)
              ORDER BY time_us, instance, seq LIMIT 100",
             params![decision_id, session_id, time_us, approval_id],
         )
@@ -644,6 +665,41 @@ mod tests {
             ..RecordBatch::default()
         };
         assert!(unpack(&bomb).expect_err("refused").contains("not DEFLATE"));
+    }
+
+    #[test]
+    fn a_store_from_before_sessions_gains_the_link_columns() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let db = dir.path().join("old.db");
+        Connection::open(&db)
+            .expect("db")
+            .execute_batch(
+                "CREATE TABLE decisions (instance TEXT NOT NULL, seq INTEGER NOT NULL,
+                   hash BLOB NOT NULL, body TEXT NOT NULL, decision_id TEXT, time_us INTEGER,
+                   outcome TEXT, subject_type TEXT, subject_id TEXT, resource_type TEXT,
+                   resource_id TEXT, policy_ids TEXT, PRIMARY KEY (instance, seq)) WITHOUT ROWID;",
+            )
+            .expect("old schema");
+        let store = DecisionStore::open(&db).expect("migrates");
+        let mut head = store.head("i").expect("head");
+        let body = br#"{"v":1,"instance":"i","seq":1,"kind":"check","time":"2026-11-24T10:00:00Z","decision_id":"d1","session_id":"s1","approval_id":"a1"}"#;
+        let hash = crate::decision_log::chain::link(&head.1, body);
+        store
+            .append("i", &mut head, &[Incoming { seq: 1, hash, body }])
+            .expect("stored");
+        let linked = store
+            .followed_by("other", 0, Some("s1"), None)
+            .expect("query");
+        assert_eq!(linked.len(), 1);
+        assert_eq!(
+            store
+                .followed_by("other", 0, None, Some("a1"))
+                .expect("query")
+                .len(),
+            1
+        );
+        // Opening again is a no-op.
+        DecisionStore::open(&db).expect("reopens");
     }
 
     #[test]
