@@ -428,7 +428,12 @@ impl Journeys {
             return no("unknown".into());
         };
         let b = r.binding.clone().unwrap_or_default();
-        if a.state != "granted" {
+        // The same decision asking again (its first answer was lost, e.g. to a
+        // timeout) gets the same yes: spending is idempotent per decision.
+        let again = a.state == "used"
+            && !r.decision_id.is_empty()
+            && a.used_by_decision.as_deref() == Some(r.decision_id.as_str());
+        if a.state != "granted" && !again {
             return no(a.state);
         }
         for (field, want, got) in [
@@ -451,6 +456,13 @@ impl Journeys {
             return no(format!(
                 "not approved by group `{g}`, which the policies now require"
             ));
+        }
+        if again {
+            return Ok(pb::RedeemResult {
+                ok: true,
+                reason: String::new(),
+                granted_by: a.by.unwrap_or_default(),
+            });
         }
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
@@ -843,7 +855,16 @@ mod tests {
         assert!(r.reason.contains("`legal`"), "{}", r.reason);
         let ok = redeem(&t1.id, "aa");
         assert!(ok.ok && ok.granted_by == "bob");
-        assert_eq!(redeem(&t1.id, "aa").reason, "used");
+        // The same decision may ask again (a lost answer); no other may.
+        assert!(redeem(&t1.id, "aa").ok, "idempotent for decision d1");
+        let other_decision = j
+            .redeem(&pb::RedeemRequest {
+                id: t1.id.clone(),
+                binding: Some(binding("aa")),
+                decision_id: "d2".into(),
+            })
+            .expect("redeem");
+        assert_eq!(other_decision.reason, "used");
         assert_eq!(redeem("nope", "aa").reason, "unknown");
         j.decide(&other.id, false, "bob").expect("denied");
         assert_eq!(redeem(&other.id, "bb").reason, "denied");

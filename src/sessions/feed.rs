@@ -50,7 +50,16 @@ impl Link {
         }
     }
 
+    /// Spends a grant; asks once more if the first answer is lost (the
+    /// control plane answers the same decision the same way again).
     pub async fn redeem(&self, req: pb::RedeemRequest) -> Result<pb::RedeemResult, String> {
+        match self.redeem_once(req.clone()).await {
+            Err(_) => self.redeem_once(req).await,
+            answered => answered,
+        }
+    }
+
+    async fn redeem_once(&self, req: pb::RedeemRequest) -> Result<pb::RedeemResult, String> {
         let mut c = self.client.clone();
         match tokio::time::timeout(self.timeout, c.redeem_approval(req)).await {
             Ok(Ok(r)) => Ok(r.into_inner()),
