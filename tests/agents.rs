@@ -566,6 +566,37 @@ async fn a_control_plane_restart_keeps_pending_approvals_and_session_state() {
         .into_inner();
     let first = watch.message().await.unwrap().unwrap();
     assert_eq!(first.state.unwrap().risk, "high");
+    drop(fresh);
+
+    // A control plane on a new database (recreated, not restarted) at the
+    // same address: its feed positions start again, and the sidecar follows
+    // it instead of skipping its first signals.
+    let _ = w.cp.0.kill();
+    let _ = w.cp.0.wait();
+    w.cp = ControlPlane::start_with(&w.dir.join("cp-new.db"), &w.public, &["--addr", &addr]);
+    let (code, _, err) = w.cli(&[
+        "signal",
+        "send",
+        "risk-level-changed",
+        "high",
+        "--session",
+        "s-new",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    eventually(
+        "the sidecar to follow the new feed",
+        Duration::from_secs(20),
+        || {
+            let mut c = c.clone();
+            async move { outcome(&ask(&mut c, refund(10, "s-new")).await) == Outcome::Deny }
+        },
+    )
+    .await;
+    // The old database's state is gone with it.
+    assert_eq!(
+        outcome(&ask(&mut c, read_own("s-gone")).await),
+        Outcome::Allow
+    );
 }
 
 #[tokio::test]
@@ -823,6 +854,7 @@ async fn a_control_plane_with_a_sidecar_token_refuses_sidecars_without_it() {
         .follow(pb::FollowRequest {
             after: 0,
             instance_id: "x".into(),
+            epoch: String::new(),
         })
         .await
         .unwrap_err();

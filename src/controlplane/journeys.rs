@@ -98,6 +98,8 @@ pub struct Journeys {
     approval_ttl: Duration,
     /// One writer at a time continues the control plane's own chain.
     chain: Mutex<()>,
+    /// This database's feed identity (see `FeedEvent.epoch`).
+    epoch: String,
 }
 
 const SCHEMA: &str = "
@@ -106,6 +108,10 @@ const SCHEMA: &str = "
       seq INTEGER NOT NULL
     );
     INSERT OR IGNORE INTO feed_position (id, seq) VALUES (1, 0);
+    CREATE TABLE IF NOT EXISTS feed_epoch (
+      id INTEGER PRIMARY KEY CHECK (id = 1),
+      epoch TEXT NOT NULL
+    );
     CREATE TABLE IF NOT EXISTS session_signals (
       target_kind TEXT NOT NULL,
       target TEXT NOT NULL,
@@ -154,12 +160,18 @@ impl Journeys {
         conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA busy_timeout = 5000;")?;
         conn.execute_batch(SCHEMA)?;
         let seq: i64 = conn.query_row("SELECT seq FROM feed_position", [], |r| r.get(0))?;
+        conn.execute(
+            "INSERT OR IGNORE INTO feed_epoch (id, epoch) VALUES (1, ?1)",
+            params![uuid::Uuid::new_v4().to_string()],
+        )?;
+        let epoch: String = conn.query_row("SELECT epoch FROM feed_epoch", [], |r| r.get(0))?;
         Ok(Self {
             conn: Mutex::new(conn),
             decisions,
             latest: watch::Sender::new(seq as u64),
             approval_ttl,
             chain: Mutex::new(()),
+            epoch,
         })
     }
 
@@ -572,6 +584,7 @@ impl Journeys {
         )?;
         let signals = stmt.query_map(params![after as i64, limit as i64], |r| {
             Ok(pb::FeedEvent {
+                epoch: String::new(),
                 seq: r.get::<_, i64>(9)? as u64,
                 event: Some(pb::feed_event::Event::Signal(pb::SessionSignal {
                     target_kind: r.get(0)?,
@@ -594,6 +607,7 @@ impl Journeys {
         )?;
         let approvals = stmt.query_map(params![after as i64, limit as i64], |r| {
             Ok(pb::FeedEvent {
+                epoch: String::new(),
                 seq: r.get::<_, i64>(4)? as u64,
                 event: Some(pb::feed_event::Event::Approval(pb::ApprovalChange {
                     id: r.get(0)?,
@@ -720,8 +734,14 @@ impl SessionsApi for SessionsService {
         &self,
         request: Request<pb::FollowRequest>,
     ) -> Result<Response<Self::FollowStream>, Status> {
-        let mut cursor = request.into_inner().after;
+        let request = request.into_inner();
         let journeys = self.journeys.clone();
+        // A position from another database (recreated, restored) means nothing here.
+        let mut cursor = if request.epoch.is_empty() || request.epoch == journeys.epoch {
+            request.after
+        } else {
+            0
+        };
         let mut latest = journeys.subscribe();
         // Small: the feed is read from the database page by page, so a slow
         // sidecar holds back its own reads, never the control plane's memory.
@@ -741,8 +761,9 @@ impl SessionsApi for SessionsService {
                     }
                 };
                 let full = page.len() == 256;
-                for event in page {
+                for mut event in page {
                     cursor = cursor.max(event.seq);
+                    event.epoch.clone_from(&journeys.epoch);
                     if tx.send(Ok(event)).await.is_err() {
                         return;
                     }
@@ -755,6 +776,7 @@ impl SessionsApi for SessionsService {
                     let beat = pb::FeedEvent {
                         seq: cursor,
                         event: Some(pb::feed_event::Event::Heartbeat(true)),
+                        epoch: journeys.epoch.clone(),
                     };
                     if tx.send(Ok(beat)).await.is_err() {
                         return;
@@ -763,7 +785,7 @@ impl SessionsApi for SessionsService {
                 tokio::select! {
                     changed = latest.changed() => if changed.is_err() { return },
                     () = tokio::time::sleep(HEARTBEAT) => {
-                        let beat = pb::FeedEvent { seq: cursor, event: Some(pb::feed_event::Event::Heartbeat(true)) };
+                        let beat = pb::FeedEvent { seq: cursor, event: Some(pb::feed_event::Event::Heartbeat(true)), epoch: journeys.epoch.clone() };
                         if tx.send(Ok(beat)).await.is_err() {
                             return;
                         }

@@ -88,6 +88,7 @@ pub async fn follow(
         let request = pb::FollowRequest {
             after: sessions.position(),
             instance_id: instance_id.clone(),
+            epoch: sessions.epoch(),
         };
         let opened = tokio::select! {
             r = client.follow(request) => r,
@@ -130,6 +131,7 @@ pub async fn follow(
 
 /// Applies one feed event.
 pub fn apply(sessions: &Sessions, decider: &Decider, event: pb::FeedEvent) {
+    sessions.follow_epoch(&event.epoch);
     let seq = event.seq;
     let heartbeat = matches!(event.event, Some(pb::feed_event::Event::Heartbeat(_)));
     // An approval decided for a session: its watchers (an agent runtime

@@ -216,6 +216,8 @@ pub struct Sessions {
     limits: Limits,
     /// Feed position applied so far: where a reconnect resumes.
     position: AtomicU64,
+    /// The control-plane database the position counts in.
+    epoch: std::sync::Mutex<String>,
     /// Set once the feed has caught up (or the start-up wait gave up):
     /// until then decisions are refused rather than made without signals.
     ready: AtomicBool,
@@ -261,6 +263,7 @@ impl Sessions {
             any_subject: AtomicBool::new(false),
             limits,
             position: AtomicU64::new(0),
+            epoch: std::sync::Mutex::new(String::new()),
             ready: AtomicBool::new(false),
             changes: tokio::sync::broadcast::channel(1024).0,
             metrics,
@@ -273,6 +276,31 @@ impl Sessions {
 
     pub fn set_ready(&self) {
         self.ready.store(true, Ordering::Release);
+    }
+
+    pub fn epoch(&self) -> String {
+        lock(&self.epoch).clone()
+    }
+
+    /// Follows a feed event's epoch: another database than before means the
+    /// state held is from a feed that no longer exists, so it is dropped and
+    /// the position starts again (the control plane resends everything).
+    pub fn follow_epoch(&self, epoch: &str) {
+        let mut held = lock(&self.epoch);
+        if *held == epoch || epoch.is_empty() {
+            return;
+        }
+        if !held.is_empty() {
+            tracing::warn!(
+                was = %held,
+                now = epoch,
+                "the control plane's signal feed is another one now; reloading session state"
+            );
+            self.by_session.invalidate_all();
+            self.by_subject.invalidate_all();
+            self.position.store(0, Ordering::Release);
+        }
+        *held = epoch.to_owned();
     }
 
     pub fn position(&self) -> u64 {
