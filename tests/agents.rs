@@ -102,6 +102,14 @@ impl World {
         run(&all)
     }
 
+    /// `arbiter signal send ARGS...`, which must be accepted.
+    fn signal(&self, args: &[&str]) {
+        let mut all = vec!["signal", "send"];
+        all.extend(args);
+        let (code, _, err) = self.cli(&all);
+        assert_eq!(code, 0, "{err}");
+    }
+
     fn pending(&self) -> Vec<Value> {
         let (code, out, err) = self.cli(&["approval", "list", "--state", "pending", "--json"]);
         assert_eq!(code, 0, "{err}");
@@ -175,6 +183,20 @@ fn refund(amount: i64, session: &str) -> pb::AuthorizeToolRequest {
 
 async fn ask(c: &mut ToolAccessClient<Channel>, r: pb::AuthorizeToolRequest) -> pb::CheckResponse {
     c.authorize_tool(r).await.unwrap().into_inner()
+}
+
+/// Waits (bounded) until `request` gets `want`.
+async fn until(
+    what: &str,
+    c: &ToolAccessClient<Channel>,
+    request: pb::AuthorizeToolRequest,
+    want: Outcome,
+) {
+    eventually(what, Duration::from_secs(20), || {
+        let (mut c, request) = (c.clone(), request.clone());
+        async move { outcome(&ask(&mut c, request).await) == want }
+    })
+    .await;
 }
 
 fn outcome(r: &pb::CheckResponse) -> Outcome {
@@ -287,8 +309,7 @@ async fn approval_is_filed_granted_by_the_cli_and_spent_exactly_once() {
     let id = filed.approval.unwrap().approval_id;
     let (code, _, err) = w.cli(&["approval", "approve", &id, "--by", "bob"]);
     assert_eq!(code, 0, "{err}");
-    let (code, _, err) = w.cli(&["signal", "send", "session-revoked", "--session", "s-a2"]);
-    assert_eq!(code, 0, "{err}");
+    w.signal(&["session-revoked", "--session", "s-a2"]);
     let mut retry = refund(650, "s-a2");
     retry.approval_id = id.clone();
     eventually("the revocation to apply", Duration::from_secs(10), || {
@@ -360,9 +381,7 @@ async fn a_risk_signal_turns_the_next_call_and_watch_session_reports_it() {
         .unwrap();
     assert_eq!(first.state.unwrap().risk, "low");
 
-    let (code, _, err) = w.cli(&[
-        "signal",
-        "send",
+    w.signal(&[
         "risk-level-changed",
         "high",
         "--session",
@@ -370,7 +389,6 @@ async fn a_risk_signal_turns_the_next_call_and_watch_session_reports_it() {
         "--reason",
         "impossible travel",
     ]);
-    assert_eq!(code, 0, "{err}");
 
     let update = tokio::time::timeout(Duration::from_secs(10), watch.message())
         .await
@@ -397,8 +415,7 @@ async fn a_risk_signal_turns_the_next_call_and_watch_session_reports_it() {
     assert_eq!(after.policy_ids, ["high-risk-no-writes"]);
     // Reads are untouched by risk; a revocation stops everything.
     assert_eq!(outcome(&ask(&mut c, read_own("s-c")).await), Outcome::Allow);
-    let (code, _, err) = w.cli(&["signal", "send", "session-revoked", "--session", "s-c"]);
-    assert_eq!(code, 0, "{err}");
+    w.signal(&["session-revoked", "--session", "s-c"]);
     let revoked = tokio::time::timeout(Duration::from_secs(10), watch.message())
         .await
         .unwrap()
@@ -447,22 +464,17 @@ async fn a_risk_signal_turns_the_next_call_and_watch_session_reports_it() {
     );
 
     // A subject-wide signal reaches every session of that user.
-    let (code, _, err) = w.cli(&[
-        "signal",
-        "send",
+    w.signal(&[
         "device-compliance-changed",
         "not-compliant",
         "--subject",
         "User::\"alice\"",
     ]);
-    assert_eq!(code, 0, "{err}");
-    eventually(
+    until(
         "the subject signal to apply",
-        Duration::from_secs(10),
-        || {
-            let mut c = c.clone();
-            async move { outcome(&ask(&mut c, read_own("s-other")).await) == Outcome::Deny }
-        },
+        &c,
+        read_own("s-other"),
+        Outcome::Deny,
     )
     .await;
 
@@ -489,17 +501,8 @@ async fn a_control_plane_restart_keeps_pending_approvals_and_session_state() {
     let mut c = w.tools().await;
     let filed = ask(&mut c, refund(900, "s-d")).await;
     let id = filed.approval.unwrap().approval_id;
-    let (code, _, err) = w.cli(&[
-        "signal",
-        "send",
-        "risk-level-changed",
-        "medium",
-        "--session",
-        "s-d",
-    ]);
-    assert_eq!(code, 0, "{err}");
-    let (code, _, err) = w.cli(&["signal", "send", "session-revoked", "--session", "s-gone"]);
-    assert_eq!(code, 0, "{err}");
+    w.signal(&["risk-level-changed", "medium", "--session", "s-d"]);
+    w.signal(&["session-revoked", "--session", "s-gone"]);
 
     // SIGKILL and start again on the same database and address.
     let _ = w.cp.0.kill();
@@ -515,22 +518,12 @@ async fn a_control_plane_restart_keeps_pending_approvals_and_session_state() {
     let allowed = ask(&mut c, retry).await;
     assert_eq!(outcome(&allowed), Outcome::Allow, "{allowed:?}");
     // The running sidecar resumed its feed after the restart: a new signal applies.
-    let (code, _, err) = w.cli(&[
-        "signal",
-        "send",
-        "risk-level-changed",
-        "high",
-        "--session",
-        "s-d",
-    ]);
-    assert_eq!(code, 0, "{err}");
-    eventually(
+    w.signal(&["risk-level-changed", "high", "--session", "s-d"]);
+    until(
         "the resumed feed to apply a new signal",
-        Duration::from_secs(20),
-        || {
-            let mut c = c.clone();
-            async move { outcome(&ask(&mut c, refund(10, "s-d")).await) == Outcome::Deny }
-        },
+        &c,
+        refund(10, "s-d"),
+        Outcome::Deny,
     )
     .await;
 
@@ -574,22 +567,12 @@ async fn a_control_plane_restart_keeps_pending_approvals_and_session_state() {
     let _ = w.cp.0.kill();
     let _ = w.cp.0.wait();
     w.cp = ControlPlane::start_with(&w.dir.join("cp-new.db"), &w.public, &["--addr", &addr]);
-    let (code, _, err) = w.cli(&[
-        "signal",
-        "send",
-        "risk-level-changed",
-        "high",
-        "--session",
-        "s-new",
-    ]);
-    assert_eq!(code, 0, "{err}");
-    eventually(
+    w.signal(&["risk-level-changed", "high", "--session", "s-new"]);
+    until(
         "the sidecar to follow the new feed",
-        Duration::from_secs(20),
-        || {
-            let mut c = c.clone();
-            async move { outcome(&ask(&mut c, refund(10, "s-new")).await) == Outcome::Deny }
-        },
+        &c,
+        refund(10, "s-new"),
+        Outcome::Deny,
     )
     .await;
     // The old database's state is gone with it.
@@ -789,13 +772,11 @@ async fn signals_for_unseen_sessions_apply_later_and_a_flood_stays_bounded() {
     };
     // A signal about a session nobody has used yet is kept...
     send(json!({"type": "risk_level_changed", "session_id": "s-future", "value": "high"})).await;
-    eventually(
+    until(
         "the signal for the unseen session",
-        Duration::from_secs(10),
-        || {
-            let mut c = c.clone();
-            async move { outcome(&ask(&mut c, refund(10, "s-future")).await) == Outcome::Deny }
-        },
+        &c,
+        refund(10, "s-future"),
+        Outcome::Deny,
     )
     .await;
 
@@ -804,13 +785,11 @@ async fn signals_for_unseen_sessions_apply_later_and_a_flood_stays_bounded() {
         send(json!({"type": "risk_level_changed", "session_id": format!("flood-{i}"), "value": "medium"})).await;
     }
     send(json!({"type": "session_revoked", "session_id": "s-last"})).await;
-    eventually(
+    until(
         "the last signal after the flood",
-        Duration::from_secs(20),
-        || {
-            let mut c = c.clone();
-            async move { outcome(&ask(&mut c, read_own("s-last")).await) == Outcome::Deny }
-        },
+        &c,
+        read_own("s-last"),
+        Outcome::Deny,
     )
     .await;
     let (_, metrics) = sidecar.get("/metrics").await;

@@ -110,7 +110,11 @@ async fn pulls_swaps_refuses_and_restarts_from_last_known_good() {
         sidecar.revision().await.as_deref() == Some("r1")
     })
     .await;
-    assert!(cache.join("last-known-good.tar.gz").exists());
+    // Kept on disk right after activation (a task of its own).
+    eventually_20("r1 kept as last-known-good", || async {
+        cache.join("last-known-good.tar.gz").exists()
+    })
+    .await;
 
     publish(&w.join("r2.tar.gz"), &served, 5);
     eventually_20("r2 active", || async {

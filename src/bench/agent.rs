@@ -117,23 +117,14 @@ pub(super) async fn run(args: &BenchArgs, tmp: &Path, duration: Duration) -> Res
     let bundle = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/agent");
     let sidecar = spawn(
         &args.server_cpu,
-        &[
-            "serve".into(),
+        &super::serve_command(&[
             "--bundle".into(),
             bundle.display().to_string(),
             "--control-plane".into(),
             cp_url.clone(),
-            "--grpc-addr".into(),
-            "127.0.0.1:0".into(),
-            "--http-addr".into(),
-            "127.0.0.1:0".into(),
-            "--log-format".into(),
-            "json".into(),
-            "--log-level".into(),
-            "warn,arbiter::server=info".into(),
             "--config".into(),
             config.display().to_string(),
-        ],
+        ]),
         sidecar_addr,
         true,
     )?;

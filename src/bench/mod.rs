@@ -592,19 +592,8 @@ async fn run_async(args: BenchArgs) -> Result<(), String> {
         }
         for (label, extra) in variants {
             let config = write_threads_config(&tmp, &threads)?;
-            let mut serve_args: Vec<String> = vec![
-                "serve".into(),
-                "--bundle".into(),
-                prepared.dir.display().to_string(),
-                "--grpc-addr".into(),
-                "127.0.0.1:0".into(),
-                "--http-addr".into(),
-                "127.0.0.1:0".into(),
-                "--log-format".into(),
-                "json".into(),
-                "--log-level".into(),
-                "warn,arbiter::server=info".into(),
-            ];
+            let mut serve_args =
+                serve_command(&["--bundle".into(), prepared.dir.display().to_string()]);
             if !extra.iter().any(|a| a == "--config") {
                 serve_args.extend(["--config".into(), config]);
             }
@@ -657,6 +646,26 @@ fn cpu_count(list: &str) -> usize {
         })
         .sum::<usize>()
         .max(1)
+}
+
+/// `arbiter serve` on free loopback ports, logging JSON at warn (plus the
+/// listening line the bench reads), with `extra` arguments.
+fn serve_command(extra: &[String]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "serve",
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--http-addr",
+        "127.0.0.1:0",
+        "--log-format",
+        "json",
+        "--log-level",
+        "warn,arbiter::server=info",
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend_from_slice(extra);
+    args
 }
 
 fn write_threads_config(tmp: &Path, threads: &str) -> Result<String, String> {
@@ -884,8 +893,7 @@ async fn swap_test(args: &BenchArgs, tmp: &Path, duration: Duration) -> Result<(
     let threads = cpu_count(&args.server_cpu).to_string();
     let sidecar = spawn(
         &args.server_cpu,
-        &[
-            "serve".into(),
+        &serve_command(&[
             "--control-plane".into(),
             cp_url.clone(),
             "--bundle-name".into(),
@@ -894,17 +902,9 @@ async fn swap_test(args: &BenchArgs, tmp: &Path, duration: Duration) -> Result<(
             public.display().to_string(),
             "--bundle-cache".into(),
             tmp.join("cache").display().to_string(),
-            "--grpc-addr".into(),
-            "127.0.0.1:0".into(),
-            "--http-addr".into(),
-            "127.0.0.1:0".into(),
-            "--log-format".into(),
-            "json".into(),
-            "--log-level".into(),
-            "warn,arbiter::server=info".into(),
             "--config".into(),
             write_threads_config(tmp, &threads)?,
-        ],
+        ]),
         sidecar_addr,
         true,
     )?;
