@@ -70,6 +70,11 @@ pub struct BenchArgs {
     /// shipping keeps up at the saturated rate.
     #[arg(long)]
     log_cp_foreground: bool,
+    /// `KEY=VALUE` lines added to the `[decision_log]` section of the
+    /// decision-log runs, e.g. `fsync=false` or `batch_interval_ms=20`
+    /// (to see what a setting costs).
+    #[arg(long = "log-setting", value_name = "KEY=VALUE")]
+    log_settings: Vec<String>,
     /// Only time bundle activation (verify, compile, test, swap); no load runs.
     #[arg(long)]
     activation_only: bool,
@@ -591,7 +596,12 @@ async fn run_async(args: BenchArgs) -> Result<(), String> {
             ));
         }
         for (label, extra) in variants {
-            let config = write_threads_config(&tmp, &threads)?;
+            let log_settings: &[String] = if label.starts_with("arbiter log") {
+                &args.log_settings
+            } else {
+                &[]
+            };
+            let config = write_threads_config(&tmp, &threads, log_settings)?;
             let mut serve_args =
                 serve_command(&["--bundle".into(), prepared.dir.display().to_string()]);
             if !extra.iter().any(|a| a == "--config") {
@@ -668,10 +678,22 @@ fn serve_command(extra: &[String]) -> Vec<String> {
     args
 }
 
-fn write_threads_config(tmp: &Path, threads: &str) -> Result<String, String> {
-    let path = tmp.join(format!("threads-{threads}.toml"));
-    std::fs::write(&path, format!("[server]\nworker_threads = {threads}\n"))
-        .map_err(|e| e.to_string())?;
+/// A config file with the servers' worker threads and, if any, decision-log settings.
+fn write_threads_config(
+    tmp: &Path,
+    threads: &str,
+    log_settings: &[String],
+) -> Result<String, String> {
+    let mut text = format!("[server]\nworker_threads = {threads}\n");
+    if !log_settings.is_empty() {
+        text.push_str("[decision_log]\n");
+        for kv in log_settings {
+            text.push_str(kv);
+            text.push('\n');
+        }
+    }
+    let path = tmp.join(format!("threads-{threads}-{}.toml", log_settings.len()));
+    std::fs::write(&path, text).map_err(|e| e.to_string())?;
     Ok(path.display().to_string())
 }
 
@@ -903,7 +925,7 @@ async fn swap_test(args: &BenchArgs, tmp: &Path, duration: Duration) -> Result<(
             "--bundle-cache".into(),
             tmp.join("cache").display().to_string(),
             "--config".into(),
-            write_threads_config(tmp, &threads)?,
+            write_threads_config(tmp, &threads, &[])?,
         ]),
         sidecar_addr,
         true,

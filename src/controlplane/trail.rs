@@ -80,14 +80,26 @@ pub struct Incoming<'a> {
 /// Most bytes one batch may unpack to (a compression bomb stops here).
 const MAX_BATCH_BYTES: u64 = 64 << 20;
 
-/// Unpacks a shipped batch's DEFLATE-compressed lines.
+/// Unpacks a shipped batch's compressed lines (LZ4 frame, or DEFLATE from
+/// older sidecars).
 pub fn unpack(batch: &RecordBatch) -> Result<Vec<u8>, String> {
     use std::io::Read;
     let mut text = Vec::new();
-    flate2::read::DeflateDecoder::new(&batch.lines_deflate[..])
-        .take(MAX_BATCH_BYTES + 1)
-        .read_to_end(&mut text)
-        .map_err(|e| format!("batch at seq {} is not DEFLATE data: {e}", batch.first_seq))?;
+    let read = match (batch.lines_lz4.is_empty(), batch.lines_deflate.is_empty()) {
+        (false, true) => lz4_flex::frame::FrameDecoder::new(&batch.lines_lz4[..])
+            .take(MAX_BATCH_BYTES + 1)
+            .read_to_end(&mut text)
+            .map_err(|e| format!("batch at seq {} is not an LZ4 frame: {e}", batch.first_seq)),
+        (true, _) => flate2::read::DeflateDecoder::new(&batch.lines_deflate[..])
+            .take(MAX_BATCH_BYTES + 1)
+            .read_to_end(&mut text)
+            .map_err(|e| format!("batch at seq {} is not DEFLATE data: {e}", batch.first_seq)),
+        (false, false) => Err(format!(
+            "batch at seq {} sets both lines_lz4 and lines_deflate",
+            batch.first_seq
+        )),
+    };
+    read?;
     if text.len() as u64 > MAX_BATCH_BYTES {
         return Err(format!(
             "batch at seq {} unpacks to more than {MAX_BATCH_BYTES} bytes",
@@ -665,6 +677,30 @@ mod tests {
             ..RecordBatch::default()
         };
         assert!(unpack(&bomb).expect_err("refused").contains("not DEFLATE"));
+        let bomb = RecordBatch {
+            lines_lz4: b"\x04\x22\x4d\x18 not lz4".to_vec(),
+            ..RecordBatch::default()
+        };
+        assert!(
+            unpack(&bomb)
+                .expect_err("refused")
+                .contains("not an LZ4 frame")
+        );
+        let both = RecordBatch {
+            lines_lz4: vec![1],
+            lines_deflate: vec![1],
+            ..RecordBatch::default()
+        };
+        assert!(unpack(&both).expect_err("refused").contains("both"));
+        // Sidecars from before LZ4 send DEFLATE; it is still read.
+        let mut deflate =
+            flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut deflate, &text).expect("deflates");
+        let old = RecordBatch {
+            lines_deflate: deflate.finish().expect("deflates"),
+            ..RecordBatch::default()
+        };
+        assert_eq!(unpack(&old).expect("unpacks"), text);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! decision path ──try_send──▶ bounded queue ──▶ writer thread ──▶ spool segments ──▶ shipper ──gRPC──▶ control plane
-//!   (no lock, no I/O)                       number, hash, append,     (deleted only once      (batches, gzip,
+//!   (no lock, no I/O)                       number, hash, append,     (deleted only once      (batches, LZ4,
 //!                                           fsync per batch            acknowledged)           ack by seq)
 //! ```
 //!
@@ -94,6 +94,24 @@ pub(crate) struct Shared {
     dropped: AtomicU64,
     spool_bytes: Arc<AtomicU64>,
     full_logged: AtomicBool,
+    /// Record buffers the writer is done with, for the decision path to
+    /// fill again: no allocation per record, none freed across threads.
+    spare: crossbeam_channel::Receiver<Vec<u8>>,
+    spare_return: crossbeam_channel::Sender<Vec<u8>>,
+}
+
+/// Most record buffers kept for reuse, and the largest one kept.
+const SPARE_BUFFERS: usize = 1024;
+const SPARE_MAX_BYTES: usize = 4096;
+
+impl Shared {
+    /// Gives a written record's buffer back for the next record.
+    fn reuse(&self, mut buffer: Vec<u8>) {
+        if buffer.capacity() <= SPARE_MAX_BYTES {
+            buffer.clear();
+            let _ = self.spare_return.try_send(buffer);
+        }
+    }
 }
 
 /// The sink the decision path hands records to.
@@ -140,11 +158,14 @@ pub fn start(
                 .open(p)?,
         )),
     };
+    let (spare_return, spare) = crossbeam_channel::bounded(SPARE_BUFFERS);
     let shared = Arc::new(Shared {
         metrics: metrics.clone(),
         dropped: AtomicU64::new(0),
         spool_bytes: spool.bytes.clone(),
         full_logged: AtomicBool::new(false),
+        spare,
+        spare_return,
     });
     metrics
         .spool_bytes
@@ -239,10 +260,13 @@ impl DecisionSink for DecisionLog {
         };
         // Serialized (and masked) here: one buffer crosses to the writer
         // thread instead of the request's many small allocations.
-        let queued = Queued {
-            tail: record::decision_tail(&entry),
-            done,
-        };
+        let mut tail = self
+            .shared
+            .spare
+            .try_recv()
+            .unwrap_or_else(|_| Vec::with_capacity(1024));
+        record::decision_tail(&entry, &mut tail);
+        let queued = Queued { tail, done };
         let pending = match self.tx.try_send(queued) {
             Ok(()) => None,
             Err(mpsc::error::TrySendError::Full(q)) => match self.settings.overflow {
@@ -362,6 +386,38 @@ mod tests {
             "a dropped record is a refused durable decision"
         );
         assert!(metrics.dropped.get() >= 1 && metrics.refused.get() >= 1);
+        running.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_backlog_is_written_without_waiting_an_interval_per_batch() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let settings = Settings {
+            spool_dir: dir.path().to_path_buf(),
+            durability: Durability::Buffered,
+            overflow: Overflow::Block,
+            max_spool_bytes: 1 << 30,
+            segment_bytes: 1 << 20,
+            block_timeout: Duration::from_secs(5),
+            queue_capacity: 1024,
+            batch_max: 4,
+            batch_interval: Duration::from_millis(200),
+            fsync: false,
+            copy_to: None,
+            otlp_endpoint: None,
+        };
+        let (sink, running) = start(settings, DecisionLogMetrics::default()).expect("starts");
+        for _ in 0..64 {
+            assert!(sink.record(entry()).settle().await.is_ok());
+        }
+        // 16 batches: one interval per batch would take 3.2 s.
+        let mut spooled = running.spooled.clone();
+        let all = tokio::time::timeout(
+            Duration::from_millis(1500),
+            spooled.wait_for(|seq| *seq >= 64),
+        )
+        .await;
+        assert!(all.is_ok(), "only {} spooled", *running.spooled.borrow());
         running.close().await;
     }
 }

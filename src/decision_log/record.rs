@@ -158,9 +158,10 @@ fn request_form<'a>(r: &'a Request, mask: &MaskRules) -> RequestForm<'a> {
     RequestForm::Masked(form)
 }
 
-/// Everything of a decision record but its chain position, masked. Built on
-/// the decision path, so an unmasked request never leaves it.
-pub fn decision_tail(e: &Entry) -> Vec<u8> {
+/// Writes everything of a decision record but its chain position, masked,
+/// into `out` (cleared first). Built on the decision path, so an unmasked
+/// request never leaves it.
+pub fn decision_tail(e: &Entry, out: &mut Vec<u8>) {
     let tail = Tail {
         kind: e.kind,
         time: super::time::format_micros(e.time_us),
@@ -176,10 +177,9 @@ pub fn decision_tail(e: &Entry) -> Vec<u8> {
         span_id: e.span_id.as_deref(),
         dropped: None,
     };
-    let mut out = Vec::with_capacity(1024);
+    out.clear();
     // Serializing plain data into a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut out, &tail);
-    out
+    let _ = serde_json::to_writer(out, &tail);
 }
 
 /// A marker standing in for records that were dropped (overflow `drop`), so
@@ -285,8 +285,10 @@ mod tests {
             mask: Arc::new(MaskRules::parse(br#"{"erase":["/context/ssn"]}"#).expect("rules")),
             links: Default::default(),
         };
+        let mut tail = b"left over".to_vec();
+        decision_tail(&entry, &mut tail);
         let mut out = Vec::new();
-        body("i1", 7, &decision_tail(&entry), &mut out);
+        body("i1", 7, &tail, &mut out);
         let text = String::from_utf8(out).expect("utf8");
         assert!(!text.contains("123-45"), "{text}");
         assert!(text.starts_with(r#"{"v":1,"instance":"i1","seq":7,"kind":"check","time":"2024-02-29T12:34:56.789012Z""#), "{text}");

@@ -208,6 +208,18 @@ pub struct Chunk {
 }
 
 impl Reader {
+    /// Appends up to one read's worth of the current segment to `pending`.
+    fn read_more(&mut self) -> io::Result<bool> {
+        const READ: u64 = 64 * 1024;
+        let Some((_, f)) = &mut self.current else {
+            return Ok(false);
+        };
+        // Straight into `pending`'s spare room (no zeroing, no extra copy).
+        let n = f.take(READ).read_to_end(&mut self.pending)?;
+        std::thread::yield_now();
+        Ok(n > 0)
+    }
+
     pub fn new(dir: &Path) -> Self {
         Self {
             dir: dir.to_path_buf(),
@@ -229,7 +241,7 @@ impl Reader {
         let mut count = 0u32;
         loop {
             // Take whole lines from what is buffered.
-            while let Some(nl) = self.pending[taken..].iter().position(|b| *b == b'\n') {
+            while let Some(nl) = memchr::memchr(b'\n', &self.pending[taken..]) {
                 let line = &self.pending[taken..taken + nl];
                 if first_seq.is_none() {
                     // Only the first line of a chunk is parsed: the rest
@@ -258,25 +270,29 @@ impl Reader {
                 break;
             }
         }
-        Ok(first_seq.filter(|_| count > 0).map(|first_seq| Chunk {
-            first_seq,
-            count,
-            lines: self.pending.drain(..taken).collect(),
+        Ok(first_seq.filter(|_| count > 0).map(|first_seq| {
+            // The chunk keeps the buffer; only the partial rest is copied.
+            let rest = self.pending.split_off(taken);
+            Chunk {
+                first_seq,
+                count,
+                lines: std::mem::replace(&mut self.pending, rest),
+            }
         }))
     }
 
-    /// Reads more bytes; false when nothing new is there yet.
+    /// Reads more bytes; false when nothing new is there yet. Yields the
+    /// CPU after each read: it runs on the packer thread, below decisions.
     fn fill(&mut self, after: u64) -> io::Result<bool> {
-        // List first: once a newer segment exists, the current one is
-        // complete, so reading it to its end then loses nothing.
+        if self.read_more()? {
+            return Ok(true);
+        }
+        // At the end of the current segment: list, then read once more.
+        // Once a newer segment is listed the current one is complete, so
+        // what that read finds is all it will ever hold.
         let segs = segments(&self.dir)?;
-        let mut buf = [0u8; 64 * 1024];
-        if let Some((_, f)) = &mut self.current {
-            let n = f.read(&mut buf)?;
-            if n > 0 {
-                self.pending.extend_from_slice(&buf[..n]);
-                return Ok(true);
-            }
+        if self.read_more()? {
+            return Ok(true);
         }
         let next = match &self.current {
             // Start in the last segment whose first seq is <= after + 1.

@@ -59,9 +59,13 @@ impl Writer {
             });
             let closing = first.is_none();
             batch.extend(first);
+            // Gathering only while a batch has room: with a full batch
+            // already queued, sleeping would cap the rate the writer keeps
+            // up with at one batch per interval.
             if !closing
                 && self.settings.durability == super::Durability::Buffered
                 && !self.settings.batch_interval.is_zero()
+                && self.rx.len() + 1 < self.settings.batch_max
             {
                 // Gather for one batch interval: one write and one fsync for
                 // everything that arrives meanwhile.
@@ -250,6 +254,7 @@ impl Writer {
             if let Some(done) = q.done {
                 let _ = done.send(true);
             }
+            self.shared.reuse(q.tail);
         }
     }
 }
