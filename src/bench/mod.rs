@@ -75,6 +75,11 @@ pub struct BenchArgs {
     /// (to see what a setting costs).
     #[arg(long = "log-setting", value_name = "KEY=VALUE")]
     log_settings: Vec<String>,
+    /// Run the sidecar variants this many times, alternating, and end with
+    /// their medians and median ratios to `cache off` of the same round
+    /// (on a noisy machine one run of each says little).
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
     /// Only time bundle activation (verify, compile, test, swap); no load runs.
     #[arg(long)]
     activation_only: bool,
@@ -595,42 +600,35 @@ async fn run_async(args: BenchArgs) -> Result<(), String> {
                 vec!["--config".into(), write_index_off(&tmp)?],
             ));
         }
-        for (label, extra) in variants {
-            let log_settings: &[String] = if label.starts_with("arbiter log") {
-                &args.log_settings
-            } else {
-                &[]
-            };
-            let config = write_threads_config(&tmp, &threads, log_settings)?;
-            let mut serve_args =
-                serve_command(&["--bundle".into(), prepared.dir.display().to_string()]);
-            if !extra.iter().any(|a| a == "--config") {
-                serve_args.extend(["--config".into(), config]);
+        let mut measured: Vec<Measured> = Vec::new();
+        for round in 0..args.rounds.max(1) {
+            if args.rounds > 1 {
+                println!("-- round {}", round + 1);
             }
-            serve_args.extend(extra);
-            let sidecar = spawn(&args.server_cpu, &serve_args, sidecar_addr, true)?;
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            let idle_rss = rss_kib(sidecar.pid());
-            let (grpc_addr, http_addr) =
-                sidecar.addr.split_once('|').unwrap_or((&sidecar.addr, ""));
-            let channel = connect(grpc_addr).await?;
-            let caller = Caller::Sidecar(
-                pb::authorizer_client::AuthorizerClient::new(channel),
-                prepared.requests.clone().into(),
-            );
-            for (i, &c) in args.concurrency.iter().enumerate() {
-                let stats = drive(caller.clone(), sidecar.pid(), c, warmup, duration).await;
-                println!("{}", row(&label, c, &stats, echo_runs.get(i)));
-                if label.starts_with("arbiter log") {
-                    print!("{}", shipping_report(http_addr).await);
-                }
+            for (label, extra) in &variants {
+                let extra: Vec<String> = extra
+                    .iter()
+                    .map(|a| match a.contains("spool-") {
+                        true => format!("{a}-r{round}"),
+                        false => a.clone(),
+                    })
+                    .collect();
+                run_variant(
+                    &args,
+                    &tmp,
+                    &threads,
+                    &prepared,
+                    label,
+                    extra,
+                    &echo_runs,
+                    round,
+                    &mut measured,
+                )
+                .await?;
             }
-            if let Some(kib) = idle_rss {
-                println!(
-                    "  idle RSS of the sidecar ({label}): {:.1} MiB",
-                    kib as f64 / 1024.0
-                );
-            }
+        }
+        if args.rounds > 1 {
+            print!("{}", medians(&measured, args.rounds));
         }
     }
     if let Some(kib) = rss_kib(echo_server.pid()) {
@@ -641,6 +639,129 @@ async fn run_async(args: BenchArgs) -> Result<(), String> {
     }
     let _ = std::fs::remove_dir_all(&tmp);
     Ok(())
+}
+
+/// One sidecar run's figures, for the medians over rounds.
+struct Measured {
+    round: usize,
+    label: String,
+    c: usize,
+    rate: f64,
+    p99_us: f64,
+    cpu_us: Option<f64>,
+}
+
+/// Starts one sidecar variant and drives it at every concurrency.
+#[allow(clippy::too_many_arguments)]
+async fn run_variant(
+    args: &BenchArgs,
+    tmp: &Path,
+    threads: &str,
+    prepared: &Prepared,
+    label: &str,
+    extra: Vec<String>,
+    echo_runs: &[RunStats],
+    round: usize,
+    measured: &mut Vec<Measured>,
+) -> Result<(), String> {
+    let (warmup, duration) = (
+        Duration::from_secs_f64(args.warmup),
+        Duration::from_secs_f64(args.duration),
+    );
+    let log_settings: &[String] = if label.starts_with("arbiter log") {
+        &args.log_settings
+    } else {
+        &[]
+    };
+    let config = write_threads_config(tmp, threads, log_settings)?;
+    let mut serve_args = serve_command(&["--bundle".into(), prepared.dir.display().to_string()]);
+    if !extra.iter().any(|a| a == "--config") {
+        serve_args.extend(["--config".into(), config]);
+    }
+    serve_args.extend(extra);
+    let sidecar = spawn(&args.server_cpu, &serve_args, sidecar_addr, true)?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let idle_rss = rss_kib(sidecar.pid());
+    let (grpc_addr, http_addr) = sidecar.addr.split_once('|').unwrap_or((&sidecar.addr, ""));
+    let channel = connect(grpc_addr).await?;
+    let caller = Caller::Sidecar(
+        pb::authorizer_client::AuthorizerClient::new(channel),
+        prepared.requests.clone().into(),
+    );
+    for (i, &c) in args.concurrency.iter().enumerate() {
+        let stats = drive(caller.clone(), sidecar.pid(), c, warmup, duration).await;
+        println!("{}", row(label, c, &stats, echo_runs.get(i)));
+        if label.starts_with("arbiter log") {
+            print!("{}", shipping_report(http_addr).await);
+        }
+        measured.push(Measured {
+            round,
+            label: label.to_owned(),
+            c,
+            rate: stats.rate(),
+            p99_us: stats.pct_us(0.99),
+            cpu_us: stats.cpu_per_call_us(),
+        });
+    }
+    if let (Some(kib), 0) = (idle_rss, round) {
+        println!(
+            "  idle RSS of the sidecar ({label}): {:.1} MiB",
+            kib as f64 / 1024.0
+        );
+    }
+    Ok(())
+}
+
+/// Medians over rounds of each variant's figures, and of its ratios to
+/// `arbiter cache off` at the same concurrency in the same round.
+fn medians(measured: &[Measured], rounds: usize) -> String {
+    fn median(mut v: Vec<f64>) -> Option<f64> {
+        v.retain(|x| x.is_finite());
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied()
+    }
+    let fmt = |v: Option<f64>, suffix: &str| v.map_or("-".into(), |v| format!("{v:.2}{suffix}"));
+    let mut out = format!(
+        "\nmedians of {rounds} rounds (ratios: to `arbiter cache off`, same round and C)\n{:<28} {:>4} {:>10} {:>9} {:>8} {:>11} {:>11}\n",
+        "target", "C", "req/s", "p99 µs", "cpu µs", "cpu vs off", "p99 vs off"
+    );
+    let mut seen: Vec<(&str, usize)> = Vec::new();
+    for m in measured {
+        if seen.contains(&(m.label.as_str(), m.c)) {
+            continue;
+        }
+        seen.push((&m.label, m.c));
+        let runs: Vec<&Measured> = measured
+            .iter()
+            .filter(|x| x.label == m.label && x.c == m.c)
+            .collect();
+        let off = |r: &Measured| {
+            measured
+                .iter()
+                .find(|x| x.label == "arbiter cache off" && x.c == r.c && x.round == r.round)
+        };
+        let cpu_ratio = median(
+            runs.iter()
+                .filter_map(|r| Some(r.cpu_us? / off(r)?.cpu_us?))
+                .collect(),
+        );
+        let p99_ratio = median(
+            runs.iter()
+                .filter_map(|r| Some(r.p99_us / off(r)?.p99_us))
+                .collect(),
+        );
+        out.push_str(&format!(
+            "{:<28} {:>4} {:>10.0} {:>9.1} {:>8} {:>11} {:>11}\n",
+            m.label,
+            m.c,
+            median(runs.iter().map(|r| r.rate).collect()).unwrap_or(0.0),
+            median(runs.iter().map(|r| r.p99_us).collect()).unwrap_or(0.0),
+            fmt(median(runs.iter().filter_map(|r| r.cpu_us).collect()), ""),
+            fmt(cpu_ratio, "x"),
+            fmt(p99_ratio, "x"),
+        ));
+    }
+    out
 }
 
 fn cpu_count(list: &str) -> usize {

@@ -37,9 +37,9 @@ pub struct Entry {
 #[derive(Serialize)]
 struct Tail<'a> {
     kind: &'a str,
-    time: String,
+    time: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
-    decision_id: Option<String>,
+    decision_id: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     bundle: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -108,11 +108,18 @@ struct SortedMap<'a>(&'a Map<String, Value>);
 impl Serialize for SortedMap<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
-        let mut keys: Vec<&String> = self.0.keys().collect();
-        keys.sort_unstable();
-        let mut map = s.serialize_map(Some(keys.len()))?;
-        for k in keys {
-            map.serialize_entry(k, &Sorted(&self.0[k]))?;
+        let mut map = s.serialize_map(Some(self.0.len()))?;
+        // Maps built from protobuf Structs arrive sorted: no key list then.
+        if self.0.keys().is_sorted() {
+            for (k, v) in self.0 {
+                map.serialize_entry(k, &Sorted(v))?;
+            }
+        } else {
+            let mut keys: Vec<&String> = self.0.keys().collect();
+            keys.sort_unstable();
+            for k in keys {
+                map.serialize_entry(k, &Sorted(&self.0[k]))?;
+            }
         }
         map.end()
     }
@@ -162,10 +169,12 @@ fn request_form<'a>(r: &'a Request, mask: &MaskRules) -> RequestForm<'a> {
 /// into `out` (cleared first). Built on the decision path, so an unmasked
 /// request never leaves it.
 pub fn decision_tail(e: &Entry, out: &mut Vec<u8>) {
+    let mut time = [0; super::time::TIME_LEN];
+    let mut id = uuid::Uuid::encode_buffer();
     let tail = Tail {
         kind: e.kind,
-        time: super::time::format_micros(e.time_us),
-        decision_id: Some(e.decision_id.to_string()),
+        time: super::time::format_micros_into(e.time_us, &mut time),
+        decision_id: Some(e.decision_id.hyphenated().encode_lower(&mut id)),
         bundle: Some(&e.bundle),
         revision: Some(&e.revision),
         request: Some(request_form(&e.request, &e.mask)),
@@ -185,9 +194,10 @@ pub fn decision_tail(e: &Entry, out: &mut Vec<u8>) {
 /// A marker standing in for records that were dropped (overflow `drop`), so
 /// the loss itself is in the chain.
 pub fn dropped_tail(count: u64) -> Vec<u8> {
+    let time = super::time::format_micros(super::time::now_micros());
     let tail = Tail {
         kind: "dropped",
-        time: super::time::format_micros(super::time::now_micros()),
+        time: &time,
         decision_id: None,
         bundle: None,
         revision: None,
@@ -249,6 +259,14 @@ mod tests {
         let masked = serde_json::to_string(&request_form(&r, &rules)).expect("json");
         assert_eq!(plain, masked);
         assert!(plain.starts_with(r#"{"action":{"name":"view"},"context":{"a":"z","b":{"x":null,"y":[1,{"c":2,"d":1}]}}"#), "{plain}");
+        // A map that arrives sorted takes the path without a key list.
+        let mut sorted = r.context.clone();
+        sorted.sort_keys();
+        assert!(sorted.keys().is_sorted() && !r.context.keys().is_sorted());
+        assert_eq!(
+            serde_json::to_string(&SortedMap(&sorted)).expect("json"),
+            serde_json::to_string(&SortedMap(&r.context)).expect("json")
+        );
     }
 
     #[test]

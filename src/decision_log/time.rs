@@ -13,16 +13,43 @@ pub fn now_micros() -> u64 {
 
 /// `2026-11-24T10:31:27.123456Z`.
 pub fn format_micros(us: u64) -> String {
+    format_micros_into(us, &mut [0; TIME_LEN]).to_owned()
+}
+
+/// Length of a formatted timestamp (years 0000–9999).
+pub const TIME_LEN: usize = 27;
+
+/// [`format_micros`] into a caller's buffer: no allocation on the decision path.
+pub fn format_micros_into(us: u64, buf: &mut [u8; TIME_LEN]) -> &str {
     let secs = us / 1_000_000;
     let (days, rem) = (secs / 86_400, secs % 86_400);
     let (y, m, d) = civil_from_days(days as i64);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:06}Z",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60,
-        us % 1_000_000
-    )
+    let mut put = |at: usize, width: usize, mut v: u64| {
+        for i in (at..at + width).rev() {
+            buf[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    };
+    put(0, 4, y.clamp(0, 9999) as u64);
+    put(5, 2, u64::from(m));
+    put(8, 2, u64::from(d));
+    put(11, 2, rem / 3600);
+    put(14, 2, rem / 60 % 60);
+    put(17, 2, rem % 60);
+    put(20, 6, us % 1_000_000);
+    for (at, c) in [
+        (4, b'-'),
+        (7, b'-'),
+        (10, b'T'),
+        (13, b':'),
+        (16, b':'),
+        (19, b'.'),
+        (26, b'Z'),
+    ] {
+        buf[at] = c;
+    }
+    // Only ASCII digits and separators were written.
+    std::str::from_utf8(buf).unwrap_or_default()
 }
 
 /// Parses `YYYY-MM-DDTHH:MM:SS[.frac]Z` (UTC only) into microseconds.
@@ -93,5 +120,9 @@ mod tests {
         }
         let now = now_micros();
         assert_eq!(parse_micros(&format_micros(now)), Some(now));
+        // 2000-02-29 (a century leap day), the last microsecond of 2099.
+        for us in [1, 999_999, 951_782_400_000_000, 4_102_444_799_999_999] {
+            assert_eq!(parse_micros(&format_micros(us)), Some(us), "{us}");
+        }
     }
 }
