@@ -147,8 +147,14 @@ impl Ship {
             let now = tokio::time::Instant::now();
             if now >= next_send && in_flight.len() < self.settings.window {
                 while in_flight.len() < self.settings.window {
+                    // Yield while packing unless the control plane waits on
+                    // us: far behind with at most one batch in flight. When
+                    // it is the slow side, hurrying would only cost decisions.
+                    let backlog = self.spooled.borrow().saturating_sub(sent);
+                    let polite =
+                        backlog < 4 * self.settings.batch_max as u64 || in_flight.len() > 1;
                     let Some((first_seq, count, lines_lz4)) = packer
-                        .next(sent, self.settings.batch_max)
+                        .next(sent, self.settings.batch_max, polite)
                         .await
                         .map_err(|e| format!("reading the spool: {e}"))?
                     else {
@@ -215,8 +221,8 @@ struct Packer {
 type Packed = std::io::Result<Option<(u64, u32, Vec<u8>)>>;
 
 enum Ask {
-    /// After seq, at most this many records.
-    Next(u64, usize, tokio::sync::oneshot::Sender<Packed>),
+    /// After seq, at most this many records, yielding between slices.
+    Next(u64, usize, bool, tokio::sync::oneshot::Sender<Packed>),
     Forget(u64),
 }
 
@@ -233,10 +239,13 @@ impl Packer {
                 // Ends when the session drops its Packer.
                 for ask in asks {
                     match ask {
-                        Ask::Next(after, max, reply) => {
+                        Ask::Next(after, max, polite, reply) => {
+                            reader.polite = polite;
                             let packed = reader.next_chunk(after, max, BATCH_BYTES).and_then(|c| {
-                                c.map(|c| compress(&c.lines).map(|z| (c.first_seq, c.count, z)))
-                                    .transpose()
+                                c.map(|c| {
+                                    compress(&c.lines, polite).map(|z| (c.first_seq, c.count, z))
+                                })
+                                .transpose()
                             });
                             let _ = reply.send(packed);
                         }
@@ -258,11 +267,12 @@ impl Packer {
     }
 
     /// The next batch after `after`, compressed; `None` if nothing is new.
-    async fn next(&mut self, after: u64, max: usize) -> Packed {
+    /// `polite`: yield the CPU between slices.
+    async fn next(&mut self, after: u64, max: usize, polite: bool) -> Packed {
         let (reply, packed) = tokio::sync::oneshot::channel();
         let gone = || std::io::Error::other("the packer thread stopped");
         self.ask
-            .send(Ask::Next(after, max, reply))
+            .send(Ask::Next(after, max, polite, reply))
             .map_err(|_| gone())?;
         packed.await.map_err(|_| gone())?
     }
@@ -275,14 +285,13 @@ impl Packer {
 
 /// One LZ4 frame (linked blocks): records are repetitive JSON, which LZ4
 /// shrinks about tenfold for a third of DEFLATE level 1's CPU.
-fn compress(bytes: &[u8]) -> std::io::Result<Vec<u8>> {
+fn compress(bytes: &[u8], polite: bool) -> std::io::Result<Vec<u8>> {
     use std::io::Write;
-    // In slices with a yield between them, even when behind: a decision
+    // In slices, with a yield between them when `polite`: a decision
     // waiting for this core runs after at most one slice (≈ 15 µs), not
-    // after the whole batch. Hurrying would not help: when shipping lags,
-    // the control plane's acknowledgements are what it waits for, and at
-    // its low priority the packer still gets several times the CPU it
-    // needs at a saturated decision rate.
+    // after the whole batch. Not when the control plane waits on us: a
+    // yield of this low-priority thread on a busy core can cost it
+    // milliseconds, and shipping must keep up with the decision rate.
     const SLICE: usize = 64 * 1024;
     let mut info = lz4_flex::frame::FrameInfo::new();
     info.block_mode = lz4_flex::frame::BlockMode::Linked;
@@ -290,7 +299,9 @@ fn compress(bytes: &[u8]) -> std::io::Result<Vec<u8>> {
     let mut frame = lz4_flex::frame::FrameEncoder::with_frame_info(info, out);
     for slice in bytes.chunks(SLICE) {
         frame.write_all(slice)?;
-        std::thread::yield_now();
+        if polite {
+            std::thread::yield_now();
+        }
     }
     frame.finish().map_err(std::io::Error::other)
 }
@@ -305,8 +316,8 @@ mod tests {
                 format!("{{\"hash\":\"{i:064}\",\"record\":{{\"seq\":{i}}}}}\n").into_bytes()
             })
             .collect();
-        for _ in 0..2 {
-            let z = super::compress(&lines).expect("compresses");
+        for polite in [false, true] {
+            let z = super::compress(&lines, polite).expect("compresses");
             assert!(z.len() < lines.len() / 3);
             let mut back = Vec::new();
             lz4_flex::frame::FrameDecoder::new(&z[..])

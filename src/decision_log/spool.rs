@@ -198,6 +198,8 @@ pub struct Reader {
     dir: PathBuf,
     current: Option<(u64, File)>,
     pending: Vec<u8>,
+    /// Yield the CPU after each read (the packer sets it while it keeps up).
+    pub polite: bool,
 }
 
 /// Whole spooled lines, ready to ship as they are.
@@ -216,7 +218,9 @@ impl Reader {
         };
         // Straight into `pending`'s spare room (no zeroing, no extra copy).
         let n = f.take(READ).read_to_end(&mut self.pending)?;
-        std::thread::yield_now();
+        if self.polite {
+            std::thread::yield_now();
+        }
         Ok(n > 0)
     }
 
@@ -225,6 +229,7 @@ impl Reader {
             dir: dir.to_path_buf(),
             current: None,
             pending: Vec::new(),
+            polite: false,
         }
     }
 
@@ -281,8 +286,7 @@ impl Reader {
         }))
     }
 
-    /// Reads more bytes; false when nothing new is there yet. Yields the
-    /// CPU after each read: it runs on the packer thread, below decisions.
+    /// Reads more bytes; false when nothing new is there yet.
     fn fill(&mut self, after: u64) -> io::Result<bool> {
         if self.read_more()? {
             return Ok(true);
