@@ -50,8 +50,38 @@ struct Ship {
     connected: bool,
 }
 
+/// Ships on a thread of its own (below decisions' priority, with its own
+/// runtime) until `stop`, then for at most `drain_for` more while records
+/// remain. The returned receiver completes when it has finished.
+///
+/// Not on the decision runtime: sending a batch over loopback TCP runs the
+/// receiving side's network stack inside the send, tens of microseconds a
+/// batch, during which every decision on that worker would wait.
+pub fn spawn(
+    settings: ShipSettings,
+    running: &Running,
+    stop: watch::Receiver<bool>,
+) -> std::io::Result<tokio::sync::oneshot::Receiver<()>> {
+    let ship = run(settings, running, stop);
+    let (done, finished) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("decision-log-shipper".into())
+        .spawn(move || {
+            super::background_priority(super::PACKER_NICE);
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt.block_on(ship),
+                Err(e) => tracing::error!("decision log: cannot start the shipper's runtime: {e}"),
+            }
+            let _ = done.send(());
+        })?;
+    Ok(finished)
+}
+
 /// Ships until `stop`, then for at most `drain_for` more while records remain.
-pub fn run(
+fn run(
     settings: ShipSettings,
     running: &Running,
     stop: watch::Receiver<bool>,
