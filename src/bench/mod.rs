@@ -196,8 +196,9 @@ fn spawn(
     spawn_with(server_cpu, false, args, addr_from, stderr)
 }
 
-/// `background`: at the lowest CPU priority (`nice -n 19`), so it only
-/// takes CPU time the load generator leaves idle.
+/// `background`: at the idle scheduling class (`chrt --idle 0`, or `nice -n
+/// 19` without `chrt`), so it only takes CPU time the load generator leaves
+/// idle and gives way to it at once when it wakes.
 fn spawn_with(
     server_cpu: &str,
     background: bool,
@@ -206,24 +207,24 @@ fn spawn_with(
     stderr: bool,
 ) -> Result<Server, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let pin = server_cpu != "none" && Command::new("taskset").arg("-V").output().is_ok();
-    let mut cmd = match (background, pin) {
-        (true, true) => {
-            let mut c = Command::new("nice");
-            c.args(["-n", "19", "taskset", "-c", server_cpu]).arg(&exe);
+    let has = |tool: &str, flag: &str| Command::new(tool).arg(flag).output().is_ok();
+    let mut prefix: Vec<&str> = Vec::new();
+    if background {
+        prefix.extend(match has("chrt", "--version") {
+            true => ["chrt", "--idle", "0"],
+            false => ["nice", "-n", "19"],
+        });
+    }
+    if server_cpu != "none" && has("taskset", "-V") {
+        prefix.extend(["taskset", "-c", server_cpu]);
+    }
+    let mut cmd = match prefix.split_first() {
+        Some((tool, rest)) => {
+            let mut c = Command::new(tool);
+            c.args(rest).arg(&exe);
             c
         }
-        (true, false) => {
-            let mut c = Command::new("nice");
-            c.args(["-n", "19"]).arg(&exe);
-            c
-        }
-        (false, true) => {
-            let mut c = Command::new("taskset");
-            c.arg("-c").arg(server_cpu).arg(&exe);
-            c
-        }
-        (false, false) => Command::new(&exe),
+        None => Command::new(&exe),
     };
     cmd.args(args).stdin(Stdio::null());
     if stderr {
@@ -843,8 +844,8 @@ fn decision_log_sink(tmp: &Path, foreground: bool) -> Result<(Server, String), S
     let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
     let public = tmp.join("log.pub.pem");
     write_public_key(&key, &public)?;
-    // On the load generator's CPU 0 at the lowest priority, so it takes
-    // neither the measured sidecar's CPU nor the load generator's (in
+    // On the load generator's CPU 0 in the idle scheduling class, so it
+    // takes neither the measured sidecar's CPU nor the load generator's (in
     // production it runs elsewhere).
     let cp = spawn_with(
         "0",
