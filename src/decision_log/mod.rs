@@ -230,9 +230,8 @@ pub fn start(
 /// way to a decision at once, yet with enough share (about a tenth of a busy
 /// core) to keep up when decisions saturate the CPU.
 const WRITER_NICE: i32 = 10;
-/// The shipper's (which also reads and compresses): shipping may lag under
-/// saturation; the spool absorbs it.
-const SHIPPER_NICE: i32 = 15;
+/// The packer's: shipping may lag under saturation; the spool absorbs it.
+const PACKER_NICE: i32 = 15;
 
 /// Lowers the calling thread's CPU priority to `nice`, so the trail's work
 /// does not show in decision latency.

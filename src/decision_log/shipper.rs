@@ -50,38 +50,8 @@ struct Ship {
     connected: bool,
 }
 
-/// Ships on a thread of its own (below decisions' priority, with its own
-/// runtime) until `stop`, then for at most `drain_for` more while records
-/// remain. The returned receiver completes when it has finished.
-///
-/// Not on the decision runtime: sending a batch over loopback TCP runs the
-/// receiving side's network stack inside the send, tens of microseconds a
-/// batch, during which every decision on that worker would wait.
-pub fn spawn(
-    settings: ShipSettings,
-    running: &Running,
-    stop: watch::Receiver<bool>,
-) -> std::io::Result<tokio::sync::oneshot::Receiver<()>> {
-    let ship = run(settings, running, stop);
-    let (done, finished) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new()
-        .name("decision-log-shipper".into())
-        .spawn(move || {
-            super::background_priority(super::SHIPPER_NICE);
-            match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt.block_on(ship),
-                Err(e) => tracing::error!("decision log: cannot start the shipper's runtime: {e}"),
-            }
-            let _ = done.send(());
-        })?;
-    Ok(finished)
-}
-
 /// Ships until `stop`, then for at most `drain_for` more while records remain.
-fn run(
+pub fn run(
     settings: ShipSettings,
     running: &Running,
     stop: watch::Receiver<bool>,
@@ -168,7 +138,7 @@ impl Ship {
         self.acked = first.acked_seq;
         self.connected = true;
         tracing::info!(instance = %self.instance, acked_seq = self.acked, "decision log: shipping to the control plane");
-        let mut packer = Packer::new(self);
+        let mut packer = Packer::start(self)?;
         packer.forget(self.acked);
         let mut sent = self.acked;
         let mut in_flight: std::collections::VecDeque<u64> = Default::default();
@@ -185,6 +155,7 @@ impl Ship {
                         backlog < 4 * self.settings.batch_max as u64 || in_flight.len() > 1;
                     let Some((first_seq, count, lines_lz4)) = packer
                         .next(sent, self.settings.batch_max, polite)
+                        .await
                         .map_err(|e| format!("reading the spool: {e}"))?
                     else {
                         break;
@@ -241,48 +212,74 @@ impl Ship {
 }
 
 /// Reads and compresses spooled batches, and deletes acknowledged
-/// segments. Runs inline on the shipper's thread: that thread is below
-/// decisions' priority and serves nothing else, so packing there costs no
-/// hand-over between threads.
+/// segments, on a thread of its own at the lowest priority: a batch takes a
+/// millisecond or so of CPU and file I/O, which must not delay a decision.
 struct Packer {
-    reader: Reader,
-    dir: PathBuf,
-    spool_bytes: Arc<AtomicU64>,
-    metrics: DecisionLogMetrics,
+    ask: std::sync::mpsc::Sender<Ask>,
 }
 
 type Packed = std::io::Result<Option<(u64, u32, Vec<u8>)>>;
 
+enum Ask {
+    /// After seq, at most this many records, yielding between slices.
+    Next(u64, usize, bool, tokio::sync::oneshot::Sender<Packed>),
+    Forget(u64),
+}
+
 impl Packer {
-    fn new(ship: &Ship) -> Self {
-        Self {
-            reader: Reader::new(&ship.dir),
-            dir: ship.dir.clone(),
-            spool_bytes: ship.spool_bytes.clone(),
-            metrics: ship.metrics.clone(),
-        }
+    fn start(ship: &Ship) -> Result<Self, String> {
+        let (ask, asks) = std::sync::mpsc::channel::<Ask>();
+        let dir = ship.dir.clone();
+        let (bytes, metrics) = (ship.spool_bytes.clone(), ship.metrics.clone());
+        let mut reader = Reader::new(&dir);
+        std::thread::Builder::new()
+            .name("decision-log-packer".into())
+            .spawn(move || {
+                super::background_priority(super::PACKER_NICE);
+                // Ends when the session drops its Packer.
+                for ask in asks {
+                    match ask {
+                        Ask::Next(after, max, polite, reply) => {
+                            reader.polite = polite;
+                            let packed = reader.next_chunk(after, max, BATCH_BYTES).and_then(|c| {
+                                c.map(|c| {
+                                    compress(&c.lines, polite).map(|z| (c.first_seq, c.count, z))
+                                })
+                                .transpose()
+                            });
+                            let _ = reply.send(packed);
+                        }
+                        Ask::Forget(acked) => match spool::delete_acked(&dir, acked, &bytes) {
+                            Ok(_) => {
+                                metrics
+                                    .spool_bytes
+                                    .set(bytes.load(Ordering::Relaxed) as i64);
+                            }
+                            Err(e) => tracing::warn!(
+                                "decision log: cannot delete acknowledged segments: {e}"
+                            ),
+                        },
+                    }
+                }
+            })
+            .map_err(|e| format!("cannot start the packer thread: {e}"))?;
+        Ok(Self { ask })
     }
 
     /// The next batch after `after`, compressed; `None` if nothing is new.
     /// `polite`: yield the CPU between slices.
-    fn next(&mut self, after: u64, max: usize, polite: bool) -> Packed {
-        self.reader.polite = polite;
-        let Some(chunk) = self.reader.next_chunk(after, max, BATCH_BYTES)? else {
-            return Ok(None);
-        };
-        let packed = compress(&chunk.lines, polite)?;
-        Ok(Some((chunk.first_seq, chunk.count, packed)))
+    async fn next(&mut self, after: u64, max: usize, polite: bool) -> Packed {
+        let (reply, packed) = tokio::sync::oneshot::channel();
+        let gone = || std::io::Error::other("the packer thread stopped");
+        self.ask
+            .send(Ask::Next(after, max, polite, reply))
+            .map_err(|_| gone())?;
+        packed.await.map_err(|_| gone())?
     }
 
     /// Deletes segments the control plane has acknowledged entirely.
     fn forget(&self, acked: u64) {
-        match spool::delete_acked(&self.dir, acked, &self.spool_bytes) {
-            Ok(_) => {
-                let bytes = self.spool_bytes.load(Ordering::Relaxed);
-                self.metrics.spool_bytes.set(bytes as i64);
-            }
-            Err(e) => tracing::warn!("decision log: cannot delete acknowledged segments: {e}"),
-        }
+        let _ = self.ask.send(Ask::Forget(acked));
     }
 }
 

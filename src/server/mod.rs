@@ -196,18 +196,12 @@ pub async fn serve_until(
             max_backoff: Duration::from_secs(config.control_plane.max_backoff_secs.clamp(1, 30)),
             drain_for: Duration::from_secs(3),
         };
-        Some(decision_log::shipper::spawn(
+        Some(tokio::spawn(decision_log::shipper::run(
             settings,
             running,
             ship_stop_rx,
-        ))
+        )))
     });
-    let shipper = shipper
-        .transpose()
-        .map_err(|source| ServeError::DecisionLog {
-            dir: config.decision_log.spool_dir.clone(),
-            source,
-        })?;
 
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, ServingStatus::NotServing).await;
