@@ -719,7 +719,12 @@ fn medians(measured: &[Measured], rounds: usize) -> String {
     fn median(mut v: Vec<f64>) -> Option<f64> {
         v.retain(|x| x.is_finite());
         v.sort_by(f64::total_cmp);
-        v.get(v.len() / 2).copied()
+        let n = v.len();
+        match n % 2 {
+            _ if n == 0 => None,
+            1 => Some(v[n / 2]),
+            _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+        }
     }
     let fmt = |v: Option<f64>, suffix: &str| v.map_or("-".into(), |v| format!("{v:.2}{suffix}"));
     let mut out = format!(

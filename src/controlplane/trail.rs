@@ -83,15 +83,19 @@ const MAX_BATCH_BYTES: u64 = 64 << 20;
 /// Unpacks a shipped batch's compressed lines (LZ4 frame, or DEFLATE from
 /// older sidecars).
 pub fn unpack(batch: &RecordBatch) -> Result<Vec<u8>, String> {
+    unpack_at_most(batch, MAX_BATCH_BYTES)
+}
+
+fn unpack_at_most(batch: &RecordBatch, max_bytes: u64) -> Result<Vec<u8>, String> {
     use std::io::Read;
     let mut text = Vec::new();
     let read = match (batch.lines_lz4.is_empty(), batch.lines_deflate.is_empty()) {
         (false, true) => lz4_flex::frame::FrameDecoder::new(&batch.lines_lz4[..])
-            .take(MAX_BATCH_BYTES + 1)
+            .take(max_bytes + 1)
             .read_to_end(&mut text)
             .map_err(|e| format!("batch at seq {} is not an LZ4 frame: {e}", batch.first_seq)),
         (true, _) => flate2::read::DeflateDecoder::new(&batch.lines_deflate[..])
-            .take(MAX_BATCH_BYTES + 1)
+            .take(max_bytes + 1)
             .read_to_end(&mut text)
             .map_err(|e| format!("batch at seq {} is not DEFLATE data: {e}", batch.first_seq)),
         (false, false) => Err(format!(
@@ -100,9 +104,9 @@ pub fn unpack(batch: &RecordBatch) -> Result<Vec<u8>, String> {
         )),
     };
     read?;
-    if text.len() as u64 > MAX_BATCH_BYTES {
+    if text.len() as u64 > max_bytes {
         return Err(format!(
-            "batch at seq {} unpacks to more than {MAX_BATCH_BYTES} bytes",
+            "batch at seq {} unpacks to more than {max_bytes} bytes",
             batch.first_seq
         ));
     }
@@ -701,6 +705,17 @@ mod tests {
             ..RecordBatch::default()
         };
         assert_eq!(unpack(&old).expect("unpacks"), text);
+        // A batch that unpacks past the cap is refused, whichever the format.
+        let lz4 = RecordBatch {
+            lines_lz4: crate::decision_log::shipper::compress(&text, false).expect("packs"),
+            ..RecordBatch::default()
+        };
+        let cap = text.len() as u64 - 1;
+        for batch in [&lz4, &old] {
+            assert_eq!(unpack_at_most(batch, cap + 1).expect("fits"), text);
+            let err = unpack_at_most(batch, cap).expect_err("refused");
+            assert!(err.contains("more than"), "{err}");
+        }
     }
 
     #[test]

@@ -359,15 +359,13 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn durable_answers_only_recorded_decisions_even_under_drop() {
-        let dir = tempfile::tempdir().expect("tmp");
-        let settings = Settings {
+    /// Settings for a spool in `dir` without fsync; tests change what they test.
+    fn settings(dir: &tempfile::TempDir) -> Settings {
+        Settings {
             spool_dir: dir.path().to_path_buf(),
-            durability: Durability::Durable,
-            overflow: Overflow::Drop,
-            // Full after the first record.
-            max_spool_bytes: 1,
+            durability: Durability::Buffered,
+            overflow: Overflow::Block,
+            max_spool_bytes: 1 << 30,
             segment_bytes: 1 << 20,
             block_timeout: Duration::from_secs(5),
             queue_capacity: 16,
@@ -376,6 +374,18 @@ mod tests {
             fsync: false,
             copy_to: None,
             otlp_endpoint: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn durable_answers_only_recorded_decisions_even_under_drop() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let settings = Settings {
+            durability: Durability::Durable,
+            overflow: Overflow::Drop,
+            // Full after the first record.
+            max_spool_bytes: 1,
+            ..settings(&dir)
         };
         let metrics = DecisionLogMetrics::default();
         let (sink, running) = start(settings, metrics.clone()).expect("starts");
@@ -393,18 +403,10 @@ mod tests {
     async fn a_backlog_is_written_without_waiting_an_interval_per_batch() {
         let dir = tempfile::tempdir().expect("tmp");
         let settings = Settings {
-            spool_dir: dir.path().to_path_buf(),
-            durability: Durability::Buffered,
-            overflow: Overflow::Block,
-            max_spool_bytes: 1 << 30,
-            segment_bytes: 1 << 20,
-            block_timeout: Duration::from_secs(5),
             queue_capacity: 1024,
             batch_max: 4,
             batch_interval: Duration::from_millis(200),
-            fsync: false,
-            copy_to: None,
-            otlp_endpoint: None,
+            ..settings(&dir)
         };
         let (sink, running) = start(settings, DecisionLogMetrics::default()).expect("starts");
         for _ in 0..64 {
@@ -419,5 +421,15 @@ mod tests {
         .await;
         assert!(all.is_ok(), "only {} spooled", *running.spooled.borrow());
         running.close().await;
+        // Written records' buffers wait in the pool, and the next record
+        // takes one (before it finds the log closed).
+        let pooled = sink.shared.spare.len();
+        assert!(pooled > 0, "buffers are reused");
+        assert!(sink.record(entry()).settle().await.is_err());
+        assert_eq!(
+            sink.shared.spare.len(),
+            pooled - 1,
+            "the next record took one"
+        );
     }
 }

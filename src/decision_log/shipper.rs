@@ -285,7 +285,7 @@ impl Packer {
 
 /// One LZ4 frame (linked blocks): records are repetitive JSON, which LZ4
 /// shrinks about tenfold for a third of DEFLATE level 1's CPU.
-fn compress(bytes: &[u8], polite: bool) -> std::io::Result<Vec<u8>> {
+pub(crate) fn compress(bytes: &[u8], polite: bool) -> std::io::Result<Vec<u8>> {
     use std::io::Write;
     // In slices, with a yield between them when `polite`: a decision
     // waiting for this core runs after at most one slice (≈ 15 µs), not

@@ -217,6 +217,7 @@ impl Reader {
             return Ok(false);
         };
         // Straight into `pending`'s spare room (no zeroing, no extra copy).
+        self.pending.reserve(READ as usize);
         let n = f.take(READ).read_to_end(&mut self.pending)?;
         if self.polite {
             std::thread::yield_now();

@@ -13,14 +13,31 @@ pub fn now_micros() -> u64 {
 
 /// `2026-11-24T10:31:27.123456Z`.
 pub fn format_micros(us: u64) -> String {
+    if us > LAST_4_DIGIT_YEAR_US {
+        // Five-digit years (an expiry far out, say): not in the fixed buffer.
+        let secs = us / 1_000_000;
+        let (days, rem) = (secs / 86_400, secs % 86_400);
+        let (y, m, d) = civil_from_days(days as i64);
+        return format!(
+            "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:06}Z",
+            rem / 3600,
+            rem / 60 % 60,
+            rem % 60,
+            us % 1_000_000
+        );
+    }
     format_micros_into(us, &mut [0; TIME_LEN]).to_owned()
 }
 
 /// Length of a formatted timestamp (years 0000–9999).
 pub const TIME_LEN: usize = 27;
+/// 9999-12-31T23:59:59.999999Z.
+const LAST_4_DIGIT_YEAR_US: u64 = 253_402_300_799_999_999;
 
-/// [`format_micros`] into a caller's buffer: no allocation on the decision path.
+/// [`format_micros`] into a caller's buffer: no allocation on the decision
+/// path. Times past year 9999 print as its last microsecond.
 pub fn format_micros_into(us: u64, buf: &mut [u8; TIME_LEN]) -> &str {
+    let us = us.min(LAST_4_DIGIT_YEAR_US);
     let secs = us / 1_000_000;
     let (days, rem) = (secs / 86_400, secs % 86_400);
     let (y, m, d) = civil_from_days(days as i64);
@@ -30,7 +47,7 @@ pub fn format_micros_into(us: u64, buf: &mut [u8; TIME_LEN]) -> &str {
             v /= 10;
         }
     };
-    put(0, 4, y.clamp(0, 9999) as u64);
+    put(0, 4, y as u64);
     put(5, 2, u64::from(m));
     put(8, 2, u64::from(d));
     put(11, 2, rem / 3600);
@@ -124,5 +141,12 @@ mod tests {
         for us in [1, 999_999, 951_782_400_000_000, 4_102_444_799_999_999] {
             assert_eq!(parse_micros(&format_micros(us)), Some(us), "{us}");
         }
+        // Past year 9999: the String form keeps the date, the fixed one saturates.
+        let far = LAST_4_DIGIT_YEAR_US + 86_400_000_000;
+        assert_eq!(format_micros(far), "10000-01-01T23:59:59.999999Z");
+        assert_eq!(
+            format_micros_into(far, &mut [0; TIME_LEN]),
+            "9999-12-31T23:59:59.999999Z"
+        );
     }
 }
