@@ -516,19 +516,8 @@ mod tests {
         s.set_ready();
         assert_eq!(subject_key("User", "alice"), "User::\"alice\"");
         let req = Request {
-            subject: crate::decision::EntityRef {
-                kind: "User".into(),
-                id: "alice".into(),
-                properties: None,
-            },
-            action: "view".into(),
-            resource: crate::decision::EntityRef {
-                kind: "Doc".into(),
-                id: "d".into(),
-                properties: None,
-            },
-            context: Map::new(),
             session_id: Some("s1".into()),
+            ..request("alice")
         };
         s.remember(
             "s1",
