@@ -12,8 +12,6 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 
-use super::mask::hex;
-
 pub type Hash = [u8; 32];
 
 /// What seq 1 chains from.
@@ -28,11 +26,34 @@ pub fn link(prev: &Hash, body: &[u8]) -> Hash {
 
 /// Appends one line (with its newline) to `out`.
 pub fn write_line(out: &mut Vec<u8>, hash: &Hash, body: &[u8]) {
+    append_line(out, |out| out.extend_from_slice(body), |_| *hash);
+}
+
+/// Appends the line of the next record after `prev`, whose body `write_body`
+/// appends; the body is hashed where it lies. Returns the record's hash.
+pub fn append_next(out: &mut Vec<u8>, prev: &Hash, write_body: impl FnOnce(&mut Vec<u8>)) -> Hash {
+    append_line(out, write_body, |body| link(prev, body))
+}
+
+fn append_line(
+    out: &mut Vec<u8>,
+    write_body: impl FnOnce(&mut Vec<u8>),
+    hash_of: impl FnOnce(&[u8]) -> Hash,
+) -> Hash {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     out.extend_from_slice(b"{\"hash\":\"");
-    out.extend_from_slice(hex(hash).as_bytes());
+    let hex_at = out.len();
+    out.extend_from_slice(&[b'0'; 64]);
     out.extend_from_slice(b"\",\"record\":");
-    out.extend_from_slice(body);
+    let body_at = out.len();
+    write_body(out);
+    let hash = hash_of(&out[body_at..]);
+    for (pair, b) in out[hex_at..hex_at + 64].chunks_exact_mut(2).zip(hash) {
+        pair[0] = DIGITS[usize::from(b >> 4)];
+        pair[1] = DIGITS[usize::from(b & 15)];
+    }
     out.extend_from_slice(b"}\n");
+    hash
 }
 
 /// One line, parsed: the body borrowed exactly as written.

@@ -194,7 +194,7 @@ pub fn start(
     let w = writer::Writer {
         rx,
         spool,
-        instance: instance.clone(),
+        body_start: record::BodyStart::new(&instance),
         head,
         shared: shared.clone(),
         settings: settings.clone(),

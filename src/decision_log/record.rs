@@ -5,7 +5,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::Serialize;
 use serde_json::{Map, Value};
 
 use super::mask::MaskRules;
@@ -31,198 +30,283 @@ pub struct Entry {
     pub links: crate::decision::Links,
 }
 
-/// The body after its chain position (`v`, `instance`, `seq`, which the
-/// writer puts in front). Field order is fixed by this struct and maps
-/// inside the request are sorted, so equal records give equal bytes.
-#[derive(Serialize)]
-struct Tail<'a> {
-    kind: &'a str,
-    time: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    decision_id: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    bundle: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    revision: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    request: Option<RequestForm<'a>>,
-    #[serde(skip_serializing_if = "Option::is_none", flatten)]
-    decision: Option<&'a Decision>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    session_id: Option<&'a str>,
-    #[serde(flatten)]
-    links: Option<&'a crate::decision::Links>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    latency_us: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    trace_id: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    span_id: Option<&'a str>,
-    /// For a `dropped` marker: how many records were not kept.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    dropped: Option<u64>,
-}
+/// Writes JSON straight into a byte buffer: a record is written on the
+/// decision path, and serde's generic machinery (flattened structs become
+/// maps of boxed keys) cost more than the rest of the hand-over. The output
+/// is what `serde_json` writes for the same fields (tested against it).
+struct Json<'a>(&'a mut Vec<u8>);
 
-/// The request in the record's (AuthZEN-shaped) form, masked. Without
-/// masking rules it is serialized straight from the request (no copy).
-enum RequestForm<'a> {
-    Borrowed(Borrowed<'a>),
-    Masked(Value),
-}
+impl Json<'_> {
+    fn raw(&mut self, bytes: &[u8]) {
+        self.0.extend_from_slice(bytes);
+    }
 
-impl Serialize for RequestForm<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        match self {
-            RequestForm::Borrowed(b) => b.serialize(s),
-            RequestForm::Masked(v) => v.serialize(s),
+    fn str(&mut self, s: &str) {
+        // Most strings need no escapes; the rest get serde_json's.
+        if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+            self.0.push(b'"');
+            self.0.extend_from_slice(s.as_bytes());
+            self.0.push(b'"');
+        } else {
+            let _ = serde_json::to_writer(&mut *self.0, s);
         }
     }
-}
 
-/// Fields in key order, as the sorted `Value` form serializes them.
-#[derive(Serialize)]
-struct Borrowed<'a> {
-    action: ActionForm<'a>,
-    context: SortedMap<'a>,
-    resource: EntityForm<'a>,
-    subject: EntityForm<'a>,
-}
+    fn uint(&mut self, n: u64) {
+        let mut digits = [0u8; 20];
+        let mut at = digits.len();
+        let mut n = n;
+        loop {
+            at -= 1;
+            digits[at] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        self.0.extend_from_slice(&digits[at..]);
+    }
 
-#[derive(Serialize)]
-struct ActionForm<'a> {
-    name: &'a str,
-}
+    /// `"key":` after a comma, unless it is the object's first.
+    fn key(&mut self, key: &str, first: bool) {
+        if !first {
+            self.0.push(b',');
+        }
+        self.str(key);
+        self.0.push(b':');
+    }
 
-#[derive(Serialize)]
-struct EntityForm<'a> {
-    id: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    properties: Option<SortedMap<'a>>,
-    #[serde(rename = "type")]
-    kind: &'a str,
-}
+    fn strs(&mut self, items: &[String]) {
+        self.0.push(b'[');
+        for (i, s) in items.iter().enumerate() {
+            if i > 0 {
+                self.0.push(b',');
+            }
+            self.str(s);
+        }
+        self.0.push(b']');
+    }
 
-/// A JSON object serialized with its keys sorted, at every depth.
-struct SortedMap<'a>(&'a Map<String, Value>);
+    /// A JSON value with object keys sorted at every depth.
+    fn value(&mut self, v: &Value) {
+        match v {
+            Value::Null => self.raw(b"null"),
+            Value::Bool(true) => self.raw(b"true"),
+            Value::Bool(false) => self.raw(b"false"),
+            Value::Number(n) => match n.as_u64() {
+                Some(u) => self.uint(u),
+                None => {
+                    let _ = serde_json::to_writer(&mut *self.0, n);
+                }
+            },
+            Value::String(s) => self.str(s),
+            Value::Array(items) => {
+                self.0.push(b'[');
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        self.0.push(b',');
+                    }
+                    self.value(item);
+                }
+                self.0.push(b']');
+            }
+            Value::Object(map) => self.sorted_map(map),
+        }
+    }
 
-impl Serialize for SortedMap<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeMap;
-        let mut map = s.serialize_map(Some(self.0.len()))?;
+    fn sorted_map(&mut self, map: &Map<String, Value>) {
+        self.0.push(b'{');
         // Maps built from protobuf Structs arrive sorted: no key list then.
-        if self.0.keys().is_sorted() {
-            for (k, v) in self.0 {
-                map.serialize_entry(k, &Sorted(v))?;
+        if map.keys().is_sorted() {
+            for (i, (k, v)) in map.iter().enumerate() {
+                self.key(k, i == 0);
+                self.value(v);
             }
         } else {
-            let mut keys: Vec<&String> = self.0.keys().collect();
+            let mut keys: Vec<&String> = map.keys().collect();
             keys.sort_unstable();
-            for k in keys {
-                map.serialize_entry(k, &Sorted(&self.0[k]))?;
+            for (i, k) in keys.into_iter().enumerate() {
+                self.key(k, i == 0);
+                self.value(&map[k]);
             }
         }
-        map.end()
+        self.0.push(b'}');
     }
-}
 
-struct Sorted<'a>(&'a Value);
+    fn entity(&mut self, e: &EntityRef) {
+        self.raw(b"{\"id\":");
+        self.str(&e.id);
+        if let Some(properties) = &e.properties {
+            self.raw(b",\"properties\":");
+            self.sorted_map(properties);
+        }
+        self.raw(b",\"type\":");
+        self.str(&e.kind);
+        self.0.push(b'}');
+    }
 
-impl Serialize for Sorted<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeSeq;
-        match self.0 {
-            Value::Object(m) => SortedMap(m).serialize(s),
-            Value::Array(items) => {
-                let mut seq = s.serialize_seq(Some(items.len()))?;
-                for item in items {
-                    seq.serialize_element(&Sorted(item))?;
+    /// The request in the record's (AuthZEN-shaped) form, keys sorted.
+    fn request(&mut self, r: &Request) {
+        self.raw(b"{\"action\":{\"name\":");
+        self.str(&r.action);
+        self.raw(b"},\"context\":");
+        self.sorted_map(&r.context);
+        self.raw(b",\"resource\":");
+        self.entity(&r.resource);
+        self.raw(b",\"subject\":");
+        self.entity(&r.subject);
+        self.0.push(b'}');
+    }
+
+    /// The decision's fields, continuing an object.
+    fn decision(&mut self, d: &Decision) {
+        self.raw(b",\"outcome\":");
+        self.str(d.outcome.as_str());
+        self.raw(b",\"policy_ids\":");
+        self.strs(&d.policy_ids);
+        self.raw(b",\"step_up\":");
+        match &d.step_up {
+            None => self.raw(b"null"),
+            Some(s) => {
+                self.raw(b"{\"acr_values\":");
+                self.strs(&s.acr_values);
+                self.raw(b",\"max_age\":");
+                match s.max_age {
+                    Some(n) => self.uint(n),
+                    None => self.raw(b"null"),
                 }
-                seq.end()
+                self.0.push(b'}');
             }
-            other => other.serialize(s),
+        }
+        self.raw(b",\"approver_groups\":");
+        self.strs(&d.approver_groups);
+        self.raw(b",\"obligations\":[");
+        for (i, o) in d.obligations.iter().enumerate() {
+            if i > 0 {
+                self.0.push(b',');
+            }
+            self.raw(b"{\"key\":");
+            self.str(&o.key);
+            self.raw(b",\"value\":");
+            self.str(&o.value);
+            self.raw(b",\"policy_id\":");
+            self.str(&o.policy_id);
+            self.0.push(b'}');
+        }
+        self.raw(b"],\"errors\":");
+        self.strs(&d.errors);
+    }
+
+    /// `,"key":"value"` when there is a value.
+    fn optional(&mut self, key: &str, value: Option<&str>) {
+        if let Some(v) = value {
+            self.key(key, false);
+            self.str(v);
         }
     }
 }
 
-fn request_form<'a>(r: &'a Request, mask: &MaskRules) -> RequestForm<'a> {
-    let entity = |e: &'a EntityRef| EntityForm {
-        id: &e.id,
-        properties: e.properties.as_ref().map(SortedMap),
-        kind: &e.kind,
+/// The request as a JSON value, for masking rules to edit.
+fn request_value(r: &Request) -> Value {
+    let entity = |e: &EntityRef| {
+        let mut m = Map::new();
+        m.insert("id".into(), Value::from(e.id.as_str()));
+        if let Some(p) = &e.properties {
+            m.insert("properties".into(), Value::Object(p.clone()));
+        }
+        m.insert("type".into(), Value::from(e.kind.as_str()));
+        Value::Object(m)
     };
-    let borrowed = Borrowed {
-        action: ActionForm { name: &r.action },
-        context: SortedMap(&r.context),
-        resource: entity(&r.resource),
-        subject: entity(&r.subject),
-    };
-    if mask.is_empty() {
-        return RequestForm::Borrowed(borrowed);
-    }
-    let mut form = serde_json::to_value(&borrowed).unwrap_or(Value::Null);
-    mask.apply(&mut form);
-    form.sort_all_objects();
-    RequestForm::Masked(form)
+    let mut m = Map::new();
+    m.insert("action".into(), serde_json::json!({ "name": r.action }));
+    m.insert("context".into(), Value::Object(r.context.clone()));
+    m.insert("resource".into(), entity(&r.resource));
+    m.insert("subject".into(), entity(&r.subject));
+    Value::Object(m)
 }
 
 /// Writes everything of a decision record but its chain position, masked,
 /// into `out` (cleared first). Built on the decision path, so an unmasked
-/// request never leaves it.
+/// request never leaves it. Field order is fixed here and maps inside the
+/// request are sorted, so equal records give equal bytes.
 pub fn decision_tail(e: &Entry, out: &mut Vec<u8>) {
-    let mut time = [0; super::time::TIME_LEN];
-    let mut id = uuid::Uuid::encode_buffer();
-    let tail = Tail {
-        kind: e.kind,
-        time: super::time::format_micros_into(e.time_us, &mut time),
-        decision_id: Some(e.decision_id.hyphenated().encode_lower(&mut id)),
-        bundle: Some(&e.bundle),
-        revision: Some(&e.revision),
-        request: Some(request_form(&e.request, &e.mask)),
-        decision: Some(&e.decision),
-        session_id: e.request.session_id.as_deref(),
-        links: Some(&e.links),
-        latency_us: Some(e.latency.as_micros() as u64),
-        trace_id: e.trace_id.as_deref(),
-        span_id: e.span_id.as_deref(),
-        dropped: None,
-    };
     out.clear();
-    // Serializing plain data into a Vec cannot fail.
-    let _ = serde_json::to_writer(out, &tail);
+    let mut j = Json(out);
+    j.raw(b"{\"kind\":");
+    j.str(e.kind);
+    let mut time = [0; super::time::TIME_LEN];
+    j.raw(b",\"time\":");
+    j.str(super::time::format_micros_into(e.time_us, &mut time));
+    let mut id = uuid::Uuid::encode_buffer();
+    j.raw(b",\"decision_id\":");
+    j.str(e.decision_id.hyphenated().encode_lower(&mut id));
+    j.raw(b",\"bundle\":");
+    j.str(&e.bundle);
+    j.raw(b",\"revision\":");
+    j.str(&e.revision);
+    j.raw(b",\"request\":");
+    if e.mask.is_empty() {
+        j.request(&e.request);
+    } else {
+        let mut form = request_value(&e.request);
+        e.mask.apply(&mut form);
+        j.value(&form);
+    }
+    j.decision(&e.decision);
+    j.optional("session_id", e.request.session_id.as_deref());
+    let l = &e.links;
+    j.optional("approval_id", l.approval_id.as_deref());
+    j.optional("approval_expires_at", l.approval_expires_at.as_deref());
+    j.optional("approved_by", l.approved_by.as_deref());
+    j.optional("approval_error", l.approval_error.as_deref());
+    j.raw(b",\"latency_us\":");
+    j.uint(e.latency.as_micros() as u64);
+    j.optional("trace_id", e.trace_id.as_deref());
+    j.optional("span_id", e.span_id.as_deref());
+    j.0.push(b'}');
 }
 
 /// A marker standing in for records that were dropped (overflow `drop`), so
 /// the loss itself is in the chain.
 pub fn dropped_tail(count: u64) -> Vec<u8> {
-    let time = super::time::format_micros(super::time::now_micros());
-    let tail = Tail {
-        kind: "dropped",
-        time: &time,
-        decision_id: None,
-        bundle: None,
-        revision: None,
-        request: None,
-        decision: None,
-        session_id: None,
-        links: None,
-        latency_us: None,
-        trace_id: None,
-        span_id: None,
-        dropped: Some(count),
-    };
     let mut out = Vec::with_capacity(128);
-    let _ = serde_json::to_writer(&mut out, &tail);
+    let mut time = [0; super::time::TIME_LEN];
+    let mut j = Json(&mut out);
+    j.raw(b"{\"kind\":\"dropped\",\"time\":");
+    j.str(super::time::format_micros_into(
+        super::time::now_micros(),
+        &mut time,
+    ));
+    j.raw(b",\"dropped\":");
+    j.uint(count);
+    j.0.push(b'}');
     out
 }
 
 /// The canonical body: `{"v":1,"instance":…,"seq":…,` then the tail's fields.
 pub fn body(instance: &str, seq: u64, tail: &[u8], out: &mut Vec<u8>) {
-    out.extend_from_slice(b"{\"v\":1,\"instance\":");
-    let _ = serde_json::to_writer(&mut *out, instance);
-    out.extend_from_slice(b",\"seq\":");
-    out.extend_from_slice(seq.to_string().as_bytes());
-    out.push(b',');
-    out.extend_from_slice(tail.get(1..).unwrap_or_default());
+    BodyStart::new(instance).write(seq, tail, out);
+}
+
+/// A body's first bytes up to its seq, which are the same for every record
+/// of an instance: the writer makes them once.
+pub struct BodyStart(Vec<u8>);
+
+impl BodyStart {
+    pub fn new(instance: &str) -> Self {
+        let mut start = b"{\"v\":1,\"instance\":".to_vec();
+        Json(&mut start).str(instance);
+        start.extend_from_slice(b",\"seq\":");
+        Self(start)
+    }
+
+    /// Appends the body of record `seq` to `out`.
+    pub fn write(&self, seq: u64, tail: &[u8], out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.0);
+        Json(out).uint(seq);
+        out.push(b',');
+        out.extend_from_slice(tail.get(1..).unwrap_or_default());
+    }
 }
 
 #[cfg(test)]
@@ -230,15 +314,69 @@ mod tests {
     use super::*;
     use crate::decision::Outcome;
 
-    #[test]
-    fn the_borrowed_and_the_masked_form_serialize_alike() {
-        let mut context = Map::new();
-        context.insert(
-            "b".into(),
-            serde_json::json!({"y": [1, {"d": 1, "c": 2}], "x": null}),
-        );
-        context.insert("a".into(), Value::from("z"));
-        let r = Request {
+    /// What serde_json writes for a record's fields: the reference the
+    /// hand-written form must match byte for byte.
+    #[derive(serde::Serialize)]
+    struct Reference<'a> {
+        kind: &'a str,
+        time: String,
+        decision_id: String,
+        bundle: &'a str,
+        revision: &'a str,
+        request: Value,
+        #[serde(flatten)]
+        decision: &'a Decision,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        session_id: Option<&'a str>,
+        #[serde(flatten)]
+        links: &'a crate::decision::Links,
+        latency_us: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        trace_id: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        span_id: Option<&'a str>,
+    }
+
+    fn reference(e: &Entry) -> Vec<u8> {
+        let mut request = request_value(&e.request);
+        e.mask.apply(&mut request);
+        request.sort_all_objects();
+        let r = Reference {
+            kind: e.kind,
+            time: crate::decision_log::time::format_micros(e.time_us),
+            decision_id: e.decision_id.to_string(),
+            bundle: &e.bundle,
+            revision: &e.revision,
+            request,
+            decision: &e.decision,
+            session_id: e.request.session_id.as_deref(),
+            links: &e.links,
+            latency_us: e.latency.as_micros() as u64,
+            trace_id: e.trace_id.as_deref(),
+            span_id: e.span_id.as_deref(),
+        };
+        serde_json::to_vec(&r).expect("json")
+    }
+
+    fn entry(request: Request, decision: Decision) -> Entry {
+        Entry {
+            time_us: 1_709_210_096_789_012,
+            decision_id: uuid::Uuid::from_u128(0x0123_4567_89ab_cdef_0123_4567_89ab_cdef),
+            kind: "check",
+            bundle: "b".into(),
+            revision: "r1".into(),
+            request,
+            decision: Arc::new(decision),
+            latency: Duration::from_micros(12),
+            trace_id: None,
+            span_id: None,
+            mask: Arc::new(MaskRules::default()),
+            links: Default::default(),
+        }
+    }
+
+    fn request(context: Map<String, Value>) -> Request {
+        Request {
             subject: EntityRef {
                 kind: "User".into(),
                 id: "u".into(),
@@ -252,21 +390,75 @@ mod tests {
             },
             context,
             session_id: None,
-        };
-        let plain = serde_json::to_string(&request_form(&r, &MaskRules::default())).expect("json");
-        // A rule that matches nothing takes the masking path.
-        let rules = MaskRules::parse(br#"{"erase": ["/context/absent"]}"#).expect("rules");
-        let masked = serde_json::to_string(&request_form(&r, &rules)).expect("json");
-        assert_eq!(plain, masked);
-        assert!(plain.starts_with(r#"{"action":{"name":"view"},"context":{"a":"z","b":{"x":null,"y":[1,{"c":2,"d":1}]}}"#), "{plain}");
-        // A map that arrives sorted takes the path without a key list.
-        let mut sorted = r.context.clone();
+        }
+    }
+
+    #[test]
+    fn records_are_written_as_serde_json_writes_them() {
+        // Unsorted keys at every depth, every kind of value, and strings
+        // that need each kind of escape.
+        let awkward: Map<String, Value> = serde_json::from_str(
+            r#"{"z": {"y": [1, {"d": -1, "c": 2.5}], "x": null, "w": true, "v": false},
+                "a": "quote \" back \\ nl \n tab \t bell \u0007 del \u007f é 🙂",
+                "n": 18446744073709551615, "m": -9223372036854775808, "f": 1e300,
+                "q\"k": [], "e": {}}"#,
+        )
+        .expect("json");
+        assert!(!awkward.keys().is_sorted());
+        let mut sorted = awkward.clone();
         sorted.sort_keys();
-        assert!(sorted.keys().is_sorted() && !r.context.keys().is_sorted());
-        assert_eq!(
-            serde_json::to_string(&SortedMap(&sorted)).expect("json"),
-            serde_json::to_string(&SortedMap(&r.context)).expect("json")
+        let full = Decision {
+            outcome: Outcome::StepUp,
+            policy_ids: vec!["p\"1".into(), "p2".into()],
+            step_up: Some(crate::decision::StepUp {
+                acr_values: vec!["mfa".into(), "phr".into()],
+                max_age: Some(300),
+            }),
+            approver_groups: vec!["admins".into()],
+            obligations: vec![crate::decision::Obligation {
+                key: "audit".into(),
+                value: "high\n".into(),
+                policy_id: "p2".into(),
+            }],
+            errors: vec!["an \"error\"".into()],
+        };
+        let mut no_max_age = full.clone();
+        no_max_age.step_up.as_mut().expect("step-up").max_age = None;
+        let mut cases = vec![
+            entry(request(Map::new()), Decision::deny(vec![], vec![])),
+            entry(request(awkward.clone()), full.clone()),
+            entry(request(sorted), no_max_age),
+        ];
+        let mut linked = entry(request(awkward.clone()), full);
+        linked.request.session_id = Some("s-1".into());
+        linked.request.action = "Acme::Action::\"view\"".into();
+        linked.links = crate::decision::Links {
+            approval_id: Some("a1".into()),
+            approval_expires_at: Some("2024-03-01T00:00:00Z".into()),
+            approved_by: Some("bob \"the approver\"".into()),
+            approval_error: Some("none".into()),
+        };
+        linked.trace_id = Some("4bf92f3577b34da6a3ce929d0e0e4736".into());
+        linked.span_id = Some("00f067aa0ba902b7".into());
+        cases.push(linked);
+        let mut masked = entry(request(awkward), Decision::deny(vec![], vec![]));
+        masked.mask = Arc::new(
+            MaskRules::parse(br#"{"erase": ["/context/a"], "hash": ["/subject/id"]}"#)
+                .expect("rules"),
         );
+        cases.push(masked);
+        let mut out = Vec::new();
+        for e in &cases {
+            decision_tail(e, &mut out);
+            let expected = reference(e);
+            assert_eq!(
+                String::from_utf8_lossy(&out),
+                String::from_utf8_lossy(&expected)
+            );
+        }
+        let tail: Value = serde_json::from_slice(&dropped_tail(7)).expect("json");
+        assert_eq!(tail["kind"], "dropped");
+        assert_eq!(tail["dropped"], 7);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 
-use super::chain::{self, Hash};
+use super::chain;
 use super::record;
 use super::spool::{Head, Spool};
 use super::{Overflow, Queued, Settings, Shared};
@@ -21,7 +21,8 @@ const YIELD_EVERY: usize = 64;
 pub(super) struct Writer {
     pub rx: mpsc::Receiver<Queued>,
     pub spool: Spool,
-    pub instance: String,
+    /// The bytes every body of this instance starts with.
+    pub body_start: record::BodyStart,
     pub head: Head,
     pub shared: Arc<Shared>,
     pub settings: Settings,
@@ -46,7 +47,6 @@ impl Writer {
         };
         let mut batch: Vec<Queued> = Vec::with_capacity(self.settings.batch_max);
         let mut lines = Vec::new();
-        let mut body = Vec::new();
         let mut last_write = Instant::now();
         loop {
             let mut stop = self.stop.clone();
@@ -94,11 +94,11 @@ impl Writer {
                     .is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
                 {
                     self.last_marker = Some(Instant::now());
-                    self.write(&mut batch, &mut lines, &mut body, &rt);
+                    self.write(&mut batch, &mut lines, &rt);
                 }
                 continue;
             }
-            self.write(&mut batch, &mut lines, &mut body, &rt);
+            self.write(&mut batch, &mut lines, &rt);
             last_write = Instant::now();
             if closing {
                 return;
@@ -156,35 +156,23 @@ impl Writer {
         &mut self,
         batch: &mut Vec<Queued>,
         lines: &mut Vec<u8>,
-        body: &mut Vec<u8>,
         rt: &tokio::runtime::Runtime,
     ) {
         lines.clear();
         let first_seq = self.head.seq + 1;
         let mut head = self.head;
-        let push = |body: &[u8], head: &mut Head, lines: &mut Vec<u8>| {
-            let hash: Hash = chain::link(&head.hash, body);
-            chain::write_line(lines, &hash, body);
-            *head = Head {
-                seq: head.seq + 1,
-                hash,
-            };
+        let start = &self.body_start;
+        let mut push = |tail: &[u8], lines: &mut Vec<u8>| {
+            let seq = head.seq + 1;
+            let hash = chain::append_next(lines, &head.hash, |out| start.write(seq, tail, out));
+            head = Head { seq, hash };
         };
         let dropped = self.shared.dropped.swap(0, Ordering::Relaxed);
         if dropped > 0 {
-            body.clear();
-            record::body(
-                &self.instance,
-                head.seq + 1,
-                &record::dropped_tail(dropped),
-                body,
-            );
-            push(body, &mut head, lines);
+            push(&record::dropped_tail(dropped), lines);
         }
         for (i, q) in batch.iter().enumerate() {
-            body.clear();
-            record::body(&self.instance, head.seq + 1, &q.tail, body);
-            push(body, &mut head, lines);
+            push(&q.tail, lines);
             // Short slices while keeping up: a decision waiting for this
             // core runs now, not after the whole batch. With a backlog, no
             // yields: the writer must catch up or the queue fills.
