@@ -147,7 +147,7 @@ impl Ship {
             let now = tokio::time::Instant::now();
             if now >= next_send && in_flight.len() < self.settings.window {
                 while in_flight.len() < self.settings.window {
-                    // Yield while packing unless the control plane waits on
+                    // Pause while packing unless the control plane waits on
                     // us: far behind with at most one batch in flight. When
                     // it is the slow side, hurrying would only cost decisions.
                     let backlog = self.spooled.borrow().saturating_sub(sent);
@@ -221,7 +221,7 @@ struct Packer {
 type Packed = std::io::Result<Option<(u64, u32, Vec<u8>)>>;
 
 enum Ask {
-    /// After seq, at most this many records, yielding between slices.
+    /// After seq, at most this many records, pausing between slices.
     Next(u64, usize, bool, tokio::sync::oneshot::Sender<Packed>),
     Forget(u64),
 }
@@ -267,7 +267,7 @@ impl Packer {
     }
 
     /// The next batch after `after`, compressed; `None` if nothing is new.
-    /// `polite`: yield the CPU between slices.
+    /// `polite`: pause between slices.
     async fn next(&mut self, after: u64, max: usize, polite: bool) -> Packed {
         let (reply, packed) = tokio::sync::oneshot::channel();
         let gone = || std::io::Error::other("the packer thread stopped");
@@ -287,11 +287,10 @@ impl Packer {
 /// shrinks about tenfold for a third of DEFLATE level 1's CPU.
 pub(crate) fn compress(bytes: &[u8], polite: bool) -> std::io::Result<Vec<u8>> {
     use std::io::Write;
-    // In slices, with a yield between them when `polite`: a decision
-    // waiting for this core runs after at most one slice (≈ 15 µs), not
-    // after the whole batch. Not when the control plane waits on us: a
-    // yield of this low-priority thread on a busy core can cost it
-    // milliseconds, and shipping must keep up with the decision rate.
+    // In slices, with a pause between them when `polite`: a decision
+    // waiting for this core runs after at most one slice (≈ 100 µs), not
+    // after the whole batch. Not when the control plane waits on us:
+    // shipping must keep up with the decision rate.
     const SLICE: usize = 64 * 1024;
     let mut info = lz4_flex::frame::FrameInfo::new();
     info.block_mode = lz4_flex::frame::BlockMode::Linked;
@@ -300,7 +299,7 @@ pub(crate) fn compress(bytes: &[u8], polite: bool) -> std::io::Result<Vec<u8>> {
     for slice in bytes.chunks(SLICE) {
         frame.write_all(slice)?;
         if polite {
-            std::thread::yield_now();
+            super::pause();
         }
     }
     frame.finish().map_err(std::io::Error::other)

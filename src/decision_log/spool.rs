@@ -198,7 +198,7 @@ pub struct Reader {
     dir: PathBuf,
     current: Option<(u64, File)>,
     pending: Vec<u8>,
-    /// Yield the CPU after each read (the packer sets it while it keeps up).
+    /// Pause after each read (the packer sets it while it keeps up).
     pub polite: bool,
 }
 
@@ -220,7 +220,7 @@ impl Reader {
         self.pending.reserve(READ as usize);
         let n = f.take(READ).read_to_end(&mut self.pending)?;
         if self.polite {
-            std::thread::yield_now();
+            super::pause();
         }
         Ok(n > 0)
     }

@@ -15,8 +15,8 @@ use super::record;
 use super::spool::{Head, Spool};
 use super::{Overflow, Queued, Settings, Shared};
 
-/// Records hashed between two yields of the CPU (≈ 50 µs of work).
-const YIELD_EVERY: usize = 64;
+/// Records chained between two pauses (≈ 40 µs of work).
+const PAUSE_EVERY: usize = 64;
 
 pub(super) struct Writer {
     pub rx: mpsc::Receiver<Queued>,
@@ -175,13 +175,17 @@ impl Writer {
             push(&q.tail, lines);
             // Short slices while keeping up: a decision waiting for this
             // core runs now, not after the whole batch. With a backlog, no
-            // yields: the writer must catch up or the queue fills.
-            if i % YIELD_EVERY == YIELD_EVERY - 1 && self.rx.len() < self.settings.batch_max {
-                std::thread::yield_now();
+            // pauses: the writer must catch up or the queue fills.
+            if i % PAUSE_EVERY == PAUSE_EVERY - 1 && self.rx.len() < self.settings.batch_max {
+                super::pause();
             }
         }
         if lines.is_empty() {
             return;
+        }
+        if batch.len() >= PAUSE_EVERY && self.rx.len() < self.settings.batch_max {
+            // And between chaining and the write, which copies the batch.
+            super::pause();
         }
         // A spool that cannot be written is retried, never skipped: the
         // queue backs up behind it and the overflow policy applies.
