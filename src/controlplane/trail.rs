@@ -707,7 +707,7 @@ mod tests {
         assert_eq!(unpack(&old).expect("unpacks"), text);
         // A batch that unpacks past the cap is refused, whichever the format.
         let lz4 = RecordBatch {
-            lines_lz4: crate::decision_log::shipper::compress(&text, false).expect("packs"),
+            lines_lz4: crate::decision_log::shipper::compress(&text).expect("packs"),
             ..RecordBatch::default()
         };
         let cap = text.len() as u64 - 1;

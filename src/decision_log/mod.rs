@@ -8,7 +8,7 @@
 //! ```
 //!
 //! Durability: `buffered` answers at once (a `kill -9` loses only records
-//! still in the queue: those of the current write, a millisecond or so);
+//! not yet written: at most one batch interval's, 10 ms by default);
 //! `durable` answers once the record is in the spool (fsynced). At the spool
 //! cap, `block` (the default) refuses decisions it cannot record after a short
 //! wait, `drop` keeps deciding and writes a `dropped` marker into the chain.
@@ -245,15 +245,6 @@ pub(crate) fn background_priority(nice: i32) {
     }
     #[cfg(not(target_os = "linux"))]
     let _ = nice;
-}
-
-/// Gives the core back for a moment between slices of background work, so
-/// a decision waiting for it runs after one slice, not after the whole job.
-/// A sleep, not a yield: the scheduler (EEVDF) lets a yielding thread keep
-/// the core while the thread it displaced is not yet due, and measured
-/// slices then ran back to back for a millisecond and more.
-pub(crate) fn pause() {
-    std::thread::sleep(Duration::from_micros(50));
 }
 
 type Wait = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;

@@ -147,14 +147,8 @@ impl Ship {
             let now = tokio::time::Instant::now();
             if now >= next_send && in_flight.len() < self.settings.window {
                 while in_flight.len() < self.settings.window {
-                    // Pause while packing unless the control plane waits on
-                    // us: far behind with at most one batch in flight. When
-                    // it is the slow side, hurrying would only cost decisions.
-                    let backlog = self.spooled.borrow().saturating_sub(sent);
-                    let polite =
-                        backlog < 4 * self.settings.batch_max as u64 || in_flight.len() > 1;
                     let Some((first_seq, count, lines_lz4)) = packer
-                        .next(sent, self.settings.batch_max, polite)
+                        .next(sent, self.settings.batch_max)
                         .await
                         .map_err(|e| format!("reading the spool: {e}"))?
                     else {
@@ -221,8 +215,8 @@ struct Packer {
 type Packed = std::io::Result<Option<(u64, u32, Vec<u8>)>>;
 
 enum Ask {
-    /// After seq, at most this many records, pausing between slices.
-    Next(u64, usize, bool, tokio::sync::oneshot::Sender<Packed>),
+    /// After seq, at most this many records.
+    Next(u64, usize, tokio::sync::oneshot::Sender<Packed>),
     Forget(u64),
 }
 
@@ -239,13 +233,10 @@ impl Packer {
                 // Ends when the session drops its Packer.
                 for ask in asks {
                     match ask {
-                        Ask::Next(after, max, polite, reply) => {
-                            reader.polite = polite;
+                        Ask::Next(after, max, reply) => {
                             let packed = reader.next_chunk(after, max, BATCH_BYTES).and_then(|c| {
-                                c.map(|c| {
-                                    compress(&c.lines, polite).map(|z| (c.first_seq, c.count, z))
-                                })
-                                .transpose()
+                                c.map(|c| compress(&c.lines).map(|z| (c.first_seq, c.count, z)))
+                                    .transpose()
                             });
                             let _ = reply.send(packed);
                         }
@@ -267,12 +258,11 @@ impl Packer {
     }
 
     /// The next batch after `after`, compressed; `None` if nothing is new.
-    /// `polite`: pause between slices.
-    async fn next(&mut self, after: u64, max: usize, polite: bool) -> Packed {
+    async fn next(&mut self, after: u64, max: usize) -> Packed {
         let (reply, packed) = tokio::sync::oneshot::channel();
         let gone = || std::io::Error::other("the packer thread stopped");
         self.ask
-            .send(Ask::Next(after, max, polite, reply))
+            .send(Ask::Next(after, max, reply))
             .map_err(|_| gone())?;
         packed.await.map_err(|_| gone())?
     }
@@ -285,23 +275,13 @@ impl Packer {
 
 /// One LZ4 frame (linked blocks): records are repetitive JSON, which LZ4
 /// shrinks about tenfold for a third of DEFLATE level 1's CPU.
-pub(crate) fn compress(bytes: &[u8], polite: bool) -> std::io::Result<Vec<u8>> {
+pub(crate) fn compress(bytes: &[u8]) -> std::io::Result<Vec<u8>> {
     use std::io::Write;
-    // In slices, with a pause between them when `polite`: a decision
-    // waiting for this core runs after at most one slice (≈ 100 µs), not
-    // after the whole batch. Not when the control plane waits on us:
-    // shipping must keep up with the decision rate.
-    const SLICE: usize = 64 * 1024;
     let mut info = lz4_flex::frame::FrameInfo::new();
     info.block_mode = lz4_flex::frame::BlockMode::Linked;
     let out = Vec::with_capacity(bytes.len() / 8 + 64);
     let mut frame = lz4_flex::frame::FrameEncoder::with_frame_info(info, out);
-    for slice in bytes.chunks(SLICE) {
-        frame.write_all(slice)?;
-        if polite {
-            super::pause();
-        }
-    }
+    frame.write_all(bytes)?;
     frame.finish().map_err(std::io::Error::other)
 }
 
@@ -315,14 +295,12 @@ mod tests {
                 format!("{{\"hash\":\"{i:064}\",\"record\":{{\"seq\":{i}}}}}\n").into_bytes()
             })
             .collect();
-        for polite in [false, true] {
-            let z = super::compress(&lines, polite).expect("compresses");
-            assert!(z.len() < lines.len() / 3);
-            let mut back = Vec::new();
-            lz4_flex::frame::FrameDecoder::new(&z[..])
-                .read_to_end(&mut back)
-                .expect("inflates");
-            assert_eq!(back, lines);
-        }
+        let z = super::compress(&lines).expect("compresses");
+        assert!(z.len() < lines.len() / 3);
+        let mut back = Vec::new();
+        lz4_flex::frame::FrameDecoder::new(&z[..])
+            .read_to_end(&mut back)
+            .expect("inflates");
+        assert_eq!(back, lines);
     }
 }

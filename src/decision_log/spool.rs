@@ -198,8 +198,6 @@ pub struct Reader {
     dir: PathBuf,
     current: Option<(u64, File)>,
     pending: Vec<u8>,
-    /// Pause after each read (the packer sets it while it keeps up).
-    pub polite: bool,
 }
 
 /// Whole spooled lines, ready to ship as they are.
@@ -219,9 +217,6 @@ impl Reader {
         // Straight into `pending`'s spare room (no zeroing, no extra copy).
         self.pending.reserve(READ as usize);
         let n = f.take(READ).read_to_end(&mut self.pending)?;
-        if self.polite {
-            super::pause();
-        }
         Ok(n > 0)
     }
 
@@ -230,7 +225,6 @@ impl Reader {
             dir: dir.to_path_buf(),
             current: None,
             pending: Vec::new(),
-            polite: false,
         }
     }
 

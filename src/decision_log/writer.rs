@@ -15,9 +15,6 @@ use super::record;
 use super::spool::{Head, Spool};
 use super::{Overflow, Queued, Settings, Shared};
 
-/// Records chained between two pauses (≈ 40 µs of work).
-const PAUSE_EVERY: usize = 64;
-
 pub(super) struct Writer {
     pub rx: mpsc::Receiver<Queued>,
     pub spool: Spool,
@@ -171,21 +168,14 @@ impl Writer {
         if dropped > 0 {
             push(&record::dropped_tail(dropped), lines);
         }
-        for (i, q) in batch.iter().enumerate() {
+        // In one go, without yielding between slices: on a shared core each
+        // switch cost decisions more than the slice it spared them (see the
+        // README's decision-log overhead).
+        for q in batch.iter() {
             push(&q.tail, lines);
-            // Short slices while keeping up: a decision waiting for this
-            // core runs now, not after the whole batch. With a backlog, no
-            // pauses: the writer must catch up or the queue fills.
-            if i % PAUSE_EVERY == PAUSE_EVERY - 1 && self.rx.len() < self.settings.batch_max {
-                super::pause();
-            }
         }
         if lines.is_empty() {
             return;
-        }
-        if batch.len() >= PAUSE_EVERY && self.rx.len() < self.settings.batch_max {
-            // And between chaining and the write, which copies the batch.
-            super::pause();
         }
         // A spool that cannot be written is retried, never skipped: the
         // queue backs up behind it and the overflow policy applies.
