@@ -76,15 +76,20 @@ impl Json<'_> {
         self.0.push(b':');
     }
 
-    fn strs(&mut self, items: &[String]) {
+    /// A JSON array of `items`, each written by `each`.
+    fn list<T>(&mut self, items: &[T], each: impl Fn(&mut Self, &T)) {
         self.0.push(b'[');
-        for (i, s) in items.iter().enumerate() {
+        for (i, item) in items.iter().enumerate() {
             if i > 0 {
                 self.0.push(b',');
             }
-            self.str(s);
+            each(self, item);
         }
         self.0.push(b']');
+    }
+
+    fn strs(&mut self, items: &[String]) {
+        self.list(items, |j, s| j.str(s));
     }
 
     /// A JSON value with object keys sorted at every depth.
@@ -100,16 +105,7 @@ impl Json<'_> {
                 }
             },
             Value::String(s) => self.str(s),
-            Value::Array(items) => {
-                self.0.push(b'[');
-                for (i, item) in items.iter().enumerate() {
-                    if i > 0 {
-                        self.0.push(b',');
-                    }
-                    self.value(item);
-                }
-                self.0.push(b']');
-            }
+            Value::Array(items) => self.list(items, Self::value),
             Value::Object(map) => self.sorted_map(map),
         }
     }
@@ -180,20 +176,17 @@ impl Json<'_> {
         }
         self.raw(b",\"approver_groups\":");
         self.strs(&d.approver_groups);
-        self.raw(b",\"obligations\":[");
-        for (i, o) in d.obligations.iter().enumerate() {
-            if i > 0 {
-                self.0.push(b',');
-            }
-            self.raw(b"{\"key\":");
-            self.str(&o.key);
-            self.raw(b",\"value\":");
-            self.str(&o.value);
-            self.raw(b",\"policy_id\":");
-            self.str(&o.policy_id);
-            self.0.push(b'}');
-        }
-        self.raw(b"],\"errors\":");
+        self.raw(b",\"obligations\":");
+        self.list(&d.obligations, |j, o| {
+            j.raw(b"{\"key\":");
+            j.str(&o.key);
+            j.raw(b",\"value\":");
+            j.str(&o.value);
+            j.raw(b",\"policy_id\":");
+            j.str(&o.policy_id);
+            j.0.push(b'}');
+        });
+        self.raw(b",\"errors\":");
         self.strs(&d.errors);
     }
 
