@@ -7,8 +7,10 @@
 //!                                           fsync per batch            acknowledged)           ack by seq)
 //! ```
 //!
-//! Durability: `buffered` answers at once (a `kill -9` loses only records
-//! not yet written: at most one batch interval's, 10 ms by default);
+//! Durability: `buffered` answers at once (a `kill -9` loses the records not
+//! yet written: one batch interval's, 10 ms by default, while the writer
+//! keeps up; up to the queue's capacity while it is behind or held at the
+//! spool cap);
 //! `durable` answers once the record is in the spool (fsynced). At the spool
 //! cap, `block` (the default) refuses decisions it cannot record after a short
 //! wait, `drop` keeps deciding and writes a `dropped` marker into the chain.

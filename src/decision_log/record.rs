@@ -1,6 +1,6 @@
 //! A decision record: what the decision path hands over (`Entry`, cheap to
-//! build: it moves the request and shares the decision) and its canonical
-//! JSON body, built off the decision path by the writer.
+//! build: it moves the request and shares the decision), written there as
+//! canonical JSON without its chain position, which the writer adds.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -242,6 +242,9 @@ pub fn decision_tail(e: &Entry, out: &mut Vec<u8>) {
         j.request(&e.request);
     } else {
         let mut form = request_value(&e.request);
+        // Sorted before masking too: a hashed object must hash the same
+        // whatever order its keys arrived in.
+        form.sort_all_objects();
         e.mask.apply(&mut form);
         j.value(&form);
     }
@@ -331,7 +334,10 @@ mod tests {
     }
 
     fn reference(e: &Entry) -> Vec<u8> {
+        // As before the record writer: sorted, masked (erasing may move a
+        // key), sorted again.
         let mut request = request_value(&e.request);
+        request.sort_all_objects();
         e.mask.apply(&mut request);
         request.sort_all_objects();
         let r = Reference {
@@ -434,11 +440,27 @@ mod tests {
         linked.trace_id = Some("4bf92f3577b34da6a3ce929d0e0e4736".into());
         linked.span_id = Some("00f067aa0ba902b7".into());
         cases.push(linked);
-        let mut masked = entry(request(awkward), Decision::deny(vec![], vec![]));
-        masked.mask = Arc::new(
-            MaskRules::parse(br#"{"erase": ["/context/a"], "hash": ["/subject/id"]}"#)
-                .expect("rules"),
+        let rules = Arc::new(
+            MaskRules::parse(
+                br#"{"erase": ["/context/a"], "hash": ["/subject/id", "/context/z"]}"#,
+            )
+            .expect("rules"),
         );
+        let mut masked = entry(request(awkward.clone()), Decision::deny(vec![], vec![]));
+        masked.mask = rules.clone();
+        // A hashed object hashes the same whatever order its keys came in.
+        let mut sorted_all = Value::Object(awkward);
+        sorted_all.sort_all_objects();
+        let Value::Object(sorted_all) = sorted_all else {
+            unreachable!()
+        };
+        let mut masked_sorted = entry(request(sorted_all), Decision::deny(vec![], vec![]));
+        masked_sorted.mask = rules;
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        decision_tail(&masked, &mut a);
+        decision_tail(&masked_sorted, &mut b);
+        assert_eq!(String::from_utf8_lossy(&a), String::from_utf8_lossy(&b));
+        assert!(String::from_utf8_lossy(&a).contains(r#""z":"sha256:"#));
         cases.push(masked);
         let mut out = Vec::new();
         for e in &cases {
