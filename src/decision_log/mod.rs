@@ -402,6 +402,31 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_writer_held_at_the_cap_stops_when_its_running_handle_is_dropped() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let settings = Settings {
+            // Full after the first record; `block` holds the next one.
+            max_spool_bytes: 1,
+            ..settings(&dir)
+        };
+        let (sink, running) = start(settings, DecisionLogMetrics::default()).expect("starts");
+        let mut spooled = running.spooled.clone();
+        assert!(sink.record(entry()).settle().await.is_ok());
+        let first = tokio::time::timeout(Duration::from_secs(2), spooled.wait_for(|s| *s >= 1));
+        assert!(first.await.is_ok(), "the first record is written");
+        assert!(sink.record(entry()).settle().await.is_ok());
+        // Dropped without `close` (a panic on the way, say): the writer
+        // writes what it holds and ends instead of waiting on a stop that
+        // can no longer come.
+        drop(running);
+        let held = tokio::time::timeout(Duration::from_secs(2), spooled.wait_for(|s| *s >= 2));
+        assert!(
+            matches!(held.await, Ok(Ok(_))),
+            "the held record is written at shutdown"
+        );
+    }
+
+    #[tokio::test]
     async fn a_backlog_is_written_without_waiting_an_interval_per_batch() {
         let dir = tempfile::tempdir().expect("tmp");
         let settings = Settings {

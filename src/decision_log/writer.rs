@@ -103,6 +103,13 @@ impl Writer {
         }
     }
 
+    /// Whether the trail is shutting down: told so, or its `Running` was
+    /// dropped without `close` (a closed channel never says `true`, and
+    /// waiting on it returns at once: loops on it would spin).
+    fn stopping(&self) -> bool {
+        *self.stop.borrow() || self.stop.has_changed().is_err()
+    }
+
     /// Applies the overflow policy while the spool is at its cap. False if
     /// the batch was dropped.
     fn room_for(&mut self, batch: &mut Vec<Queued>, rt: &tokio::runtime::Runtime) -> bool {
@@ -136,7 +143,7 @@ impl Writer {
                 // fills behind it and the decision path refuses after its
                 // block timeout. On shutdown the batch is written anyway.
                 let mut stop = self.stop.clone();
-                while full() && !*stop.borrow() {
+                while full() && !self.stopping() {
                     rt.block_on(async {
                         tokio::select! {
                             () = tokio::time::sleep(Duration::from_millis(10)) => {}
@@ -195,7 +202,7 @@ impl Writer {
                         tracing::error!("decision log: cannot write the spool: {e}; retrying");
                         failing_since = Some(Instant::now());
                     }
-                    if *self.stop.borrow()
+                    if self.stopping()
                         && failing_since.is_some_and(|t| t.elapsed() > Duration::from_secs(2))
                     {
                         tracing::error!(
