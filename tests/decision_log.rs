@@ -744,3 +744,108 @@ async fn sigterm_delivers_every_record_before_exit() {
     assert_eq!(r["records"], 300, "shipped before exit: {r}");
     assert!(r["first_break"].is_null(), "{r}");
 }
+
+/// A control plane from before LZ4 batches: it never sets `accepts_lz4`
+/// and reads only `lines_deflate` (the build it stands for refused anything
+/// else). It records, per batch, whether the batch was readable DEFLATE.
+struct OlderControlPlane {
+    batches: Arc<std::sync::Mutex<Vec<bool>>>,
+}
+
+#[tonic::async_trait]
+impl arbiter::api::pb::v1::decision_log_server::DecisionLog for OlderControlPlane {
+    type ShipStream = std::pin::Pin<
+        Box<
+            dyn tokio_stream::Stream<Item = Result<arbiter::api::pb::v1::ShipAck, tonic::Status>>
+                + Send,
+        >,
+    >;
+
+    async fn ship(
+        &self,
+        request: tonic::Request<tonic::Streaming<arbiter::api::pb::v1::RecordBatch>>,
+    ) -> Result<tonic::Response<Self::ShipStream>, tonic::Status> {
+        use std::io::Read;
+        let mut inbound = request.into_inner();
+        let batches = self.batches.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        tokio::spawn(async move {
+            let mut acked = 0;
+            while let Ok(Some(batch)) = inbound.message().await {
+                if batch.count > 0 {
+                    let mut text = String::new();
+                    let readable = batch.lines_lz4.is_empty()
+                        && flate2::read::DeflateDecoder::new(&batch.lines_deflate[..])
+                            .read_to_string(&mut text)
+                            .is_ok()
+                        && text.lines().count() == batch.count as usize;
+                    batches.lock().unwrap().push(readable);
+                    if !readable {
+                        let _ = tx
+                            .send(Err(tonic::Status::invalid_argument("no lines")))
+                            .await;
+                        return;
+                    }
+                    acked = batch.first_seq + u64::from(batch.count) - 1;
+                }
+                let ack = arbiter::api::pb::v1::ShipAck {
+                    acked_seq: acked,
+                    ..Default::default()
+                };
+                if tx.send(Ok(ack)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(tonic::Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}
+
+#[tokio::test]
+async fn a_control_plane_from_before_lz4_gets_deflate_batches() {
+    let work = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let batches = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let older = OlderControlPlane {
+        batches: batches.clone(),
+    };
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(arbiter::api::pb::v1::decision_log_server::DecisionLogServer::new(older))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    let spool = work.path().join("spool");
+    let mut sidecar = Sidecar::start(&example("documents"), &spool_args(&url, &spool));
+    let seen = load(
+        sidecar.grpc_addr.clone(),
+        200,
+        2,
+        Arc::new(AtomicBool::new(false)),
+    )
+    .await;
+    assert_eq!((seen.ids.len(), seen.failures), (200, 0));
+    let acked = || {
+        let b = batches.lock().unwrap();
+        (b.len(), b.iter().all(|readable| *readable))
+    };
+    eventually(
+        "every record shipped to the older control plane",
+        Duration::from_secs(10),
+        || async {
+            let (metrics_code, text) = sidecar.get("/metrics").await;
+            metrics_code == 200
+                && metric(&text, "arbiter_decision_log_acknowledged_records_total") >= 200.0
+        },
+    )
+    .await;
+    let (count, all_deflate) = acked();
+    assert!(
+        count > 0 && all_deflate,
+        "{count} batches, all DEFLATE: {all_deflate}"
+    );
+    assert!(sidecar.terminate().success());
+    server.abort();
+}

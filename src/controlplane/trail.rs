@@ -574,6 +574,7 @@ impl DecisionLog for DecisionLogService {
                             instance_id: instance.clone(),
                             acked_seq: head.0,
                             chain_breaks: 0,
+                            accepts_lz4: true,
                         }))
                         .await
                         .is_err()
@@ -606,6 +607,7 @@ impl DecisionLog for DecisionLogService {
                             instance_id: instance.clone(),
                             acked_seq: head.0,
                             chain_breaks: breaks.len() as u32,
+                            accepts_lz4: true,
                         })
                     }
                     Ok((Err(TrailError::Bad(e)), _)) => Err(Status::invalid_argument(e)),

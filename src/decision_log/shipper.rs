@@ -137,8 +137,14 @@ impl Ship {
         // The control plane's record is the truth: resend anything after it.
         self.acked = first.acked_seq;
         self.connected = true;
-        tracing::info!(instance = %self.instance, acked_seq = self.acked, "decision log: shipping to the control plane");
-        let mut packer = Packer::start(self)?;
+        let lz4 = first.accepts_lz4;
+        tracing::info!(instance = %self.instance, acked_seq = self.acked, lz4, "decision log: shipping to the control plane");
+        if !lz4 {
+            tracing::warn!(
+                "decision log: the control plane predates LZ4 batches; shipping DEFLATE (more CPU per record) until it is upgraded"
+            );
+        }
+        let mut packer = Packer::start(self, lz4)?;
         packer.forget(self.acked);
         let mut sent = self.acked;
         let mut in_flight: std::collections::VecDeque<u64> = Default::default();
@@ -147,12 +153,16 @@ impl Ship {
             let now = tokio::time::Instant::now();
             if now >= next_send && in_flight.len() < self.settings.window {
                 while in_flight.len() < self.settings.window {
-                    let Some((first_seq, count, lines_lz4)) = packer
+                    let Some((first_seq, count, lines)) = packer
                         .next(sent, self.settings.batch_max)
                         .await
                         .map_err(|e| format!("reading the spool: {e}"))?
                     else {
                         break;
+                    };
+                    let (lines_lz4, lines_deflate) = match lz4 {
+                        true => (lines, Vec::new()),
+                        false => (Vec::new(), lines),
                     };
                     let last = first_seq + u64::from(count) - 1;
                     tx.send(RecordBatch {
@@ -160,7 +170,7 @@ impl Ship {
                         first_seq,
                         count,
                         lines_lz4,
-                        ..RecordBatch::default()
+                        lines_deflate,
                     })
                     .await
                     .map_err(|_| "the stream closed")?;
@@ -221,7 +231,8 @@ enum Ask {
 }
 
 impl Packer {
-    fn start(ship: &Ship) -> Result<Self, String> {
+    /// `lz4`: pack batches as LZ4 frames, else as DEFLATE.
+    fn start(ship: &Ship, lz4: bool) -> Result<Self, String> {
         let (ask, asks) = std::sync::mpsc::channel::<Ask>();
         let dir = ship.dir.clone();
         let (bytes, metrics) = (ship.spool_bytes.clone(), ship.metrics.clone());
@@ -235,7 +246,7 @@ impl Packer {
                     match ask {
                         Ask::Next(after, max, reply) => {
                             let packed = reader.next_chunk(after, max, BATCH_BYTES).and_then(|c| {
-                                c.map(|c| compress(&c.lines).map(|z| (c.first_seq, c.count, z)))
+                                c.map(|c| pack(&c.lines, lz4).map(|z| (c.first_seq, c.count, z)))
                                     .transpose()
                             });
                             let _ = reply.send(packed);
@@ -273,6 +284,19 @@ impl Packer {
     }
 }
 
+/// A batch's lines packed for the control plane: one LZ4 frame if it reads
+/// them, else raw DEFLATE (control planes from before LZ4).
+fn pack(bytes: &[u8], lz4: bool) -> std::io::Result<Vec<u8>> {
+    use std::io::Write;
+    if lz4 {
+        return compress(bytes);
+    }
+    let out = Vec::with_capacity(bytes.len() / 6 + 64);
+    let mut z = flate2::write::DeflateEncoder::new(out, flate2::Compression::fast());
+    z.write_all(bytes)?;
+    z.finish()
+}
+
 /// One LZ4 frame (linked blocks): records are repetitive JSON, which LZ4
 /// shrinks about tenfold for a third of DEFLATE level 1's CPU.
 pub(crate) fn compress(bytes: &[u8]) -> std::io::Result<Vec<u8>> {
@@ -302,5 +326,19 @@ mod tests {
             .read_to_end(&mut back)
             .expect("inflates");
         assert_eq!(back, lines);
+        // Either packing, in the field it goes in, is what the control
+        // plane reads back.
+        for lz4 in [true, false] {
+            let packed = super::pack(&lines, lz4).expect("packs");
+            assert!(packed.len() < lines.len() / 3);
+            let batch = crate::api::pb::v1::RecordBatch {
+                count: 5000,
+                lines_lz4: if lz4 { packed.clone() } else { Vec::new() },
+                lines_deflate: if lz4 { Vec::new() } else { packed },
+                ..Default::default()
+            };
+            let text = crate::controlplane::trail::unpack(&batch).expect("unpacks");
+            assert_eq!(text, lines, "lz4: {lz4}");
+        }
     }
 }
