@@ -309,14 +309,31 @@ async fn approval_is_filed_granted_by_the_cli_and_spent_exactly_once() {
     let id = filed.approval.unwrap().approval_id;
     let (code, _, err) = w.cli(&["approval", "approve", &id, "--by", "bob"]);
     assert_eq!(code, 0, "{err}");
+    // Retry only once the sidecar has applied the revocation: a retry that
+    // raced ahead of the signal would rightly be allowed and spend the grant.
+    let mut watch = c
+        .watch_session(pb::WatchSessionRequest {
+            session_id: "s-a2".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let _current = watch.message().await.unwrap().unwrap();
     w.signal(&["session-revoked", "--session", "s-a2"]);
+    // (the grant's own update may come first: it travels the same feed)
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(update) = watch.message().await.unwrap() {
+            if update.state.is_some_and(|s| s.revoked) {
+                return;
+            }
+        }
+        panic!("the watch ended before the revocation");
+    })
+    .await
+    .expect("the revocation within 10 s");
     let mut retry = refund(650, "s-a2");
     retry.approval_id = id.clone();
-    eventually("the revocation to apply", Duration::from_secs(10), || {
-        let (mut c, retry) = (c.clone(), retry.clone());
-        async move { outcome(&ask(&mut c, retry).await) == Outcome::Deny }
-    })
-    .await;
+    denied_because(&ask(&mut c, retry).await, "revoked");
     let (code, out, err) = w.cli(&["approval", "list", "--state", "granted", "--json"]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains(&id), "still granted, not spent: {out}");
