@@ -77,7 +77,18 @@ impl World {
 
     fn sidecar(cp: &str, public: &Path, dir: &Path, cache: &str) -> Sidecar {
         let cache = dir.join(cache);
-        Sidecar::start(Path::new(""), &pull_args(cp, public, &cache))
+        // Patient with a loaded CI machine: filing or spending an approval
+        // (a control-plane write) gets 15 s, not 2, and a new sidecar waits
+        // for its signal feed rather than answering without it after 5 s.
+        let config = dir.join("patient.toml");
+        std::fs::write(
+            &config,
+            "[sessions]\napproval_timeout_ms = 15000\nstartup_wait_ms = 60000\n",
+        )
+        .unwrap();
+        let mut args = pull_args(cp, public, &cache);
+        args.extend(["--config", s(&config)]);
+        Sidecar::start(Path::new(""), &args)
     }
 
     async fn tools(&self) -> ToolAccessClient<Channel> {

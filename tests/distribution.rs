@@ -223,8 +223,16 @@ async fn a_stale_bundle_follows_the_fail_mode() {
     }
 
     drop(server);
+    // Readiness, health and the metric turn one after another: wait for all.
     eventually_20("deny-all goes unready", || async {
         deny.get("/readyz").await.0 == 503
+            && deny.health().await
+                == tonic_health::pb::health_check_response::ServingStatus::NotServing
+            && deny
+                .get("/metrics")
+                .await
+                .1
+                .contains("arbiter_bundle_stale 1")
     })
     .await;
     let r = deny

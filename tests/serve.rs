@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use arbiter::api::pb::v1::{self as pb, batch_result::Result as Item};
-use common::{Sidecar, example, example_request};
+use common::{Sidecar, eventually, example, example_request};
 use serde_json::Value;
 use tonic::Code;
 
@@ -347,20 +347,23 @@ async fn health_reflection_metrics_and_readiness() {
     let sidecar = Sidecar::start(&example("documents"), &[]);
     let channel = sidecar.channel().await;
 
-    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    // Health turns SERVING just after the listening line: allow it a moment.
     for service in ["", "arbiter.v1.Authorizer"] {
-        let r = health
-            .check(tonic_health::pb::HealthCheckRequest {
-                service: service.into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(
-            r.status,
-            tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
-            "{service:?}"
-        );
+        eventually(service, Duration::from_secs(10), || {
+            let mut health = health.clone();
+            async move {
+                let r = health
+                    .check(tonic_health::pb::HealthCheckRequest {
+                        service: service.into(),
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                r.status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+            }
+        })
+        .await;
     }
 
     use tonic_reflection::pb::v1::{
@@ -482,7 +485,11 @@ async fn sigterm_drains_in_flight_calls_and_exits_cleanly() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let status = tokio::task::spawn_blocking(move || {
         let status = sidecar.terminate();
-        let logs: Vec<String> = sidecar.logs.try_iter().collect();
+        // Until the log reader hits the exited process's end of output.
+        let mut logs = Vec::new();
+        while let Ok(line) = sidecar.logs.recv_timeout(Duration::from_secs(5)) {
+            logs.push(line);
+        }
         (status, logs)
     })
     .await

@@ -270,6 +270,9 @@ pub struct DecisionLogConfig {
     pub batch_interval_ms: u64,
     /// Least milliseconds between batches sent to the control plane.
     pub ship_interval_ms: u64,
+    /// At shutdown, how long the shipper may keep delivering spooled records
+    /// (what is left is resent at the next start).
+    pub drain_ms: u64,
 }
 
 impl Default for DecisionLogConfig {
@@ -290,6 +293,7 @@ impl Default for DecisionLogConfig {
             fsync: true,
             batch_interval_ms: 10,
             ship_interval_ms: 100,
+            drain_ms: 3_000,
         }
     }
 }

@@ -194,7 +194,7 @@ pub async fn serve_until(
             interval: Duration::from_millis(config.decision_log.ship_interval_ms),
             connect_timeout: Duration::from_secs(5),
             max_backoff: Duration::from_secs(config.control_plane.max_backoff_secs.clamp(1, 30)),
-            drain_for: Duration::from_secs(3),
+            drain_for: Duration::from_millis(config.decision_log.drain_ms),
         };
         Some(tokio::spawn(decision_log::shipper::run(
             settings,
