@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -758,7 +759,29 @@ async fn list_allowed_tools_filters_a_tool_list() {
     let delete = by_name("delete_customer");
     assert_eq!(delete.outcome, Outcome::StepUp as i32, "{delete:?}");
     assert_eq!(by_name("export_all").outcome, Outcome::Deny as i32);
-    assert!(by_name("no_such_tool").error.contains("unknown tool"));
+    let unknown = by_name("no_such_tool");
+    assert!(unknown.error.contains("unknown tool"), "{unknown:?}");
+    assert!(
+        unknown.decision_id.is_empty(),
+        "nothing decided: {unknown:?}"
+    );
+
+    // Every verdict is a decision in the trail, explainable from its id.
+    let ids: HashSet<&str> = listed.tools[..3]
+        .iter()
+        .map(|t| t.decision_id.as_str())
+        .collect();
+    assert_eq!(ids.len(), 3, "one record per tool: {listed:?}");
+    let mut shown = String::new();
+    eventually("the listing in the trail", Duration::from_secs(15), || {
+        let (code, out, _) = w.cli(&["log", "show", &delete.decision_id]);
+        shown = out;
+        async move { code == 0 }
+    })
+    .await;
+    for part in ["list_allowed_tools", "crm/delete_customer", "STEP_UP"] {
+        assert!(shown.contains(part), "{part}: {shown}");
+    }
 }
 
 #[tokio::test]

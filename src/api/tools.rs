@@ -258,6 +258,7 @@ impl ToolAccess for ToolService {
         &self,
         request: Request<pb::ListAllowedToolsRequest>,
     ) -> Result<Response<pb::ListAllowedToolsResponse>, Status> {
+        let mut call = call("list_allowed_tools", request.metadata());
         let msg = request.into_inner();
         convert::check_size(msg.encoded_len(), &self.limits)?;
         if msg.tools.len() > self.limits.max_batch_items {
@@ -273,35 +274,67 @@ impl ToolAccess for ToolService {
             .snapshot()
             .ok_or_else(|| status(CheckError::NotReady))?;
         let subject = subject_key(USER_TYPE, &caller.user_id);
-        let mut out = pb::ListAllowedToolsResponse {
-            revision: active.engine.revision().to_string(),
-            ..Default::default()
-        };
+        call.signals_subject = Some(subject.clone());
+        let mut verdicts = Vec::with_capacity(msg.tools.len());
         for tool in msg.tools {
+            let start = Instant::now();
             let mut verdict = pb::ToolVerdict {
                 tool: tool.clone(),
+                outcome: pb::Outcome::Deny as i32,
                 ..Default::default()
             };
             let decided = self
                 .request(&active, &caller, &msg.server, &tool, None)
                 .and_then(|mut req| {
-                    self.decider
+                    let (d, depends) = self
+                        .decider
                         .evaluate_partially(&active, &mut req, Some(&subject), "args")
-                        .map_err(status)
+                        .map_err(status)?;
+                    Ok((req, d, depends))
                 });
-            match decided {
-                Ok((d, depends)) => {
+            let handoff = match decided {
+                Ok((req, d, depends)) => {
                     verdict.outcome = convert::outcome(d.outcome) as i32;
                     verdict.depends_on_arguments = depends;
                     verdict.policy_ids = d.policy_ids.clone();
-                    if d.outcome != Outcome::Deny {
-                        out.allowed.push(tool);
-                    }
+                    // Recorded like every decision, not remembered for the
+                    // session (see `conclude_unremembered`).
+                    let id = uuid::Uuid::new_v7(uuid::Timestamp::now(uuid::NoContext));
+                    verdict.decision_id = id.to_string();
+                    let (_, handoff) = self.decider.conclude_unremembered(
+                        &active,
+                        req,
+                        &call,
+                        d,
+                        start,
+                        Links::default(),
+                        id,
+                    );
+                    Some(handoff)
                 }
                 Err(s) => {
-                    verdict.outcome = pb::Outcome::Deny as i32;
                     verdict.error = s.message().to_owned();
+                    None
                 }
+            };
+            verdicts.push((verdict, handoff));
+        }
+        // Every record is handed over; wait for those that must be kept
+        // first. A tool whose record cannot be kept is not listed.
+        let mut out = pb::ListAllowedToolsResponse {
+            revision: active.engine.revision().to_string(),
+            ..Default::default()
+        };
+        for (mut verdict, handoff) in verdicts {
+            if let Some(handoff) = handoff
+                && let Err(e) = handoff.settle().await
+            {
+                verdict.outcome = pb::Outcome::Deny as i32;
+                verdict.error = e.to_string();
+                verdict.decision_id.clear();
+            }
+            if verdict.outcome != pb::Outcome::Deny as i32 {
+                out.allowed.push(verdict.tool.clone());
             }
             out.tools.push(verdict);
         }

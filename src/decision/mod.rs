@@ -343,8 +343,6 @@ impl Decider {
         links: Links,
         decision_id: uuid::Uuid,
     ) -> (Answer, Handoff) {
-        let took = start.elapsed();
-        self.metrics.decided(decision.outcome, took);
         // A decision that spent an approval is not remembered: decided again
         // without it, it would look like a change to watchers.
         if let (Some(sessions), Some(session), None) = (
@@ -364,6 +362,25 @@ impl Decider {
                 Remembered::new(decision_id.to_string(), plain, decision.outcome),
             );
         }
+        self.conclude_unremembered(active, request, call, decision, start, links, decision_id)
+    }
+
+    /// Like `conclude`, for an answer that is not remembered for its session
+    /// (a tool listing: decided without the call's arguments, so deciding it
+    /// again later would not say whether a call turned). Still recorded.
+    #[allow(clippy::too_many_arguments)]
+    pub fn conclude_unremembered(
+        &self,
+        active: &Arc<Active>,
+        request: Request,
+        call: &Call,
+        decision: Arc<Decision>,
+        start: Instant,
+        links: Links,
+        decision_id: uuid::Uuid,
+    ) -> (Answer, Handoff) {
+        let took = start.elapsed();
+        self.metrics.decided(decision.outcome, took);
         let answer = Answer {
             decision_id,
             bundle: active.engine.name().clone(),
