@@ -21,7 +21,7 @@ use tokio::sync::watch;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use super::trail::{DecisionStore, Incoming};
+use super::trail::{DecisionStore, Incoming, TrailError, append_in, head_in};
 use crate::api::pb::v1::{self as pb, sessions_server::Sessions as SessionsApi};
 use crate::decision_log::chain;
 use crate::decision_log::time::{format_micros, now_micros};
@@ -48,6 +48,8 @@ pub enum JourneyError {
     Conflict(String),
     #[error("database: {0}")]
     Db(#[from] rusqlite::Error),
+    #[error("cannot record it in the trail: {0}")]
+    Trail(String),
 }
 
 /// A signal as an operator or an identity provider sends it.
@@ -96,8 +98,6 @@ pub struct Journeys {
     /// Newest feed position; followers wait on it.
     latest: watch::Sender<u64>,
     approval_ttl: Duration,
-    /// One writer at a time continues the control plane's own chain.
-    chain: Mutex<()>,
     /// This database's feed identity (see `FeedEvent.epoch`).
     epoch: String,
 }
@@ -170,7 +170,6 @@ impl Journeys {
             decisions,
             latest: watch::Sender::new(seq as u64),
             approval_ttl,
-            chain: Mutex::new(()),
             epoch,
         })
     }
@@ -276,9 +275,6 @@ impl Journeys {
                 seq as i64
             ],
         )?;
-        tx.commit()?;
-        drop(conn);
-        self.latest.send_replace(seq);
         let mut record = json!({
             "kind": "signal",
             "decision_id": event_id,
@@ -296,7 +292,13 @@ impl Journeys {
         if let Some(r) = &s.reason {
             record["signal"]["reason"] = json!(r);
         }
-        self.record(record);
+        // In the same transaction: a signal is applied with its trail record
+        // or not at all.
+        let stored = self.record_in(&tx, record)?;
+        tx.commit()?;
+        drop(conn);
+        self.decisions.counted(stored, 0);
+        self.latest.send_replace(seq);
         Ok((event_id, seq))
     }
 
@@ -372,10 +374,12 @@ impl Journeys {
                 seq as i64
             ],
         )?;
+        let stored =
+            self.approval_record_in(&tx, &id, "pending", None, &b.session_id, &b.decision_id)?;
         tx.commit()?;
         drop(conn);
+        self.decisions.counted(stored, 0);
         self.latest.send_replace(seq);
-        self.approval_record(&id, "pending", None, &b.session_id, &b.decision_id);
         Ok(pb::ApprovalTicket {
             id,
             state: "pending".into(),
@@ -413,16 +417,18 @@ impl Journeys {
                 "approval `{id}` was decided meanwhile"
             )));
         }
-        tx.commit()?;
-        drop(conn);
-        self.latest.send_replace(seq);
-        self.approval_record(
+        let stored = self.approval_record_in(
+            &tx,
             id,
             state,
             Some(by),
             &current.session_id,
             &current.decision_id,
-        );
+        )?;
+        tx.commit()?;
+        drop(conn);
+        self.decisions.counted(stored, 0);
+        self.latest.send_replace(seq);
         self.approval(id)?
             .ok_or_else(|| JourneyError::NotFound(id.to_owned()))
     }
@@ -487,16 +493,18 @@ impl Journeys {
         if n == 0 {
             return no("used".into());
         }
-        tx.commit()?;
-        drop(conn);
-        self.latest.send_replace(seq);
-        self.approval_record(
+        let stored = self.approval_record_in(
+            &tx,
             &r.id,
             "used",
             a.by.as_deref(),
             &a.session_id,
             &r.decision_id,
-        );
+        )?;
+        tx.commit()?;
+        drop(conn);
+        self.decisions.counted(stored, 0);
+        self.latest.send_replace(seq);
         Ok(pb::RedeemResult {
             ok: true,
             reason: String::new(),
@@ -625,14 +633,15 @@ impl Journeys {
         Ok(out)
     }
 
-    fn approval_record(
+    fn approval_record_in(
         &self,
+        tx: &rusqlite::Transaction<'_>,
         id: &str,
         state: &str,
         by: Option<&str>,
         session_id: &str,
         decision_id: &str,
-    ) {
+    ) -> Result<u64, JourneyError> {
         let mut record = json!({
             "kind": "approval",
             "decision_id": uuid::Uuid::new_v7(uuid::Timestamp::now(uuid::NoContext)).to_string(),
@@ -645,35 +654,36 @@ impl Journeys {
         if !session_id.is_empty() {
             record["session_id"] = json!(session_id);
         }
-        self.record(record);
+        self.record_in(tx, record)
     }
 
-    /// Appends a record to the control plane's own chain in the trail.
-    fn record(&self, mut tail: Value) {
+    /// Appends a record to the control plane's own chain in the trail, in
+    /// `tx`: the change it records commits with it or not at all (a crash
+    /// in between cannot leave a change the trail does not show). Returns
+    /// the records stored, for the store's counter once `tx` commits.
+    fn record_in(
+        &self,
+        tx: &rusqlite::Transaction<'_>,
+        mut tail: Value,
+    ) -> Result<u64, JourneyError> {
         tail["time"] = json!(format_micros(now_micros()));
         tail.sort_all_objects();
         let tail = tail.to_string().into_bytes();
-        let _guard = self.chain.lock().unwrap_or_else(|p| p.into_inner());
-        let result = self.decisions.head(INSTANCE).and_then(|mut head| {
-            let seq = head.0 + 1;
-            let mut body = Vec::with_capacity(tail.len() + 64);
-            crate::decision_log::record::body(INSTANCE, seq, &tail, &mut body);
-            let hash = chain::link(&head.1, &body);
-            self.decisions
-                .append(
-                    INSTANCE,
-                    &mut head,
-                    &[Incoming {
-                        seq,
-                        hash,
-                        body: &body,
-                    }],
-                )
-                .map(|_| ())
-        });
-        if let Err(e) = result {
-            tracing::error!("cannot record a journey event in the trail: {e}");
-        }
+        // `tx` holds the database's write lock: the head read here is the
+        // head the record is stored after.
+        let trail = |e: TrailError| JourneyError::Trail(e.to_string());
+        let mut head = head_in(tx, INSTANCE).map_err(trail)?;
+        let seq = head.0 + 1;
+        let mut body = Vec::with_capacity(tail.len() + 64);
+        crate::decision_log::record::body(INSTANCE, seq, &tail, &mut body);
+        let hash = chain::link(&head.1, &body);
+        let record = Incoming {
+            seq,
+            hash,
+            body: &body,
+        };
+        append_in(tx, INSTANCE, &mut head, &[record]).map_err(trail)?;
+        Ok(1)
     }
 }
 
@@ -714,6 +724,7 @@ fn internal(e: JourneyError) -> Status {
         JourneyError::NotFound(m) => Status::not_found(m),
         JourneyError::Conflict(m) => Status::failed_precondition(m),
         JourneyError::Db(e) => Status::internal(e.to_string()),
+        JourneyError::Trail(m) => Status::internal(m),
     }
 }
 
@@ -841,6 +852,48 @@ mod tests {
             decision_id: "d0".into(),
             arguments_json: "{}".into(),
         }
+    }
+
+    #[test]
+    fn a_change_commits_with_its_trail_record_or_not_at_all() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let j = journeys(dir.path(), Duration::from_secs(60));
+        let filed = j.request_approval(&binding("aa")).expect("filed");
+        assert_eq!(j.decisions.head(INSTANCE).expect("head").0, 1);
+        let feed_len = || j.feed_after(0, 100).expect("feed").len();
+        let before = feed_len();
+
+        // The trail refuses every record (a full disk, a damaged table...).
+        let raw = Connection::open(dir.path().join("cp.db")).expect("open");
+        raw.execute_batch(
+            "CREATE TRIGGER refuse BEFORE INSERT ON decisions
+             BEGIN SELECT RAISE(ABORT, 'the trail refuses'); END;",
+        )
+        .expect("trigger");
+        let revoke = Signal {
+            kind: "session_revoked".into(),
+            session_id: Some("s1".into()),
+            subject: None,
+            value: None,
+            reason: None,
+        };
+        let refused = j.signal(&revoke).expect_err("no record, no signal");
+        assert!(matches!(refused, JourneyError::Trail(_)), "{refused}");
+        assert!(j.decide(&filed.id, true, "bob").is_err());
+        assert!(j.request_approval(&binding("bb")).is_err());
+        // Nothing of the three took effect: no feed event, still pending,
+        // nothing new filed.
+        assert_eq!(feed_len(), before);
+        assert_eq!(
+            j.approval(&filed.id).expect("read").expect("kept").state,
+            "pending"
+        );
+        assert_eq!(j.approvals(None).expect("list").len(), 1);
+
+        raw.execute_batch("DROP TRIGGER refuse").expect("drop");
+        j.signal(&revoke).expect("recorded and applied");
+        assert_eq!(feed_len(), before + 1);
+        assert_eq!(j.decisions.head(INSTANCE).expect("head").0, 2);
     }
 
     #[test]

@@ -248,18 +248,7 @@ impl DecisionStore {
 
     /// The last stored record of an instance: where its chain continues.
     pub fn head(&self, instance: &str) -> Result<(u64, Hash), TrailError> {
-        let row: Option<(i64, Vec<u8>)> = self
-            .conn()
-            .query_row(
-                "SELECT seq, hash FROM decisions WHERE instance = ?1 ORDER BY seq DESC LIMIT 1",
-                params![instance],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()?;
-        Ok(match row {
-            None => (0, GENESIS),
-            Some((seq, hash)) => (seq as u64, hash.try_into().unwrap_or(GENESIS)),
-        })
+        head_in(&self.conn(), instance)
     }
 
     /// Verifies a batch against `head`, stores it in one transaction, and
@@ -271,68 +260,19 @@ impl DecisionStore {
         head: &mut (u64, Hash),
         records: &[Incoming],
     ) -> Result<Vec<Break>, TrailError> {
-        let mut breaks = Vec::new();
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        {
-            let mut insert = tx.prepare_cached(
-                "INSERT OR IGNORE INTO decisions (instance, seq, hash, body, decision_id, time_us, outcome,
-                   subject_type, subject_id, resource_type, resource_id, policy_ids,
-                   session_id, approval_id)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
-            )?;
-            let mut flag = tx.prepare_cached(
-                "INSERT INTO chain_breaks (instance, seq, reason) VALUES (?1, ?2, ?3)",
-            )?;
-            // Each record must continue the stored chain.
-            let mut v = Verifier::default();
-            v.resume(instance, head.0, head.1);
-            for r in records {
-                if r.seq <= head.0 {
-                    continue; // a resend of what is already stored
-                }
-                let hash = r.hash;
-                // Not UTF-8 means damaged: its hash check fails below and flags
-                // the break; the text is kept as well as it can be.
-                let body = String::from_utf8_lossy(r.body);
-                let body = body.as_ref();
-                if let Err(b) = v.push(instance, r.seq, &hash, r.body) {
-                    flag.execute(params![instance, b.seq as i64, b.reason])?;
-                    breaks.push(b);
-                }
-                let ix: Option<Indexed> = serde_json::from_str(body).ok();
-                let entity = |pick: fn(&IndexedRequest) -> &Option<IndexedEntity>| {
-                    ix.as_ref()
-                        .and_then(|i| i.request.as_ref())
-                        .and_then(|q| pick(q).as_ref())
-                };
-                let subject = entity(|q| &q.subject);
-                let resource = entity(|q| &q.resource);
-                insert.execute(params![
-                    instance,
-                    r.seq as i64,
-                    &hash[..],
-                    body,
-                    ix.as_ref().and_then(|i| i.decision_id),
-                    ix.as_ref()
-                        .and_then(|i| crate::decision_log::time::parse_micros(&i.time))
-                        .map(|t| t as i64),
-                    ix.as_ref().and_then(|i| i.outcome),
-                    subject.and_then(|e| e.kind.as_deref()),
-                    subject.and_then(|e| e.id.as_deref()),
-                    resource.and_then(|e| e.kind.as_deref()),
-                    resource.and_then(|e| e.id.as_deref()),
-                    ix.as_ref().map(|i| format!(",{},", i.policy_ids.join(","))),
-                    ix.as_ref().and_then(|i| i.session_id),
-                    ix.as_ref().and_then(|i| i.approval_id),
-                ])?;
-                *head = (r.seq, hash);
-            }
-        }
+        let breaks = append_in(&tx, instance, head, records)?;
         tx.commit()?;
-        self.records_stored.inc_by(records.len() as u64);
-        self.chain_breaks.inc_by(breaks.len() as u64);
+        self.counted(records.len() as u64, breaks.len() as u64);
         Ok(breaks)
+    }
+
+    /// Counts records stored (and breaks found) by `append_in` in a
+    /// transaction of another connection, once it committed.
+    pub fn counted(&self, records: u64, breaks: u64) {
+        self.records_stored.inc_by(records);
+        self.chain_breaks.inc_by(breaks);
     }
 
     pub fn get(&self, decision_id: &str) -> Result<Option<Stored>, TrailError> {
@@ -513,6 +453,89 @@ impl DecisionStore {
         }
         Ok(out)
     }
+}
+
+/// Where an instance's stored chain ends, read in `conn` (a transaction that
+/// is about to append to it, or the store's own connection).
+pub fn head_in(conn: &Connection, instance: &str) -> Result<(u64, Hash), TrailError> {
+    let row: Option<(i64, Vec<u8>)> = conn
+        .query_row(
+            "SELECT seq, hash FROM decisions WHERE instance = ?1 ORDER BY seq DESC LIMIT 1",
+            params![instance],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    Ok(match row {
+        None => (0, GENESIS),
+        Some((seq, hash)) => (seq as u64, hash.try_into().unwrap_or(GENESIS)),
+    })
+}
+
+/// Verifies records against `head` and stores them in `tx` (the caller
+/// commits, so they can go in with a change they record); moves `head`.
+pub fn append_in(
+    tx: &rusqlite::Transaction<'_>,
+    instance: &str,
+    head: &mut (u64, Hash),
+    records: &[Incoming],
+) -> Result<Vec<Break>, TrailError> {
+    let mut breaks = Vec::new();
+    {
+        let mut insert = tx.prepare_cached(
+                "INSERT OR IGNORE INTO decisions (instance, seq, hash, body, decision_id, time_us, outcome,
+                   subject_type, subject_id, resource_type, resource_id, policy_ids,
+                   session_id, approval_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+            )?;
+        let mut flag = tx.prepare_cached(
+            "INSERT INTO chain_breaks (instance, seq, reason) VALUES (?1, ?2, ?3)",
+        )?;
+        // Each record must continue the stored chain.
+        let mut v = Verifier::default();
+        v.resume(instance, head.0, head.1);
+        for r in records {
+            if r.seq <= head.0 {
+                continue; // a resend of what is already stored
+            }
+            let hash = r.hash;
+            // Not UTF-8 means damaged: its hash check fails below and flags
+            // the break; the text is kept as well as it can be.
+            let body = String::from_utf8_lossy(r.body);
+            let body = body.as_ref();
+            if let Err(b) = v.push(instance, r.seq, &hash, r.body) {
+                flag.execute(params![instance, b.seq as i64, b.reason])?;
+                breaks.push(b);
+            }
+            let ix: Option<Indexed> = serde_json::from_str(body).ok();
+            let entity = |pick: fn(&IndexedRequest) -> &Option<IndexedEntity>| {
+                ix.as_ref()
+                    .and_then(|i| i.request.as_ref())
+                    .and_then(|q| pick(q).as_ref())
+            };
+            let subject = entity(|q| &q.subject);
+            let resource = entity(|q| &q.resource);
+            insert.execute(params![
+                instance,
+                r.seq as i64,
+                &hash[..],
+                body,
+                ix.as_ref().and_then(|i| i.decision_id),
+                ix.as_ref()
+                    .and_then(|i| crate::decision_log::time::parse_micros(&i.time))
+                    .map(|t| t as i64),
+                ix.as_ref().and_then(|i| i.outcome),
+                subject.and_then(|e| e.kind.as_deref()),
+                subject.and_then(|e| e.id.as_deref()),
+                resource.and_then(|e| e.kind.as_deref()),
+                resource.and_then(|e| e.id.as_deref()),
+                ix.as_ref().map(|i| format!(",{},", i.policy_ids.join(","))),
+                ix.as_ref().and_then(|i| i.session_id),
+                ix.as_ref().and_then(|i| i.approval_id),
+            ])?;
+            *head = (r.seq, hash);
+        }
+    }
+    Ok(breaks)
 }
 
 /// The gRPC service sidecars ship to.
