@@ -37,6 +37,9 @@ pub struct SessionsConfig {
     pub max_sessions: u64,
     /// Calls (subject, action, resource) remembered per session, for `WatchSession`.
     pub max_recent_decisions: usize,
+    /// Bytes all sessions' remembered requests may take together (about):
+    /// the least recently used sessions' memories go first.
+    pub max_remembered_bytes: u64,
     /// Milliseconds an APPROVAL_REQUIRED answer may wait for the control
     /// plane to file or check an approval.
     pub approval_timeout_ms: u64,
@@ -53,6 +56,7 @@ impl Default for SessionsConfig {
             enabled: true,
             max_sessions: 100_000,
             max_recent_decisions: 32,
+            max_remembered_bytes: 64 << 20,
             approval_timeout_ms: 2_000,
             startup_wait_ms: 5_000,
         }
@@ -430,6 +434,10 @@ impl Config {
             (
                 "sessions.approval_timeout_ms",
                 self.sessions.approval_timeout_ms as usize,
+            ),
+            (
+                "sessions.max_remembered_bytes",
+                self.sessions.max_remembered_bytes as usize,
             ),
         ] {
             if value == 0 {

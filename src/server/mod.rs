@@ -168,6 +168,7 @@ pub async fn serve_until(
                 SessionLimits {
                     max_sessions: s.max_sessions,
                     max_recent: s.max_recent_decisions,
+                    max_remembered_bytes: s.max_remembered_bytes,
                 },
                 metrics.sessions.clone(),
             ));

@@ -196,4 +196,8 @@ pub fn apply(sessions: &Sessions, decider: &Decider, event: pb::FeedEvent) {
     }
     sessions.set_position(seq);
     sessions.metrics.held.set(sessions.held() as i64);
+    sessions
+        .metrics
+        .remembered_bytes
+        .set(sessions.remembered_bytes() as i64);
 }

@@ -21,7 +21,7 @@ pub mod feed;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use moka::sync::Cache;
 use serde_json::{Map, Value};
@@ -117,6 +117,8 @@ pub struct Remembered {
     pub decision_id: String,
     pub request: Request,
     pub outcome: Outcome,
+    /// About how much memory this takes (for the byte budget).
+    bytes: u32,
 }
 
 impl Remembered {
@@ -131,14 +133,46 @@ impl Remembered {
             &request.resource.id,
         )
             .hash(&mut h);
+        let bytes = approx_bytes(&request) + decision_id.len() + 64;
         Self {
             call: h.finish(),
             decision_id,
             request,
             outcome,
+            bytes: u32::try_from(bytes).unwrap_or(u32::MAX),
         }
     }
 }
+
+/// About how many bytes of memory a request takes: string lengths plus a
+/// rough overhead per value. Close enough to bound memory, cheap to count.
+fn approx_bytes(r: &Request) -> usize {
+    fn value(v: &Value) -> usize {
+        match v {
+            Value::String(s) => 24 + s.len(),
+            Value::Array(a) => 24 + a.iter().map(value).sum::<usize>(),
+            Value::Object(o) => object(o),
+            _ => 16,
+        }
+    }
+    fn object(o: &Map<String, Value>) -> usize {
+        48 + o
+            .iter()
+            .map(|(k, v)| 32 + k.len() + value(v))
+            .sum::<usize>()
+    }
+    let entity = |e: &crate::decision::EntityRef| {
+        48 + e.kind.len() + e.id.len() + e.properties.as_ref().map_or(0, object)
+    };
+    entity(&r.subject)
+        + entity(&r.resource)
+        + r.action.len()
+        + object(&r.context)
+        + r.session_id.as_ref().map_or(0, String::len)
+}
+
+/// What a remembered session costs beyond its requests (key, entry, lists).
+const TRACKED_OVERHEAD: u32 = 512;
 
 /// The decisions of one session this sidecar answered.
 #[derive(Debug, Default)]
@@ -146,6 +180,8 @@ pub struct Tracked {
     /// The subject key of the session's decisions, once one is made.
     subject: std::sync::Mutex<Option<String>>,
     recent: std::sync::Mutex<VecDeque<Remembered>>,
+    /// Bytes of `recent` plus the overhead, as last weighed by the cache.
+    weight: AtomicU32,
 }
 
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -190,10 +226,12 @@ pub struct ChangedDecision {
 
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    /// Sessions (and, separately, subjects) kept.
+    /// Sessions (and, separately, subjects) with signal state kept.
     pub max_sessions: u64,
     /// Distinct requests remembered per session.
     pub max_recent: usize,
+    /// About how many bytes all sessions' remembered requests may take.
+    pub max_remembered_bytes: u64,
 }
 
 impl Default for Limits {
@@ -201,6 +239,7 @@ impl Default for Limits {
         Self {
             max_sessions: 100_000,
             max_recent: 32,
+            max_remembered_bytes: 64 << 20,
         }
     }
 }
@@ -256,9 +295,14 @@ impl Sessions {
                 .max_capacity(limits.max_sessions)
                 .eviction_listener(listener2)
                 .build(),
+            // Weighed in bytes: requests can be large (up to
+            // `limits.max_request_bytes`), so a count alone bounds nothing.
             tracked: Cache::builder()
                 .eviction_policy(moka::policy::EvictionPolicy::lru())
-                .max_capacity(limits.max_sessions)
+                .weigher(|_: &String, t: &Arc<Tracked>| {
+                    t.weight.load(Ordering::Relaxed).max(TRACKED_OVERHEAD)
+                })
+                .max_capacity(limits.max_remembered_bytes)
                 .build(),
             any_subject: AtomicBool::new(false),
             limits,
@@ -339,12 +383,29 @@ impl Sessions {
             .tracked
             .get_with_by_ref(session_id, || Arc::new(Tracked::default()));
         *lock(&tracked.subject) = Some(subject);
-        let mut recent = lock(&tracked.recent);
-        recent.retain(|old| old.call != r.call);
-        if recent.len() >= self.limits.max_recent {
-            recent.pop_front();
+        let weight = {
+            let mut recent = lock(&tracked.recent);
+            recent.retain(|old| old.call != r.call);
+            if recent.len() >= self.limits.max_recent {
+                recent.pop_front();
+            }
+            recent.push_back(r);
+            recent
+                .iter()
+                .fold(TRACKED_OVERHEAD, |w, r| w.saturating_add(r.bytes))
+        };
+        // The cache weighs an entry when it is inserted: insert again when
+        // the weight moved by a KiB or more (not on every call).
+        let before = tracked.weight.swap(weight, Ordering::Relaxed);
+        if before / 1024 != weight / 1024 {
+            self.tracked.insert(session_id.to_owned(), tracked);
         }
-        recent.push_back(r);
+    }
+
+    /// About how many bytes remembered requests take (for metrics).
+    pub fn remembered_bytes(&self) -> u64 {
+        self.tracked.run_pending_tasks();
+        self.tracked.weighted_size()
     }
 
     /// Applies a session-wide signal state; returns the session's
@@ -429,6 +490,7 @@ mod tests {
             Limits {
                 max_sessions: 100,
                 max_recent: 4,
+                ..Limits::default()
             },
             SessionMetrics::default(),
         );
@@ -446,6 +508,7 @@ mod tests {
             Limits {
                 max_sessions: 10,
                 max_recent: 4,
+                ..Limits::default()
             },
             SessionMetrics::default(),
         );
@@ -465,6 +528,7 @@ mod tests {
             Limits {
                 max_sessions: 10,
                 max_recent: 4,
+                ..Limits::default()
             },
             SessionMetrics::default(),
         );
@@ -481,6 +545,42 @@ mod tests {
         }
         s.held();
         assert!(s.state_for(Some("victim"), None).revoked);
+    }
+
+    #[test]
+    fn remembered_requests_stay_within_the_byte_budget() {
+        let budget = 1 << 20;
+        let s = Sessions::new(
+            Limits {
+                max_remembered_bytes: budget,
+                ..Limits::default()
+            },
+            SessionMetrics::default(),
+        );
+        s.set_ready();
+        // 2,000 sessions × 4 calls × ~16 KiB of context: ~128 MiB if kept.
+        let big = Value::String("x".repeat(16 << 10));
+        for i in 0..2_000 {
+            for call in 0..4 {
+                let mut req = request(&format!("u{call}"));
+                req.context.insert("blob".into(), big.clone());
+                req.session_id = Some(format!("s{i}"));
+                s.remember(
+                    &format!("s{i}"),
+                    subject_key("User", "u"),
+                    Remembered::new(format!("d{i}-{call}"), req, Outcome::Allow),
+                );
+            }
+        }
+        let used = s.remembered_bytes();
+        assert!(used <= budget, "{used} bytes remembered, budget {budget}");
+        assert!(
+            used >= budget / 2,
+            "the budget is used, not emptied: {used}"
+        );
+        // The most recent session is kept whole; the oldest went first.
+        assert_eq!(s.session("s1999").expect("newest kept").recent().len(), 4);
+        assert!(s.session("s0").is_none());
     }
 
     fn request(user: &str) -> Request {

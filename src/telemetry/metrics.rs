@@ -161,6 +161,7 @@ pub struct SessionMetrics {
     pub held: Gauge,
     pub evicted: Counter,
     pub feed_position: Gauge,
+    pub remembered_bytes: Gauge,
 }
 
 impl SessionMetrics {
@@ -179,6 +180,11 @@ impl SessionMetrics {
             "sessions_evicted",
             "Sessions or subjects dropped because the memory budget was full",
             self.evicted.clone(),
+        );
+        registry.register(
+            "sessions_remembered_bytes",
+            "About how many bytes the requests remembered for WatchSession take",
+            self.remembered_bytes.clone(),
         );
         registry.register(
             "session_feed_position",
