@@ -32,9 +32,13 @@ pub struct Request {
 }
 
 impl Request {
-    /// A canonical byte form: equal requests give equal bytes (object keys are
-    /// sorted), so it can key a cache. `None` if it cannot be made: the caller
-    /// must then not cache, since a shared fallback key would mix decisions.
+    /// A byte form that keys the decision cache: different requests give
+    /// different bytes. Object keys keep the order they came in (serde_json
+    /// keeps insertion order here, a feature cedar-policy turns on): maps
+    /// from protobuf Structs arrive sorted, but a JSON body with its keys in
+    /// another order is another entry (a miss, never a wrong answer).
+    /// `None` if it cannot be made: the caller must then not cache, since a
+    /// shared fallback key would mix decisions.
     pub fn canonical_bytes(&self) -> Option<Vec<u8>> {
         serde_json::to_vec(self).ok()
     }
