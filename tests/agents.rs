@@ -782,6 +782,27 @@ async fn list_allowed_tools_filters_a_tool_list() {
     for part in ["list_allowed_tools", "crm/delete_customer", "STEP_UP"] {
         assert!(shown.contains(part), "{part}: {shown}");
     }
+    // A verdict that depends on the arguments says so in its record (and
+    // one that does not, does not), and listings are not what happened
+    // next in the session.
+    let export = by_name("export_all");
+    assert!(!export.depends_on_arguments, "{export:?}");
+    for verdict in [&get, &delete, &export] {
+        // (each record reaches the control plane within a shipping interval)
+        let mut shown = String::new();
+        eventually("the verdict's record", Duration::from_secs(15), || {
+            let (code, out, _) = w.cli(&["log", "show", &verdict.decision_id]);
+            shown = out;
+            async move { code == 0 }
+        })
+        .await;
+        assert_eq!(
+            shown.contains("holds for some arguments only"),
+            verdict.depends_on_arguments,
+            "{verdict:?}: {shown}"
+        );
+        assert!(!shown.contains("what happened next"), "{shown}");
+    }
 }
 
 #[tokio::test]

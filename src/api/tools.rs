@@ -297,19 +297,10 @@ impl ToolAccess for ToolService {
                     verdict.outcome = convert::outcome(d.outcome) as i32;
                     verdict.depends_on_arguments = depends;
                     verdict.policy_ids = d.policy_ids.clone();
-                    // Recorded like every decision, not remembered for the
-                    // session (see `conclude_unremembered`).
-                    let id = uuid::Uuid::new_v7(uuid::Timestamp::now(uuid::NoContext));
+                    let (id, handoff) = self
+                        .decider
+                        .conclude_listed(&active, req, &call, d, start, depends);
                     verdict.decision_id = id.to_string();
-                    let (_, handoff) = self.decider.conclude_unremembered(
-                        &active,
-                        req,
-                        &call,
-                        d,
-                        start,
-                        Links::default(),
-                        id,
-                    );
                     Some(handoff)
                 }
                 Err(s) => {

@@ -82,6 +82,12 @@ pub fn show(src: &Source, id: &str, as_json: bool) -> Result<String, Failure> {
             let _ = writeln!(out, "{key:<10} {field}");
         }
     }
+    if r["depends_on_arguments"] == true {
+        let _ = writeln!(
+            out,
+            "listing    the outcome holds for some arguments only (decided without them)"
+        );
+    }
     let policies = v["policies"].as_array().cloned().unwrap_or_default();
     if policies.is_empty() {
         let _ = writeln!(out, "policies   (none matched: default deny)");

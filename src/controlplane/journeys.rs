@@ -157,7 +157,11 @@ impl Journeys {
         approval_ttl: Duration,
     ) -> Result<Self, JourneyError> {
         let conn = Connection::open(path)?;
-        conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA busy_timeout = 5000;")?;
+        // `synchronous = FULL` as the decision store has it: trail records
+        // are committed on this connection too.
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 5000;",
+        )?;
         conn.execute_batch(SCHEMA)?;
         let seq: i64 = conn.query_row("SELECT seq FROM feed_position", [], |r| r.get(0))?;
         conn.execute(
@@ -297,7 +301,7 @@ impl Journeys {
         let stored = self.record_in(&tx, record)?;
         tx.commit()?;
         drop(conn);
-        self.decisions.counted(stored, 0);
+        self.decisions.counted(stored.0, stored.1);
         self.latest.send_replace(seq);
         Ok((event_id, seq))
     }
@@ -378,7 +382,7 @@ impl Journeys {
             self.approval_record_in(&tx, &id, "pending", None, &b.session_id, &b.decision_id)?;
         tx.commit()?;
         drop(conn);
-        self.decisions.counted(stored, 0);
+        self.decisions.counted(stored.0, stored.1);
         self.latest.send_replace(seq);
         Ok(pb::ApprovalTicket {
             id,
@@ -427,7 +431,7 @@ impl Journeys {
         )?;
         tx.commit()?;
         drop(conn);
-        self.decisions.counted(stored, 0);
+        self.decisions.counted(stored.0, stored.1);
         self.latest.send_replace(seq);
         self.approval(id)?
             .ok_or_else(|| JourneyError::NotFound(id.to_owned()))
@@ -503,7 +507,7 @@ impl Journeys {
         )?;
         tx.commit()?;
         drop(conn);
-        self.decisions.counted(stored, 0);
+        self.decisions.counted(stored.0, stored.1);
         self.latest.send_replace(seq);
         Ok(pb::RedeemResult {
             ok: true,
@@ -641,7 +645,7 @@ impl Journeys {
         by: Option<&str>,
         session_id: &str,
         decision_id: &str,
-    ) -> Result<u64, JourneyError> {
+    ) -> Result<(u64, u64), JourneyError> {
         let mut record = json!({
             "kind": "approval",
             "decision_id": uuid::Uuid::new_v7(uuid::Timestamp::now(uuid::NoContext)).to_string(),
@@ -660,12 +664,13 @@ impl Journeys {
     /// Appends a record to the control plane's own chain in the trail, in
     /// `tx`: the change it records commits with it or not at all (a crash
     /// in between cannot leave a change the trail does not show). Returns
-    /// the records stored, for the store's counter once `tx` commits.
+    /// the records stored and breaks found, for the store's counters once
+    /// `tx` commits.
     fn record_in(
         &self,
         tx: &rusqlite::Transaction<'_>,
         mut tail: Value,
-    ) -> Result<u64, JourneyError> {
+    ) -> Result<(u64, u64), JourneyError> {
         tail["time"] = json!(format_micros(now_micros()));
         tail.sort_all_objects();
         let tail = tail.to_string().into_bytes();
@@ -682,8 +687,8 @@ impl Journeys {
             hash,
             body: &body,
         };
-        append_in(tx, INSTANCE, &mut head, &[record]).map_err(trail)?;
-        Ok(1)
+        let breaks = append_in(tx, INSTANCE, &mut head, &[record]).map_err(trail)?;
+        Ok((1, breaks.len() as u64))
     }
 }
 

@@ -163,6 +163,8 @@ pub fn parse_batch<'a>(
 #[derive(Deserialize)]
 struct Indexed<'a> {
     #[serde(default)]
+    kind: Option<&'a str>,
+    #[serde(default)]
     decision_id: Option<&'a str>,
     #[serde(borrow)]
     time: std::borrow::Cow<'a, str>,
@@ -529,7 +531,11 @@ pub fn append_in(
                 resource.and_then(|e| e.kind.as_deref()),
                 resource.and_then(|e| e.id.as_deref()),
                 ix.as_ref().map(|i| format!(",{},", i.policy_ids.join(","))),
-                ix.as_ref().and_then(|i| i.session_id),
+                // Tool listings are not what happens next in a session
+                // (one listing can be hundreds of records): not linked.
+                ix.as_ref()
+                    .filter(|i| i.kind != Some("list_allowed_tools"))
+                    .and_then(|i| i.session_id),
                 ix.as_ref().and_then(|i| i.approval_id),
             ])?;
             *head = (r.seq, hash);

@@ -362,14 +362,48 @@ impl Decider {
                 Remembered::new(decision_id.to_string(), plain, decision.outcome),
             );
         }
-        self.conclude_unremembered(active, request, call, decision, start, links, decision_id)
+        self.hand_over(
+            active,
+            request,
+            call,
+            decision,
+            start,
+            links,
+            decision_id,
+            false,
+        )
     }
 
-    /// Like `conclude`, for an answer that is not remembered for its session
-    /// (a tool listing: decided without the call's arguments, so deciding it
-    /// again later would not say whether a call turned). Still recorded.
+    /// Concludes a tool listing's verdict: recorded (with whether it holds
+    /// only for some arguments), not remembered for its session (decided
+    /// without the call's arguments, deciding it again later would not say
+    /// whether a call turned). Returns the verdict's decision id.
+    pub fn conclude_listed(
+        &self,
+        active: &Arc<Active>,
+        request: Request,
+        call: &Call,
+        decision: Arc<Decision>,
+        start: Instant,
+        depends_on_arguments: bool,
+    ) -> (uuid::Uuid, Handoff) {
+        let id = uuid::Uuid::new_v7(uuid::Timestamp::now(uuid::NoContext));
+        let (_, handoff) = self.hand_over(
+            active,
+            request,
+            call,
+            decision,
+            start,
+            Links::default(),
+            id,
+            depends_on_arguments,
+        );
+        (id, handoff)
+    }
+
+    /// Counts a decision and hands its record to the sink.
     #[allow(clippy::too_many_arguments)]
-    pub fn conclude_unremembered(
+    fn hand_over(
         &self,
         active: &Arc<Active>,
         request: Request,
@@ -378,6 +412,7 @@ impl Decider {
         start: Instant,
         links: Links,
         decision_id: uuid::Uuid,
+        depends_on_arguments: bool,
     ) -> (Answer, Handoff) {
         let took = start.elapsed();
         self.metrics.decided(decision.outcome, took);
@@ -403,6 +438,7 @@ impl Decider {
                 span_id: call.span_id.clone(),
                 mask: active.engine.masking().clone(),
                 links,
+                depends_on_arguments,
             }),
         };
         (answer, handoff)

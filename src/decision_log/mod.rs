@@ -358,6 +358,7 @@ mod tests {
             span_id: None,
             mask: Arc::default(),
             links: Default::default(),
+            depends_on_arguments: false,
         }
     }
 

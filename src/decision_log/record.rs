@@ -28,6 +28,8 @@ pub struct Entry {
     pub mask: Arc<MaskRules>,
     /// The approval the decision filed or spent.
     pub links: crate::decision::Links,
+    /// A tool listing's verdict that holds for some arguments only.
+    pub depends_on_arguments: bool,
 }
 
 /// Writes JSON straight into a byte buffer: a record is written on the
@@ -255,6 +257,9 @@ pub fn decision_tail(e: &Entry, out: &mut Vec<u8>) {
     j.optional("approval_expires_at", l.approval_expires_at.as_deref());
     j.optional("approved_by", l.approved_by.as_deref());
     j.optional("approval_error", l.approval_error.as_deref());
+    if e.depends_on_arguments {
+        j.raw(b",\"depends_on_arguments\":true");
+    }
     j.raw(b",\"latency_us\":");
     j.uint(e.latency.as_micros() as u64);
     j.optional("trace_id", e.trace_id.as_deref());
@@ -326,6 +331,8 @@ mod tests {
         session_id: Option<&'a str>,
         #[serde(flatten)]
         links: &'a crate::decision::Links,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        depends_on_arguments: bool,
         latency_us: u64,
         #[serde(skip_serializing_if = "Option::is_none")]
         trace_id: Option<&'a str>,
@@ -350,6 +357,7 @@ mod tests {
             decision: &e.decision,
             session_id: e.request.session_id.as_deref(),
             links: &e.links,
+            depends_on_arguments: e.depends_on_arguments,
             latency_us: e.latency.as_micros() as u64,
             trace_id: e.trace_id.as_deref(),
             span_id: e.span_id.as_deref(),
@@ -371,6 +379,7 @@ mod tests {
             span_id: None,
             mask: Arc::new(MaskRules::default()),
             links: Default::default(),
+            depends_on_arguments: false,
         }
     }
 
@@ -437,6 +446,7 @@ mod tests {
             approved_by: Some("bob \"the approver\"".into()),
             approval_error: Some("none".into()),
         };
+        linked.depends_on_arguments = true;
         linked.trace_id = Some("4bf92f3577b34da6a3ce929d0e0e4736".into());
         linked.span_id = Some("00f067aa0ba902b7".into());
         cases.push(linked);
@@ -509,6 +519,7 @@ mod tests {
             span_id: None,
             mask: Arc::new(MaskRules::parse(br#"{"erase":["/context/ssn"]}"#).expect("rules")),
             links: Default::default(),
+            depends_on_arguments: false,
         };
         let mut tail = b"left over".to_vec();
         decision_tail(&entry, &mut tail);

@@ -13,8 +13,9 @@
 //! Memory is bounded: at most `max_sessions` sessions and as many subjects
 //! with signal state are kept (least recently used go first, counted in
 //! metrics). Only the feed fills that state: callers' traffic cannot push a
-//! revocation out. The remembered decisions live apart (as many sessions,
-//! `max_recent` calls each). A signal for a session this sidecar has not
+//! revocation out. The remembered decisions live apart, bounded in bytes
+//! (`max_remembered_bytes` in all, a sixteenth of it and `max_recent` calls
+//! per session). A signal for a session this sidecar has not
 //! seen yet is kept the same way and applies when the session appears.
 
 pub mod feed;
@@ -147,22 +148,26 @@ impl Remembered {
 /// About how many bytes of memory a request takes: string lengths plus a
 /// rough overhead per value. Close enough to bound memory, cheap to count.
 fn approx_bytes(r: &Request) -> usize {
+    // Every value is a `Value` (80 bytes with serde_json's `preserve_order`,
+    // which cedar-policy turns on) plus what it owns; a map entry adds its
+    // key and the index map's slot and hash.
+    const VALUE: usize = std::mem::size_of::<Value>();
     fn value(v: &Value) -> usize {
-        match v {
-            Value::String(s) => 24 + s.len(),
-            Value::Array(a) => 24 + a.iter().map(value).sum::<usize>(),
-            Value::Object(o) => object(o),
-            _ => 16,
-        }
+        VALUE
+            + match v {
+                Value::String(s) => s.len(),
+                Value::Array(a) => a.iter().map(value).sum::<usize>(),
+                Value::Object(o) => object(o),
+                _ => 0,
+            }
     }
     fn object(o: &Map<String, Value>) -> usize {
-        48 + o
-            .iter()
-            .map(|(k, v)| 32 + k.len() + value(v))
+        o.iter()
+            .map(|(k, v)| 24 + k.len() + 16 + value(v))
             .sum::<usize>()
     }
     let entity = |e: &crate::decision::EntityRef| {
-        48 + e.kind.len() + e.id.len() + e.properties.as_ref().map_or(0, object)
+        96 + e.kind.len() + e.id.len() + e.properties.as_ref().map_or(0, object)
     };
     entity(&r.subject)
         + entity(&r.resource)
@@ -383,22 +388,36 @@ impl Sessions {
             .tracked
             .get_with_by_ref(session_id, || Arc::new(Tracked::default()));
         *lock(&tracked.subject) = Some(subject);
-        let weight = {
+        // One session may not take more than a sixteenth of the budget (its
+        // oldest calls go first), so it cannot push every other one out.
+        let per_session = u32::try_from(self.limits.max_remembered_bytes / 16).unwrap_or(u32::MAX);
+        let (before, weight) = {
             let mut recent = lock(&tracked.recent);
             recent.retain(|old| old.call != r.call);
             if recent.len() >= self.limits.max_recent {
                 recent.pop_front();
             }
             recent.push_back(r);
-            recent
-                .iter()
-                .fold(TRACKED_OVERHEAD, |w, r| w.saturating_add(r.bytes))
+            let weigh = |recent: &VecDeque<Remembered>| {
+                recent
+                    .iter()
+                    .fold(TRACKED_OVERHEAD, |w, r| w.saturating_add(r.bytes))
+            };
+            let mut weight = weigh(&recent);
+            while weight > per_session && recent.len() > 1 {
+                recent.pop_front();
+                weight = weigh(&recent);
+            }
+            (tracked.weight.swap(weight, Ordering::Relaxed), weight)
         };
         // The cache weighs an entry when it is inserted: insert again when
-        // the weight moved by a KiB or more (not on every call).
-        let before = tracked.weight.swap(weight, Ordering::Relaxed);
+        // the weight moved by a KiB or more (not on every call), unless the
+        // session was meanwhile replaced by another caller's.
         if before / 1024 != weight / 1024 {
-            self.tracked.insert(session_id.to_owned(), tracked);
+            match self.tracked.get(session_id) {
+                Some(current) if !Arc::ptr_eq(&current, &tracked) => {}
+                _ => self.tracked.insert(session_id.to_owned(), tracked),
+            }
         }
     }
 
@@ -558,8 +577,8 @@ mod tests {
             SessionMetrics::default(),
         );
         s.set_ready();
-        // 2,000 sessions × 4 calls × ~16 KiB of context: ~128 MiB if kept.
-        let big = Value::String("x".repeat(16 << 10));
+        // 2,000 sessions × 4 calls × ~12 KiB of context: ~96 MiB if kept.
+        let big = Value::String("x".repeat(12 << 10));
         for i in 0..2_000 {
             for call in 0..4 {
                 let mut req = request(&format!("u{call}"));
@@ -581,6 +600,26 @@ mod tests {
         // The most recent session is kept whole; the oldest went first.
         assert_eq!(s.session("s1999").expect("newest kept").recent().len(), 4);
         assert!(s.session("s0").is_none());
+
+        // One session of large calls keeps only its newest within a
+        // sixteenth of the budget (64 KiB here), never fewer than one.
+        let huge = Value::String("y".repeat(40 << 10));
+        for call in 0..4 {
+            let mut req = request(&format!("u{call}"));
+            req.context.insert("blob".into(), huge.clone());
+            s.remember(
+                "greedy",
+                subject_key("User", "u"),
+                Remembered::new(format!("g{call}"), req, Outcome::Allow),
+            );
+        }
+        let kept = s.session("greedy").expect("kept").recent();
+        assert_eq!(kept.len(), 1, "only the newest 40 KiB call fits in 64 KiB");
+        assert_eq!(kept[0].decision_id, "g3");
+        assert!(
+            s.session("s1999").is_some(),
+            "the others are not pushed out"
+        );
     }
 
     fn request(user: &str) -> Request {
