@@ -347,7 +347,7 @@ impl ToolAccess for ToolService {
         };
         // Subscribe before reading the state, so no change falls between.
         let mut changes = sessions.subscribe();
-        let subject = sessions.session(&session_id).and_then(|t| t.subject());
+        let subject = sessions.subject_of(&session_id);
         let first = SessionChange {
             state: sessions.state_for(Some(&session_id), subject.as_deref()),
             session_id: session_id.clone(),
@@ -370,7 +370,7 @@ impl ToolAccess for ToolService {
                     Ok(c) if c.session_id == session_id => update(&c),
                     Ok(_) => continue,
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                        let subject = sessions.session(&session_id).and_then(|t| t.subject());
+                        let subject = sessions.subject_of(&session_id);
                         update(&SessionChange {
                             state: sessions.state_for(Some(&session_id), subject.as_deref()),
                             session_id: session_id.clone(),

@@ -141,7 +141,7 @@ pub fn apply(sessions: &Sessions, decider: &Decider, event: pb::FeedEvent) {
         && a.state != "pending"
         && seq > sessions.position()
     {
-        let subject = sessions.session(&a.session_id).and_then(|t| t.subject());
+        let subject = sessions.subject_of(&a.session_id);
         sessions.publish(SessionChange {
             state: sessions.state_for(Some(&a.session_id), subject.as_deref()),
             session_id: a.session_id.clone(),
@@ -170,18 +170,14 @@ pub fn apply(sessions: &Sessions, decider: &Decider, event: pb::FeedEvent) {
                 sessions.apply_session(&s.target, state.clone()),
             )]
         } else {
-            sessions
-                .apply_subject(&s.target, state.clone())
-                .into_iter()
-                .map(|(id, t)| (id, Some(t)))
-                .collect()
+            sessions.apply_subject(&s.target, state.clone())
         };
         for (session_id, tracked) in touched {
             let changed = tracked
                 .as_ref()
                 .map(|t| decider.reevaluate(t))
                 .unwrap_or_default();
-            let subject = tracked.and_then(|t| t.subject());
+            let subject = sessions.subject_of(&session_id);
             sessions.publish(SessionChange {
                 state: sessions.state_for(Some(&session_id), subject.as_deref()),
                 session_id,

@@ -255,6 +255,11 @@ pub struct Sessions {
     by_subject: Cache<String, Arc<SignalState>>,
     /// Remembered decisions by session id (filled by callers' traffic).
     tracked: Cache<String, Arc<Tracked>>,
+    /// Whose session each is, by session id (filled by callers' traffic;
+    /// bounded in number, kept apart from the remembered requests so a
+    /// session whose requests were pushed out still hears its subject's
+    /// signals).
+    subjects: Cache<String, Arc<str>>,
     /// Whether any subject-wide signal is held (skips a lookup per decision).
     any_subject: AtomicBool,
     limits: Limits,
@@ -308,6 +313,10 @@ impl Sessions {
                     t.weight.load(Ordering::Relaxed).max(TRACKED_OVERHEAD)
                 })
                 .max_capacity(limits.max_remembered_bytes)
+                .build(),
+            subjects: Cache::builder()
+                .eviction_policy(moka::policy::EvictionPolicy::lru())
+                .max_capacity(limits.max_sessions)
                 .build(),
             any_subject: AtomicBool::new(false),
             limits,
@@ -381,12 +390,21 @@ impl Sessions {
         self.tracked.get(session_id)
     }
 
+    /// The subject (`Type::"id"`) of a session this sidecar decided for.
+    pub fn subject_of(&self, session_id: &str) -> Option<String> {
+        self.subjects.get(session_id).map(|s| s.to_string())
+    }
+
     /// Remembers an answered decision of a session (the newest answer per
     /// call, at most `max_recent` calls).
     pub fn remember(&self, session_id: &str, subject: String, r: Remembered) {
         let tracked = self
             .tracked
             .get_with_by_ref(session_id, || Arc::new(Tracked::default()));
+        if self.subjects.get(session_id).as_deref() != Some(subject.as_str()) {
+            self.subjects
+                .insert(session_id.to_owned(), Arc::from(subject.as_str()));
+        }
         *lock(&tracked.subject) = Some(subject);
         // One session may not take more than a sixteenth of the budget (its
         // oldest calls go first), so it cannot push every other one out.
@@ -436,14 +454,19 @@ impl Sessions {
     }
 
     /// Applies a subject-wide signal state; returns the sessions of that
-    /// subject this sidecar has seen.
-    pub fn apply_subject(&self, subject: &str, state: SignalState) -> Vec<(String, Arc<Tracked>)> {
+    /// subject this sidecar has seen, with their remembered decisions if
+    /// they still have any.
+    pub fn apply_subject(
+        &self,
+        subject: &str,
+        state: SignalState,
+    ) -> Vec<(String, Option<Arc<Tracked>>)> {
         self.by_subject.insert(subject.to_owned(), Arc::new(state));
         self.any_subject.store(true, Ordering::Relaxed);
-        self.tracked
+        self.subjects
             .iter()
-            .filter(|(_, t)| t.subject().as_deref() == Some(subject))
-            .map(|(k, t)| ((*k).clone(), t))
+            .filter(|(_, s)| s.as_ref() == subject)
+            .map(|(k, _)| ((*k).clone(), self.tracked.get(k.as_str())))
             .collect()
     }
 
@@ -620,6 +643,39 @@ mod tests {
             s.session("s1999").is_some(),
             "the others are not pushed out"
         );
+    }
+
+    #[test]
+    fn a_session_whose_requests_were_pushed_out_still_hears_its_subject() {
+        let s = Sessions::new(
+            Limits {
+                max_remembered_bytes: 64 << 10,
+                ..Limits::default()
+            },
+            SessionMetrics::default(),
+        );
+        s.set_ready();
+        let remember = |session: &str, user: &str| {
+            let mut req = request(user);
+            req.context
+                .insert("blob".into(), Value::String("x".repeat(2 << 10)));
+            s.remember(
+                session,
+                subject_key("User", user),
+                Remembered::new(format!("d-{session}"), req, Outcome::Allow),
+            );
+        };
+        remember("mine", "alice");
+        for i in 0..200 {
+            remember(&format!("other-{i}"), "bob");
+        }
+        s.remembered_bytes();
+        assert!(s.session("mine").is_none(), "its requests were pushed out");
+        let hit = s.apply_subject("User::\"alice\"", state("low", true, 2));
+        assert_eq!(hit.len(), 1);
+        assert_eq!(hit[0].0, "mine");
+        assert!(hit[0].1.is_none());
+        assert_eq!(s.subject_of("mine").as_deref(), Some("User::\"alice\""));
     }
 
     fn request(user: &str) -> Request {
