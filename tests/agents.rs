@@ -958,3 +958,68 @@ async fn a_control_plane_with_a_sidecar_token_refuses_sidecars_without_it() {
         "{refused:?}"
     );
 }
+
+#[tokio::test]
+async fn stale_signals_deny_decisions_that_name_a_session_when_configured() {
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path();
+    let public = keyed(dir);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let db = dir.join("cp.db");
+    let cp = ControlPlane::start_with(&db, &public, &["--addr", &addr]);
+    push(&cp.1, dir);
+    let config = dir.join("arbiter.toml");
+    std::fs::write(
+        &config,
+        "[sessions]\nmax_signal_age_secs = 1\nstale_signals = \"deny\"\n",
+    )
+    .unwrap();
+    let cache = dir.join("cache");
+    let mut args = pull_args(&cp.1, &public, &cache);
+    args.extend(["--config", s(&config)]);
+    let sidecar = Sidecar::start(Path::new(""), &args);
+    let c = ToolAccessClient::new(sidecar.channel().await);
+    eventually("the bundle", Duration::from_secs(20), || {
+        let mut c = c.clone();
+        async move { c.authorize_tool(read_own("s-1")).await.is_ok() }
+    })
+    .await;
+    let mut c2 = c.clone();
+    assert_eq!(
+        outcome(&ask(&mut c2, read_own("s-1")).await),
+        Outcome::Allow
+    );
+
+    // The control plane goes away: a second later, calls naming a session
+    // are denied; calls without one are decided as before.
+    drop(cp);
+    until("signals to go stale", &c, read_own("s-1"), Outcome::Deny).await;
+    denied_because(
+        &ask(&mut c2, read_own("s-1")).await,
+        "session signals are stale",
+    );
+    assert_eq!(outcome(&ask(&mut c2, read_own("")).await), Outcome::Allow);
+    // (the metric is refreshed every second)
+    eventually(
+        "the age in the metrics",
+        Duration::from_secs(10),
+        || async {
+            let (_, metrics) = sidecar.get("/metrics").await;
+            metrics
+                .lines()
+                .find_map(|l| l.strip_prefix("arbiter_session_signals_age_seconds "))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .is_some_and(|age| age >= 1.0)
+        },
+    )
+    .await;
+
+    // Back: once the feed is heard again, sessions are decided again.
+    let _cp = ControlPlane::start_with(&db, &public, &["--addr", &addr]);
+    until("the feed to be back", &c, read_own("s-1"), Outcome::Allow).await;
+}

@@ -43,6 +43,12 @@ pub struct SessionsConfig {
     /// Milliseconds an APPROVAL_REQUIRED answer may wait for the control
     /// plane to file or check an approval.
     pub approval_timeout_ms: u64,
+    /// Seconds the signal feed may be down before the sidecar's session
+    /// signals count as stale (0: never).
+    pub max_signal_age_secs: u64,
+    /// With stale signals: `decide` on what the sidecar last heard (and warn),
+    /// or `deny` every decision that names a session.
+    pub stale_signals: crate::sessions::StaleSignals,
     /// At start, decisions are refused (UNAVAILABLE) until the signal feed has
     /// caught up, for at most this many milliseconds; then they go ahead
     /// without signals (a warning is logged) so a control-plane outage does
@@ -57,6 +63,8 @@ impl Default for SessionsConfig {
             max_sessions: 100_000,
             max_recent_decisions: 32,
             max_remembered_bytes: 64 << 20,
+            max_signal_age_secs: 300,
+            stale_signals: Default::default(),
             approval_timeout_ms: 2_000,
             startup_wait_ms: 5_000,
         }

@@ -224,10 +224,21 @@ impl Decider {
             return Ok(Arc::new(Self::stale_deny()));
         }
         let state = self.add_session(active, request, signals_subject)?;
+        if let Some(deny) = self.stale_session_deny(request) {
+            return Ok(deny);
+        }
         let decided = self
             .decide(active, request)
             .inspect_err(|_| self.metrics.rejected())?;
         Ok(self.apply_revocation(active, state.as_ref(), decided))
+    }
+
+    /// A DENY for a decision that names a session while the session signals
+    /// are stale and `sessions.stale_signals = "deny"`.
+    fn stale_session_deny(&self, request: &Request) -> Option<Arc<Decision>> {
+        request.session_id.as_ref()?;
+        let why = self.sessions.as_ref()?.stale_denial()?;
+        Some(Arc::new(Decision::deny(Vec::new(), vec![why])))
     }
 
     /// Like `evaluate`, with context attribute `unknown` not known yet (a
@@ -244,6 +255,9 @@ impl Decider {
             return Ok((Arc::new(Self::stale_deny()), false));
         }
         let state = self.add_session(active, request, signals_subject)?;
+        if let Some(deny) = self.stale_session_deny(request) {
+            return Ok((deny, false));
+        }
         let (decided, depends) = active.engine.decide_partially(request, unknown)?;
         Ok((
             self.apply_revocation(active, state.as_ref(), Arc::new(decided)),

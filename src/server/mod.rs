@@ -169,6 +169,8 @@ pub async fn serve_until(
                     max_sessions: s.max_sessions,
                     max_recent: s.max_recent_decisions,
                     max_remembered_bytes: s.max_remembered_bytes,
+                    max_signal_age: Duration::from_secs(s.max_signal_age_secs),
+                    stale_signals: s.stale_signals,
                 },
                 metrics.sessions.clone(),
             ));
@@ -304,6 +306,12 @@ pub async fn serve_until(
                 sessions.set_ready();
             }
         });
+    }
+    if let Some((_, sessions)) = &journeys {
+        tokio::spawn(crate::sessions::feed::watch_age(
+            sessions.clone(),
+            stop_rx.clone(),
+        ));
     }
     let follower = journeys.map(|(link, sessions)| {
         let instance = trail

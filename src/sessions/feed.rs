@@ -72,6 +72,34 @@ impl Link {
     }
 }
 
+/// Longest a followed feed may say nothing (it heartbeats every 10 s).
+const SILENT: Duration = Duration::from_secs(30);
+
+/// Every second until `stop`: how old the signals are, for the metric, and
+/// a log line when they go stale or fresh again.
+pub async fn watch_age(sessions: Arc<Sessions>, mut stop: watch::Receiver<bool>) {
+    let mut was_stale = false;
+    loop {
+        let age = sessions.signals_age();
+        sessions.metrics.signals_age.set(age.as_secs() as i64);
+        let stale = sessions.signals_stale();
+        if stale && !was_stale {
+            tracing::warn!(
+                age_secs = age.as_secs(),
+                mode = ?sessions.stale_mode(),
+                "session signals are stale: the control plane's feed is down"
+            );
+        } else if was_stale && !stale {
+            tracing::info!("session signals are current again");
+        }
+        was_stale = stale;
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
 /// Follows the feed until `stop`, applying each change to `sessions` and
 /// telling watchers which remembered decisions it turned.
 pub async fn follow(
@@ -102,24 +130,38 @@ pub async fn follow(
                     "following control-plane signals"
                 );
                 loop {
+                    // A live feed says something at least every heartbeat
+                    // (10 s); silence beyond that is a dead connection.
                     let next = tokio::select! {
-                        m = stream.message() => m,
+                        m = tokio::time::timeout(SILENT, stream.message()) => m,
                         _ = stop.wait_for(|s| *s) => return,
                     };
                     match next {
-                        Ok(Some(event)) => {
+                        Ok(Ok(Some(event))) => {
                             backoff = Duration::from_millis(100);
+                            sessions.feed_heard();
                             apply(&sessions, &decider, event);
                         }
-                        Ok(None) => break,
-                        Err(s) => {
+                        Ok(Ok(None)) => break,
+                        Ok(Err(s)) => {
                             tracing::warn!("signal feed broke: {}", s.message());
+                            break;
+                        }
+                        Err(_) => {
+                            tracing::warn!(
+                                silent_secs = SILENT.as_secs(),
+                                "signal feed went silent; reconnecting"
+                            );
                             break;
                         }
                     }
                 }
+                sessions.feed_lost();
             }
-            Err(s) => tracing::warn!("cannot follow control-plane signals: {}", s.message()),
+            Err(s) => {
+                sessions.feed_lost();
+                tracing::warn!("cannot follow control-plane signals: {}", s.message())
+            }
         }
         tokio::select! {
             () = tokio::time::sleep(backoff) => {}

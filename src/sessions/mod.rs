@@ -229,6 +229,18 @@ pub struct ChangedDecision {
     pub policy_ids: Vec<String>,
 }
 
+/// What a sidecar does once its session signals are stale (the feed from
+/// the control plane has been down longer than `max_signal_age`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StaleSignals {
+    /// Decide on the last state heard; warn and show it in the metrics.
+    #[default]
+    Decide,
+    /// Deny every decision that names a session until the feed is back.
+    Deny,
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     /// Sessions (and, separately, subjects) with signal state kept.
@@ -237,6 +249,9 @@ pub struct Limits {
     pub max_recent: usize,
     /// About how many bytes all sessions' remembered requests may take.
     pub max_remembered_bytes: u64,
+    /// How long the feed may be down before signals are stale (zero: never).
+    pub max_signal_age: std::time::Duration,
+    pub stale_signals: StaleSignals,
 }
 
 impl Default for Limits {
@@ -245,6 +260,8 @@ impl Default for Limits {
             max_sessions: 100_000,
             max_recent: 32,
             max_remembered_bytes: 64 << 20,
+            max_signal_age: std::time::Duration::from_secs(300),
+            stale_signals: StaleSignals::Decide,
         }
     }
 }
@@ -270,6 +287,9 @@ pub struct Sessions {
     /// Set once the feed has caught up (or the start-up wait gave up):
     /// until then decisions are refused rather than made without signals.
     ready: AtomicBool,
+    /// Unix milliseconds since which the feed has been down (0 while it is
+    /// live; the start counts as down until the feed is first heard).
+    feed_down_since: AtomicU64,
     changes: tokio::sync::broadcast::Sender<Arc<SessionChange>>,
     pub metrics: SessionMetrics,
 }
@@ -323,6 +343,7 @@ impl Sessions {
             position: AtomicU64::new(0),
             epoch: std::sync::Mutex::new(String::new()),
             ready: AtomicBool::new(false),
+            feed_down_since: AtomicU64::new(unix_millis()),
             changes: tokio::sync::broadcast::channel(1024).0,
             metrics,
         }
@@ -359,6 +380,50 @@ impl Sessions {
             self.position.store(0, Ordering::Release);
         }
         *held = epoch.to_owned();
+    }
+
+    /// The feed is live: an event (or heartbeat) just arrived.
+    pub fn feed_heard(&self) {
+        self.feed_down_since.store(0, Ordering::Relaxed);
+    }
+
+    /// The feed broke or went silent: signals age from now.
+    pub fn feed_lost(&self) {
+        let _ = self.feed_down_since.compare_exchange(
+            0,
+            unix_millis(),
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// How long the feed has been down (zero while it is live).
+    pub fn signals_age(&self) -> std::time::Duration {
+        match self.feed_down_since.load(Ordering::Relaxed) {
+            0 => std::time::Duration::ZERO,
+            since => std::time::Duration::from_millis(unix_millis().saturating_sub(since)),
+        }
+    }
+
+    pub fn stale_mode(&self) -> StaleSignals {
+        self.limits.stale_signals
+    }
+
+    /// Whether signals are older than the limit.
+    pub fn signals_stale(&self) -> bool {
+        !self.limits.max_signal_age.is_zero() && self.signals_age() > self.limits.max_signal_age
+    }
+
+    /// Why a decision naming a session must be denied now, if it must: the
+    /// signals are stale and the configured answer to that is `deny`.
+    pub fn stale_denial(&self) -> Option<String> {
+        (self.limits.stale_signals == StaleSignals::Deny && self.signals_stale()).then(|| {
+            format!(
+                "session signals are stale: the control plane's feed has been down for {} s (sessions.max_signal_age_secs {})",
+                self.signals_age().as_secs(),
+                self.limits.max_signal_age.as_secs()
+            )
+        })
     }
 
     pub fn position(&self) -> u64 {
@@ -485,6 +550,14 @@ impl Sessions {
         self.by_subject.run_pending_tasks();
         self.by_session.entry_count() + self.by_subject.entry_count()
     }
+}
+
+fn unix_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(1)
+        .max(1)
 }
 
 /// The subject key signals name: `Type::"id"`.

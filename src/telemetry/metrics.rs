@@ -162,6 +162,7 @@ pub struct SessionMetrics {
     pub evicted: Counter,
     pub feed_position: Gauge,
     pub remembered_bytes: Gauge,
+    pub signals_age: Gauge,
 }
 
 impl SessionMetrics {
@@ -180,6 +181,11 @@ impl SessionMetrics {
             "sessions_evicted",
             "Sessions or subjects dropped because the memory budget was full",
             self.evicted.clone(),
+        );
+        registry.register(
+            "session_signals_age_seconds",
+            "Seconds the control plane's signal feed has been down (0 while live)",
+            self.signals_age.clone(),
         );
         registry.register(
             "sessions_remembered_bytes",
