@@ -304,6 +304,9 @@ struct ControlPlaneArgs {
     /// How long an approval request stays open, and a grant usable (seconds).
     #[arg(long, env = "ARBITER_APPROVAL_TTL_SECS", default_value_t = 900)]
     approval_ttl_secs: u64,
+    /// Days decision records are kept (checked hourly); 0 keeps them forever.
+    #[arg(long, env = "ARBITER_RETAIN_DAYS", default_value_t = 0)]
+    retain_days: u64,
     /// Log level filter.
     #[arg(long, env = "ARBITER_LOG_LEVEL", default_value = "info")]
     log_level: String,
@@ -605,6 +608,8 @@ fn control_plane(args: ControlPlaneArgs) -> ExitCode {
         tls: args.tls_cert.zip(args.tls_key),
         approval_ttl: std::time::Duration::from_secs(args.approval_ttl_secs.max(1)),
         sidecar_token: args.sidecar_token,
+        retention: (args.retain_days > 0)
+            .then(|| std::time::Duration::from_secs(args.retain_days.saturating_mul(86_400))),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

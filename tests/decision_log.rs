@@ -887,3 +887,70 @@ async fn a_control_plane_from_before_lz4_gets_deflate_batches() {
     assert!(sidecar.terminate().success());
     server.abort();
 }
+
+#[tokio::test]
+async fn a_control_plane_with_retention_deletes_old_records_and_the_rest_verifies() {
+    use arbiter::controlplane::trail::{DecisionStore, Incoming};
+    use arbiter::decision_log::chain;
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let (code, _, err) = run(&["bundle", "keygen", "--out", s(&w.join("k"))]);
+    assert_eq!(code, 0, "{err}");
+    let db = w.join("cp.db");
+    // A chain of 6 records: 1..=3 from 2020, 4..=6 from now.
+    let today =
+        arbiter::decision_log::time::format_micros(arbiter::decision_log::time::now_micros());
+    {
+        let store = DecisionStore::open(&db).unwrap();
+        let mut head = store.head("old-sidecar").unwrap();
+        let mut prev = head.1;
+        let bodies: Vec<(u64, chain::Hash, Vec<u8>)> = (1..=6u64)
+            .map(|seq| {
+                let time = if seq <= 3 { "2020-01-01T00:00:00Z" } else { today.as_str() };
+                let body = format!(
+                    r#"{{"v":1,"instance":"old-sidecar","seq":{seq},"kind":"check","time":"{time}","decision_id":"d{seq}","outcome":"ALLOW"}}"#
+                );
+                prev = chain::link(&prev, body.as_bytes());
+                (seq, prev, body.into_bytes())
+            })
+            .collect();
+        let incoming: Vec<Incoming> = bodies
+            .iter()
+            .map(|(seq, hash, body)| Incoming {
+                seq: *seq,
+                hash: *hash,
+                body,
+            })
+            .collect();
+        assert!(
+            store
+                .append("old-sidecar", &mut head, &incoming)
+                .unwrap()
+                .is_empty()
+        );
+    }
+    let cp = ControlPlane::start_with(&db, &w.join("k.pub.pem"), &["--retain-days", "30"]);
+    eventually("old records to go", Duration::from_secs(20), || async {
+        stored_records(&cp).await == 3
+    })
+    .await;
+    let r = report(&cp).await;
+    assert!(r["first_break"].is_null(), "what is left verifies: {r}");
+    assert_eq!(r["last_seq"], 6);
+    let show = |id: &str| {
+        run(&[
+            "log",
+            "show",
+            id,
+            "--control-plane",
+            &cp.1,
+            "--token",
+            TOKEN,
+        ])
+    };
+    let (code, _, err) = show("d1");
+    assert_ne!(code, 0, "an expired record is gone: {err}");
+    let (code, out, err) = show("d4");
+    assert_eq!(code, 0, "a young one is kept: {err}");
+    assert!(out.contains("d4"), "{out}");
+}

@@ -61,6 +61,8 @@ pub struct Settings {
     pub approval_ttl: Duration,
     /// Token sidecars must present on the gRPC services, if any.
     pub sidecar_token: Option<String>,
+    /// How long decision records are kept (`None`: forever).
+    pub retention: Option<Duration>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -227,6 +229,23 @@ fn json(status: StatusCode, value: serde_json::Value) -> Response {
         .into_response()
 }
 
+/// Retention: at start and every hour, deletes decision records older than
+/// `keep` (each chain keeps an anchor where it was cut, so it verifies).
+async fn expire_records(decisions: Arc<DecisionStore>, keep: Duration) {
+    loop {
+        let before =
+            crate::decision_log::time::now_micros().saturating_sub(keep.as_micros() as u64);
+        let store = decisions.clone();
+        match tokio::task::spawn_blocking(move || store.expire(before as i64)).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::info!(deleted = n, "decision records past retention deleted"),
+            Ok(Err(e)) => tracing::error!("decision record retention failed: {e}"),
+            Err(e) => tracing::error!("decision record retention failed: {e}"),
+        }
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+    }
+}
+
 /// Runs until `shutdown` resolves.
 pub async fn serve(
     settings: Settings,
@@ -254,6 +273,9 @@ pub async fn serve(
     });
     for a in state.store.all_active()? {
         state.set(&a.name, a.revision, &a.digest, a.archive);
+    }
+    if let Some(keep) = settings.retention {
+        tokio::spawn(expire_records(state.decisions.clone(), keep));
     }
     let listener = tokio::net::TcpListener::bind(settings.addr)
         .await

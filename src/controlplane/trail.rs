@@ -222,6 +222,11 @@ impl DecisionStore {
                seq INTEGER NOT NULL,
                reason TEXT NOT NULL,
                detected_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+             );
+             CREATE TABLE IF NOT EXISTS chain_anchors (
+               instance TEXT PRIMARY KEY,
+               seq INTEGER NOT NULL,
+               hash BLOB NOT NULL
              );",
         )?;
         // Stores made before sessions existed lack the link columns.
@@ -383,7 +388,9 @@ impl DecisionStore {
 
     fn instances(&self) -> Result<Vec<String>, TrailError> {
         let conn = self.conn();
-        let mut stmt = conn.prepare("SELECT DISTINCT instance FROM decisions ORDER BY instance")?;
+        let mut stmt = conn.prepare(
+            "SELECT instance FROM decisions UNION SELECT instance FROM chain_anchors ORDER BY instance",
+        )?;
         let rows = stmt.query_map([], |r| r.get(0))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
@@ -401,10 +408,11 @@ impl DecisionStore {
                 "SELECT seq, hash, body FROM decisions WHERE instance = ?1 ORDER BY seq",
             )?;
             let mut rows = stmt.query(params![instance])?;
-            // Anchored at its start: a stored chain beginning after seq 1
-            // has lost its beginning.
+            // Anchored at its start, or where retention cut it: a stored
+            // chain beginning later than that has lost records.
+            let (from, anchor) = anchor_in(&conn, &instance)?;
             let mut v = Verifier::default();
-            v.resume(&instance, 0, GENESIS);
+            v.resume(&instance, from, anchor);
             let (mut first_break, mut last_seq) = (None, 0);
             while let Some(row) = rows.next()? {
                 let seq = row.get::<_, i64>(0)? as u64;
@@ -441,6 +449,47 @@ impl DecisionStore {
         Ok(out)
     }
 
+    /// Retention: deletes each instance's records from its start up to the
+    /// last one made before `before_us` (a prefix of its chain, so what is
+    /// left still verifies), keeping where the cut chain continues as its
+    /// anchor. Returns the records deleted.
+    pub fn expire(&self, before_us: i64) -> Result<u64, TrailError> {
+        let mut deleted = 0;
+        for instance in self.instances()? {
+            let mut conn = self.conn();
+            let tx = conn.transaction()?;
+            // The prefix ends before the first record that is still young
+            // (or has no readable time): everything after it stays.
+            let young: Option<i64> = tx.query_row(
+                "SELECT MIN(seq) FROM decisions WHERE instance = ?1 AND (time_us IS NULL OR time_us >= ?2)",
+                params![instance, before_us],
+                |r| r.get(0),
+            )?;
+            let last: Option<(i64, Vec<u8>)> = tx
+                .query_row(
+                    "SELECT seq, hash FROM decisions WHERE instance = ?1 AND seq < COALESCE(?2, 9223372036854775807)
+                     ORDER BY seq DESC LIMIT 1",
+                    params![instance, young],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            let Some((cut, hash)) = last else {
+                continue;
+            };
+            tx.execute(
+                "INSERT INTO chain_anchors (instance, seq, hash) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (instance) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
+                params![instance, cut, hash],
+            )?;
+            deleted += tx.execute(
+                "DELETE FROM decisions WHERE instance = ?1 AND seq <= ?2",
+                params![instance, cut],
+            )? as u64;
+            tx.commit()?;
+        }
+        Ok(deleted)
+    }
+
     /// One instance's records in the chained line form (`log verify --file`).
     pub fn export(&self, instance: &str) -> Result<Vec<u8>, TrailError> {
         let conn = self.conn();
@@ -463,6 +512,23 @@ pub fn head_in(conn: &Connection, instance: &str) -> Result<(u64, Hash), TrailEr
     let row: Option<(i64, Vec<u8>)> = conn
         .query_row(
             "SELECT seq, hash FROM decisions WHERE instance = ?1 ORDER BY seq DESC LIMIT 1",
+            params![instance],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    match row {
+        // Every record expired: the chain continues from its anchor.
+        None => anchor_in(conn, instance),
+        Some((seq, hash)) => Ok((seq as u64, hash.try_into().unwrap_or(GENESIS))),
+    }
+}
+
+/// Where an instance's stored chain starts: its retention anchor (the last
+/// record deleted), or the genesis.
+fn anchor_in(conn: &Connection, instance: &str) -> Result<(u64, Hash), TrailError> {
+    let row: Option<(i64, Vec<u8>)> = conn
+        .query_row(
+            "SELECT seq, hash FROM chain_anchors WHERE instance = ?1",
             params![instance],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
@@ -847,5 +913,64 @@ mod tests {
         assert_eq!(breaks.iter().map(|b| b.seq).collect::<Vec<_>>(), [1]);
         let report = store.verify(Some("i2")).expect("verify");
         assert_eq!(report[0].first_break.as_ref().map(|b| b.seq), Some(1));
+    }
+
+    #[test]
+    fn retention_cuts_a_prefix_and_what_is_left_still_verifies() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = DecisionStore::open(&dir.path().join("cp.db")).expect("open");
+        // Records 1..=8 made at 10:00:01..08.
+        let mut prev = GENESIS;
+        let all = records(1, 8, &mut prev);
+        let mut head = store.head("i1").expect("head");
+        store
+            .append("i1", &mut head, &incoming(&all))
+            .expect("append");
+        let at = |s: &str| crate::decision_log::time::parse_micros(s).expect("time") as i64;
+
+        // Keep what was made from 10:00:05 on: 1..=4 go.
+        let deleted = store.expire(at("2026-11-24T10:00:05Z")).expect("expire");
+        assert_eq!(deleted, 4);
+        let report = store.verify(Some("i1")).expect("verify");
+        assert!(
+            report[0].first_break.is_none(),
+            "{:?}",
+            report[0].first_break
+        );
+        assert_eq!((report[0].records, report[0].last_seq), (4, 8));
+        assert!(store.get("d4").expect("get").is_none());
+        assert!(store.get("d5").expect("get").is_some());
+        // Again: nothing more is old enough.
+        assert_eq!(store.expire(at("2026-11-24T10:00:05Z")).expect("again"), 0);
+
+        // The chain continues across the cut, even with every record gone.
+        assert_eq!(store.expire(at("2026-11-25T00:00:00Z")).expect("all"), 4);
+        let mut head = store.head("i1").expect("head");
+        assert_eq!(head.0, 8, "continues from the anchor");
+        let more = records(9, 10, &mut prev);
+        assert!(
+            store
+                .append("i1", &mut head, &incoming(&more))
+                .expect("append")
+                .is_empty(),
+            "no break at the cut"
+        );
+        let report = store.verify(Some("i1")).expect("verify");
+        assert!(
+            report[0].first_break.is_none(),
+            "{:?}",
+            report[0].first_break
+        );
+
+        // An edit after the cut is still found.
+        store
+            .conn()
+            .execute(
+                "UPDATE decisions SET body = replace(body, 'ALLOW', 'DENY') WHERE seq = 10",
+                [],
+            )
+            .expect("tamper");
+        let report = store.verify(Some("i1")).expect("verify");
+        assert_eq!(report[0].first_break.as_ref().map(|b| b.seq), Some(10));
     }
 }
