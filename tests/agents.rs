@@ -976,7 +976,7 @@ async fn stale_signals_deny_decisions_that_name_a_session_when_configured() {
     let config = dir.join("arbiter.toml");
     std::fs::write(
         &config,
-        "[sessions]\nmax_signal_age_secs = 1\nstale_signals = \"deny\"\n",
+        "[sessions]\nmax_signal_age_secs = 1\nstale_signals = \"deny\"\nstartup_wait_ms = 60000\n",
     )
     .unwrap();
     let cache = dir.join("cache");
@@ -995,15 +995,49 @@ async fn stale_signals_deny_decisions_that_name_a_session_when_configured() {
         Outcome::Allow
     );
 
-    // The control plane goes away: a second later, calls naming a session
-    // are denied; calls without one are decided as before.
+    // The control plane goes away: a second later, what signals could
+    // change is denied (calls naming a session; tool calls, whose user may
+    // have subject-wide signals); a Check without a session is decided as
+    // before (no subject-wide signal is in use).
     drop(cp);
     until("signals to go stale", &c, read_own("s-1"), Outcome::Deny).await;
     denied_because(
         &ask(&mut c2, read_own("s-1")).await,
         "session signals are stale",
     );
-    assert_eq!(outcome(&ask(&mut c2, read_own("")).await), Outcome::Allow);
+    denied_because(
+        &ask(&mut c2, read_own("")).await,
+        "session signals are stale",
+    );
+    let plain = sidecar
+        .client()
+        .await
+        .check(pb::CheckRequest {
+            subject: Some(pb::Subject {
+                r#type: "Agent".into(),
+                id: "support-bot".into(),
+                properties: None,
+            }),
+            action: Some(pb::Action {
+                name: "crm/get_customer".into(),
+                properties: None,
+            }),
+            resource: Some(pb::Resource {
+                r#type: "Tool".into(),
+                id: "crm/get_customer".into(),
+                properties: None,
+            }),
+            context: Some(structure(json!({
+                "args": {"customer_id": "alice"},
+                "user": {"id": "alice", "acr": "aal1", "auth_time": now(), "auth_age_secs": 0},
+                "delegation": [],
+            }))),
+            session_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(outcome(&plain), Outcome::Allow, "{plain:?}");
     // (the metric is refreshed every second)
     eventually(
         "the age in the metrics",

@@ -224,7 +224,7 @@ impl Decider {
             return Ok(Arc::new(Self::stale_deny()));
         }
         let state = self.add_session(active, request, signals_subject)?;
-        if let Some(deny) = self.stale_session_deny(request) {
+        if let Some(deny) = self.stale_signals_deny(request, signals_subject) {
             return Ok(deny);
         }
         let decided = self
@@ -233,11 +233,23 @@ impl Decider {
         Ok(self.apply_revocation(active, state.as_ref(), decided))
     }
 
-    /// A DENY for a decision that names a session while the session signals
-    /// are stale and `sessions.stale_signals = "deny"`.
-    fn stale_session_deny(&self, request: &Request) -> Option<Arc<Decision>> {
-        request.session_id.as_ref()?;
-        let why = self.sessions.as_ref()?.stale_denial()?;
+    /// A DENY for a decision signals could change (it names a session, is
+    /// a tool call whose user may have subject-wide signals, or any once
+    /// subject-wide signals are in use) while they are stale and
+    /// `sessions.stale_signals = "deny"`.
+    fn stale_signals_deny(
+        &self,
+        request: &Request,
+        signals_subject: Option<&str>,
+    ) -> Option<Arc<Decision>> {
+        let sessions = self.sessions.as_ref()?;
+        if request.session_id.is_none()
+            && signals_subject.is_none()
+            && !sessions.any_subject_signals()
+        {
+            return None;
+        }
+        let why = sessions.stale_denial()?;
         Some(Arc::new(Decision::deny(Vec::new(), vec![why])))
     }
 
@@ -255,7 +267,7 @@ impl Decider {
             return Ok((Arc::new(Self::stale_deny()), false));
         }
         let state = self.add_session(active, request, signals_subject)?;
-        if let Some(deny) = self.stale_session_deny(request) {
+        if let Some(deny) = self.stale_signals_deny(request, signals_subject) {
             return Ok((deny, false));
         }
         let (decided, depends) = active.engine.decide_partially(request, unknown)?;
@@ -358,12 +370,15 @@ impl Decider {
         decision_id: uuid::Uuid,
     ) -> (Answer, Handoff) {
         // A decision that spent an approval is not remembered: decided again
-        // without it, it would look like a change to watchers.
+        // without it, it would look like a change to watchers. Nor is one
+        // made while signals are stale under `deny` (the signal that follows
+        // the feed's return would seem to have turned it).
         if let (Some(sessions), Some(session), None) = (
             &self.sessions,
             request.session_id.as_deref(),
             &links.approved_by,
-        ) {
+        ) && sessions.stale_denial().is_none()
+        {
             let mut plain = request.clone();
             plain.context.remove("session");
             let subject = call

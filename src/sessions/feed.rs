@@ -125,6 +125,9 @@ pub async fn follow(
         match opened {
             Ok(stream) => {
                 let mut stream = stream.into_inner();
+                // Fresh only once this connection has replayed its backlog
+                // (the control plane's catch-up heartbeat ends it).
+                let mut caught_up = false;
                 tracing::info!(
                     position = sessions.position(),
                     "following control-plane signals"
@@ -139,7 +142,14 @@ pub async fn follow(
                     match next {
                         Ok(Ok(Some(event))) => {
                             backoff = Duration::from_millis(100);
-                            sessions.feed_heard();
+                            caught_up |=
+                                matches!(event.event, Some(pb::feed_event::Event::Heartbeat(_)));
+                            // Heard before applied: the catch-up heartbeat also
+                            // makes the sidecar ready, and a ready sidecar
+                            // must not look as if it never heard the feed.
+                            if caught_up {
+                                sessions.feed_heard();
+                            }
                             apply(&sessions, &decider, event);
                         }
                         Ok(Ok(None)) => break,

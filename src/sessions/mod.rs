@@ -287,9 +287,13 @@ pub struct Sessions {
     /// Set once the feed has caught up (or the start-up wait gave up):
     /// until then decisions are refused rather than made without signals.
     ready: AtomicBool,
-    /// Unix milliseconds since which the feed has been down (0 while it is
-    /// live; the start counts as down until the feed is first heard).
-    feed_down_since: AtomicU64,
+    /// When the feed was last heard, in milliseconds since `born` plus one
+    /// (0: never; the age then counts from the start). Monotonic: a clock
+    /// step cannot make stale signals look fresh.
+    last_heard: AtomicU64,
+    /// Whether the feed is connected and caught up right now.
+    feed_live: AtomicBool,
+    born: std::time::Instant,
     changes: tokio::sync::broadcast::Sender<Arc<SessionChange>>,
     pub metrics: SessionMetrics,
 }
@@ -343,7 +347,9 @@ impl Sessions {
             position: AtomicU64::new(0),
             epoch: std::sync::Mutex::new(String::new()),
             ready: AtomicBool::new(false),
-            feed_down_since: AtomicU64::new(unix_millis()),
+            last_heard: AtomicU64::new(0),
+            feed_live: AtomicBool::new(false),
+            born: std::time::Instant::now(),
             changes: tokio::sync::broadcast::channel(1024).0,
             metrics,
         }
@@ -382,27 +388,30 @@ impl Sessions {
         *held = epoch.to_owned();
     }
 
-    /// The feed is live: an event (or heartbeat) just arrived.
+    fn millis(&self) -> u64 {
+        self.born.elapsed().as_millis() as u64 + 1
+    }
+
+    /// The feed is live and caught up: an event after its catch-up
+    /// heartbeat just arrived.
     pub fn feed_heard(&self) {
-        self.feed_down_since.store(0, Ordering::Relaxed);
+        self.last_heard.store(self.millis(), Ordering::Relaxed);
+        self.feed_live.store(true, Ordering::Relaxed);
     }
 
-    /// The feed broke or went silent: signals age from now.
+    /// The feed broke or went silent: signals age from when it was last heard.
     pub fn feed_lost(&self) {
-        let _ = self.feed_down_since.compare_exchange(
-            0,
-            unix_millis(),
-            Ordering::Relaxed,
-            Ordering::Relaxed,
-        );
+        self.feed_live.store(false, Ordering::Relaxed);
     }
 
-    /// How long the feed has been down (zero while it is live).
+    /// How long since the feed was last heard (zero while it is live; from
+    /// the start if it never was).
     pub fn signals_age(&self) -> std::time::Duration {
-        match self.feed_down_since.load(Ordering::Relaxed) {
-            0 => std::time::Duration::ZERO,
-            since => std::time::Duration::from_millis(unix_millis().saturating_sub(since)),
+        if self.feed_live.load(Ordering::Relaxed) {
+            return std::time::Duration::ZERO;
         }
+        let heard = self.last_heard.load(Ordering::Relaxed).saturating_sub(1);
+        std::time::Duration::from_millis(self.millis().saturating_sub(1 + heard))
     }
 
     pub fn stale_mode(&self) -> StaleSignals {
@@ -414,16 +423,31 @@ impl Sessions {
         !self.limits.max_signal_age.is_zero() && self.signals_age() > self.limits.max_signal_age
     }
 
-    /// Why a decision naming a session must be denied now, if it must: the
-    /// signals are stale and the configured answer to that is `deny`.
+    /// Why a decision signals could change must be denied now, if it must:
+    /// `stale_signals = "deny"` and the signals are stale, or were never
+    /// heard (a start that gave up waiting for the feed).
     pub fn stale_denial(&self) -> Option<String> {
-        (self.limits.stale_signals == StaleSignals::Deny && self.signals_stale()).then(|| {
+        if self.limits.stale_signals != StaleSignals::Deny {
+            return None;
+        }
+        if self.last_heard.load(Ordering::Relaxed) == 0 {
+            return Some(
+                "session signals were never heard: the control plane's feed has not been reached since the start".into(),
+            );
+        }
+        self.signals_stale().then(|| {
             format!(
-                "session signals are stale: the control plane's feed has been down for {} s (sessions.max_signal_age_secs {})",
+                "session signals are stale: the control plane's feed has not been heard for {} s (sessions.max_signal_age_secs {})",
                 self.signals_age().as_secs(),
                 self.limits.max_signal_age.as_secs()
             )
         })
+    }
+
+    /// Whether subject-wide signals are in use (then any decision's subject
+    /// may have some).
+    pub fn any_subject_signals(&self) -> bool {
+        self.any_subject.load(Ordering::Relaxed)
     }
 
     pub fn position(&self) -> u64 {
@@ -457,7 +481,10 @@ impl Sessions {
 
     /// The subject (`Type::"id"`) of a session this sidecar decided for.
     pub fn subject_of(&self, session_id: &str) -> Option<String> {
-        self.subjects.get(session_id).map(|s| s.to_string())
+        match self.subjects.get(session_id) {
+            Some(s) => Some(s.to_string()),
+            None => self.tracked.get(session_id)?.subject(),
+        }
     }
 
     /// Remembers an answered decision of a session (the newest answer per
@@ -550,14 +577,6 @@ impl Sessions {
         self.by_subject.run_pending_tasks();
         self.by_session.entry_count() + self.by_subject.entry_count()
     }
-}
-
-fn unix_millis() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(1)
-        .max(1)
 }
 
 /// The subject key signals name: `Type::"id"`.
@@ -749,6 +768,35 @@ mod tests {
         assert_eq!(hit[0].0, "mine");
         assert!(hit[0].1.is_none());
         assert_eq!(s.subject_of("mine").as_deref(), Some("User::\"alice\""));
+    }
+
+    #[test]
+    fn signals_go_stale_when_the_feed_is_not_heard() {
+        let limits = |mode| Limits {
+            max_signal_age: std::time::Duration::from_millis(50),
+            stale_signals: mode,
+            ..Limits::default()
+        };
+        let s = Sessions::new(limits(StaleSignals::Deny), SessionMetrics::default());
+        let never = s.stale_denial().expect("never heard: denied under deny");
+        assert!(never.contains("never heard"), "{never}");
+        s.feed_heard();
+        assert_eq!(s.signals_age(), std::time::Duration::ZERO);
+        assert!(s.stale_denial().is_none());
+        s.feed_lost();
+        assert!(s.stale_denial().is_none(), "within the limit");
+        std::thread::sleep(std::time::Duration::from_millis(80));
+        assert!(s.signals_age() >= std::time::Duration::from_millis(80));
+        let stale = s.stale_denial().expect("past the limit");
+        assert!(stale.contains("are stale"), "{stale}");
+        s.feed_heard();
+        assert!(s.stale_denial().is_none(), "fresh again");
+
+        // `decide` never denies, but the staleness still shows.
+        let s = Sessions::new(limits(StaleSignals::Decide), SessionMetrics::default());
+        std::thread::sleep(std::time::Duration::from_millis(80));
+        assert!(s.signals_stale());
+        assert!(s.stale_denial().is_none());
     }
 
     fn request(user: &str) -> Request {
