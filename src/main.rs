@@ -141,8 +141,8 @@ struct TrailSource {
 enum SignalCommand {
     /// Send one signal about a session or a subject; sidecars apply it at once.
     Send {
-        /// session-revoked | risk-level-changed | assurance-level-changed |
-        /// device-compliance-changed
+        /// session-revoked | revocation-lifted (a subject's) | risk-level-changed |
+        /// assurance-level-changed | device-compliance-changed
         #[arg(value_name = "TYPE")]
         kind: String,
         /// The new level: low|medium|high, e.g. aal2, compliant|not-compliant.

@@ -506,6 +506,35 @@ async fn a_risk_signal_turns_the_next_call_and_watch_session_reports_it() {
         Outcome::Deny,
     )
     .await;
+    w.signal(&[
+        "device-compliance-changed",
+        "compliant",
+        "--subject",
+        "User::\"alice\"",
+    ]);
+
+    // A user-wide revocation reaches the user's new sessions too, until it
+    // is lifted; a revoked session cannot be lifted.
+    w.signal(&["session-revoked", "--subject", "User::\"alice\""]);
+    until(
+        "the user's revocation",
+        &c,
+        read_own("s-new"),
+        Outcome::Deny,
+    )
+    .await;
+    w.signal(&["revocation-lifted", "--subject", "User::\"alice\""]);
+    until(
+        "the lifted revocation",
+        &c,
+        read_own("s-new"),
+        Outcome::Allow,
+    )
+    .await;
+    let (code, _, err) = w.cli(&["signal", "send", "revocation-lifted", "--session", "s-c"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("stays revoked"), "{err}");
+    assert_eq!(outcome(&ask(&mut c, read_own("s-c")).await), Outcome::Deny);
 
     // The decision's story names the signal that came after it.
     let mut story = String::new();

@@ -31,8 +31,9 @@ use crate::sessions::RISK_LEVELS;
 pub const INSTANCE: &str = "control-plane";
 
 /// Signal types (OpenID CAEP events, in snake case).
-pub const SIGNAL_TYPES: [&str; 4] = [
+pub const SIGNAL_TYPES: [&str; 5] = [
     "session_revoked",
+    "revocation_lifted",
     "risk_level_changed",
     "assurance_level_changed",
     "device_compliance_changed",
@@ -230,6 +231,16 @@ impl Journeys {
             current.unwrap_or((false, "low".into(), String::new(), true));
         match s.kind.as_str() {
             "session_revoked" => revoked = true,
+            // Undoes a subject-wide revocation (after a password reset, the
+            // user's new sessions may be allowed again). A revoked session
+            // stays revoked: its id may be in the wrong hands.
+            "revocation_lifted" if target_kind == "subject" => revoked = false,
+            "revocation_lifted" => {
+                return bad(
+                    "`revocation_lifted` is for a subject; a revoked session stays revoked (start a new one)"
+                        .into(),
+                );
+            }
             "risk_level_changed" => {
                 if !RISK_LEVELS.contains(&value) {
                     return bad(format!(
@@ -899,6 +910,33 @@ mod tests {
         j.signal(&revoke).expect("recorded and applied");
         assert_eq!(feed_len(), before + 1);
         assert_eq!(j.decisions.head(INSTANCE).expect("head").0, 2);
+    }
+
+    #[test]
+    fn a_subject_revocation_can_be_lifted_a_session_one_cannot() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let j = journeys(dir.path(), Duration::from_secs(60));
+        let signal = |kind: &str, session: Option<&str>, subject: Option<&str>| {
+            j.signal(&Signal {
+                kind: kind.into(),
+                session_id: session.map(Into::into),
+                subject: subject.map(Into::into),
+                value: None,
+                reason: None,
+            })
+        };
+        let alice = Some("User::\"alice\"");
+        signal("session_revoked", None, alice).expect("revoked");
+        let (_, seq) = signal("revocation_lifted", None, alice).expect("lifted");
+        let events = j.feed_after(seq - 1, 10).expect("feed");
+        let Some(pb::feed_event::Event::Signal(s)) = &events[0].event else {
+            panic!("{events:?}")
+        };
+        assert!(!s.revoked, "{s:?}");
+        assert_eq!(s.last_event, "revocation_lifted");
+        signal("session_revoked", Some("s1"), None).expect("revoked");
+        let refused = signal("revocation_lifted", Some("s1"), None).expect_err("stays revoked");
+        assert!(refused.to_string().contains("stays revoked"), "{refused}");
     }
 
     #[test]
