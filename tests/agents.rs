@@ -182,6 +182,32 @@ fn read_own(session: &str) -> pb::AuthorizeToolRequest {
     )
 }
 
+/// `read_own` asked through `Check`, as a service (not an agent runtime) would.
+fn check_read_own(session: &str) -> pb::CheckRequest {
+    pb::CheckRequest {
+        subject: Some(pb::Subject {
+            r#type: "Agent".into(),
+            id: "support-bot".into(),
+            properties: None,
+        }),
+        action: Some(pb::Action {
+            name: "crm/get_customer".into(),
+            properties: None,
+        }),
+        resource: Some(pb::Resource {
+            r#type: "Tool".into(),
+            id: "crm/get_customer".into(),
+            properties: None,
+        }),
+        context: Some(structure(json!({
+            "args": {"customer_id": "alice"},
+            "user": {"id": "alice", "acr": "aal1", "auth_time": now(), "auth_age_secs": 0},
+            "delegation": [],
+        }))),
+        session_id: session.into(),
+    }
+}
+
 fn refund(amount: i64, session: &str) -> pb::AuthorizeToolRequest {
     call(
         "support-bot",
@@ -456,28 +482,7 @@ async fn a_risk_signal_turns_the_next_call_and_watch_session_reports_it() {
     // `Check` of the same session sees the same state.
     let mut check = w.sidecar.client().await;
     let same = check
-        .check(pb::CheckRequest {
-            subject: Some(pb::Subject {
-                r#type: "Agent".into(),
-                id: "support-bot".into(),
-                properties: None,
-            }),
-            action: Some(pb::Action {
-                name: "crm/get_customer".into(),
-                properties: None,
-            }),
-            resource: Some(pb::Resource {
-                r#type: "Tool".into(),
-                id: "crm/get_customer".into(),
-                properties: None,
-            }),
-            context: Some(structure(json!({
-                "args": {"customer_id": "alice"},
-                "user": {"id": "alice", "acr": "aal1", "auth_time": now(), "auth_age_secs": 0},
-                "delegation": [],
-            }))),
-            session_id: "s-c".into(),
-        })
+        .check(check_read_own("s-c"))
         .await
         .unwrap()
         .into_inner();
@@ -1041,28 +1046,7 @@ async fn stale_signals_deny_decisions_that_name_a_session_when_configured() {
     let plain = sidecar
         .client()
         .await
-        .check(pb::CheckRequest {
-            subject: Some(pb::Subject {
-                r#type: "Agent".into(),
-                id: "support-bot".into(),
-                properties: None,
-            }),
-            action: Some(pb::Action {
-                name: "crm/get_customer".into(),
-                properties: None,
-            }),
-            resource: Some(pb::Resource {
-                r#type: "Tool".into(),
-                id: "crm/get_customer".into(),
-                properties: None,
-            }),
-            context: Some(structure(json!({
-                "args": {"customer_id": "alice"},
-                "user": {"id": "alice", "acr": "aal1", "auth_time": now(), "auth_age_secs": 0},
-                "delegation": [],
-            }))),
-            session_id: String::new(),
-        })
+        .check(check_read_own(""))
         .await
         .unwrap()
         .into_inner();
