@@ -20,7 +20,7 @@
 
 pub mod feed;
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
@@ -176,6 +176,17 @@ fn approx_bytes(r: &Request) -> usize {
         + r.session_id.as_ref().map_or(0, String::len)
 }
 
+type SessionsBySubject = HashMap<Arc<str>, HashSet<String>>;
+
+fn unindex(index: &mut SessionsBySubject, subject: &str, session: &str) {
+    if let Some(sessions) = index.get_mut(subject) {
+        sessions.remove(session);
+        if sessions.is_empty() {
+            index.remove(subject);
+        }
+    }
+}
+
 /// What a remembered session costs beyond its requests (key, entry, lists).
 const TRACKED_OVERHEAD: u32 = 512;
 
@@ -277,6 +288,9 @@ pub struct Sessions {
     /// session whose requests were pushed out still hears its subject's
     /// signals).
     subjects: Cache<String, Arc<str>>,
+    /// The same, by subject: a subject-wide signal finds its sessions here
+    /// instead of walking every session. Entries leave with `subjects`'.
+    sessions_of: Arc<std::sync::Mutex<SessionsBySubject>>,
     /// Whether any subject-wide signal is held (skips a lookup per decision).
     any_subject: AtomicBool,
     limits: Limits,
@@ -300,6 +314,8 @@ pub struct Sessions {
 
 impl Sessions {
     pub fn new(limits: Limits, metrics: SessionMetrics) -> Self {
+        let sessions_of = Arc::new(std::sync::Mutex::new(SessionsBySubject::new()));
+        let index = sessions_of.clone();
         let counter = metrics.evicted.clone();
         let listener = move |_k: Arc<String>,
                              _v: Arc<SignalState>,
@@ -341,7 +357,15 @@ impl Sessions {
             subjects: Cache::builder()
                 .eviction_policy(moka::policy::EvictionPolicy::lru())
                 .max_capacity(limits.max_sessions)
+                // (a replaced entry is re-indexed by `remember`, which
+                // knows both subjects)
+                .eviction_listener(move |session: Arc<String>, subject: Arc<str>, cause| {
+                    if cause != moka::notification::RemovalCause::Replaced {
+                        unindex(&mut lock(&index), &subject, &session);
+                    }
+                })
                 .build(),
+            sessions_of,
             any_subject: AtomicBool::new(false),
             limits,
             position: AtomicU64::new(0),
@@ -493,9 +517,22 @@ impl Sessions {
         let tracked = self
             .tracked
             .get_with_by_ref(session_id, || Arc::new(Tracked::default()));
-        if self.subjects.get(session_id).as_deref() != Some(subject.as_str()) {
-            self.subjects
-                .insert(session_id.to_owned(), Arc::from(subject.as_str()));
+        let before = self.subjects.get(session_id);
+        if before.as_deref() != Some(subject.as_str()) {
+            // Indexed first: the cache's listener takes it out again when
+            // the entry is evicted.
+            let subject: Arc<str> = Arc::from(subject.as_str());
+            {
+                let mut index = lock(&self.sessions_of);
+                if let Some(before) = &before {
+                    unindex(&mut index, before, session_id);
+                }
+                index
+                    .entry(subject.clone())
+                    .or_default()
+                    .insert(session_id.to_owned());
+            }
+            self.subjects.insert(session_id.to_owned(), subject);
         }
         *lock(&tracked.subject) = Some(subject);
         // One session may not take more than a sixteenth of the budget (its
@@ -555,10 +592,17 @@ impl Sessions {
     ) -> Vec<(String, Option<Arc<Tracked>>)> {
         self.by_subject.insert(subject.to_owned(), Arc::new(state));
         self.any_subject.store(true, Ordering::Relaxed);
-        self.subjects
-            .iter()
-            .filter(|(_, s)| s.as_ref() == subject)
-            .map(|(k, _)| ((*k).clone(), self.tracked.get(k.as_str())))
+        let sessions: Vec<String> = lock(&self.sessions_of)
+            .get(subject)
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default();
+        sessions
+            .into_iter()
+            .filter(|id| self.subjects.get(id).as_deref() == Some(subject))
+            .map(|id| {
+                let tracked = self.tracked.get(&id);
+                (id, tracked)
+            })
             .collect()
     }
 
@@ -768,6 +812,54 @@ mod tests {
         assert_eq!(hit[0].0, "mine");
         assert!(hit[0].1.is_none());
         assert_eq!(s.subject_of("mine").as_deref(), Some("User::\"alice\""));
+    }
+
+    #[test]
+    fn the_subject_index_follows_the_bounded_sessions() {
+        let s = Sessions::new(
+            Limits {
+                max_sessions: 10,
+                ..Limits::default()
+            },
+            SessionMetrics::default(),
+        );
+        s.set_ready();
+        for i in 0..1_000 {
+            let mut req = request("alice");
+            req.session_id = Some(format!("s{i}"));
+            s.remember(
+                &format!("s{i}"),
+                subject_key("User", "alice"),
+                Remembered::new(format!("d{i}"), req, Outcome::Allow),
+            );
+        }
+        s.subjects.run_pending_tasks();
+        let indexed = lock(&s.sessions_of)
+            .get("User::\"alice\"")
+            .map_or(0, HashSet::len);
+        assert!(indexed <= 10, "{indexed} sessions indexed for 10 kept");
+        let hit = s.apply_subject("User::\"alice\"", state("low", true, 2));
+        assert!(!hit.is_empty() && hit.len() <= 10, "{}", hit.len());
+        assert!(
+            hit.iter().any(|(id, _)| id == "s999"),
+            "the newest is found"
+        );
+        // A session that changes hands leaves its first subject's list.
+        let mut req = request("bob");
+        req.session_id = Some("s999".into());
+        s.remember(
+            "s999",
+            subject_key("User", "bob"),
+            Remembered::new("d-bob".into(), req, Outcome::Allow),
+        );
+        s.subjects.run_pending_tasks();
+        let hit = s.apply_subject("User::\"alice\"", state("low", true, 3));
+        assert!(hit.iter().all(|(id, _)| id != "s999"));
+        assert_eq!(
+            s.apply_subject("User::\"bob\"", state("low", true, 4))
+                .len(),
+            1
+        );
     }
 
     #[test]
