@@ -46,6 +46,32 @@ fn pull_args<'a>(cp: &'a str, public: &'a Path, cache: &'a Path) -> Vec<&'a str>
     ]
 }
 
+/// A sidecar pulling the agent bundle from `cp`, with `config` as its
+/// configuration file (written next to its bundle cache).
+fn sidecar_with(cp: &str, public: &Path, dir: &Path, cache: &str, config: &str) -> Sidecar {
+    let file = dir.join(format!("{cache}.toml"));
+    std::fs::write(&file, config).unwrap();
+    let cache = dir.join(cache);
+    let mut args = pull_args(cp, public, &cache);
+    args.extend(["--config", s(&file)]);
+    Sidecar::start(Path::new(""), &args)
+}
+
+/// A ToolAccess client of `sidecar`, once its bundle answers.
+async fn ready_tools(sidecar: &Sidecar) -> ToolAccessClient<Channel> {
+    let client = ToolAccessClient::new(sidecar.channel().await);
+    eventually(
+        "the agent bundle to be active",
+        Duration::from_secs(20),
+        || {
+            let mut c = client.clone();
+            async move { c.authorize_tool(read_own("probe")).await.is_ok() }
+        },
+    )
+    .await;
+    client
+}
+
 fn push(cp: &str, dir: &Path) {
     let (code, _, err) = run(&[
         "bundle",
@@ -77,34 +103,20 @@ impl World {
     }
 
     fn sidecar(cp: &str, public: &Path, dir: &Path, cache: &str) -> Sidecar {
-        let cache = dir.join(cache);
         // Patient with a loaded CI machine: filing or spending an approval
         // (a control-plane write) gets 15 s, not 2, and a new sidecar waits
         // for its signal feed rather than answering without it after 5 s.
-        let config = dir.join("patient.toml");
-        std::fs::write(
-            &config,
+        sidecar_with(
+            cp,
+            public,
+            dir,
+            cache,
             "[sessions]\napproval_timeout_ms = 15000\nstartup_wait_ms = 60000\n",
         )
-        .unwrap();
-        let mut args = pull_args(cp, public, &cache);
-        args.extend(["--config", s(&config)]);
-        Sidecar::start(Path::new(""), &args)
     }
 
     async fn tools(&self) -> ToolAccessClient<Channel> {
-        let client = ToolAccessClient::new(self.sidecar.channel().await);
-        // The bundle is pulled: wait until it answers.
-        eventually(
-            "the agent bundle to be active",
-            Duration::from_secs(20),
-            || {
-                let mut c = client.clone();
-                async move { c.authorize_tool(read_own("probe")).await.is_ok() }
-            },
-        )
-        .await;
-        client
+        ready_tools(&self.sidecar).await
     }
 
     /// Runs the CLI against this control plane.
@@ -846,18 +858,14 @@ async fn signals_for_unseen_sessions_apply_later_and_a_flood_stays_bounded() {
     let public = keyed(dir);
     let cp = ControlPlane::start(&dir.join("cp.db"), &public);
     push(&cp.1, dir);
-    let config = dir.join("arbiter.toml");
-    std::fs::write(&config, "[sessions]\nmax_sessions = 50\n").unwrap();
-    let cache = dir.join("cache");
-    let mut args = pull_args(&cp.1, &public, &cache);
-    args.extend(["--config", s(&config)]);
-    let sidecar = Sidecar::start(Path::new(""), &args);
-    let c = ToolAccessClient::new(sidecar.channel().await);
-    eventually("the bundle", Duration::from_secs(20), || {
-        let mut c = c.clone();
-        async move { c.authorize_tool(read_own("probe")).await.is_ok() }
-    })
-    .await;
+    let sidecar = sidecar_with(
+        &cp.1,
+        &public,
+        dir,
+        "cache",
+        "[sessions]\nmax_sessions = 50\n",
+    );
+    let c = ready_tools(&sidecar).await;
 
     let http = reqwest::Client::new();
     let send = |body: Value| {
@@ -1007,22 +1015,14 @@ async fn stale_signals_deny_decisions_that_name_a_session_when_configured() {
     let db = dir.join("cp.db");
     let cp = ControlPlane::start_with(&db, &public, &["--addr", &addr]);
     push(&cp.1, dir);
-    let config = dir.join("arbiter.toml");
-    std::fs::write(
-        &config,
+    let sidecar = sidecar_with(
+        &cp.1,
+        &public,
+        dir,
+        "cache",
         "[sessions]\nmax_signal_age_secs = 1\nstale_signals = \"deny\"\nstartup_wait_ms = 60000\n",
-    )
-    .unwrap();
-    let cache = dir.join("cache");
-    let mut args = pull_args(&cp.1, &public, &cache);
-    args.extend(["--config", s(&config)]);
-    let sidecar = Sidecar::start(Path::new(""), &args);
-    let c = ToolAccessClient::new(sidecar.channel().await);
-    eventually("the bundle", Duration::from_secs(20), || {
-        let mut c = c.clone();
-        async move { c.authorize_tool(read_own("s-1")).await.is_ok() }
-    })
-    .await;
+    );
+    let c = ready_tools(&sidecar).await;
     let mut c2 = c.clone();
     assert_eq!(
         outcome(&ask(&mut c2, read_own("s-1")).await),
