@@ -230,7 +230,7 @@ pub fn verify_remote(src: &Source, instance: Option<&str>) -> Result<String, Fai
     let mut out = String::new();
     let mut broken = false;
     let reports = v["instances"].as_array().cloned().unwrap_or_default();
-    if reports.is_empty() || reports.iter().all(|r| r["records"] == 0) {
+    if reports.is_empty() || reports.iter().all(|r| r["last_seq"] == 0) {
         return Err(Failure {
             message: "no decision records stored for that".into(),
             code: 1,
@@ -242,8 +242,10 @@ pub fn verify_remote(src: &Source, instance: Option<&str>) -> Result<String, Fai
             None => {
                 let _ = writeln!(
                     out,
-                    "ok      instance {inst}: {} records, seq 1..={}, chain intact",
-                    r["records"], r["last_seq"]
+                    "ok      instance {inst}: {} records, seq {}..={}, chain intact",
+                    r["records"],
+                    r["after_seq"].as_u64().unwrap_or(0) + 1,
+                    r["last_seq"]
                 );
             }
             Some(b) => {

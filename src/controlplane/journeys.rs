@@ -234,7 +234,14 @@ impl Journeys {
             // Undoes a subject-wide revocation (after a password reset, the
             // user's new sessions may be allowed again). A revoked session
             // stays revoked: its id may be in the wrong hands.
-            "revocation_lifted" if target_kind == "subject" => revoked = false,
+            // Only what is revoked can be lifted: a lift of nothing would
+            // put a subject state on every sidecar for no reason.
+            "revocation_lifted" if target_kind == "subject" && revoked => revoked = false,
+            "revocation_lifted" if target_kind == "subject" => {
+                return Err(JourneyError::Conflict(format!(
+                    "{target} is not revoked: nothing to lift"
+                )));
+            }
             "revocation_lifted" => {
                 return bad(
                     "`revocation_lifted` is for a subject; a revoked session stays revoked (start a new one)"
@@ -934,6 +941,9 @@ mod tests {
         };
         assert!(!s.revoked, "{s:?}");
         assert_eq!(s.last_event, "revocation_lifted");
+        let nothing =
+            signal("revocation_lifted", None, Some("User::\"bob\"")).expect_err("not revoked");
+        assert!(nothing.to_string().contains("nothing to lift"), "{nothing}");
         signal("session_revoked", Some("s1"), None).expect("revoked");
         let refused = signal("revocation_lifted", Some("s1"), None).expect_err("stays revoked");
         assert!(refused.to_string().contains("stays revoked"), "{refused}");

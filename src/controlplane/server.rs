@@ -233,8 +233,8 @@ fn json(status: StatusCode, value: serde_json::Value) -> Response {
 /// `keep` (each chain keeps an anchor where it was cut, so it verifies).
 async fn expire_records(decisions: Arc<DecisionStore>, keep: Duration) {
     loop {
-        let before =
-            crate::decision_log::time::now_micros().saturating_sub(keep.as_micros() as u64);
+        let keep = u64::try_from(keep.as_micros()).unwrap_or(u64::MAX);
+        let before = crate::decision_log::time::now_micros().saturating_sub(keep);
         let store = decisions.clone();
         match tokio::task::spawn_blocking(move || store.expire(before as i64)).await {
             Ok(Ok(0)) => {}

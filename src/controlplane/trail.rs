@@ -49,8 +49,11 @@ pub struct Filter {
 pub struct ChainReport {
     pub instance: String,
     pub records: u64,
+    /// Where the stored chain starts: after this seq (0, or where retention
+    /// cut it).
+    pub after_seq: u64,
     pub last_seq: u64,
-    /// The first break found now, walking the stored chain from seq 1.
+    /// The first break found now, walking the stored chain from its start.
     pub first_break: Option<Break>,
     /// Breaks flagged when the records arrived.
     pub flagged_on_receipt: Vec<Break>,
@@ -413,7 +416,7 @@ impl DecisionStore {
             let (from, anchor) = anchor_in(&conn, &instance)?;
             let mut v = Verifier::default();
             v.resume(&instance, from, anchor);
-            let (mut first_break, mut last_seq) = (None, 0);
+            let (mut first_break, mut last_seq) = (None, from);
             while let Some(row) = rows.next()? {
                 let seq = row.get::<_, i64>(0)? as u64;
                 let hash: Hash = row.get::<_, Vec<u8>>(1)?.try_into().unwrap_or(GENESIS);
@@ -441,6 +444,7 @@ impl DecisionStore {
             out.push(ChainReport {
                 instance: instance.clone(),
                 records: v.records,
+                after_seq: from,
                 last_seq,
                 first_break,
                 flagged_on_receipt: flagged,
@@ -456,8 +460,33 @@ impl DecisionStore {
     pub fn expire(&self, before_us: i64) -> Result<u64, TrailError> {
         let mut deleted = 0;
         for instance in self.instances()? {
+            // The control plane's own chain (signals, approvals) is kept as
+            // long as the state it records.
+            if instance == crate::controlplane::journeys::INSTANCE {
+                continue;
+            }
+            // In steps, each its own transaction: sidecars' appends and
+            // signal writes wait at most one step, not the whole backlog.
+            loop {
+                match self.expire_step(&instance, before_us) {
+                    Ok(0) => break,
+                    Ok(n) => deleted += n,
+                    Err(e) => {
+                        tracing::error!(%instance, "decision record retention: {e}");
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(deleted)
+    }
+
+    /// Deletes up to `EXPIRE_STEP` of an instance's expired prefix.
+    fn expire_step(&self, instance: &str, before_us: i64) -> Result<u64, TrailError> {
+        const EXPIRE_STEP: i64 = 10_000;
+        {
             let mut conn = self.conn();
-            let tx = conn.transaction()?;
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             // The prefix ends before the first record that is still young
             // (or has no readable time): everything after it stays.
             let young: Option<i64> = tx.query_row(
@@ -465,29 +494,38 @@ impl DecisionStore {
                 params![instance, before_us],
                 |r| r.get(0),
             )?;
+            let first: Option<i64> = tx.query_row(
+                "SELECT MIN(seq) FROM decisions WHERE instance = ?1",
+                params![instance],
+                |r| r.get(0),
+            )?;
+            let Some(first) = first else {
+                return Ok(0);
+            };
+            let limit = young.unwrap_or(i64::MAX).min(first + EXPIRE_STEP);
             let last: Option<(i64, Vec<u8>)> = tx
                 .query_row(
-                    "SELECT seq, hash FROM decisions WHERE instance = ?1 AND seq < COALESCE(?2, 9223372036854775807)
+                    "SELECT seq, hash FROM decisions WHERE instance = ?1 AND seq < ?2
                      ORDER BY seq DESC LIMIT 1",
-                    params![instance, young],
+                    params![instance, limit],
                     |r| Ok((r.get(0)?, r.get(1)?)),
                 )
                 .optional()?;
             let Some((cut, hash)) = last else {
-                continue;
+                return Ok(0);
             };
             tx.execute(
                 "INSERT INTO chain_anchors (instance, seq, hash) VALUES (?1, ?2, ?3)
                  ON CONFLICT (instance) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
                 params![instance, cut, hash],
             )?;
-            deleted += tx.execute(
+            let n = tx.execute(
                 "DELETE FROM decisions WHERE instance = ?1 AND seq <= ?2",
                 params![instance, cut],
             )? as u64;
             tx.commit()?;
+            Ok(n)
         }
-        Ok(deleted)
     }
 
     /// One instance's records in the chained line form (`log verify --file`).
@@ -937,7 +975,10 @@ mod tests {
             "{:?}",
             report[0].first_break
         );
-        assert_eq!((report[0].records, report[0].last_seq), (4, 8));
+        assert_eq!(
+            (report[0].records, report[0].after_seq, report[0].last_seq),
+            (4, 4, 8)
+        );
         assert!(store.get("d4").expect("get").is_none());
         assert!(store.get("d5").expect("get").is_some());
         // Again: nothing more is old enough.
