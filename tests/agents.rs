@@ -982,16 +982,8 @@ async fn a_control_plane_with_a_sidecar_token_refuses_sidecars_without_it() {
     let config = dir.join("quick.toml");
     std::fs::write(&config, "[sessions]\nstartup_wait_ms = 200\n").unwrap();
     let without = Sidecar::start(&bundle, &["--control-plane", &cp.1, "--config", s(&config)]);
-    let mut c = ToolAccessClient::new(without.channel().await);
-    eventually(
-        "the sidecar to give up waiting",
-        Duration::from_secs(20),
-        || {
-            let mut c = c.clone();
-            async move { c.authorize_tool(read_own("probe")).await.is_ok() }
-        },
-    )
-    .await;
+    // (it answers once it gives up waiting for the feed)
+    let mut c = ready_tools(&without).await;
     let refused = ask(&mut c, refund(900, "s-t")).await;
     assert_eq!(outcome(&refused), Outcome::ApprovalRequired);
     assert!(refused.approval.as_ref().unwrap().approval_id.is_empty());
