@@ -176,13 +176,44 @@ fn approx_bytes(r: &Request) -> usize {
         + r.session_id.as_ref().map_or(0, String::len)
 }
 
-type SessionsBySubject = HashMap<Arc<str>, HashSet<String>>;
+/// Sessions by subject, and the very subject value (`Arc`) each session was
+/// indexed with: an eviction takes a session out only if it evicted that
+/// value, so a `remember` that re-indexed it meanwhile is not undone.
+#[derive(Default)]
+struct SessionsBySubject {
+    by_subject: HashMap<Arc<str>, HashSet<String>>,
+    indexed: HashMap<String, Arc<str>>,
+}
 
-fn unindex(index: &mut SessionsBySubject, subject: &str, session: &str) {
-    if let Some(sessions) = index.get_mut(subject) {
-        sessions.remove(session);
-        if sessions.is_empty() {
-            index.remove(subject);
+impl SessionsBySubject {
+    fn index(&mut self, session: &str, subject: Arc<str>) {
+        if let Some(before) = self.indexed.insert(session.to_owned(), subject.clone()) {
+            self.remove_from(&before, session);
+        }
+        self.by_subject
+            .entry(subject)
+            .or_default()
+            .insert(session.to_owned());
+    }
+
+    /// The cache let `subject` of `session` go.
+    fn evicted(&mut self, session: &str, subject: &Arc<str>) {
+        if self
+            .indexed
+            .get(session)
+            .is_some_and(|now| Arc::ptr_eq(now, subject))
+        {
+            self.indexed.remove(session);
+            self.remove_from(subject, session);
+        }
+    }
+
+    fn remove_from(&mut self, subject: &str, session: &str) {
+        if let Some(sessions) = self.by_subject.get_mut(subject) {
+            sessions.remove(session);
+            if sessions.is_empty() {
+                self.by_subject.remove(subject);
+            }
         }
     }
 }
@@ -314,7 +345,7 @@ pub struct Sessions {
 
 impl Sessions {
     pub fn new(limits: Limits, metrics: SessionMetrics) -> Self {
-        let sessions_of = Arc::new(std::sync::Mutex::new(SessionsBySubject::new()));
+        let sessions_of = Arc::new(std::sync::Mutex::new(SessionsBySubject::default()));
         let index = sessions_of.clone();
         let counter = metrics.evicted.clone();
         let listener = move |_k: Arc<String>,
@@ -357,12 +388,8 @@ impl Sessions {
             subjects: Cache::builder()
                 .eviction_policy(moka::policy::EvictionPolicy::lru())
                 .max_capacity(limits.max_sessions)
-                // (a replaced entry is re-indexed by `remember`, which
-                // knows both subjects)
-                .eviction_listener(move |session: Arc<String>, subject: Arc<str>, cause| {
-                    if cause != moka::notification::RemovalCause::Replaced {
-                        unindex(&mut lock(&index), &subject, &session);
-                    }
+                .eviction_listener(move |session: Arc<String>, subject: Arc<str>, _| {
+                    lock(&index).evicted(&session, &subject);
                 })
                 .build(),
             sessions_of,
@@ -520,18 +547,9 @@ impl Sessions {
         let before = self.subjects.get(session_id);
         if before.as_deref() != Some(subject.as_str()) {
             // Indexed first: the cache's listener takes it out again when
-            // the entry is evicted.
+            // this very value is evicted (or replaced).
             let subject: Arc<str> = Arc::from(subject.as_str());
-            {
-                let mut index = lock(&self.sessions_of);
-                if let Some(before) = &before {
-                    unindex(&mut index, before, session_id);
-                }
-                index
-                    .entry(subject.clone())
-                    .or_default()
-                    .insert(session_id.to_owned());
-            }
+            lock(&self.sessions_of).index(session_id, subject.clone());
             self.subjects.insert(session_id.to_owned(), subject);
         }
         *lock(&tracked.subject) = Some(subject);
@@ -593,6 +611,7 @@ impl Sessions {
         self.by_subject.insert(subject.to_owned(), Arc::new(state));
         self.any_subject.store(true, Ordering::Relaxed);
         let sessions: Vec<String> = lock(&self.sessions_of)
+            .by_subject
             .get(subject)
             .map(|s| s.iter().cloned().collect())
             .unwrap_or_default();
@@ -835,6 +854,7 @@ mod tests {
         }
         s.subjects.run_pending_tasks();
         let indexed = lock(&s.sessions_of)
+            .by_subject
             .get("User::\"alice\"")
             .map_or(0, HashSet::len);
         assert!(indexed <= 10, "{indexed} sessions indexed for 10 kept");
@@ -860,6 +880,22 @@ mod tests {
                 .len(),
             1
         );
+    }
+
+    #[test]
+    fn an_eviction_does_not_undo_a_newer_index_entry() {
+        let mut index = SessionsBySubject::default();
+        let evicted: Arc<str> = Arc::from("User::\"alice\"");
+        index.index("s", evicted.clone());
+        // Re-indexed (same subject, a new value) before the eviction of the
+        // old value is told: the session stays indexed.
+        index.index("s", Arc::from("User::\"alice\""));
+        index.evicted("s", &evicted);
+        assert!(index.by_subject["User::\"alice\""].contains("s"));
+        // The eviction of the value indexed now takes it out.
+        let now = index.indexed["s"].clone();
+        index.evicted("s", &now);
+        assert!(index.by_subject.is_empty() && index.indexed.is_empty());
     }
 
     #[test]
