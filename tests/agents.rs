@@ -253,6 +253,26 @@ fn outcome(r: &pb::CheckResponse) -> Outcome {
     Outcome::try_from(r.outcome).unwrap()
 }
 
+/// Watches a session: the stream, and its first message (the state now).
+async fn watch_state(
+    c: &mut ToolAccessClient<Channel>,
+    session: &str,
+) -> (tonic::Streaming<pb::SessionUpdate>, pb::SessionUpdate) {
+    let mut stream = c
+        .watch_session(pb::WatchSessionRequest {
+            session_id: session.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("the current state within 10 s")
+        .unwrap()
+        .unwrap();
+    (stream, first)
+}
+
 /// A DENY whose errors say `why`.
 fn denied_because(r: &pb::CheckResponse, why: &str) {
     assert_eq!(outcome(r), Outcome::Deny, "{r:?}");
@@ -287,14 +307,7 @@ async fn approval_is_filed_granted_by_the_cli_and_spent_exactly_once() {
     denied_because(&early, "pending");
 
     // An agent runtime waits on its session for the verdict.
-    let mut watch = c
-        .watch_session(pb::WatchSessionRequest {
-            session_id: "s-a".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let _current = watch.message().await.unwrap().unwrap();
+    let (mut watch, _current) = watch_state(&mut c, "s-a").await;
     let (code, out, err) = w.cli(&["approval", "approve", &approval.approval_id, "--by", "bob"]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("granted"), "{out}");
@@ -361,14 +374,7 @@ async fn approval_is_filed_granted_by_the_cli_and_spent_exactly_once() {
     assert_eq!(code, 0, "{err}");
     // Retry only once the sidecar has applied the revocation: a retry that
     // raced ahead of the signal would rightly be allowed and spend the grant.
-    let mut watch = c
-        .watch_session(pb::WatchSessionRequest {
-            session_id: "s-a2".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let _current = watch.message().await.unwrap().unwrap();
+    let (mut watch, _current) = watch_state(&mut c, "s-a2").await;
     w.signal(&["session-revoked", "--session", "s-a2"]);
     // (the grant's own update may come first: it travels the same feed)
     tokio::time::timeout(Duration::from_secs(10), async {
@@ -434,18 +440,7 @@ async fn a_risk_signal_turns_the_next_call_and_watch_session_reports_it() {
     let read = ask(&mut c, read_own("s-c")).await;
     assert_eq!(outcome(&read), Outcome::Allow);
 
-    let mut watch = c
-        .watch_session(pb::WatchSessionRequest {
-            session_id: "s-c".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let first = tokio::time::timeout(Duration::from_secs(5), watch.message())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let (mut watch, first) = watch_state(&mut c, "s-c").await;
     assert_eq!(first.state.unwrap().risk, "low");
 
     w.signal(&[
@@ -625,14 +620,7 @@ async fn a_control_plane_restart_keeps_pending_approvals_and_session_state() {
         Outcome::Allow
     );
     // The newest risk signal reached it too, and WatchSession shows it.
-    let mut watch = c2
-        .watch_session(pb::WatchSessionRequest {
-            session_id: "s-d".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let first = watch.message().await.unwrap().unwrap();
+    let (_watch, first) = watch_state(&mut c2, "s-d").await;
     assert_eq!(first.state.unwrap().risk, "high");
     drop(fresh);
 
