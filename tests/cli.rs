@@ -146,3 +146,35 @@ fn serve_refuses_bad_configuration_before_binding() {
     assert_eq!(code, 64, "{err}");
     assert!(err.contains("does not exist"), "{err}");
 }
+
+/// `arbiter bench` in its open-loop mode: calls at a fixed rate, every one
+/// answered, the achieved rate reported next to the offered one.
+#[test]
+fn bench_drives_a_sidecar_at_a_fixed_rate() {
+    let (code, out, err) = run(&[
+        "bench",
+        "--scenarios",
+        "peer",
+        "--cache",
+        "off",
+        "--rate",
+        "300",
+        "--duration",
+        "1",
+        "--warmup",
+        "0.2",
+        "--server-cpu",
+        "none",
+    ]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let row = out
+        .lines()
+        .find(|l| l.starts_with("arbiter cache off"))
+        .unwrap_or_else(|| panic!("no sidecar row: {out}"));
+    let cols: Vec<&str> = row.split_whitespace().collect();
+    // label (3 words), load, req/s, p50, p90, p99, p99.9, cpu, ratios, fails
+    assert_eq!(cols[3], "300/s", "{row}");
+    let rate: f64 = cols[4].parse().unwrap();
+    assert!((270.0..=330.0).contains(&rate), "achieved {rate}/s: {row}");
+    assert_eq!(cols.last(), Some(&"0"), "failed calls: {row}");
+}

@@ -14,6 +14,8 @@ pub mod scenario;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -40,9 +42,17 @@ pub struct BenchArgs {
     /// Scenarios to run.
     #[arg(long, value_delimiter = ',', default_value = "peer,scope,tenant")]
     scenarios: Vec<Scenario>,
-    /// Concurrent callers (all on one HTTP/2 connection); one run per value.
-    #[arg(long, value_delimiter = ',', default_value = "1,32")]
-    concurrency: Vec<usize>,
+    /// Concurrent callers (all on one HTTP/2 connection), each sending its
+    /// next call when the last one is answered; one run per value
+    /// [default: 1,32, or none when `--rate` is given].
+    #[arg(long, value_delimiter = ',')]
+    concurrency: Option<Vec<usize>>,
+    /// Offered loads in calls per second (open loop, on the same connection):
+    /// each call is sent at its scheduled time whatever earlier calls did,
+    /// and its latency counts from that time, so a stall shows in full
+    /// instead of slowing the callers down; one run per value.
+    #[arg(long, value_delimiter = ',')]
+    rate: Vec<u64>,
     /// Measured seconds per run.
     #[arg(long, default_value_t = 5.0)]
     duration: f64,
@@ -94,6 +104,43 @@ pub struct BenchArgs {
     /// changes, under `AuthorizeTool` load, for this many seconds.
     #[arg(long)]
     agent_seconds: Option<u64>,
+}
+
+/// How hard a run drives its target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Load {
+    /// This many callers, each waiting for its answer (closed loop).
+    Callers(usize),
+    /// Calls sent at this many per second (open loop).
+    Rate(u64),
+}
+
+impl std::fmt::Display for Load {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Load::Callers(c) => write!(f, "{c}"),
+            Load::Rate(r) => write!(f, "{r}/s"),
+        }
+    }
+}
+
+impl BenchArgs {
+    /// The closed-loop caller counts.
+    fn callers(&self) -> Vec<usize> {
+        match (&self.concurrency, self.rate.is_empty()) {
+            (Some(c), _) => c.clone(),
+            (None, true) => vec![1, 32],
+            (None, false) => Vec::new(),
+        }
+    }
+
+    /// Every load to run, closed-loop ones first.
+    fn loads(&self) -> Vec<Load> {
+        let callers = self.callers().into_iter().map(Load::Callers);
+        callers
+            .chain(self.rate.iter().map(|&r| Load::Rate(r)))
+            .collect()
+    }
 }
 
 /// Times activating a scenario's bundle as a signed archive: the median of
@@ -334,6 +381,56 @@ async fn connect(addr: &str) -> Result<Channel, String> {
         .map_err(|e| format!("cannot connect to {addr}: {e}"))
 }
 
+/// One caller's (or the open loop's) measured calls.
+struct Tally {
+    calls: u64,
+    failures: u64,
+    latency: Option<Histogram<u64>>,
+}
+
+impl Tally {
+    fn new() -> Self {
+        Self {
+            calls: 0,
+            failures: 0,
+            latency: Histogram::new_with_bounds(1, 60_000_000_000, 3).ok(),
+        }
+    }
+
+    fn add(&mut self, ok: bool, took: Duration) {
+        self.calls += 1;
+        self.failures += u64::from(!ok);
+        if let Some(h) = self.latency.as_mut() {
+            let _ = h.record(took.as_nanos() as u64);
+        }
+    }
+}
+
+/// Calls an open loop lets wait for answers at once; a call due beyond that
+/// is not sent and counts as failed (the target is past its capacity).
+const MAX_IN_FLIGHT: usize = 4096;
+/// An open-loop call not answered by then counts as failed (so a stuck
+/// target ends the run instead of hanging it).
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Drives `caller` at `load` for `warmup` then `duration`; only the latter
+/// is measured.
+async fn drive_load(
+    caller: Caller,
+    pid: u32,
+    load: Load,
+    warmup: Duration,
+    duration: Duration,
+) -> RunStats {
+    let measure_from = Instant::now() + warmup;
+    let end = measure_from + duration;
+    let tasks = match load {
+        Load::Callers(c) => closed_loop(caller, c, measure_from, end),
+        Load::Rate(r) => vec![tokio::spawn(open_loop(caller, r, measure_from, end))],
+    };
+    measure(pid, measure_from, end, tasks).await
+}
+
 async fn drive(
     caller: Caller,
     pid: u32,
@@ -341,15 +438,20 @@ async fn drive(
     warmup: Duration,
     duration: Duration,
 ) -> RunStats {
-    let start = Instant::now();
-    let measure_from = start + warmup;
-    let end = measure_from + duration;
+    drive_load(caller, pid, Load::Callers(concurrency), warmup, duration).await
+}
+
+fn closed_loop(
+    caller: Caller,
+    concurrency: usize,
+    measure_from: Instant,
+    end: Instant,
+) -> Vec<tokio::task::JoinHandle<Tally>> {
     let mut tasks = Vec::with_capacity(concurrency);
     for w in 0..concurrency {
         let mut caller = caller.clone();
         tasks.push(tokio::spawn(async move {
-            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).ok();
-            let (mut calls, mut failures) = (0u64, 0u64);
+            let mut tally = Tally::new();
             let mut i = w * 7919;
             loop {
                 let t = Instant::now();
@@ -359,16 +461,70 @@ async fn drive(
                 let ok = caller.call(i).await;
                 i += 1;
                 if t >= measure_from {
-                    calls += 1;
-                    failures += u64::from(!ok);
-                    if let Some(h) = hist.as_mut() {
-                        let _ = h.record(t.elapsed().as_nanos() as u64);
-                    }
+                    tally.add(ok, t.elapsed());
                 }
             }
-            (calls, failures, hist)
+            tally
         }));
     }
+    tasks
+}
+
+/// Sends a call every `1 / rate` seconds, each on its own task, and times
+/// it from when it was due. The dispatcher spins (yielding to the calls'
+/// tasks) rather than sleeping, since the runtime's timer is only
+/// millisecond-grained: on the load generator's own core.
+async fn open_loop(caller: Caller, rate: u64, measure_from: Instant, end: Instant) -> Tally {
+    let interval = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(bool, Duration)>();
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let mut tally = Tally::new();
+    let mut due = Instant::now();
+    let mut i = 0usize;
+    while due < end {
+        let now = Instant::now();
+        while due <= now && due < end {
+            let measured = due >= measure_from;
+            if in_flight.load(Ordering::Relaxed) >= MAX_IN_FLIGHT {
+                if measured {
+                    tally.add(false, now - due);
+                }
+            } else {
+                in_flight.fetch_add(1, Ordering::Relaxed);
+                let (mut caller, tx, in_flight) = (caller.clone(), tx.clone(), in_flight.clone());
+                let scheduled = due;
+                tokio::spawn(async move {
+                    let call = tokio::time::timeout(CALL_TIMEOUT, caller.call(i));
+                    let ok = call.await.unwrap_or(false);
+                    in_flight.fetch_sub(1, Ordering::Relaxed);
+                    if measured {
+                        let _ = tx.send((ok, scheduled.elapsed()));
+                    }
+                });
+            }
+            i += 1;
+            due += interval;
+        }
+        while let Ok((ok, took)) = rx.try_recv() {
+            tally.add(ok, took);
+        }
+        tokio::task::yield_now().await;
+    }
+    drop(tx);
+    // The calls still out were due within the run: wait for their answers.
+    while let Some((ok, took)) = rx.recv().await {
+        tally.add(ok, took);
+    }
+    tally
+}
+
+/// Measures the target's CPU over the measured window and sums the tallies.
+async fn measure(
+    pid: u32,
+    measure_from: Instant,
+    end: Instant,
+    tasks: Vec<tokio::task::JoinHandle<Tally>>,
+) -> RunStats {
     tokio::time::sleep_until(measure_from.into()).await;
     let cpu_start = cpu_time(pid);
     let wall_start = Instant::now();
@@ -384,10 +540,10 @@ async fn drive(
             .unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable!())),
     };
     for t in tasks {
-        if let Ok((calls, failures, hist)) = t.await {
-            stats.calls += calls;
-            stats.failures += failures;
-            if let Some(h) = hist {
+        if let Ok(tally) = t.await {
+            stats.calls += tally.calls;
+            stats.failures += tally.failures;
+            if let Some(h) = tally.latency {
                 let _ = stats.latency.add(h);
             }
         }
@@ -395,7 +551,7 @@ async fn drive(
     stats
 }
 
-fn row(label: &str, c: usize, s: &RunStats, echo: Option<&RunStats>) -> String {
+fn row(label: &str, load: impl std::fmt::Display, s: &RunStats, echo: Option<&RunStats>) -> String {
     let cpu = s
         .cpu_per_call_us()
         .map_or("n/a".into(), |v| format!("{v:.1}"));
@@ -409,7 +565,8 @@ fn row(label: &str, c: usize, s: &RunStats, echo: Option<&RunStats>) -> String {
     );
     let p50_ratio = ratio(Some(s.pct_us(0.5)), echo.map(|e| e.pct_us(0.5)));
     format!(
-        "{label:<28} {c:>4} {:>10.0} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>8} {:>7} {:>7} {:>6}",
+        "{label:<28} {:>8} {:>10.0} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>8} {:>7} {:>7} {:>6}",
+        load.to_string(),
         s.rate(),
         s.pct_us(0.5),
         s.pct_us(0.9),
@@ -422,7 +579,7 @@ fn row(label: &str, c: usize, s: &RunStats, echo: Option<&RunStats>) -> String {
     )
 }
 
-const HEADER: &str = "target                          C      req/s   p50 µs   p90 µs   p99 µs p99.9 µs  cpu µs  cpu/echo p50/echo  fails";
+const HEADER: &str = "target                          load      req/s   p50 µs   p90 µs   p99 µs p99.9 µs  cpu µs  cpu/echo p50/echo  fails";
 
 struct Prepared {
     name: &'static str,
@@ -561,9 +718,16 @@ async fn run_async(args: BenchArgs) -> Result<(), String> {
             payloads.into(),
         );
         let mut echo_runs = Vec::new();
-        for &c in &args.concurrency {
-            let stats = drive(echo_caller.clone(), echo_server.pid(), c, warmup, duration).await;
-            println!("{}", row("echo (bare tonic)", c, &stats, None));
+        for load in args.loads() {
+            let stats = drive_load(
+                echo_caller.clone(),
+                echo_server.pid(),
+                load,
+                warmup,
+                duration,
+            )
+            .await;
+            println!("{}", row("echo (bare tonic)", load, &stats, None));
             echo_runs.push(stats);
         }
         let mut variants: Vec<(String, Vec<String>)> = Vec::new();
@@ -646,13 +810,13 @@ async fn run_async(args: BenchArgs) -> Result<(), String> {
 struct Measured {
     round: usize,
     label: String,
-    c: usize,
+    load: Load,
     rate: f64,
     p99_us: f64,
     cpu_us: Option<f64>,
 }
 
-/// Starts one sidecar variant and drives it at every concurrency.
+/// Starts one sidecar variant and drives it at every load.
 #[allow(clippy::too_many_arguments)]
 async fn run_variant(
     args: &BenchArgs,
@@ -689,16 +853,16 @@ async fn run_variant(
         pb::authorizer_client::AuthorizerClient::new(channel),
         prepared.requests.clone().into(),
     );
-    for (i, &c) in args.concurrency.iter().enumerate() {
-        let stats = drive(caller.clone(), sidecar.pid(), c, warmup, duration).await;
-        println!("{}", row(label, c, &stats, echo_runs.get(i)));
+    for (i, load) in args.loads().into_iter().enumerate() {
+        let stats = drive_load(caller.clone(), sidecar.pid(), load, warmup, duration).await;
+        println!("{}", row(label, load, &stats, echo_runs.get(i)));
         if label.starts_with("arbiter log") {
             print!("{}", shipping_report(http_addr).await);
         }
         measured.push(Measured {
             round,
             label: label.to_owned(),
-            c,
+            load,
             rate: stats.rate(),
             p99_us: stats.pct_us(0.99),
             cpu_us: stats.cpu_per_call_us(),
@@ -728,23 +892,23 @@ fn medians(measured: &[Measured], rounds: usize) -> String {
     }
     let fmt = |v: Option<f64>, suffix: &str| v.map_or("-".into(), |v| format!("{v:.2}{suffix}"));
     let mut out = format!(
-        "\nmedians of {rounds} rounds (ratios: to `arbiter cache off`, same round and C)\n{:<28} {:>4} {:>10} {:>9} {:>8} {:>11} {:>11}\n",
-        "target", "C", "req/s", "p99 µs", "cpu µs", "cpu vs off", "p99 vs off"
+        "\nmedians of {rounds} rounds (ratios: to `arbiter cache off`, same round and load)\n{:<28} {:>8} {:>10} {:>9} {:>8} {:>11} {:>11}\n",
+        "target", "load", "req/s", "p99 µs", "cpu µs", "cpu vs off", "p99 vs off"
     );
-    let mut seen: Vec<(&str, usize)> = Vec::new();
+    let mut seen: Vec<(&str, Load)> = Vec::new();
     for m in measured {
-        if seen.contains(&(m.label.as_str(), m.c)) {
+        if seen.contains(&(m.label.as_str(), m.load)) {
             continue;
         }
-        seen.push((&m.label, m.c));
+        seen.push((&m.label, m.load));
         let runs: Vec<&Measured> = measured
             .iter()
-            .filter(|x| x.label == m.label && x.c == m.c)
+            .filter(|x| x.label == m.label && x.load == m.load)
             .collect();
         let off = |r: &Measured| {
             measured
                 .iter()
-                .find(|x| x.label == "arbiter cache off" && x.c == r.c && x.round == r.round)
+                .find(|x| x.label == "arbiter cache off" && x.load == r.load && x.round == r.round)
         };
         let cpu_ratio = median(
             runs.iter()
@@ -757,9 +921,9 @@ fn medians(measured: &[Measured], rounds: usize) -> String {
                 .collect(),
         );
         out.push_str(&format!(
-            "{:<28} {:>4} {:>10.0} {:>9.1} {:>8} {:>11} {:>11}\n",
+            "{:<28} {:>8} {:>10.0} {:>9.1} {:>8} {:>11} {:>11}\n",
             m.label,
-            m.c,
+            m.load.to_string(),
             median(runs.iter().map(|r| r.rate).collect()).unwrap_or(0.0),
             median(runs.iter().map(|r| r.p99_us).collect()).unwrap_or(0.0),
             fmt(median(runs.iter().filter_map(|r| r.cpu_us).collect()), ""),
@@ -1065,7 +1229,7 @@ async fn swap_test(args: &BenchArgs, tmp: &Path, duration: Duration) -> Result<(
             .map(|v| request_from_json(v).map(|r| request_to_pb(&r)))
             .collect::<Result<_, _>>()?;
     let requests = std::sync::Arc::new(requests);
-    let c = args.concurrency.first().copied().unwrap_or(32);
+    let c = args.callers().first().copied().unwrap_or(32);
     // Wait until the first revision answers, then warm up.
     let ready = Instant::now() + Duration::from_secs(30);
     while drive_recording(
