@@ -380,7 +380,10 @@ async fn a_control_plane_outage_under_load_loses_and_repeats_nothing() {
     let cp = ControlPlane::start(&db, &public);
     let addr = cp.addr().to_owned();
     let spool = w.join("spool");
-    let sidecar = Sidecar::start(&example("documents"), &spool_args(&cp.1, &spool));
+    let mut args = spool_args(&cp.1, &spool);
+    let small_segments = config_file(w, "[decision_log]\nsegment_bytes = 16384\n");
+    args.extend(["--config", s(&small_segments)]);
+    let sidecar = Sidecar::start(&example("documents"), &args);
 
     let stop = Arc::new(AtomicBool::new(false));
     let running = tokio::spawn(load(sidecar.grpc_addr.clone(), 200_000, 4, stop.clone()));
@@ -510,8 +513,13 @@ fn config_file(dir: &Path, body: &str) -> PathBuf {
 
 /// Durable-mode waits long enough for a loaded CI disk: these tests count
 /// records, and a decision refused after the default 250 ms still leaves one.
+/// Segments of 16 KiB (about 30 records), so that acknowledged segments are
+/// released and written over while the tests run.
 fn patient_config(dir: &Path) -> PathBuf {
-    config_file(dir, "[decision_log]\nblock_timeout_ms = 10000\n")
+    config_file(
+        dir,
+        "[decision_log]\nblock_timeout_ms = 10000\nsegment_bytes = 16384\n",
+    )
 }
 
 fn metric(text: &str, name: &str) -> f64 {

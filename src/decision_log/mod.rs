@@ -128,6 +128,7 @@ pub struct Running {
     pub instance: String,
     pub spool_dir: PathBuf,
     pub spool_bytes: Arc<AtomicU64>,
+    pub spool_live: Arc<spool::Live>,
     /// The last spooled seq.
     pub spooled: watch::Receiver<u64>,
     pub metrics: DecisionLogMetrics,
@@ -150,6 +151,7 @@ pub fn start(
     metrics: DecisionLogMetrics,
 ) -> std::io::Result<(Arc<DecisionLog>, Running)> {
     let (spool, instance, head) = spool::Spool::open(&settings.spool_dir, settings.segment_bytes)?;
+    let spool_live = spool.live.clone();
     let copy: Option<Box<dyn std::io::Write + Send>> = match &settings.copy_to {
         None => None,
         Some(p) if p.as_os_str() == "-" => Some(Box::new(std::io::stdout())),
@@ -213,6 +215,7 @@ pub fn start(
         instance,
         spool_dir: settings.spool_dir.clone(),
         spool_bytes: shared.spool_bytes.clone(),
+        spool_live,
         spooled,
         metrics,
         stop,

@@ -43,6 +43,7 @@ struct Ship {
     instance: String,
     dir: PathBuf,
     spool_bytes: Arc<AtomicU64>,
+    spool_live: Arc<spool::Live>,
     spooled: watch::Receiver<u64>,
     metrics: DecisionLogMetrics,
     acked: u64,
@@ -61,6 +62,7 @@ pub fn run(
         instance: running.instance.clone(),
         dir: running.spool_dir.clone(),
         spool_bytes: running.spool_bytes.clone(),
+        spool_live: running.spool_live.clone(),
         spooled: running.spooled.clone(),
         metrics: running.metrics.clone(),
         acked: 0,
@@ -236,7 +238,7 @@ impl Packer {
         let (ask, asks) = std::sync::mpsc::channel::<Ask>();
         let dir = ship.dir.clone();
         let (bytes, metrics) = (ship.spool_bytes.clone(), ship.metrics.clone());
-        let mut reader = Reader::new(&dir);
+        let mut reader = Reader::new(&dir, ship.spool_live.clone());
         std::thread::Builder::new()
             .name("decision-log-packer".into())
             .spawn(move || {
@@ -251,7 +253,7 @@ impl Packer {
                             });
                             let _ = reply.send(packed);
                         }
-                        Ask::Forget(acked) => match spool::delete_acked(&dir, acked, &bytes) {
+                        Ask::Forget(acked) => match reader.release(acked, &bytes) {
                             Ok(_) => {
                                 metrics
                                     .spool_bytes

@@ -1,22 +1,53 @@
 //! The disk spool: append-only segment files of chained lines, named by the
 //! first sequence number they hold. Only the writer appends; only the shipper
-//! deletes, and only whole segments the control plane has acknowledged.
+//! releases, and only whole segments the control plane has acknowledged.
 //!
 //! ```text
 //! spool/instance                       this sidecar's instance id (its chain)
 //! spool/00000000000000000001.ndjson    seq 1 ..
 //! spool/00000000000000004097.ndjson    seq 4097 .. (the newest: appended to)
+//! spool/00000000000000000001.free      released, kept to be written over
+//! spool/next.tmp                       the next segment, until its first batch is on disk
 //! ```
+//!
+//! Released segments are written over rather than deleted (up to
+//! [`FREE_KEEP`] of them), as databases recycle their log files: writing
+//! into blocks a file already has makes each batch's fsync a data flush with
+//! no journal commit, and spares allocating and freeing blocks and pages.
+//! Such a segment holds an older part of the chain past what the writer has
+//! reached, so its end is not where its records end: readers stop at
+//! [`Live`], recovery at the first line that does not continue the chain, and
+//! a finished segment is cut to its records before the next one appears.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use super::chain::{self, GENESIS, Hash};
 
 const SUFFIX: &str = ".ndjson";
+const FREE_SUFFIX: &str = ".free";
+const NEXT: &str = "next.tmp";
+/// Released segments kept to be written over (disk beyond the spool cap:
+/// this many segments).
+pub const FREE_KEEP: usize = 2;
+
+/// The segment the writer appends to, and how many of its bytes are records
+/// (a reused segment holds older bytes after them).
+#[derive(Debug, Default)]
+pub struct Live(Mutex<(u64, u64)>);
+
+impl Live {
+    fn set(&self, first_seq: u64, len: u64) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = (first_seq, len);
+    }
+
+    fn get(&self) -> (u64, u64) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
 
 /// Where the chain stands: the last spooled record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,20 +60,30 @@ pub struct Spool {
     dir: PathBuf,
     segment_max: u64,
     file: File,
+    /// The bytes of records in `file` (where the next batch goes).
     file_len: u64,
-    /// Bytes in every segment file, shared with the shipper that deletes.
+    /// Where the segment being started goes once its first batch is on disk.
+    unnamed: Option<PathBuf>,
+    /// Bytes of records in every segment, shared with the shipper that
+    /// releases them.
     pub bytes: Arc<AtomicU64>,
+    pub live: Arc<Live>,
 }
 
 /// The segments in `dir`, oldest first.
 pub fn segments(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
+    files(dir, SUFFIX)
+}
+
+/// Files in `dir` named by a number and `suffix`, by number.
+fn files(dir: &Path, suffix: &str) -> io::Result<Vec<(u64, PathBuf)>> {
     let mut out = Vec::new();
     for entry in fs::read_dir(dir)? {
         let path = entry?.path();
         let first = path
             .file_name()
             .and_then(|n| n.to_str())
-            .and_then(|n| n.strip_suffix(SUFFIX))
+            .and_then(|n| n.strip_suffix(suffix))
             .and_then(|n| n.parse::<u64>().ok());
         if let Some(first) = first {
             out.push((first, path));
@@ -68,8 +109,8 @@ impl Spool {
         };
         let segs = segments(dir)?;
         // The newest non-empty segment holds the head.
-        for (_, path) in segs.iter().rev() {
-            if let Some(last) = recover(path)? {
+        for (first, path) in segs.iter().rev() {
+            if let Some(last) = recover(path, *first)? {
                 head = last;
                 break;
             }
@@ -78,18 +119,26 @@ impl Spool {
         for (_, path) in &segs {
             total += fs::metadata(path)?.len();
         }
-        let path = match segs.last() {
-            Some((_, p)) => p.clone(),
-            None => segment_path(dir, 1),
+        let (first, path) = match segs.last() {
+            Some((first, p)) => (*first, p.clone()),
+            None => (1, segment_path(dir, 1)),
         };
-        let file = OpenOptions::new().create(true).append(true).open(&path)?;
-        let file_len = file.metadata()?.len();
+        let mut file = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(false) // recovered above: its records go on after the end
+            .open(&path)?;
+        let file_len = file.seek(SeekFrom::End(0))?;
+        let live = Arc::new(Live::default());
+        live.set(first, file_len);
         let spool = Self {
             dir: dir.to_path_buf(),
             segment_max,
             file,
             file_len,
+            unnamed: None,
             bytes: Arc::new(AtomicU64::new(total)),
+            live,
         };
         Ok((spool, instance, head))
     }
@@ -97,19 +146,46 @@ impl Spool {
     /// Appends whole lines; `next_seq` is the first seq in `lines` (a new
     /// segment starting here is named by it).
     pub fn append(&mut self, lines: &[u8], next_seq: u64) -> io::Result<()> {
-        if self.file_len >= self.segment_max {
-            let path = segment_path(&self.dir, next_seq);
-            self.file.sync_data()?;
-            self.file = OpenOptions::new().create(true).append(true).open(path)?;
-            self.file_len = 0;
-            // The new file's name must survive a crash too.
-            if let Ok(d) = File::open(&self.dir) {
-                let _ = d.sync_all();
-            }
+        if self.file_len >= self.segment_max && self.unnamed.is_none() {
+            self.start_segment(next_seq)?;
         }
         self.file.write_all(lines)?;
         self.file_len += lines.len() as u64;
         self.bytes.fetch_add(lines.len() as u64, Ordering::Relaxed);
+        if let Some(path) = self.unnamed.take() {
+            // A segment appears with its first batch on disk, so the newest
+            // segment always continues the chain (recovery relies on it).
+            self.file.sync_data()?;
+            fs::rename(self.dir.join(NEXT), &path)?;
+            sync_dir(&self.dir);
+        }
+        let first = self.live.get().0;
+        self.live.set(first, self.file_len);
+        Ok(())
+    }
+
+    /// Finishes the current segment (cut to its records, on disk) and opens
+    /// the next under a temporary name: a released segment if one is kept.
+    fn start_segment(&mut self, next_seq: u64) -> io::Result<()> {
+        if self.file.metadata()?.len() > self.file_len {
+            self.file.set_len(self.file_len)?;
+        }
+        self.file.sync_data()?;
+        let next = self.dir.join(NEXT);
+        if let Some((_, free)) = files(&self.dir, FREE_SUFFIX)?.first() {
+            fs::rename(free, &next)?;
+        }
+        // Not truncated: writing over the blocks it has is the point.
+        self.file = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(false)
+            .open(&next)?;
+        self.file_len = 0;
+        // Readers must not take the reused file's older bytes for records:
+        // bound them before the segment can be listed.
+        self.live.set(next_seq, 0);
+        self.unnamed = Some(segment_path(&self.dir, next_seq));
         Ok(())
     }
 
@@ -134,39 +210,41 @@ fn instance_id(dir: &Path) -> io::Result<String> {
     }
 }
 
-/// Cuts a torn tail off a segment; returns its last record.
-fn recover(path: &Path) -> io::Result<Option<Head>> {
+fn sync_dir(dir: &Path) {
+    // A new name must survive a crash too.
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+/// Keeps a segment's records up to the last whole line that continues the
+/// chain from its first seq, and cuts the rest: a record torn by a crash, or
+/// a reused segment's older bytes. Returns its last record.
+fn recover(path: &Path, first_seq: u64) -> io::Result<Option<Head>> {
     let mut bytes = Vec::new();
     File::open(path)?.read_to_end(&mut bytes)?;
-    let mut kept = bytes.len();
-    let mut last = None;
-    // Walk back over lines until one parses: anything after it is torn.
-    while kept > 0 {
-        let end = if bytes[kept - 1] == b'\n' {
-            kept - 1
-        } else {
-            kept
+    let mut kept = 0;
+    let mut last: Option<Head> = None;
+    while let Some(nl) = memchr::memchr(b'\n', &bytes[kept..]) {
+        let Ok(line) = chain::parse_line(&bytes[kept..kept + nl]) else {
+            break;
         };
-        let start = bytes[..end]
-            .iter()
-            .rposition(|b| *b == b'\n')
-            .map_or(0, |i| i + 1);
-        if bytes[kept - 1] == b'\n'
-            && let Ok(line) = chain::parse_line(&bytes[start..end])
-        {
-            last = Some(Head {
-                seq: line.seq,
-                hash: line.hash,
-            });
+        let expected = last.map_or(first_seq, |h| h.seq + 1);
+        let links = last.is_none_or(|h| chain::link(&h.hash, line.body) == line.hash);
+        if line.seq != expected || !links {
             break;
         }
-        kept = start;
+        last = Some(Head {
+            seq: line.seq,
+            hash: line.hash,
+        });
+        kept += nl + 1;
     }
     if kept < bytes.len() {
         tracing::warn!(
             segment = %path.display(),
             cut = bytes.len() - kept,
-            "decision spool: cut a torn record left by a crash"
+            "decision spool: cut what follows the last whole record (torn by a crash, or older bytes of a reused segment)"
         );
         let f = OpenOptions::new().write(true).open(path)?;
         f.set_len(kept as u64)?;
@@ -175,18 +253,26 @@ fn recover(path: &Path) -> io::Result<Option<Head>> {
     Ok(last)
 }
 
-/// Deletes segments whose every record is at or below `acked`, never the
-/// newest (the writer appends to it). Returns the bytes freed.
-pub fn delete_acked(dir: &Path, acked: u64, bytes: &AtomicU64) -> io::Result<u64> {
+/// Releases segments whose every record is at or below `acked`, never the
+/// newest (the writer appends to it) nor `open` (a reader's, which must not
+/// see it written over): kept for reuse up to [`FREE_KEEP`], else deleted.
+/// Returns the bytes of records released.
+fn release_acked(dir: &Path, acked: u64, bytes: &AtomicU64, open: Option<u64>) -> io::Result<u64> {
     let segs = segments(dir)?;
+    let mut kept = files(dir, FREE_SUFFIX)?.len();
     let mut freed = 0;
     for pair in segs.windows(2) {
-        let ((_, path), (next_first, _)) = (&pair[0], &pair[1]);
-        if next_first.saturating_sub(1) > acked {
+        let ((first, path), (next_first, _)) = (&pair[0], &pair[1]);
+        if next_first.saturating_sub(1) > acked || open == Some(*first) {
             break;
         }
         let len = fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-        fs::remove_file(path)?;
+        if kept < FREE_KEEP {
+            fs::rename(path, dir.join(format!("{first:020}{FREE_SUFFIX}")))?;
+            kept += 1;
+        } else {
+            fs::remove_file(path)?;
+        }
         bytes.fetch_sub(len.min(bytes.load(Ordering::Relaxed)), Ordering::Relaxed);
         freed += len;
     }
@@ -196,7 +282,10 @@ pub fn delete_acked(dir: &Path, acked: u64, bytes: &AtomicU64) -> io::Result<u64
 /// Reads chained lines in order, following the writer across segments.
 pub struct Reader {
     dir: PathBuf,
+    live: Arc<Live>,
+    /// The segment being read (by first seq) and how far.
     current: Option<(u64, File)>,
+    read: u64,
     pending: Vec<u8>,
 }
 
@@ -208,24 +297,39 @@ pub struct Chunk {
 }
 
 impl Reader {
-    /// Appends up to one read's worth of the current segment to `pending`.
+    /// Appends up to one read's worth of the current segment to `pending`:
+    /// in the segment being written, only as far as its records go.
     fn read_more(&mut self) -> io::Result<bool> {
         const READ: u64 = 64 * 1024;
-        let Some((_, f)) = &mut self.current else {
+        let Some((first, f)) = &mut self.current else {
             return Ok(false);
         };
+        let limit = match self.live.get() {
+            (live, len) if live == *first => len.saturating_sub(self.read).min(READ),
+            _ => READ,
+        };
         // Straight into `pending`'s spare room (no zeroing, no extra copy).
-        self.pending.reserve(READ as usize);
-        let n = f.take(READ).read_to_end(&mut self.pending)?;
+        self.pending.reserve(limit as usize);
+        let n = f.take(limit).read_to_end(&mut self.pending)?;
+        self.read += n as u64;
         Ok(n > 0)
     }
 
-    pub fn new(dir: &Path) -> Self {
+    pub fn new(dir: &Path, live: Arc<Live>) -> Self {
         Self {
             dir: dir.to_path_buf(),
+            live,
             current: None,
+            read: 0,
             pending: Vec::new(),
         }
+    }
+
+    /// Releases the segments the control plane has acknowledged entirely
+    /// (see [`release_acked`]); returns the bytes released.
+    pub fn release(&self, acked: u64, bytes: &AtomicU64) -> io::Result<u64> {
+        let open = self.current.as_ref().map(|(first, _)| *first);
+        release_acked(&self.dir, acked, bytes, open)
     }
 
     /// Up to `max_lines` whole lines (about `max_bytes`) after seq `after`;
@@ -313,6 +417,7 @@ impl Reader {
                     .map_or(0, |i| i + 1);
                 self.pending.truncate(whole);
                 self.current = Some((*first, File::open(path)?));
+                self.read = 0;
                 Ok(true)
             }
             None => Ok(false),
@@ -347,7 +452,7 @@ mod tests {
         }
         assert!(segments(dir.path()).expect("list").len() > 1, "rotated");
 
-        let mut reader = Reader::new(dir.path());
+        let mut reader = Reader::new(dir.path(), spool.live.clone());
         let mut got = Vec::new();
         let mut after = 6;
         while let Some(chunk) = reader.next_chunk(after, 5, usize::MAX).expect("read") {
@@ -360,7 +465,7 @@ mod tests {
         assert_eq!(got, (7..=20).collect::<Vec<_>>());
 
         let before = spool.bytes.load(Ordering::Relaxed);
-        let freed = delete_acked(dir.path(), 10, &spool.bytes).expect("delete");
+        let freed = reader.release(10, &spool.bytes).expect("release");
         assert!(freed > 0 && spool.bytes.load(Ordering::Relaxed) == before - freed);
         let firsts: Vec<u64> = segments(dir.path())
             .expect("list")
@@ -391,5 +496,134 @@ mod tests {
         let on_disk = fs::read(segment_path(dir.path(), 1)).expect("read");
         assert!(on_disk.ends_with(b"}\n"));
         assert_eq!(spool.bytes.load(Ordering::Relaxed), on_disk.len() as u64);
+    }
+
+    /// Every seq in the segment files, in order, each file checked to hold
+    /// a run of consecutive records and nothing else.
+    fn seqs_on_disk(dir: &Path) -> Vec<u64> {
+        let mut all = Vec::new();
+        for (first, path) in segments(dir).expect("list") {
+            let bytes = fs::read(&path).expect("read");
+            assert!(bytes.is_empty() || bytes.ends_with(b"\n"), "{path:?}");
+            let seqs: Vec<u64> = bytes
+                .split(|b| *b == b'\n')
+                .filter(|l| !l.is_empty())
+                .map(|l| chain::parse_line(l).expect("only records").seq)
+                .collect();
+            let want: Vec<u64> = (first..first + seqs.len() as u64).collect();
+            assert_eq!(seqs, want, "{path:?}");
+            all.extend(seqs);
+        }
+        all
+    }
+
+    fn read_all(reader: &mut Reader, mut after: u64) -> Vec<u64> {
+        let mut got = Vec::new();
+        while let Some(chunk) = reader.next_chunk(after, 3, usize::MAX).expect("read") {
+            assert_eq!(chunk.first_seq, after + 1);
+            for line in chunk.lines.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+                got.push(chain::parse_line(line).expect("line").seq);
+            }
+            after += u64::from(chunk.count);
+        }
+        got
+    }
+
+    #[test]
+    fn released_segments_are_written_over_without_their_older_records_showing() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (mut spool, _, _) = Spool::open(dir.path(), 200).expect("open");
+        let mut prev = GENESIS;
+        // Five segments of four records each (a batch fills a segment).
+        for k in 0..5 {
+            spool
+                .append(&lines(k * 4 + 1, k * 4 + 4, &mut prev), k * 4 + 1)
+                .expect("append");
+        }
+        let mut reader = Reader::new(dir.path(), spool.live.clone());
+        assert_eq!(read_all(&mut reader, 0), (1..=20).collect::<Vec<_>>());
+        // The first three are acknowledged: two are kept for reuse.
+        let before = spool.bytes.load(Ordering::Relaxed);
+        let freed = reader.release(12, &spool.bytes).expect("release");
+        assert_eq!(spool.bytes.load(Ordering::Relaxed), before - freed);
+        let free = || files(dir.path(), FREE_SUFFIX).expect("free").len();
+        assert_eq!(free(), FREE_KEEP);
+        assert_eq!(seqs_on_disk(dir.path()), (13..=20).collect::<Vec<_>>());
+
+        // One record per batch now: a reused segment is longer than what is
+        // written into it, and the reader must stop where its records end.
+        for seq in 21..=40 {
+            spool
+                .append(&lines(seq, seq, &mut prev), seq)
+                .expect("append");
+            assert_eq!(read_all(&mut reader, seq - 1), vec![seq], "after {seq}");
+        }
+        assert_eq!(free(), 0, "both kept segments were written over");
+        assert_eq!(seqs_on_disk(dir.path()), (13..=40).collect::<Vec<_>>());
+        let mut fresh = Reader::new(dir.path(), spool.live.clone());
+        assert_eq!(read_all(&mut fresh, 12), (13..=40).collect::<Vec<_>>());
+
+        drop(spool);
+        let (_, _, head) = Spool::open(dir.path(), 200).expect("reopen");
+        assert_eq!((head.seq, head.hash), (40, prev));
+    }
+
+    #[test]
+    fn a_crash_in_a_reused_segment_keeps_only_its_own_records() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (mut spool, _, _) = Spool::open(dir.path(), 200).expect("open");
+        let mut prev = GENESIS;
+        for k in 0..3 {
+            spool
+                .append(&lines(k * 4 + 1, k * 4 + 4, &mut prev), k * 4 + 1)
+                .expect("append");
+        }
+        let reader = Reader::new(dir.path(), spool.live.clone());
+        reader.release(8, &spool.bytes).expect("release");
+        // The next segment reuses a released one and gets one record; the
+        // older records after it are still in the file when the crash comes.
+        spool.append(&lines(13, 13, &mut prev), 13).expect("append");
+        let reused = segment_path(dir.path(), 13);
+        assert!(fs::metadata(&reused).expect("reused").len() > 200);
+        // A crash while the segment after it was being started.
+        fs::write(dir.path().join(NEXT), b"half a batch").expect("next");
+        drop(spool);
+
+        let (mut spool, _, head) = Spool::open(dir.path(), 200).expect("reopen");
+        assert_eq!((head.seq, head.hash), (13, prev));
+        assert_eq!(seqs_on_disk(dir.path()), (9..=13).collect::<Vec<_>>());
+        let on_disk: u64 = segments(dir.path())
+            .expect("list")
+            .iter()
+            .map(|(_, p)| fs::metadata(p).expect("len").len())
+            .sum();
+        assert_eq!(spool.bytes.load(Ordering::Relaxed), on_disk);
+        // The chain goes on from there, through the left-over next segment.
+        for k in 0..3 {
+            let from = 14 + k * 4;
+            spool
+                .append(&lines(from, from + 3, &mut prev), from)
+                .expect("append");
+        }
+        assert_eq!(seqs_on_disk(dir.path()), (9..=25).collect::<Vec<_>>());
+        drop(spool);
+        let (_, _, head) = Spool::open(dir.path(), 200).expect("reopen");
+        assert_eq!((head.seq, head.hash), (25, prev));
+    }
+
+    #[test]
+    fn recovery_stops_at_a_line_that_does_not_continue_the_chain() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut prev = GENESIS;
+        let mut bytes = lines(1, 3, &mut prev);
+        let good = prev;
+        // Records of another chain, and an older seq: neither continues it.
+        let mut other = [7u8; 32];
+        bytes.extend(lines(4, 4, &mut other));
+        bytes.extend(lines(2, 2, &mut prev));
+        fs::write(segment_path(dir.path(), 1), &bytes).expect("write");
+        let (_, _, head) = Spool::open(dir.path(), 1 << 20).expect("open");
+        assert_eq!((head.seq, head.hash), (3, good));
+        assert_eq!(seqs_on_disk(dir.path()), vec![1, 2, 3]);
     }
 }
