@@ -44,6 +44,10 @@ struct Ship {
     dir: PathBuf,
     spool_bytes: Arc<AtomicU64>,
     spool_live: Arc<spool::Live>,
+    /// Held by the packer thread of each session for its whole life: one of
+    /// a session that ended may still be releasing segments, and the next
+    /// one's reader must not open a segment it is handing back for reuse.
+    packer_turn: Arc<std::sync::Mutex<()>>,
     spooled: watch::Receiver<u64>,
     metrics: DecisionLogMetrics,
     acked: u64,
@@ -63,6 +67,7 @@ pub fn run(
         dir: running.spool_dir.clone(),
         spool_bytes: running.spool_bytes.clone(),
         spool_live: running.spool_live.clone(),
+        packer_turn: Arc::default(),
         spooled: running.spooled.clone(),
         metrics: running.metrics.clone(),
         acked: 0,
@@ -239,9 +244,13 @@ impl Packer {
         let dir = ship.dir.clone();
         let (bytes, metrics) = (ship.spool_bytes.clone(), ship.metrics.clone());
         let mut reader = Reader::new(&dir, ship.spool_live.clone());
+        let turn = ship.packer_turn.clone();
         std::thread::Builder::new()
             .name("decision-log-packer".into())
             .spawn(move || {
+                let _turn = turn
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
                 super::background_priority(super::PACKER_NICE);
                 // Ends when the session drops its Packer.
                 for ask in asks {

@@ -64,6 +64,8 @@ pub struct Spool {
     file_len: u64,
     /// Where the segment being started goes once its first batch is on disk.
     unnamed: Option<PathBuf>,
+    /// A segment was named and the directory not yet synced.
+    dir_unsynced: bool,
     /// Bytes of records in every segment, shared with the shipper that
     /// releases them.
     pub bytes: Arc<AtomicU64>,
@@ -102,27 +104,49 @@ impl Spool {
     /// line is cut off, and the chain resumes after the last whole record.
     pub fn open(dir: &Path, segment_max: u64) -> io::Result<(Self, String, Head)> {
         fs::create_dir_all(dir)?;
-        let instance = instance_id(dir)?;
+        let mut instance = instance_id(dir)?;
         let mut head = Head {
             seq: 0,
             hash: GENESIS,
         };
         let segs = segments(dir)?;
-        // The newest non-empty segment holds the head.
+        // The newest segment with records holds the head.
+        let mut head_segment = None;
         for (first, path) in segs.iter().rev() {
             if let Some(last) = recover(path, *first)? {
                 head = last;
+                head_segment = Some(*first);
                 break;
             }
         }
+        // Segments after it have no records (a segment is named only once
+        // its first batch is on disk, so only damage leaves one): the chain
+        // goes on in a segment named by its next seq, as recovery expects.
+        for (first, path) in &segs {
+            if head_segment.is_none_or(|h| *first > h) {
+                fs::remove_file(path)?;
+            }
+        }
+        if head_segment.is_none() && segs.iter().any(|(first, _)| *first > 1) {
+            // Records were spooled, and none is left to go on from: the
+            // chain cannot continue (the control plane would take its next
+            // seqs for resends), so a new one starts under a new instance.
+            tracing::error!(
+                %instance,
+                "decision spool: no readable record left in the spool; starting a new chain"
+            );
+            fs::remove_file(dir.join("instance"))?;
+            instance = instance_id(dir)?;
+        }
+        // A segment being started when the sidecar stopped: never named, so
+        // its records were never reported as spooled.
+        let _ = fs::remove_file(dir.join(NEXT));
         let mut total = 0;
-        for (_, path) in &segs {
+        for (_, path) in segments(dir)? {
             total += fs::metadata(path)?.len();
         }
-        let (first, path) = match segs.last() {
-            Some((first, p)) => (*first, p.clone()),
-            None => (1, segment_path(dir, 1)),
-        };
+        let first = head_segment.unwrap_or(1);
+        let path = segment_path(dir, first);
         let mut file = OpenOptions::new()
             .create(true)
             .write(true)
@@ -137,28 +161,40 @@ impl Spool {
             file,
             file_len,
             unnamed: None,
+            dir_unsynced: false,
             bytes: Arc::new(AtomicU64::new(total)),
             live,
         };
         Ok((spool, instance, head))
     }
 
-    /// Appends whole lines; `next_seq` is the first seq in `lines` (a new
-    /// segment starting here is named by it).
-    pub fn append(&mut self, lines: &[u8], next_seq: u64) -> io::Result<()> {
+    /// Appends whole lines, then (if `sync`) flushes them to disk;
+    /// `next_seq` is the first seq in `lines` (a new segment starting here is
+    /// named by it). Readers see the lines only once this succeeded, and a
+    /// failed call may be repeated with the same lines: they are written at
+    /// the same place again, never twice.
+    pub fn append(&mut self, lines: &[u8], next_seq: u64, sync: bool) -> io::Result<()> {
         if self.file_len >= self.segment_max && self.unnamed.is_none() {
             self.start_segment(next_seq)?;
         }
-        self.file.write_all(lines)?;
-        self.file_len += lines.len() as u64;
-        self.bytes.fetch_add(lines.len() as u64, Ordering::Relaxed);
-        if let Some(path) = self.unnamed.take() {
+        write_at(&self.file, lines, self.file_len)?;
+        if sync || self.unnamed.is_some() {
+            self.file.sync_data()?;
+        }
+        if let Some(path) = &self.unnamed {
             // A segment appears with its first batch on disk, so the newest
             // segment always continues the chain (recovery relies on it).
-            self.file.sync_data()?;
-            fs::rename(self.dir.join(NEXT), &path)?;
-            sync_dir(&self.dir);
+            fs::rename(self.dir.join(NEXT), path)?;
+            self.unnamed = None;
+            self.dir_unsynced = true;
         }
+        if self.dir_unsynced {
+            // The new name must survive a crash too.
+            File::open(&self.dir)?.sync_all()?;
+            self.dir_unsynced = false;
+        }
+        self.file_len += lines.len() as u64;
+        self.bytes.fetch_add(lines.len() as u64, Ordering::Relaxed);
         let first = self.live.get().0;
         self.live.set(first, self.file_len);
         Ok(())
@@ -188,10 +224,6 @@ impl Spool {
         self.unnamed = Some(segment_path(&self.dir, next_seq));
         Ok(())
     }
-
-    pub fn sync(&mut self) -> io::Result<()> {
-        self.file.sync_data()
-    }
 }
 
 fn instance_id(dir: &Path) -> io::Result<String> {
@@ -210,10 +242,17 @@ fn instance_id(dir: &Path) -> io::Result<String> {
     }
 }
 
-fn sync_dir(dir: &Path) {
-    // A new name must survive a crash too.
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
+/// Writes all of `buf` at `offset`, whatever the file's cursor.
+fn write_at(file: &File, buf: &[u8], offset: u64) -> io::Result<()> {
+    #[cfg(unix)]
+    {
+        std::os::unix::fs::FileExt::write_all_at(file, buf, offset)
+    }
+    #[cfg(not(unix))]
+    {
+        let mut file = file;
+        file.seek(SeekFrom::Start(offset))?;
+        file.write_all(buf)
     }
 }
 
@@ -447,7 +486,7 @@ mod tests {
         let mut prev = GENESIS;
         for k in 0..5 {
             spool
-                .append(&lines(k * 4 + 1, k * 4 + 4, &mut prev), k * 4 + 1)
+                .append(&lines(k * 4 + 1, k * 4 + 4, &mut prev), k * 4 + 1, true)
                 .expect("append");
         }
         assert!(segments(dir.path()).expect("list").len() > 1, "rotated");
@@ -488,8 +527,12 @@ mod tests {
         let dir = tempfile::tempdir().expect("tmp");
         let (mut spool, _, _) = Spool::open(dir.path(), 1 << 20).expect("open");
         let mut prev = GENESIS;
-        spool.append(&lines(1, 3, &mut prev), 1).expect("append");
-        spool.append(br#"{"hash":"00","rec"#, 4).expect("torn");
+        spool
+            .append(&lines(1, 3, &mut prev), 1, true)
+            .expect("append");
+        spool
+            .append(br#"{"hash":"00","rec"#, 4, true)
+            .expect("torn");
         drop(spool);
         let (spool, _, head) = Spool::open(dir.path(), 1 << 20).expect("reopen");
         assert_eq!((head.seq, head.hash), (3, prev));
@@ -537,7 +580,7 @@ mod tests {
         // Five segments of four records each (a batch fills a segment).
         for k in 0..5 {
             spool
-                .append(&lines(k * 4 + 1, k * 4 + 4, &mut prev), k * 4 + 1)
+                .append(&lines(k * 4 + 1, k * 4 + 4, &mut prev), k * 4 + 1, true)
                 .expect("append");
         }
         let mut reader = Reader::new(dir.path(), spool.live.clone());
@@ -554,7 +597,7 @@ mod tests {
         // written into it, and the reader must stop where its records end.
         for seq in 21..=40 {
             spool
-                .append(&lines(seq, seq, &mut prev), seq)
+                .append(&lines(seq, seq, &mut prev), seq, true)
                 .expect("append");
             assert_eq!(read_all(&mut reader, seq - 1), vec![seq], "after {seq}");
         }
@@ -575,14 +618,16 @@ mod tests {
         let mut prev = GENESIS;
         for k in 0..3 {
             spool
-                .append(&lines(k * 4 + 1, k * 4 + 4, &mut prev), k * 4 + 1)
+                .append(&lines(k * 4 + 1, k * 4 + 4, &mut prev), k * 4 + 1, true)
                 .expect("append");
         }
         let reader = Reader::new(dir.path(), spool.live.clone());
         reader.release(8, &spool.bytes).expect("release");
         // The next segment reuses a released one and gets one record; the
         // older records after it are still in the file when the crash comes.
-        spool.append(&lines(13, 13, &mut prev), 13).expect("append");
+        spool
+            .append(&lines(13, 13, &mut prev), 13, true)
+            .expect("append");
         let reused = segment_path(dir.path(), 13);
         assert!(fs::metadata(&reused).expect("reused").len() > 200);
         // A crash while the segment after it was being started.
@@ -602,7 +647,7 @@ mod tests {
         for k in 0..3 {
             let from = 14 + k * 4;
             spool
-                .append(&lines(from, from + 3, &mut prev), from)
+                .append(&lines(from, from + 3, &mut prev), from, true)
                 .expect("append");
         }
         assert_eq!(seqs_on_disk(dir.path()), (9..=25).collect::<Vec<_>>());
@@ -625,5 +670,36 @@ mod tests {
         let (_, _, head) = Spool::open(dir.path(), 1 << 20).expect("open");
         assert_eq!((head.seq, head.hash), (3, good));
         assert_eq!(seqs_on_disk(dir.path()), vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn segments_without_records_go_and_a_lost_chain_starts_anew() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (mut spool, instance, _) = Spool::open(dir.path(), 200).expect("open");
+        let mut prev = GENESIS;
+        spool
+            .append(&lines(1, 4, &mut prev), 1, true)
+            .expect("append");
+        drop(spool);
+        // Damage: a later segment with nothing readable in it.
+        fs::write(segment_path(dir.path(), 9), b"\0\0\0").expect("write");
+        let (mut spool, again, head) = Spool::open(dir.path(), 1 << 20).expect("reopen");
+        assert_eq!((again.as_str(), head.seq), (instance.as_str(), 4));
+        assert!(!segment_path(dir.path(), 9).exists());
+        spool
+            .append(&lines(5, 6, &mut prev), 5, true)
+            .expect("append");
+        drop(spool);
+        let (_, _, head) = Spool::open(dir.path(), 1 << 20).expect("reopen");
+        assert_eq!((head.seq, head.hash), (6, prev));
+        assert_eq!(seqs_on_disk(dir.path()), (1..=6).collect::<Vec<_>>());
+
+        // Every record gone, the chain's place unknown: a new instance, whose
+        // seq 1 the control plane cannot mistake for a resend.
+        fs::remove_file(segment_path(dir.path(), 1)).expect("remove");
+        fs::write(segment_path(dir.path(), 7), b"torn").expect("write");
+        let (_, other, head) = Spool::open(dir.path(), 1 << 20).expect("reopen");
+        assert_ne!(other, instance);
+        assert_eq!(head.seq, 0);
     }
 }

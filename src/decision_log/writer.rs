@@ -188,13 +188,7 @@ impl Writer {
         // queue backs up behind it and the overflow policy applies.
         let mut failing_since: Option<Instant> = None;
         loop {
-            let result = self.spool.append(lines, first_seq).and_then(|()| {
-                if self.settings.fsync {
-                    self.spool.sync()
-                } else {
-                    Ok(())
-                }
-            });
+            let result = self.spool.append(lines, first_seq, self.settings.fsync);
             match result {
                 Ok(()) => break,
                 Err(e) => {
