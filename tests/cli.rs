@@ -175,6 +175,8 @@ fn bench_drives_a_sidecar_at_a_fixed_rate() {
     // label (3 words), load, req/s, p50, p90, p99, p99.9, cpu, ratios, fails
     assert_eq!(cols[3], "300/s", "{row}");
     let rate: f64 = cols[4].parse().unwrap();
-    assert!((270.0..=330.0).contains(&rate), "achieved {rate}/s: {row}");
+    // Wide: a loaded machine may wake the measuring task late; a closed
+    // loop would be in the thousands.
+    assert!((200.0..=400.0).contains(&rate), "achieved {rate}/s: {row}");
     assert_eq!(cols.last(), Some(&"0"), "failed calls: {row}");
 }
