@@ -216,6 +216,7 @@ impl DecisionStore {
                policy_ids TEXT,
                session_id TEXT,
                approval_id TEXT,
+               received_us INTEGER,
                PRIMARY KEY (instance, seq)
              ) WITHOUT ROWID;
              CREATE INDEX IF NOT EXISTS decisions_by_id ON decisions (decision_id);
@@ -232,13 +233,18 @@ impl DecisionStore {
                hash BLOB NOT NULL
              );",
         )?;
-        // Stores made before sessions existed lack the link columns.
-        for column in ["session_id", "approval_id"] {
+        // Stores made before sessions existed lack the link columns, and
+        // those made before retention used receipt times lack `received_us`.
+        for (column, kind) in [
+            ("session_id", "TEXT"),
+            ("approval_id", "TEXT"),
+            ("received_us", "INTEGER"),
+        ] {
             let has: bool = conn
                 .prepare("SELECT 1 FROM pragma_table_info('decisions') WHERE name = ?1")?
                 .exists(params![column])?;
             if !has {
-                conn.execute_batch(&format!("ALTER TABLE decisions ADD COLUMN {column} TEXT"))?;
+                conn.execute_batch(&format!("ALTER TABLE decisions ADD COLUMN {column} {kind}"))?;
             }
         }
         conn.execute_batch(
@@ -487,10 +493,15 @@ impl DecisionStore {
         {
             let mut conn = self.conn();
             let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            // The prefix ends before the first record that is still young
-            // (or has no readable time): everything after it stays.
+            // The prefix ends before the first record that is still young:
+            // everything after it stays. A record's age runs from when it
+            // was made, by its sidecar's clock, but never from later than
+            // its receipt here (a clock running ahead does not keep records
+            // longer), and from its receipt if its time is unreadable
+            // (stored before receipt times were: it stops the cut).
             let young: Option<i64> = tx.query_row(
-                "SELECT MIN(seq) FROM decisions WHERE instance = ?1 AND (time_us IS NULL OR time_us >= ?2)",
+                "SELECT MIN(seq) FROM decisions WHERE instance = ?1 AND
+                   COALESCE(MIN(time_us, received_us), time_us, received_us, ?2) >= ?2",
                 params![instance, before_us],
                 |r| r.get(0),
             )?;
@@ -590,12 +601,13 @@ pub fn append_in(
         let mut insert = tx.prepare_cached(
                 "INSERT OR IGNORE INTO decisions (instance, seq, hash, body, decision_id, time_us, outcome,
                    subject_type, subject_id, resource_type, resource_id, policy_ids,
-                   session_id, approval_id)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                   session_id, approval_id, received_us)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
             )?;
         let mut flag = tx.prepare_cached(
             "INSERT INTO chain_breaks (instance, seq, reason) VALUES (?1, ?2, ?3)",
         )?;
+        let received_us = crate::decision_log::time::now_micros() as i64;
         // Each record must continue the stored chain.
         let mut v = Verifier::default();
         v.resume(instance, head.0, head.1);
@@ -641,6 +653,7 @@ pub fn append_in(
                     .filter(|i| i.kind != Some("list_allowed_tools"))
                     .and_then(|i| i.session_id),
                 ix.as_ref().and_then(|i| i.approval_id),
+                received_us,
             ])?;
             *head = (r.seq, hash);
         }
@@ -983,9 +996,33 @@ mod tests {
         assert!(store.get("d5").expect("get").is_some());
         // Again: nothing more is old enough.
         assert_eq!(store.expire(at("2026-11-24T10:00:05Z")).expect("again"), 0);
+        // A record without a readable time goes by its receipt, and one
+        // from a clock running ahead by its receipt too: neither stops or
+        // stretches the cut (ages as if received at 10:00:05 / 10:00:06).
+        {
+            let conn = store.conn();
+            conn.execute(
+                "UPDATE decisions SET time_us = NULL, received_us = ?1 WHERE seq = 5",
+                params![at("2026-11-24T10:00:05Z")],
+            )
+            .expect("unreadable time");
+            conn.execute(
+                "UPDATE decisions SET time_us = ?1, received_us = ?2 WHERE seq = 6",
+                params![at("2030-01-01T00:00:00Z"), at("2026-11-24T10:00:06Z")],
+            )
+            .expect("clock ahead");
+        }
+        assert_eq!(
+            store
+                .expire(at("2026-11-24T10:00:06.5Z"))
+                .expect("by receipt"),
+            2
+        );
+        assert!(store.get("d6").expect("get").is_none());
+        assert!(store.get("d7").expect("get").is_some());
 
         // The chain continues across the cut, even with every record gone.
-        assert_eq!(store.expire(at("2026-11-25T00:00:00Z")).expect("all"), 4);
+        assert_eq!(store.expire(at("2026-11-25T00:00:00Z")).expect("all"), 2);
         let mut head = store.head("i1").expect("head");
         assert_eq!(head.0, 8, "continues from the anchor");
         let more = records(9, 10, &mut prev);
