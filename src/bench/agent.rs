@@ -148,7 +148,7 @@ pub(super) async fn run(args: &BenchArgs, tmp: &Path, duration: Duration) -> Res
     );
     println!("\n== agent bundle: AuthorizeTool vs Check of the same Cedar request");
     println!("{HEADER}");
-    for c in args.callers() {
+    for c in args.callers_or_default() {
         let by_check = drive(check.clone(), sidecar.pid(), c, warmup, run_for).await;
         println!("{}", row("Check (same request)", c, &by_check, None));
         let by_tool = drive(tool.clone(), sidecar.pid(), c, warmup, run_for).await;
@@ -157,7 +157,7 @@ pub(super) async fn run(args: &BenchArgs, tmp: &Path, duration: Duration) -> Res
     }
 
     // Signal → decision, under load.
-    let c = args.callers().last().copied().unwrap_or(8);
+    let c = args.callers_or_default().last().copied().unwrap_or(8);
     let stop = Arc::new(AtomicBool::new(false));
     let load = {
         let (tool, stop, pid) = (tool.clone(), stop.clone(), sidecar.pid());

@@ -51,7 +51,7 @@ pub struct BenchArgs {
     /// each call is sent at its scheduled time whatever earlier calls did,
     /// and its latency counts from that time, so a stall shows in full
     /// instead of slowing the callers down; one run per value.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
     rate: Vec<u64>,
     /// Measured seconds per run.
     #[arg(long, default_value_t = 5.0)]
@@ -132,6 +132,11 @@ impl BenchArgs {
             (None, true) => vec![1, 32],
             (None, false) => Vec::new(),
         }
+    }
+
+    /// The closed-loop caller counts, for runs that have no open loop.
+    fn callers_or_default(&self) -> Vec<usize> {
+        self.concurrency.clone().unwrap_or_else(|| vec![1, 32])
     }
 
     /// Every load to run, closed-loop ones first.
@@ -400,6 +405,19 @@ impl Tally {
     fn add(&mut self, ok: bool, took: Duration) {
         self.calls += 1;
         self.failures += u64::from(!ok);
+        self.took(took);
+    }
+
+    /// An open-loop call's answer: its latency always counts, the call
+    /// only if it was answered within the measured window (so req/s and
+    /// CPU per call are those achieved, not those offered).
+    fn answered(&mut self, ok: bool, took: Duration, in_window: bool) {
+        self.calls += u64::from(in_window);
+        self.failures += u64::from(!ok);
+        self.took(took);
+    }
+
+    fn took(&mut self, took: Duration) {
         if let Some(h) = self.latency.as_mut() {
             let _ = h.record(took.as_nanos() as u64);
         }
@@ -475,45 +493,48 @@ fn closed_loop(
 /// tasks) rather than sleeping, since the runtime's timer is only
 /// millisecond-grained: on the load generator's own core.
 async fn open_loop(caller: Caller, rate: u64, measure_from: Instant, end: Instant) -> Tally {
-    let interval = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(bool, Duration)>();
+    let start = Instant::now();
+    // From the start, not by adding an interval: no drift, and no interval
+    // rounded to nothing.
+    let due_at =
+        |i: u64| start + Duration::from_nanos(i.saturating_mul(1_000_000_000) / rate.max(1));
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(bool, Duration, bool)>();
     let in_flight = Arc::new(AtomicUsize::new(0));
     let mut tally = Tally::new();
-    let mut due = Instant::now();
-    let mut i = 0usize;
+    let mut i = 0u64;
+    let mut due = due_at(0);
     while due < end {
         let now = Instant::now();
         while due <= now && due < end {
             let measured = due >= measure_from;
             if in_flight.load(Ordering::Relaxed) >= MAX_IN_FLIGHT {
-                if measured {
-                    tally.add(false, now - due);
-                }
+                // Not sent: a failure, with no latency to show for it.
+                tally.failures += u64::from(measured);
             } else {
                 in_flight.fetch_add(1, Ordering::Relaxed);
                 let (mut caller, tx, in_flight) = (caller.clone(), tx.clone(), in_flight.clone());
                 let scheduled = due;
                 tokio::spawn(async move {
-                    let call = tokio::time::timeout(CALL_TIMEOUT, caller.call(i));
+                    let call = tokio::time::timeout(CALL_TIMEOUT, caller.call(i as usize));
                     let ok = call.await.unwrap_or(false);
                     in_flight.fetch_sub(1, Ordering::Relaxed);
                     if measured {
-                        let _ = tx.send((ok, scheduled.elapsed()));
+                        let _ = tx.send((ok, scheduled.elapsed(), Instant::now() < end));
                     }
                 });
             }
             i += 1;
-            due += interval;
+            due = due_at(i);
         }
-        while let Ok((ok, took)) = rx.try_recv() {
-            tally.add(ok, took);
+        while let Ok((ok, took, in_window)) = rx.try_recv() {
+            tally.answered(ok, took, in_window);
         }
         tokio::task::yield_now().await;
     }
     drop(tx);
     // The calls still out were due within the run: wait for their answers.
-    while let Some((ok, took)) = rx.recv().await {
-        tally.add(ok, took);
+    while let Some((ok, took, in_window)) = rx.recv().await {
+        tally.answered(ok, took, in_window);
     }
     tally
 }
@@ -527,14 +548,13 @@ async fn measure(
 ) -> RunStats {
     tokio::time::sleep_until(measure_from.into()).await;
     let cpu_start = cpu_time(pid);
-    let wall_start = Instant::now();
     tokio::time::sleep_until(end.into()).await;
     let cpu_end = cpu_time(pid);
-    let elapsed = wall_start.elapsed();
     let mut stats = RunStats {
         calls: 0,
         failures: 0,
-        elapsed,
+        // The window calls are counted in (this task may wake late).
+        elapsed: end - measure_from,
         cpu: cpu_start.zip(cpu_end).map(|(a, b)| b.saturating_sub(a)),
         latency: Histogram::new_with_bounds(1, 60_000_000_000, 3)
             .unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable!())),
@@ -579,7 +599,7 @@ fn row(label: &str, load: impl std::fmt::Display, s: &RunStats, echo: Option<&Ru
     )
 }
 
-const HEADER: &str = "target                          load      req/s   p50 µs   p90 µs   p99 µs p99.9 µs  cpu µs  cpu/echo p50/echo  fails";
+const HEADER: &str = "target                           load      req/s   p50 µs   p90 µs   p99 µs p99.9 µs  cpu µs  cpu/echo p50/echo  fails";
 
 struct Prepared {
     name: &'static str,
@@ -1229,7 +1249,7 @@ async fn swap_test(args: &BenchArgs, tmp: &Path, duration: Duration) -> Result<(
             .map(|v| request_from_json(v).map(|r| request_to_pb(&r)))
             .collect::<Result<_, _>>()?;
     let requests = std::sync::Arc::new(requests);
-    let c = args.callers().first().copied().unwrap_or(32);
+    let c = args.callers_or_default().first().copied().unwrap_or(32);
     // Wait until the first revision answers, then warm up.
     let ready = Instant::now() + Duration::from_secs(30);
     while drive_recording(

@@ -1,5 +1,5 @@
-//! The disk spool: append-only segment files of chained lines, named by the
-//! first sequence number they hold. Only the writer appends; only the shipper
+//! The disk spool: segment files of chained lines, each appended to in order
+//! and named by the first sequence number it holds. Only the writer appends; only the shipper
 //! releases, and only whole segments the control plane has acknowledged.
 //!
 //! ```text
@@ -141,6 +141,7 @@ impl Spool {
         // A segment being started when the sidecar stopped: never named, so
         // its records were never reported as spooled.
         let _ = fs::remove_file(dir.join(NEXT));
+        sync_dir(dir)?;
         let mut total = 0;
         for (_, path) in segments(dir)? {
             total += fs::metadata(path)?.len();
@@ -190,7 +191,7 @@ impl Spool {
         }
         if self.dir_unsynced {
             // The new name must survive a crash too.
-            File::open(&self.dir)?.sync_all()?;
+            sync_dir(&self.dir)?;
             self.dir_unsynced = false;
         }
         self.file_len += lines.len() as u64;
@@ -239,6 +240,29 @@ fn instance_id(dir: &Path) -> io::Result<String> {
             fs::rename(&tmp, &path)?;
             Ok(id)
         }
+    }
+}
+
+/// Makes the directory's entries (new, renamed, removed files) durable.
+/// Where directories cannot be synced (some file systems say EINVAL; not
+/// on Windows at all), there is nothing more to do: that is no failure.
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    #[cfg(unix)]
+    match File::open(dir).and_then(|d| d.sync_all()) {
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::InvalidInput | io::ErrorKind::Unsupported
+            ) =>
+        {
+            Ok(())
+        }
+        other => other,
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = dir;
+        Ok(())
     }
 }
 
