@@ -962,3 +962,62 @@ async fn a_control_plane_with_retention_deletes_old_records_and_the_rest_verifie
     assert_eq!(code, 0, "a young one is kept: {err}");
     assert!(out.contains("d4"), "{out}");
 }
+
+/// A spool that lost records it had shipped (here: its only segment
+/// emptied while the sidecar was stopped) numbers new records with stored
+/// seqs: they cannot be stored, and the fork is put on record instead of
+/// going unnoticed.
+#[tokio::test]
+async fn a_spool_that_lost_shipped_records_is_flagged_as_a_fork() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let (code, _, err) = run(&["bundle", "keygen", "--out", s(&w.join("k"))]);
+    assert_eq!(code, 0, "{err}");
+    let cp = ControlPlane::start(&w.join("cp.db"), &w.join("k.pub.pem"));
+    let spool = w.join("spool");
+    let args = spool_args(&cp.1, &spool);
+    let mut sidecar = Sidecar::start(&example("documents"), &args);
+    let first = load(
+        sidecar.grpc_addr.clone(),
+        20,
+        1,
+        Arc::new(AtomicBool::new(false)),
+    )
+    .await;
+    assert_eq!(first.failures, 0);
+    eventually("20 records stored", Duration::from_secs(30), || async {
+        stored_records(&cp).await == 20
+    })
+    .await;
+    assert!(sidecar.terminate().success());
+    for entry in std::fs::read_dir(&spool).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "ndjson") {
+            std::fs::write(&path, b"").unwrap();
+        }
+    }
+
+    let sidecar = Sidecar::start(&example("documents"), &args);
+    let again = load(
+        sidecar.grpc_addr.clone(),
+        5,
+        1,
+        Arc::new(AtomicBool::new(false)),
+    )
+    .await;
+    assert_eq!(again.failures, 0);
+    eventually("the fork on record", Duration::from_secs(30), || async {
+        let r = report(&cp).await;
+        r["flagged_on_receipt"].as_array().is_some_and(|b| {
+            b.iter()
+                .any(|b| b["reason"].as_str().unwrap_or("").contains("forked"))
+        })
+    })
+    .await;
+    assert_eq!(stored_records(&cp).await, 20, "nothing overwritten");
+    eventually("the sidecar counts it", Duration::from_secs(10), || async {
+        let (_, text) = sidecar.get("/metrics").await;
+        metric(&text, "arbiter_decision_log_chain_breaks_total") >= 1.0
+    })
+    .await;
+}

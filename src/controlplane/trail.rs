@@ -611,9 +611,30 @@ pub fn append_in(
         // Each record must continue the stored chain.
         let mut v = Verifier::default();
         v.resume(instance, head.0, head.1);
+        let mut stored_hash =
+            tx.prepare_cached("SELECT hash FROM decisions WHERE instance = ?1 AND seq = ?2")?;
+        let mut fork_flagged = false;
         for r in records {
             if r.seq <= head.0 {
-                continue; // a resend of what is already stored
+                // A resend of what is stored, unless its hash differs: then
+                // the sidecar lost records it had shipped (a damaged spool,
+                // or fsync off and a power loss) and numbers new ones with
+                // their seqs. They cannot be stored; the fork is put on
+                // record (once per batch).
+                let stored: Option<Vec<u8>> = stored_hash
+                    .query_row(params![instance, r.seq as i64], |row| row.get(0))
+                    .optional()?;
+                if !fork_flagged && stored.is_some_and(|h| h[..] != r.hash[..]) {
+                    fork_flagged = true;
+                    let b = Break {
+                        instance: instance.to_owned(),
+                        seq: r.seq,
+                        reason: "resent with another hash than the stored record: the sidecar's chain forked (its spool lost records it had shipped); records numbered up to the stored head are not stored".into(),
+                    };
+                    flag.execute(params![instance, b.seq as i64, b.reason])?;
+                    breaks.push(b);
+                }
+                continue;
             }
             let hash = r.hash;
             // Not UTF-8 means damaged: its hash check fails below and flags
@@ -798,6 +819,47 @@ mod tests {
                 body,
             })
             .collect()
+    }
+
+    #[test]
+    fn a_resend_with_another_hash_is_flagged_as_a_fork() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = DecisionStore::open(&dir.path().join("cp.db")).expect("open");
+        let mut prev = GENESIS;
+        let first = records(1, 4, &mut prev);
+        let mut head = store.head("i1").expect("head");
+        store
+            .append("i1", &mut head, &incoming(&first))
+            .expect("append");
+        // The same records again: a resend, nothing to say.
+        assert!(
+            store
+                .append("i1", &mut head, &incoming(&first[2..]))
+                .expect("resend")
+                .is_empty()
+        );
+        // A sidecar that lost 3..=4 numbers new records 3..=5 after 2.
+        let mut forked = first[1].1;
+        let mut again = records(3, 5, &mut forked);
+        for r in &mut again {
+            r.2.extend_from_slice(b" ");
+        }
+        let mut fork_prev = first[1].1;
+        for r in &mut again {
+            fork_prev = chain::link(&fork_prev, &r.2);
+            r.1 = fork_prev;
+        }
+        let breaks = store
+            .append("i1", &mut head, &incoming(&again))
+            .expect("fork");
+        assert_eq!(
+            breaks.iter().map(|b| b.seq).collect::<Vec<_>>(),
+            [3, 5],
+            "{breaks:?}"
+        );
+        assert!(breaks[0].reason.contains("forked"), "{}", breaks[0].reason);
+        let report = store.verify(Some("i1")).expect("verify");
+        assert_eq!(report[0].flagged_on_receipt.len(), 2);
     }
 
     #[test]

@@ -154,6 +154,20 @@ impl Ship {
         let mut packer = Packer::start(self, lz4)?;
         packer.forget(self.acked);
         let mut sent = self.acked;
+        let spooled = *self.spooled.borrow();
+        if self.acked > spooled {
+            // The spool lost records it had shipped (damage, or fsync off and
+            // a power loss) and numbers new ones with their seqs. Ship them
+            // anyway: the control plane cannot store them, but it puts the
+            // fork on record and counts it, instead of nobody knowing.
+            tracing::error!(
+                instance = %self.instance,
+                acked_seq = self.acked,
+                spooled_seq = spooled,
+                "decision log: the control plane holds more of this chain than the spool does; records up to its seq will be refused as a fork"
+            );
+            sent = spooled;
+        }
         let mut in_flight: std::collections::VecDeque<u64> = Default::default();
         let mut next_send = tokio::time::Instant::now();
         loop {
