@@ -184,6 +184,7 @@ async fn records_are_masked_chained_explained_and_tamper_evident() {
     let bundle = masked_bundle(w);
     let (code, _, err) = run(&["bundle", "keygen", "--out", s(&w.join("k"))]);
     assert_eq!(code, 0, "{err}");
+    let public = w.join("k.pub.pem");
     let archive = w.join("b.tar.gz");
     let (code, _, err) = run(&[
         "bundle",
@@ -195,7 +196,6 @@ async fn records_are_masked_chained_explained_and_tamper_evident() {
         s(&w.join("k.key.pem")),
     ]);
     assert_eq!(code, 0, "{err}");
-    let public = w.join("k.pub.pem");
     let db = w.join("cp.db");
     let cp = ControlPlane::start(&db, &public);
     let (code, _, err) = run(&[
@@ -371,11 +371,8 @@ async fn records_are_masked_chained_explained_and_tamper_evident() {
 
 #[tokio::test]
 async fn a_control_plane_outage_under_load_loses_and_repeats_nothing() {
-    let work = tempfile::tempdir().unwrap();
+    let (work, public) = work_with_key();
     let w = work.path();
-    let (code, _, err) = run(&["bundle", "keygen", "--out", s(&w.join("k"))]);
-    assert_eq!(code, 0, "{err}");
-    let public = w.join("k.pub.pem");
     let db = w.join("cp.db");
     let cp = ControlPlane::start(&db, &public);
     let addr = cp.addr().to_owned();
@@ -421,11 +418,8 @@ async fn a_control_plane_outage_under_load_loses_and_repeats_nothing() {
 
 #[tokio::test]
 async fn after_sigkill_the_spool_is_resent_and_durable_answers_are_all_stored() {
-    let work = tempfile::tempdir().unwrap();
+    let (work, public) = work_with_key();
     let w = work.path();
-    let (code, _, err) = run(&["bundle", "keygen", "--out", s(&w.join("k"))]);
-    assert_eq!(code, 0, "{err}");
-    let public = w.join("k.pub.pem");
     let cp = ControlPlane::start(&w.join("cp.db"), &public);
     let spool = w.join("spool");
     let patient = patient_config(w);
@@ -503,6 +497,16 @@ async fn after_sigkill_the_spool_is_resent_and_durable_answers_are_all_stored() 
     );
     let unique: HashSet<&String> = stored.iter().collect();
     assert_eq!(unique.len(), stored.len(), "exactly once");
+}
+
+/// A work directory holding a signing key pair (`k`, `k.pub.pem`); the
+/// public key's path.
+fn work_with_key() -> (tempfile::TempDir, PathBuf) {
+    let work = tempfile::tempdir().unwrap();
+    let (code, _, err) = run(&["bundle", "keygen", "--out", s(&work.path().join("k"))]);
+    assert_eq!(code, 0, "{err}");
+    let public = work.path().join("k.pub.pem");
+    (work, public)
 }
 
 fn config_file(dir: &Path, body: &str) -> PathBuf {
@@ -764,11 +768,9 @@ async fn otlp_export_carries_masked_records_and_joins_the_callers_trace() {
 
 #[tokio::test]
 async fn sigterm_delivers_every_record_before_exit() {
-    let work = tempfile::tempdir().unwrap();
+    let (work, public) = work_with_key();
     let w = work.path();
-    let (code, _, err) = run(&["bundle", "keygen", "--out", s(&w.join("k"))]);
-    assert_eq!(code, 0, "{err}");
-    let cp = ControlPlane::start(&w.join("cp.db"), &w.join("k.pub.pem"));
+    let cp = ControlPlane::start(&w.join("cp.db"), &public);
     let spool = w.join("spool");
     // The drain gets longer than its 3 s default: CI disks and cores are slow.
     let config = config_file(w, "[decision_log]\ndrain_ms = 15000\n");
@@ -900,10 +902,8 @@ async fn a_control_plane_from_before_lz4_gets_deflate_batches() {
 async fn a_control_plane_with_retention_deletes_old_records_and_the_rest_verifies() {
     use arbiter::controlplane::trail::{DecisionStore, Incoming};
     use arbiter::decision_log::chain;
-    let work = tempfile::tempdir().unwrap();
+    let (work, public) = work_with_key();
     let w = work.path();
-    let (code, _, err) = run(&["bundle", "keygen", "--out", s(&w.join("k"))]);
-    assert_eq!(code, 0, "{err}");
     let db = w.join("cp.db");
     // A chain of 6 records: 1..=3 from 2020, 4..=6 from now.
     let today =
@@ -937,7 +937,7 @@ async fn a_control_plane_with_retention_deletes_old_records_and_the_rest_verifie
                 .is_empty()
         );
     }
-    let cp = ControlPlane::start_with(&db, &w.join("k.pub.pem"), &["--retain-days", "30"]);
+    let cp = ControlPlane::start_with(&db, &public, &["--retain-days", "30"]);
     eventually("old records to go", Duration::from_secs(20), || async {
         stored_records(&cp).await == 3
     })
@@ -969,11 +969,9 @@ async fn a_control_plane_with_retention_deletes_old_records_and_the_rest_verifie
 /// going unnoticed.
 #[tokio::test]
 async fn a_spool_that_lost_shipped_records_is_flagged_as_a_fork() {
-    let work = tempfile::tempdir().unwrap();
+    let (work, public) = work_with_key();
     let w = work.path();
-    let (code, _, err) = run(&["bundle", "keygen", "--out", s(&w.join("k"))]);
-    assert_eq!(code, 0, "{err}");
-    let cp = ControlPlane::start(&w.join("cp.db"), &w.join("k.pub.pem"));
+    let cp = ControlPlane::start(&w.join("cp.db"), &public);
     let spool = w.join("spool");
     let args = spool_args(&cp.1, &spool);
     let mut sidecar = Sidecar::start(&example("documents"), &args);
