@@ -146,8 +146,13 @@ impl Spool {
         for (_, path) in segments(dir)? {
             total += fs::metadata(path)?.len();
         }
+        // A new spool's first segment is started like every other: it is
+        // named once its first batch is on disk.
         let first = head_segment.unwrap_or(1);
-        let path = segment_path(dir, first);
+        let (path, unnamed) = match head_segment {
+            Some(f) => (segment_path(dir, f), None),
+            None => (dir.join(NEXT), Some(segment_path(dir, 1))),
+        };
         let mut file = OpenOptions::new()
             .create(true)
             .write(true)
@@ -161,7 +166,7 @@ impl Spool {
             segment_max,
             file,
             file_len,
-            unnamed: None,
+            unnamed,
             dir_unsynced: false,
             bytes: Arc::new(AtomicU64::new(total)),
             live,
@@ -507,6 +512,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tmp");
         let (mut spool, instance, head) = Spool::open(dir.path(), 200).expect("open");
         assert_eq!(head.seq, 0);
+        // A new spool's first segment too is named with its first batch.
+        assert!(segments(dir.path()).expect("list").is_empty());
         let mut prev = GENESIS;
         for k in 0..5 {
             spool
