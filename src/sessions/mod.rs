@@ -68,13 +68,18 @@ fn risk_rank(r: &str) -> usize {
 impl SignalState {
     /// Session and subject signals together, the stricter of each: revoked
     /// if either is, the higher risk, non-compliant if either is; the newer
-    /// assurance level.
+    /// assurance level of those that have one (a subject's later risk signal
+    /// says nothing about the session's sign-in).
     pub fn combine(session: Option<&SignalState>, subject: Option<&SignalState>) -> SignalState {
         match (session, subject) {
             (None, None) => SignalState::default(),
             (Some(s), None) | (None, Some(s)) => s.clone(),
             (Some(a), Some(b)) => {
-                let newer = if a.version >= b.version { a } else { b };
+                let (newer, older) = if a.version >= b.version {
+                    (a, b)
+                } else {
+                    (b, a)
+                };
                 SignalState {
                     revoked: a.revoked || b.revoked,
                     risk: if risk_rank(&a.risk) >= risk_rank(&b.risk) {
@@ -82,7 +87,11 @@ impl SignalState {
                     } else {
                         b.risk.clone()
                     },
-                    assurance: newer.assurance.clone(),
+                    assurance: if newer.assurance.is_empty() {
+                        older.assurance.clone()
+                    } else {
+                        newer.assurance.clone()
+                    },
                     device_compliant: a.device_compliant && b.device_compliant,
                     version: a.version.max(b.version),
                     last_event: newer.last_event.clone(),
@@ -679,6 +688,16 @@ mod tests {
             ("high", true, false, "aal2")
         );
         assert_eq!(SignalState::combine(None, None), SignalState::default());
+        // A newer state without an assurance level keeps the other's.
+        let signed_in = SignalState {
+            assurance: "aal2".into(),
+            ..state("low", false, 3)
+        };
+        let later_risk = state("medium", false, 8);
+        let c = SignalState::combine(Some(&signed_in), Some(&later_risk));
+        assert_eq!((c.risk.as_str(), c.assurance.as_str()), ("medium", "aal2"));
+        let c = SignalState::combine(Some(&later_risk), Some(&signed_in));
+        assert_eq!(c.assurance, "aal2");
     }
 
     #[test]
