@@ -515,11 +515,7 @@ mod tests {
         // A new spool's first segment too is named with its first batch.
         assert!(segments(dir.path()).expect("list").is_empty());
         let mut prev = GENESIS;
-        for k in 0..5 {
-            spool
-                .append(&lines(k * 4 + 1, k * 4 + 4, &mut prev), k * 4 + 1, true)
-                .expect("append");
-        }
+        append_batches(&mut spool, 1, 5, &mut prev);
         assert!(segments(dir.path()).expect("list").len() > 1, "rotated");
 
         let mut reader = Reader::new(dir.path(), spool.live.clone());
@@ -572,6 +568,16 @@ mod tests {
         assert_eq!(spool.bytes.load(Ordering::Relaxed), on_disk.len() as u64);
     }
 
+    /// Appends `batches` batches of four records from seq `from`.
+    fn append_batches(spool: &mut Spool, from: u64, batches: u64, prev: &mut Hash) {
+        for k in 0..batches {
+            let first = from + k * 4;
+            spool
+                .append(&lines(first, first + 3, prev), first, true)
+                .expect("append");
+        }
+    }
+
     /// Every seq in the segment files, in order, each file checked to hold
     /// a run of consecutive records and nothing else.
     fn seqs_on_disk(dir: &Path) -> Vec<u64> {
@@ -609,11 +615,7 @@ mod tests {
         let (mut spool, _, _) = Spool::open(dir.path(), 200).expect("open");
         let mut prev = GENESIS;
         // Five segments of four records each (a batch fills a segment).
-        for k in 0..5 {
-            spool
-                .append(&lines(k * 4 + 1, k * 4 + 4, &mut prev), k * 4 + 1, true)
-                .expect("append");
-        }
+        append_batches(&mut spool, 1, 5, &mut prev);
         let mut reader = Reader::new(dir.path(), spool.live.clone());
         assert_eq!(read_all(&mut reader, 0), (1..=20).collect::<Vec<_>>());
         // The first three are acknowledged: two are kept for reuse.
@@ -647,11 +649,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tmp");
         let (mut spool, _, _) = Spool::open(dir.path(), 200).expect("open");
         let mut prev = GENESIS;
-        for k in 0..3 {
-            spool
-                .append(&lines(k * 4 + 1, k * 4 + 4, &mut prev), k * 4 + 1, true)
-                .expect("append");
-        }
+        append_batches(&mut spool, 1, 3, &mut prev);
         let reader = Reader::new(dir.path(), spool.live.clone());
         reader.release(8, &spool.bytes).expect("release");
         // The next segment reuses a released one and gets one record; the
@@ -675,12 +673,7 @@ mod tests {
             .sum();
         assert_eq!(spool.bytes.load(Ordering::Relaxed), on_disk);
         // The chain goes on from there, through the left-over next segment.
-        for k in 0..3 {
-            let from = 14 + k * 4;
-            spool
-                .append(&lines(from, from + 3, &mut prev), from, true)
-                .expect("append");
-        }
+        append_batches(&mut spool, 14, 3, &mut prev);
         assert_eq!(seqs_on_disk(dir.path()), (9..=25).collect::<Vec<_>>());
         drop(spool);
         let (_, _, head) = Spool::open(dir.path(), 200).expect("reopen");
