@@ -238,9 +238,9 @@ enum LogCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Check hash chains: on the control plane, or in an NDJSON export/spool file.
+    /// Check hash chains: on the control plane, in an NDJSON export, or in a spool directory.
     Verify {
-        /// An exported or spooled NDJSON file instead of the control plane.
+        /// An NDJSON export or spool segment, or a spool directory, instead of the control plane.
         #[arg(long)]
         file: Option<PathBuf>,
         #[arg(

@@ -8,7 +8,7 @@ use serde_json::Value;
 
 use super::bundle::{Failure, admin, refused, runtime};
 use crate::controlplane::trail::Filter;
-use crate::decision_log::chain;
+use crate::decision_log::{chain, spool};
 
 /// Where the trail is read from.
 pub struct Source<'a> {
@@ -277,16 +277,37 @@ pub fn verify_remote(src: &Source, instance: Option<&str>) -> Result<String, Fai
     }
 }
 
+/// `log verify --file`: an NDJSON export, or a spool directory (its
+/// segments in order, as the sidecar would ship them).
 pub fn verify_file(path: &Path) -> Result<String, Failure> {
-    let bytes = std::fs::read(path)
-        .map_err(|e| Failure::io(format!("cannot read `{}`: {e}", path.display())))?;
+    let unreadable =
+        |e: std::io::Error| Failure::io(format!("cannot read `{}`: {e}", path.display()));
+    let mut out = String::new();
+    let bytes = if path.is_dir() {
+        let segments = spool::segments(path).map_err(unreadable)?;
+        let mut bytes = Vec::new();
+        for (_, segment) in &segments {
+            bytes.extend(std::fs::read(segment).map_err(unreadable)?);
+        }
+        let _ = writeln!(out, "spool   {} segments", segments.len());
+        bytes
+    } else {
+        std::fs::read(path).map_err(unreadable)?
+    };
     match chain::verify_lines(&bytes) {
         Ok(v) => {
-            let mut out = format!("ok      {} records, chain intact\n", v.records);
-            for (instance, seq) in v.partial {
+            let _ = writeln!(out, "ok      {} records, chain intact", v.chain.records);
+            for (instance, seq) in v.chain.partial {
                 let _ = writeln!(
                     out,
-                    "note    instance {instance} starts at seq {seq}: its first link is not checkable from this file"
+                    "note    instance {instance} starts at seq {seq}: its first link is not checkable here (its predecessor is not in what was read)"
+                );
+            }
+            if v.unchecked > 0 {
+                let _ = writeln!(
+                    out,
+                    "note    the last {} bytes are not checked: no record after the last one above (a line being written, or older records in a reused spool segment)",
+                    v.unchecked
                 );
             }
             Ok(out)

@@ -186,21 +186,79 @@ fn check(prev: &Hash, hash: &Hash, body: &[u8]) -> Result<(), String> {
     }
 }
 
-/// Verifies an NDJSON export or spool: the first break, if any.
-pub fn verify_lines(text: &[u8]) -> Result<Verifier, Break> {
+/// What [`verify_lines`] checked.
+#[derive(Debug)]
+pub struct Verified {
+    pub chain: Verifier,
+    /// Bytes at the end that are not records of the chain's future and were
+    /// not checked (see [`verify_lines`]).
+    pub unchecked: usize,
+}
+
+/// Verifies an NDJSON export or spool segments: the first break, if any.
+///
+/// The end of the text is not a break when it cannot be records that
+/// continue the chain: a line still being written (or torn by a crash), or
+/// a reused spool segment's older bytes after its records, that is older
+/// records (lower seqs than the text's first of their instance) behind the
+/// line torn where they were written over. Those bytes are counted as
+/// `unchecked`, not verified. From a file alone, losing its last records
+/// cannot be told from their never having been written, so this hides
+/// nothing a file could show.
+pub fn verify_lines(text: &[u8]) -> Result<Verified, Break> {
     let mut v = Verifier::default();
-    for (i, line) in text.split(|b| *b == b'\n').enumerate() {
-        if line.iter().all(u8::is_ascii_whitespace) {
-            continue;
+    let mut firsts: HashMap<String, u64> = HashMap::new();
+    let mut at = 0;
+    let mut number = 0;
+    while at < text.len() {
+        let end = memchr::memchr(b'\n', &text[at..]).map_or(text.len(), |i| at + i);
+        let line = &text[at..end];
+        number += 1;
+        if !line.iter().all(u8::is_ascii_whitespace) {
+            let parsed = parse_line(line);
+            // An older record, or a torn line, may begin older bytes.
+            let suspect = match &parsed {
+                Ok(p) => firsts.get(&p.instance).is_some_and(|f| p.seq < *f),
+                Err(_) => true,
+            };
+            if suspect && v.records > 0 && older_bytes(&text[at..], &firsts) {
+                return Ok(Verified {
+                    chain: v,
+                    unchecked: text.len() - at,
+                });
+            }
+            let p = parsed.map_err(|e| Break {
+                instance: "?".into(),
+                seq: 0,
+                reason: format!("line {number} is not a record: {e}"),
+            })?;
+            firsts.entry(p.instance.clone()).or_insert(p.seq);
+            v.push(&p.instance, p.seq, &p.hash, p.body)?;
         }
-        let parsed = parse_line(line).map_err(|e| Break {
-            instance: "?".into(),
-            seq: 0,
-            reason: format!("line {} is not a record: {e}", i + 1),
-        })?;
-        v.push(&parsed.instance, parsed.seq, &parsed.hash, parsed.body)?;
+        at = end + 1;
     }
-    Ok(v)
+    Ok(Verified {
+        chain: v,
+        unchecked: 0,
+    })
+}
+
+/// Whether `rest` holds only older records (a lower seq than the first of
+/// their instance in `firsts`), but for its first line (where newer bytes
+/// were written over them) and its last (being written) if those are torn.
+fn older_bytes(rest: &[u8], firsts: &HashMap<String, u64>) -> bool {
+    let lines: Vec<&[u8]> = rest
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.iter().all(u8::is_ascii_whitespace))
+        .collect();
+    let last = lines.len().saturating_sub(1);
+    lines
+        .iter()
+        .enumerate()
+        .all(|(i, line)| match parse_line(line) {
+            Ok(p) => firsts.get(&p.instance).is_some_and(|f| p.seq < *f),
+            Err(_) => i == 0 || i == last,
+        })
 }
 
 #[cfg(test)]
@@ -223,8 +281,8 @@ mod tests {
     #[test]
     fn an_intact_chain_verifies() {
         let v = verify_lines(&chain(5).concat()).expect("intact");
-        assert_eq!(v.records, 5);
-        assert!(v.partial.is_empty());
+        assert_eq!(v.chain.records, 5);
+        assert!(v.chain.partial.is_empty());
     }
 
     #[test]
@@ -247,5 +305,39 @@ mod tests {
 
         let b = verify_lines(b"not json\n").expect_err("garbage");
         assert!(b.reason.contains("line 1"), "{b}");
+    }
+
+    #[test]
+    fn older_bytes_of_a_reused_segment_and_a_line_being_written_are_left_unchecked() {
+        let lines = chain(9);
+        // A released segment (seqs 1..=5) written over by seqs 6..=7: once
+        // at a line boundary, once mid-line (the older line torn).
+        let old = lines[..5].concat();
+        let new = lines[5..7].concat();
+        for torn in [0, 7] {
+            let mut file = new.clone();
+            file.extend_from_slice(&old[new.len() + torn..]);
+            let v = verify_lines(&file).expect("older bytes are no break");
+            assert_eq!(v.chain.records, 2);
+            assert_eq!(v.unchecked, file.len() - new.len());
+        }
+        // A last line still being written.
+        let mut file = lines[..4].concat();
+        file.extend_from_slice(&lines[4][..30]);
+        let v = verify_lines(&file).expect("a torn last line is no break");
+        assert_eq!((v.chain.records, v.unchecked), (4, 30));
+
+        // Still breaks: an edited last record, an older record followed by
+        // a newer one, a torn line followed by newer records.
+        let mut edited = lines[..4].to_vec();
+        edited[3] = String::from_utf8(edited[3].clone())
+            .expect("utf8")
+            .replace("ALLOW", "DENY")
+            .into_bytes();
+        assert_eq!(verify_lines(&edited.concat()).expect_err("edited").seq, 4);
+        let moved = [&lines[5][..], &lines[6], &lines[0], &lines[7]].concat();
+        assert_eq!(verify_lines(&moved).expect_err("moved").seq, 8);
+        let torn = [&lines[5][..], &lines[6], &lines[7][..30], b"\n", &lines[8]].concat();
+        assert!(verify_lines(&torn).is_err());
     }
 }
