@@ -2,9 +2,9 @@
 //! spooled to disk and shipped to the control plane without loss.
 //!
 //! ```text
-//! decision path ──try_send──▶ bounded queue ──▶ writer thread ──▶ spool segments ──▶ shipper ──gRPC──▶ control plane
-//!   (no lock, no I/O)                       number, hash, append,     (deleted only once      (batches, LZ4,
-//!                                           fsync per batch            acknowledged)           ack by seq)
+//! decision path ──try_send──▶ bounded queue ──▶ writer task ──▶ disk thread ──▶ spool segments ──▶ shipper ──gRPC──▶ control plane
+//!   (no lock, no I/O)                       number, hash     append, fsync    (released only once    (batches, LZ4,
+//!                                           (a few per turn)  per batch        acknowledged)          ack by seq)
 //! ```
 //!
 //! Durability: `buffered` answers at once (a `kill -9` loses the records not
@@ -133,15 +133,14 @@ pub struct Running {
     pub spooled: watch::Receiver<u64>,
     pub metrics: DecisionLogMetrics,
     stop: watch::Sender<bool>,
-    writer: std::thread::JoinHandle<()>,
+    writer: tokio::task::JoinHandle<()>,
 }
 
 impl Running {
     /// Writes what is queued, then stops the writer.
     pub async fn close(self) {
         let _ = self.stop.send(true);
-        let writer = self.writer;
-        let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+        let _ = self.writer.await;
     }
 }
 
@@ -197,20 +196,17 @@ pub fn start(
     );
     let w = writer::Writer {
         rx,
-        spool,
+        disk: writer::Disk::start(spool, copy, settings.fsync)?,
         body_start: record::BodyStart::new(&instance),
         head,
         shared: shared.clone(),
         settings: settings.clone(),
-        copy,
         spooled: spooled_tx,
         stop: stop_rx,
         last_marker: None,
         otlp,
     };
-    let writer = std::thread::Builder::new()
-        .name("decision-log-writer".into())
-        .spawn(move || w.run())?;
+    let writer = tokio::spawn(w.run());
     let running = Running {
         instance,
         spool_dir: settings.spool_dir.clone(),
@@ -231,9 +227,9 @@ pub fn start(
     ))
 }
 
-/// The writer's nice value: below decisions, so a batch being written gives
-/// way to a decision at once, yet with enough share (about a tenth of a busy
-/// core) to keep up when decisions saturate the CPU.
+/// The writer's disk thread's nice value: below decisions, so a batch being
+/// written gives way to a decision, yet with enough share (about a tenth of
+/// a busy core) to keep up when decisions saturate the CPU.
 const WRITER_NICE: i32 = 10;
 /// The packer's: shipping may lag under saturation; the spool absorbs it.
 const PACKER_NICE: i32 = 15;
@@ -264,7 +260,7 @@ impl DecisionSink for DecisionLog {
             (None, None)
         };
         // Serialized (and masked) here: one buffer crosses to the writer
-        // thread instead of the request's many small allocations.
+        // instead of the request's many small allocations.
         let mut tail = self
             .shared
             .spare

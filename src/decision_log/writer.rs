@@ -1,29 +1,37 @@
-//! The writer: one thread that owns the chain. It drains the queue in
-//! batches, numbers and hashes each record, appends the batch to the spool
-//! (one write, one fsync: group commit), then releases durable waiters and
-//! tells the shipper how far the spool goes.
+//! The writer: one task that owns the chain. It drains the queue in
+//! batches, numbers and hashes each record, has the batch appended to the
+//! spool (one write, one fsync: group commit), then releases durable waiters
+//! and tells the shipper how far the spool goes.
+//!
+//! The task runs on the decision runtime and chains a few records per turn,
+//! so its work interleaves with decisions instead of holding a core for a
+//! whole batch; every blocking call (write, fsync, renames, the NDJSON copy)
+//! is made by its [`Disk`] thread, so no runtime worker ever waits on a disk.
 
-use std::io::Write;
+use std::io::{self, Write};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::chain;
 use super::record;
 use super::spool::{Head, Spool};
 use super::{Overflow, Queued, Settings, Shared};
 
+/// Records chained per turn of the writer task: about 30 µs of hashing, so
+/// a decision waits at most that long behind it.
+const CHAIN_PER_TURN: usize = 32;
+
 pub(super) struct Writer {
     pub rx: mpsc::Receiver<Queued>,
-    pub spool: Spool,
+    pub disk: Disk,
     /// The bytes every body of this instance starts with.
     pub body_start: record::BodyStart,
     pub head: Head,
     pub shared: Arc<Shared>,
     pub settings: Settings,
-    pub copy: Option<Box<dyn Write + Send>>,
     pub spooled: watch::Sender<u64>,
     pub stop: watch::Receiver<bool>,
     /// When a `dropped` marker was last written while the spool was full.
@@ -33,27 +41,17 @@ pub(super) struct Writer {
 }
 
 impl Writer {
-    pub fn run(mut self) {
-        super::background_priority(super::WRITER_NICE);
-        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-        else {
-            tracing::error!("decision log: cannot start the writer's runtime");
-            return;
-        };
+    pub async fn run(mut self) {
         let mut batch: Vec<Queued> = Vec::with_capacity(self.settings.batch_max);
         let mut lines = Vec::new();
         let mut last_write = Instant::now();
         loop {
             let mut stop = self.stop.clone();
-            let first = rt.block_on(async {
-                tokio::select! {
-                    biased;
-                    q = self.rx.recv() => q,
-                    _ = stop.wait_for(|s| *s) => None,
-                }
-            });
+            let first = tokio::select! {
+                biased;
+                q = self.rx.recv() => q,
+                _ = stop.wait_for(|s| *s) => None,
+            };
             let closing = first.is_none();
             batch.extend(first);
             // Gathering only while a batch has room: with a full batch
@@ -68,12 +66,10 @@ impl Writer {
                 // everything that arrives meanwhile.
                 let until = last_write + self.settings.batch_interval;
                 let mut stop = self.stop.clone();
-                rt.block_on(async {
-                    tokio::select! {
-                        () = tokio::time::sleep_until(until.into()) => {}
-                        _ = stop.wait_for(|s| *s) => {}
-                    }
-                });
+                tokio::select! {
+                    () = tokio::time::sleep_until(until.into()) => {}
+                    _ = stop.wait_for(|s| *s) => {}
+                }
             }
             while batch.len() < self.settings.batch_max || closing {
                 match self.rx.try_recv() {
@@ -82,7 +78,7 @@ impl Writer {
                 }
             }
             self.shared.metrics.queued.set(self.rx.len() as i64);
-            if !closing && !self.room_for(&mut batch, &rt) {
+            if !closing && !self.room_for(&mut batch).await {
                 // Put the loss on the record now (at most every 10 s while
                 // full, so markers cannot fill the disk), not only once
                 // room returns: a crash in between would hide it.
@@ -91,11 +87,11 @@ impl Writer {
                     .is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
                 {
                     self.last_marker = Some(Instant::now());
-                    self.write(&mut batch, &mut lines, &rt);
+                    lines = self.write(&mut batch, lines).await;
                 }
                 continue;
             }
-            self.write(&mut batch, &mut lines, &rt);
+            lines = self.write(&mut batch, lines).await;
             last_write = Instant::now();
             if closing {
                 return;
@@ -112,7 +108,7 @@ impl Writer {
 
     /// Applies the overflow policy while the spool is at its cap. False if
     /// the batch was dropped.
-    fn room_for(&mut self, batch: &mut Vec<Queued>, rt: &tokio::runtime::Runtime) -> bool {
+    async fn room_for(&mut self, batch: &mut Vec<Queued>) -> bool {
         let cap = self.settings.max_spool_bytes;
         let full = || self.shared.spool_bytes.load(Ordering::Relaxed) >= cap;
         if !full() {
@@ -144,24 +140,19 @@ impl Writer {
                 // block timeout. On shutdown the batch is written anyway.
                 let mut stop = self.stop.clone();
                 while full() && !self.stopping() {
-                    rt.block_on(async {
-                        tokio::select! {
-                            () = tokio::time::sleep(Duration::from_millis(10)) => {}
-                            _ = stop.wait_for(|s| *s) => {}
-                        }
-                    });
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_millis(10)) => {}
+                        _ = stop.wait_for(|s| *s) => {}
+                    }
                 }
                 true
             }
         }
     }
 
-    fn write(
-        &mut self,
-        batch: &mut Vec<Queued>,
-        lines: &mut Vec<u8>,
-        rt: &tokio::runtime::Runtime,
-    ) {
+    /// Chains the batch into `lines` and has it spooled; gives the buffer
+    /// back for the next batch.
+    async fn write(&mut self, batch: &mut Vec<Queued>, mut lines: Vec<u8>) -> Vec<u8> {
         lines.clear();
         let first_seq = self.head.seq + 1;
         let mut head = self.head;
@@ -173,22 +164,26 @@ impl Writer {
         };
         let dropped = self.shared.dropped.swap(0, Ordering::Relaxed);
         if dropped > 0 {
-            push(&record::dropped_tail(dropped), lines);
+            push(&record::dropped_tail(dropped), &mut lines);
         }
-        // In one go, without yielding between slices: on a shared core each
-        // switch cost decisions more than the slice it spared them (see the
-        // README's decision-log overhead).
-        for q in batch.iter() {
-            push(&q.tail, lines);
+        // More than a batch behind, the writer catches up in one go rather
+        // than letting the queue fill.
+        let behind = self.rx.len() >= self.settings.batch_max;
+        for (i, q) in batch.iter().enumerate() {
+            push(&q.tail, &mut lines);
+            if !behind && i % CHAIN_PER_TURN == CHAIN_PER_TURN - 1 {
+                tokio::task::yield_now().await;
+            }
         }
         if lines.is_empty() {
-            return;
+            return lines;
         }
         // A spool that cannot be written is retried, never skipped: the
         // queue backs up behind it and the overflow policy applies.
         let mut failing_since: Option<Instant> = None;
         loop {
-            let result = self.spool.append(lines, first_seq, self.settings.fsync);
+            let result;
+            (lines, result) = self.disk.append(lines, first_seq).await;
             match result {
                 Ok(()) => break,
                 Err(e) => {
@@ -208,21 +203,16 @@ impl Writer {
                                 let _ = done.send(false);
                             }
                         }
-                        return;
+                        return lines;
                     }
-                    rt.block_on(tokio::time::sleep(Duration::from_millis(100)));
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }
         }
         self.head = head;
-        if let Some(copy) = &mut self.copy
-            && let Err(e) = copy.write_all(lines).and_then(|()| copy.flush())
-        {
-            tracing::warn!("decision log: cannot write the NDJSON copy: {e}");
-        }
         let n = batch.len() as u64 + u64::from(dropped > 0);
         if let Some(otlp) = &self.otlp
-            && otlp.try_send(bytes::Bytes::copy_from_slice(lines)).is_err()
+            && otlp.try_send(bytes::Bytes::copy_from_slice(&lines)).is_err()
         {
             // The exporter is behind: this copy is best effort.
             self.shared.metrics.otlp_dropped.inc_by(n);
@@ -239,5 +229,59 @@ impl Writer {
             }
             self.shared.reuse(q.tail);
         }
+        lines
+    }
+}
+
+/// The writer's thread for blocking calls, at a low CPU priority: it owns
+/// the spool and the NDJSON copy. It ends when its `Disk` is dropped.
+pub(super) struct Disk {
+    jobs: std::sync::mpsc::Sender<Append>,
+}
+
+struct Append {
+    lines: Vec<u8>,
+    first_seq: u64,
+    reply: oneshot::Sender<(Vec<u8>, io::Result<()>)>,
+}
+
+impl Disk {
+    pub fn start(
+        mut spool: Spool,
+        mut copy: Option<Box<dyn Write + Send>>,
+        fsync: bool,
+    ) -> io::Result<Self> {
+        let (jobs, appends) = std::sync::mpsc::channel::<Append>();
+        std::thread::Builder::new()
+            .name("decision-log-disk".into())
+            .spawn(move || {
+                super::background_priority(super::WRITER_NICE);
+                for job in appends {
+                    let result = spool.append(&job.lines, job.first_seq, fsync);
+                    if result.is_ok()
+                        && let Some(copy) = &mut copy
+                        && let Err(e) = copy.write_all(&job.lines).and_then(|()| copy.flush())
+                    {
+                        tracing::warn!("decision log: cannot write the NDJSON copy: {e}");
+                    }
+                    let _ = job.reply.send((job.lines, result));
+                }
+            })?;
+        Ok(Self { jobs })
+    }
+
+    /// Appends whole lines to the spool (see [`Spool::append`]), and on
+    /// success to the copy; gives the buffer back with the result.
+    async fn append(&self, lines: Vec<u8>, first_seq: u64) -> (Vec<u8>, io::Result<()>) {
+        let (reply, result) = oneshot::channel();
+        let gone = || io::Error::other("the decision log's disk thread stopped");
+        if let Err(job) = self.jobs.send(Append {
+            lines,
+            first_seq,
+            reply,
+        }) {
+            return (job.0.lines, Err(gone()));
+        }
+        result.await.unwrap_or_else(|_| (Vec::new(), Err(gone())))
     }
 }
