@@ -426,6 +426,70 @@ mod tests {
         );
     }
 
+    /// The writer runs on the decision runtime: a disk that stops answering
+    /// must hold its disk thread, never that runtime. The NDJSON copy goes to
+    /// a pipe nobody reads, so the disk thread blocks once the pipe is full.
+    #[test]
+    fn a_disk_that_does_not_answer_never_holds_the_decision_runtime() {
+        use std::io::Read;
+        let dir = tempfile::tempdir().expect("tmp");
+        let fifo = dir.path().join("copy.pipe");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        assert!(made.is_ok_and(|s| s.success()), "mkfifo");
+        // Read and write: opening never blocks, and this end reads later.
+        let mut pipe = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&fifo)
+            .expect("pipe");
+        let settings = Settings {
+            spool_dir: dir.path().join("spool"),
+            queue_capacity: 4096,
+            batch_max: 64,
+            copy_to: Some(fifo),
+            ..settings(&dir)
+        };
+        const RECORDS: u64 = 2000; // well over the pipe's 64 KiB
+        let (answered, answers) = std::sync::mpsc::channel();
+        let decisions = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let (sink, running) =
+                    start(settings, DecisionLogMetrics::default()).expect("starts");
+                for _ in 0..RECORDS {
+                    assert!(sink.record(entry()).settle().await.is_ok());
+                    tokio::task::yield_now().await;
+                }
+                // Timers still fire on this runtime while the disk is stuck.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let stuck = *running.spooled.borrow();
+                answered.send(stuck).expect("send");
+                let mut spooled = running.spooled.clone();
+                let all = tokio::time::timeout(
+                    Duration::from_secs(20),
+                    spooled.wait_for(|seq| *seq >= RECORDS),
+                )
+                .await;
+                assert!(all.is_ok(), "all spooled once the pipe drains");
+                running.close().await;
+            });
+        });
+        let stuck = answers
+            .recv_timeout(Duration::from_secs(10))
+            .expect("decisions are answered while the disk thread is blocked");
+        assert!(stuck < RECORDS, "the pipe filled up ({stuck} spooled)");
+        // Drain the pipe: the disk thread goes on and everything is spooled.
+        let drain = std::thread::spawn(move || {
+            let mut buf = vec![0; 1 << 16];
+            while pipe.read(&mut buf).is_ok_and(|n| n > 0) {}
+        });
+        decisions.join().expect("all records written");
+        drop(drain);
+    }
+
     #[tokio::test]
     async fn a_backlog_is_written_without_waiting_an_interval_per_batch() {
         let dir = tempfile::tempdir().expect("tmp");

@@ -212,7 +212,9 @@ impl Writer {
         self.head = head;
         let n = batch.len() as u64 + u64::from(dropped > 0);
         if let Some(otlp) = &self.otlp
-            && otlp.try_send(bytes::Bytes::copy_from_slice(&lines)).is_err()
+            && otlp
+                .try_send(bytes::Bytes::copy_from_slice(&lines))
+                .is_err()
         {
             // The exporter is behind: this copy is best effort.
             self.shared.metrics.otlp_dropped.inc_by(n);
