@@ -423,6 +423,10 @@ async fn a_control_plane_outage_under_load_loses_and_repeats_nothing() {
         let (code, out, err) = run(&["log", "verify", "--file", s(&segment)]);
         assert_eq!(code, 0, "{}: {out}{err}", segment.display());
     }
+    // A directory that is no spool is an error, not an intact chain.
+    let (code, out, err) = run(&["log", "verify", "--file", s(w)]);
+    assert_ne!(code, 0, "{out}");
+    assert!(err.contains("holds no spool segments"), "{err}");
 }
 
 #[tokio::test]

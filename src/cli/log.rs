@@ -277,44 +277,76 @@ pub fn verify_remote(src: &Source, instance: Option<&str>) -> Result<String, Fai
     }
 }
 
-/// `log verify --file`: an NDJSON export, or a spool directory (its
-/// segments in order, as the sidecar would ship them).
+/// `log verify --file`: an NDJSON export, a spool segment, or a spool
+/// directory (its segments in order, as the sidecar would ship them).
 pub fn verify_file(path: &Path) -> Result<String, Failure> {
-    let unreadable =
-        |e: std::io::Error| Failure::io(format!("cannot read `{}`: {e}", path.display()));
     let mut out = String::new();
-    let bytes = if path.is_dir() {
-        let segments = spool::segments(path).map_err(unreadable)?;
-        let mut bytes = Vec::new();
-        for (_, segment) in &segments {
-            bytes.extend(std::fs::read(segment).map_err(unreadable)?);
-        }
-        let _ = writeln!(out, "spool   {} segments", segments.len());
-        bytes
+    let (v, unchecked) = if path.is_dir() {
+        let (v, unchecked, segments) = verify_spool(path)?;
+        let _ = writeln!(out, "spool   {segments} segments");
+        (v, unchecked)
     } else {
-        std::fs::read(path).map_err(unreadable)?
+        let bytes = std::fs::read(path).map_err(|e| unreadable(path, &e))?;
+        let mut v = chain::Verifier::default();
+        // A segment may be the newest, written over an older one.
+        let segment = spool::segment_first_seq(path);
+        let unchecked = chain::verify_into(&mut v, &bytes, segment).map_err(broken)?;
+        (v, unchecked)
     };
-    match chain::verify_lines(&bytes) {
-        Ok(v) => {
-            let _ = writeln!(out, "ok      {} records, chain intact", v.chain.records);
-            for (instance, seq) in v.chain.partial {
-                let _ = writeln!(
-                    out,
-                    "note    instance {instance} starts at seq {seq}: its first link is not checkable here (its predecessor is not in what was read)"
-                );
-            }
-            if v.unchecked > 0 {
-                let _ = writeln!(
-                    out,
-                    "note    the last {} bytes are not checked: no record after the last one above (a line being written, or older records in a reused spool segment)",
-                    v.unchecked
-                );
-            }
-            Ok(out)
+    let _ = writeln!(out, "ok      {} records, chain intact", v.records);
+    for (instance, seq) in v.partial {
+        let _ = writeln!(
+            out,
+            "note    instance {instance} starts at seq {seq}: its first link is not checkable here (its predecessor is not in what was read)"
+        );
+    }
+    if unchecked > 0 {
+        let _ = writeln!(
+            out,
+            "note    the last {unchecked} bytes of the newest segment are not checked: a line being written, or the older records of a reused segment"
+        );
+    }
+    Ok(out)
+}
+
+fn broken(b: chain::Break) -> Failure {
+    Failure {
+        message: format!("BROKEN  {b}"),
+        code: 1,
+    }
+}
+
+fn unreadable(path: &Path, e: &std::io::Error) -> Failure {
+    Failure::io(format!("cannot read `{}`: {e}", path.display()))
+}
+
+/// A spool's segments through one verifier, the newest allowed its older
+/// bytes. A segment released while this reads (renamed for reuse) means
+/// listing again. Returns the chain, the unchecked bytes and the segments.
+fn verify_spool(dir: &Path) -> Result<(chain::Verifier, usize, usize), Failure> {
+    let mut attempts = 0;
+    'listing: loop {
+        attempts += 1;
+        let segments = spool::segments(dir).map_err(|e| unreadable(dir, &e))?;
+        if segments.is_empty() {
+            return Err(Failure::io(format!(
+                "`{}` holds no spool segments (NNN.ndjson)",
+                dir.display()
+            )));
         }
-        Err(b) => Err(Failure {
-            message: format!("BROKEN  {b}"),
-            code: 1,
-        }),
+        let mut v = chain::Verifier::default();
+        let mut unchecked = 0;
+        for (i, (first, path)) in segments.iter().enumerate() {
+            let bytes = match std::fs::read(path) {
+                Ok(bytes) => bytes,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && attempts < 5 => {
+                    continue 'listing;
+                }
+                Err(e) => return Err(unreadable(path, &e)),
+            };
+            let newest = (i + 1 == segments.len()).then_some(*first);
+            unchecked = chain::verify_into(&mut v, &bytes, newest).map_err(broken)?;
+        }
+        return Ok((v, unchecked, segments.len()));
     }
 }

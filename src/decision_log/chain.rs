@@ -186,28 +186,22 @@ fn check(prev: &Hash, hash: &Hash, body: &[u8]) -> Result<(), String> {
     }
 }
 
-/// What [`verify_lines`] checked.
-#[derive(Debug)]
-pub struct Verified {
-    pub chain: Verifier,
-    /// Bytes at the end that are not records of the chain's future and were
-    /// not checked (see [`verify_lines`]).
-    pub unchecked: usize,
+/// Verifies an NDJSON export: the first break, if any.
+pub fn verify_lines(text: &[u8]) -> Result<Verifier, Break> {
+    let mut v = Verifier::default();
+    verify_into(&mut v, text, None)?;
+    Ok(v)
 }
 
-/// Verifies an NDJSON export or spool segments: the first break, if any.
+/// Checks the lines of `text` into `v`, which may hold the chain so far.
 ///
-/// The end of the text is not a break when it cannot be records that
-/// continue the chain: a line still being written (or torn by a crash), or
-/// a reused spool segment's older bytes after its records, that is older
-/// records (lower seqs than the text's first of their instance) behind the
-/// line torn where they were written over. Those bytes are counted as
-/// `unchecked`, not verified. From a file alone, losing its last records
-/// cannot be told from their never having been written, so this hides
-/// nothing a file could show.
-pub fn verify_lines(text: &[u8]) -> Result<Verified, Break> {
-    let mut v = Verifier::default();
-    let mut firsts: HashMap<String, u64> = HashMap::new();
+/// `segment: Some(first_seq)` says `text` is the newest spool segment, named
+/// by its first seq, which may be written over a released one and may be
+/// being appended to. Its end is then no break when it is a last line still
+/// being written, or the older segment's bytes: behind the line torn where
+/// the newer records end, consecutive records with seqs below `first_seq`.
+/// Returns how many bytes at the end were left unchecked for that.
+pub fn verify_into(v: &mut Verifier, text: &[u8], segment: Option<u64>) -> Result<usize, Break> {
     let mut at = 0;
     let mut number = 0;
     while at < text.len() {
@@ -216,49 +210,43 @@ pub fn verify_lines(text: &[u8]) -> Result<Verified, Break> {
         number += 1;
         if !line.iter().all(u8::is_ascii_whitespace) {
             let parsed = parse_line(line);
-            // An older record, or a torn line, may begin older bytes.
-            let suspect = match &parsed {
-                Ok(p) => firsts.get(&p.instance).is_some_and(|f| p.seq < *f),
-                Err(_) => true,
-            };
-            if suspect && v.records > 0 && older_bytes(&text[at..], &firsts) {
-                return Ok(Verified {
-                    chain: v,
-                    unchecked: text.len() - at,
-                });
+            if let Some(first) = segment {
+                let suspect = parsed.as_ref().map_or(true, |p| p.seq < first);
+                if suspect && older_bytes(&text[at..], first) {
+                    return Ok(text.len() - at);
+                }
             }
             let p = parsed.map_err(|e| Break {
                 instance: "?".into(),
                 seq: 0,
                 reason: format!("line {number} is not a record: {e}"),
             })?;
-            firsts.entry(p.instance.clone()).or_insert(p.seq);
             v.push(&p.instance, p.seq, &p.hash, p.body)?;
         }
         at = end + 1;
     }
-    Ok(Verified {
-        chain: v,
-        unchecked: 0,
-    })
+    Ok(0)
 }
 
-/// Whether `rest` holds only older records (a lower seq than the first of
-/// their instance in `firsts`), but for its first line (where newer bytes
-/// were written over them) and its last (being written) if those are torn.
-fn older_bytes(rest: &[u8], firsts: &HashMap<String, u64>) -> bool {
+/// Whether `rest` is an older segment's records (consecutive seqs below
+/// `first`), but for its first line (torn where newer bytes end) and its
+/// last (being written) if those are not records.
+fn older_bytes(rest: &[u8], first: u64) -> bool {
     let lines: Vec<&[u8]> = rest
         .split(|b| *b == b'\n')
         .filter(|l| !l.iter().all(u8::is_ascii_whitespace))
         .collect();
     let last = lines.len().saturating_sub(1);
-    lines
-        .iter()
-        .enumerate()
-        .all(|(i, line)| match parse_line(line) {
-            Ok(p) => firsts.get(&p.instance).is_some_and(|f| p.seq < *f),
-            Err(_) => i == 0 || i == last,
-        })
+    let mut prev: Option<u64> = None;
+    for (i, line) in lines.iter().enumerate() {
+        match parse_line(line) {
+            Ok(p) if p.seq < first && prev.is_none_or(|s| p.seq == s + 1) => prev = Some(p.seq),
+            Ok(_) => return false,
+            Err(_) if i == 0 || i == last => {}
+            Err(_) => return false,
+        }
+    }
+    true
 }
 
 #[cfg(test)]
@@ -281,8 +269,8 @@ mod tests {
     #[test]
     fn an_intact_chain_verifies() {
         let v = verify_lines(&chain(5).concat()).expect("intact");
-        assert_eq!(v.chain.records, 5);
-        assert!(v.chain.partial.is_empty());
+        assert_eq!(v.records, 5);
+        assert!(v.partial.is_empty());
     }
 
     #[test]
@@ -308,8 +296,9 @@ mod tests {
     }
 
     #[test]
-    fn older_bytes_of_a_reused_segment_and_a_line_being_written_are_left_unchecked() {
+    fn the_newest_segments_older_bytes_and_a_line_being_written_are_left_unchecked() {
         let lines = chain(9);
+        let segment = |text: &[u8]| verify_into(&mut Verifier::default(), text, Some(6));
         // A released segment (seqs 1..=5) written over by seqs 6..=7: once
         // at a line boundary, once mid-line (the older line torn).
         let old = lines[..5].concat();
@@ -317,27 +306,30 @@ mod tests {
         for torn in [0, 7] {
             let mut file = new.clone();
             file.extend_from_slice(&old[new.len() + torn..]);
-            let v = verify_lines(&file).expect("older bytes are no break");
-            assert_eq!(v.chain.records, 2);
-            assert_eq!(v.unchecked, file.len() - new.len());
+            let unchecked = segment(&file).expect("older bytes are no break");
+            assert_eq!(unchecked, file.len() - new.len());
+            // The same bytes as an export are a break.
+            assert!(verify_lines(&file).is_err());
         }
         // A last line still being written.
-        let mut file = lines[..4].concat();
-        file.extend_from_slice(&lines[4][..30]);
-        let v = verify_lines(&file).expect("a torn last line is no break");
-        assert_eq!((v.chain.records, v.unchecked), (4, 30));
+        let mut file = lines[5..8].concat();
+        file.extend_from_slice(&lines[8][..30]);
+        assert_eq!(segment(&file).expect("a torn last line is no break"), 30);
 
-        // Still breaks: an edited last record, an older record followed by
-        // a newer one, a torn line followed by newer records.
-        let mut edited = lines[..4].to_vec();
-        edited[3] = String::from_utf8(edited[3].clone())
+        // Still breaks: an edited last record; an older record followed by
+        // a newer one; a torn line followed by newer records; older records
+        // out of order (moved, not written over).
+        let mut edited = lines[5..8].to_vec();
+        edited[2] = String::from_utf8(edited[2].clone())
             .expect("utf8")
             .replace("ALLOW", "DENY")
             .into_bytes();
-        assert_eq!(verify_lines(&edited.concat()).expect_err("edited").seq, 4);
+        assert_eq!(segment(&edited.concat()).expect_err("edited").seq, 8);
         let moved = [&lines[5][..], &lines[6], &lines[0], &lines[7]].concat();
-        assert_eq!(verify_lines(&moved).expect_err("moved").seq, 8);
+        assert_eq!(segment(&moved).expect_err("moved").seq, 8);
         let torn = [&lines[5][..], &lines[6], &lines[7][..30], b"\n", &lines[8]].concat();
-        assert!(verify_lines(&torn).is_err());
+        assert!(segment(&torn).is_err());
+        let shuffled = [&lines[5][..], &lines[6], &lines[2], &lines[0], &lines[1]].concat();
+        assert!(segment(&shuffled).is_err());
     }
 }

@@ -429,6 +429,7 @@ mod tests {
     /// The writer runs on the decision runtime: a disk that stops answering
     /// must hold its disk thread, never that runtime. The NDJSON copy goes to
     /// a pipe nobody reads, so the disk thread blocks once the pipe is full.
+    #[cfg(unix)]
     #[test]
     fn a_disk_that_does_not_answer_never_holds_the_decision_runtime() {
         use std::io::Read;

@@ -82,17 +82,24 @@ fn files(dir: &Path, suffix: &str) -> io::Result<Vec<(u64, PathBuf)>> {
     let mut out = Vec::new();
     for entry in fs::read_dir(dir)? {
         let path = entry?.path();
-        let first = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(|n| n.strip_suffix(suffix))
-            .and_then(|n| n.parse::<u64>().ok());
-        if let Some(first) = first {
+        if let Some(first) = numbered(&path, suffix) {
             out.push((first, path));
         }
     }
     out.sort();
     Ok(out)
+}
+
+/// The first seq a segment's file name gives, if it is named as one.
+pub fn segment_first_seq(path: &Path) -> Option<u64> {
+    numbered(path, SUFFIX)
+}
+
+fn numbered(path: &Path, suffix: &str) -> Option<u64> {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_suffix(suffix))
+        .and_then(|n| n.parse::<u64>().ok())
 }
 
 fn segment_path(dir: &Path, first_seq: u64) -> PathBuf {

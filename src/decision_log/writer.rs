@@ -87,11 +87,17 @@ impl Writer {
                     .is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
                 {
                     self.last_marker = Some(Instant::now());
-                    lines = self.write(&mut batch, lines).await;
+                    let Some(back) = self.write(&mut batch, lines).await else {
+                        return;
+                    };
+                    lines = back;
                 }
                 continue;
             }
-            lines = self.write(&mut batch, lines).await;
+            let Some(back) = self.write(&mut batch, lines).await else {
+                return;
+            };
+            lines = back;
             last_write = Instant::now();
             if closing {
                 return;
@@ -151,8 +157,10 @@ impl Writer {
     }
 
     /// Chains the batch into `lines` and has it spooled; gives the buffer
-    /// back for the next batch.
-    async fn write(&mut self, batch: &mut Vec<Queued>, mut lines: Vec<u8>) -> Vec<u8> {
+    /// back for the next batch, or `None` once nothing can be written any
+    /// more (the disk thread is gone): the writer ends, and with it the
+    /// queue, so decisions that need a record are refused.
+    async fn write(&mut self, batch: &mut Vec<Queued>, mut lines: Vec<u8>) -> Option<Vec<u8>> {
         lines.clear();
         let first_seq = self.head.seq + 1;
         let mut head = self.head;
@@ -166,24 +174,31 @@ impl Writer {
         if dropped > 0 {
             push(&record::dropped_tail(dropped), &mut lines);
         }
-        // More than a batch behind, the writer catches up in one go rather
-        // than letting the queue fill.
-        let behind = self.rx.len() >= self.settings.batch_max;
+        // The further behind, the longer the turns (32,768 records queued:
+        // 1,024 a turn), so a writer sharing a saturated runtime catches up
+        // instead of letting the queue fill.
+        let per_turn = CHAIN_PER_TURN.max(self.rx.len() / 32);
         for (i, q) in batch.iter().enumerate() {
             push(&q.tail, &mut lines);
-            if !behind && i % CHAIN_PER_TURN == CHAIN_PER_TURN - 1 {
+            if i % per_turn == per_turn - 1 {
                 tokio::task::yield_now().await;
             }
         }
         if lines.is_empty() {
-            return lines;
+            return Some(lines);
         }
         // A spool that cannot be written is retried, never skipped: the
         // queue backs up behind it and the overflow policy applies.
         let mut failing_since: Option<Instant> = None;
         loop {
-            let result;
-            (lines, result) = self.disk.append(lines, first_seq).await;
+            let Ok((back, result)) = self.disk.append(lines, first_seq).await else {
+                tracing::error!(
+                    "decision log: the disk thread stopped; no more records can be written, decisions that need one are refused"
+                );
+                fail(batch);
+                return None;
+            };
+            lines = back;
             match result {
                 Ok(()) => break,
                 Err(e) => {
@@ -198,12 +213,8 @@ impl Writer {
                             "decision log: giving up on {} records at shutdown",
                             batch.len()
                         );
-                        for q in batch.drain(..) {
-                            if let Some(done) = q.done {
-                                let _ = done.send(false);
-                            }
-                        }
-                        return lines;
+                        fail(batch);
+                        return Some(lines);
                     }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
@@ -231,7 +242,16 @@ impl Writer {
             }
             self.shared.reuse(q.tail);
         }
-        lines
+        Some(lines)
+    }
+}
+
+/// Tells the batch's durable waiters that their records were not written.
+fn fail(batch: &mut Vec<Queued>) {
+    for q in batch.drain(..) {
+        if let Some(done) = q.done {
+            let _ = done.send(false);
+        }
     }
 }
 
@@ -240,6 +260,8 @@ impl Writer {
 pub(super) struct Disk {
     jobs: std::sync::mpsc::Sender<Append>,
 }
+
+struct DiskGone;
 
 struct Append {
     lines: Vec<u8>,
@@ -273,17 +295,20 @@ impl Disk {
     }
 
     /// Appends whole lines to the spool (see [`Spool::append`]), and on
-    /// success to the copy; gives the buffer back with the result.
-    async fn append(&self, lines: Vec<u8>, first_seq: u64) -> (Vec<u8>, io::Result<()>) {
+    /// success to the copy; gives the buffer back with the result. `Err`:
+    /// the thread is gone (it panicked), and the lines with it.
+    async fn append(
+        &self,
+        lines: Vec<u8>,
+        first_seq: u64,
+    ) -> Result<(Vec<u8>, io::Result<()>), DiskGone> {
         let (reply, result) = oneshot::channel();
-        let gone = || io::Error::other("the decision log's disk thread stopped");
-        if let Err(job) = self.jobs.send(Append {
+        let job = Append {
             lines,
             first_seq,
             reply,
-        }) {
-            return (job.0.lines, Err(gone()));
-        }
-        result.await.unwrap_or_else(|_| (Vec::new(), Err(gone())))
+        };
+        self.jobs.send(job).map_err(|_| DiskGone)?;
+        result.await.map_err(|_| DiskGone)
     }
 }
