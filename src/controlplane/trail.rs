@@ -251,6 +251,18 @@ impl DecisionStore {
             "CREATE INDEX IF NOT EXISTS decisions_by_session ON decisions (session_id, time_us);
              CREATE INDEX IF NOT EXISTS decisions_by_approval ON decisions (approval_id);",
         )?;
+        // Records stored before receipt times were kept get the upgrade's
+        // time as theirs, once: a record whose own time is unreadable then
+        // ages from the upgrade instead of stopping retention for good.
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if version < 1 {
+            let now = crate::decision_log::time::now_micros() as i64;
+            conn.execute(
+                "UPDATE decisions SET received_us = ?1 WHERE received_us IS NULL",
+                params![now],
+            )?;
+            conn.execute_batch("PRAGMA user_version = 1")?;
+        }
         Ok(Self {
             conn: Mutex::new(conn),
             records_stored: Counter::default(),
@@ -1083,8 +1095,32 @@ mod tests {
         assert!(store.get("d6").expect("get").is_none());
         assert!(store.get("d7").expect("get").is_some());
 
+        // A record from before receipt times, its own time unreadable: it
+        // ages from the upgrade (the next open), no longer stopping the cut.
+        {
+            let conn = store.conn();
+            conn.execute(
+                "UPDATE decisions SET time_us = NULL, received_us = NULL WHERE seq = 7",
+                [],
+            )
+            .expect("legacy row");
+            conn.execute_batch("PRAGMA user_version = 0")
+                .expect("older store");
+        }
+        drop(store);
+        let before = crate::decision_log::time::now_micros() as i64;
+        let store = DecisionStore::open(&dir.path().join("cp.db")).expect("reopen");
+        assert_eq!(
+            store.expire(before).expect("young"),
+            0,
+            "ages from the upgrade"
+        );
+        let after = crate::decision_log::time::now_micros() as i64 + 1;
+        assert_eq!(store.expire(after).expect("aged"), 2, "7, and 8 behind it");
+        assert!(store.get("d7").expect("get").is_none());
+
         // The chain continues across the cut, even with every record gone.
-        assert_eq!(store.expire(at("2026-11-25T00:00:00Z")).expect("all"), 2);
+        assert_eq!(store.expire(at("2026-11-25T00:00:00Z")).expect("all"), 0);
         let mut head = store.head("i1").expect("head");
         assert_eq!(head.0, 8, "continues from the anchor");
         let more = records(9, 10, &mut prev);
