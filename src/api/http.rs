@@ -1,6 +1,6 @@
 //! The operations HTTP listener: `/metrics` (Prometheus text), `/healthz`
-//! (the process is up) and `/readyz` (a bundle is active and the sidecar is
-//! not shutting down).
+//! (the process is up and its decision log can still record) and `/readyz`
+//! (a bundle is active and the sidecar is not shutting down).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,7 +28,7 @@ pub struct OpsState {
 pub fn router(state: OpsState) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(state)
 }
@@ -43,7 +43,20 @@ async fn metrics(State(s): State<OpsState>) -> impl IntoResponse {
     )
 }
 
+/// Liveness: fails only for what a restart mends (the decision log's writer
+/// gone), so the kubelet restarts the sidecar instead of it refusing every
+/// decision.
+async fn healthz(State(s): State<OpsState>) -> impl IntoResponse {
+    match s.decider.sink_failure() {
+        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
+        None => (StatusCode::OK, "ok\n".to_owned()),
+    }
+}
+
 async fn readyz(State(s): State<OpsState>) -> impl IntoResponse {
+    if let Some(why) = s.decider.sink_failure() {
+        return (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n"));
+    }
     if s.draining.load(Ordering::Relaxed) {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -80,5 +93,49 @@ async fn readyz(State(s): State<OpsState>) -> impl IntoResponse {
             StatusCode::SERVICE_UNAVAILABLE,
             "no bundle active\n".to_owned(),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decision::{CacheSettings, DecisionSink, Handoff};
+    use crate::decision_log::Entry;
+
+    /// A sink whose writer has failed for good.
+    struct Failed;
+
+    impl DecisionSink for Failed {
+        fn record(&self, _: Entry) -> Handoff {
+            Handoff::Refused("failed".into())
+        }
+        fn failure(&self) -> Option<String> {
+            Some("the spool writer failed".into())
+        }
+    }
+
+    fn state(sink: Option<Arc<dyn DecisionSink>>) -> OpsState {
+        let metrics = Arc::new(Metrics::new());
+        OpsState {
+            decider: Arc::new(Decider::new(CacheSettings::OFF, metrics.clone(), sink)),
+            metrics,
+            draining: Arc::new(AtomicBool::new(false)),
+            freshness: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_decision_log_fails_liveness_and_readiness() {
+        let live = healthz(State(state(None))).await.into_response();
+        assert_eq!(live.status(), StatusCode::OK);
+        let failed = state(Some(Arc::new(Failed)));
+        let live = healthz(State(failed.clone())).await.into_response();
+        assert_eq!(live.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let body = axum::body::to_bytes(live.into_body(), 1024)
+            .await
+            .expect("body");
+        assert!(String::from_utf8_lossy(&body).contains("spool writer failed"));
+        let ready = readyz(State(failed)).await.into_response();
+        assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
     }
 }

@@ -29,6 +29,12 @@ use crate::telemetry::Metrics;
 /// bounded queue here). What it cannot finish at once it returns as a wait.
 pub trait DecisionSink: Send + Sync {
     fn record(&self, entry: Entry) -> Handoff;
+
+    /// Why the sink can take no more records, once that is so for good
+    /// (every decision is refused from then on): health reports it.
+    fn failure(&self) -> Option<String> {
+        None
+    }
 }
 
 /// What a sink made of a record.
@@ -154,6 +160,11 @@ impl Decider {
 
     pub fn sessions(&self) -> Option<&Arc<Sessions>> {
         self.sessions.as_ref()
+    }
+
+    /// Why decisions cannot be answered until a restart, if that is so.
+    pub fn sink_failure(&self) -> Option<String> {
+        self.sink.as_ref().and_then(|s| s.failure())
     }
 
     /// Makes `engine` answer every decision from now on. In-flight decisions

@@ -96,6 +96,8 @@ pub(crate) struct Shared {
     dropped: AtomicU64,
     spool_bytes: Arc<AtomicU64>,
     full_logged: AtomicBool,
+    /// Set when the writer stopped for good (its disk thread is gone).
+    writer_failed: AtomicBool,
     /// Record buffers the writer is done with, for the decision path to
     /// fill again: no allocation per record, none freed across threads.
     spare: crossbeam_channel::Receiver<Vec<u8>>,
@@ -149,9 +151,7 @@ pub fn start(
     settings: Settings,
     metrics: DecisionLogMetrics,
 ) -> std::io::Result<(Arc<DecisionLog>, Running)> {
-    let (spool, instance, head) = spool::Spool::open(&settings.spool_dir, settings.segment_bytes)?;
-    let spool_live = spool.live.clone();
-    let copy: Option<Box<dyn std::io::Write + Send>> = match &settings.copy_to {
+    let copy: Option<Copy> = match &settings.copy_to {
         None => None,
         Some(p) if p.as_os_str() == "-" => Some(Box::new(std::io::stdout())),
         Some(p) => Some(Box::new(
@@ -161,12 +161,26 @@ pub fn start(
                 .open(p)?,
         )),
     };
+    start_with_copy(settings, metrics, copy)
+}
+
+/// Where the NDJSON copy of the records goes.
+type Copy = Box<dyn std::io::Write + Send>;
+
+fn start_with_copy(
+    settings: Settings,
+    metrics: DecisionLogMetrics,
+    copy: Option<Copy>,
+) -> std::io::Result<(Arc<DecisionLog>, Running)> {
+    let (spool, instance, head) = spool::Spool::open(&settings.spool_dir, settings.segment_bytes)?;
+    let spool_live = spool.live.clone();
     let (spare_return, spare) = crossbeam_channel::bounded(SPARE_BUFFERS);
     let shared = Arc::new(Shared {
         metrics: metrics.clone(),
         dropped: AtomicU64::new(0),
         spool_bytes: spool.bytes.clone(),
         full_logged: AtomicBool::new(false),
+        writer_failed: AtomicBool::new(false),
         spare,
         spare_return,
     });
@@ -292,7 +306,10 @@ impl DecisionSink for DecisionLog {
                 Overflow::Block => Some(q),
             },
             Err(mpsc::error::TrySendError::Closed(_)) => {
-                return Handoff::Refused("the decision log is shut down".into());
+                self.shared.metrics.refused.inc();
+                return Handoff::Refused(
+                    "the decision log has stopped (shut down, or its spool writer failed): decisions are refused until the sidecar restarts".into(),
+                );
             }
         };
         if pending.is_none() && waiter.is_none() {
@@ -324,6 +341,12 @@ impl DecisionSink for DecisionLog {
             }
         });
         Handoff::Wait(wait)
+    }
+
+    fn failure(&self) -> Option<String> {
+        self.shared.writer_failed.load(Ordering::Relaxed).then(|| {
+            "the decision log's spool writer failed; decisions are refused until the sidecar restarts".to_owned()
+        })
     }
 }
 
@@ -489,6 +512,54 @@ mod tests {
         });
         decisions.join().expect("all records written");
         drop(drain);
+    }
+
+    /// A copy target whose first write panics, taking the disk thread down.
+    struct PanicsOnWrite;
+
+    impl std::io::Write for PanicsOnWrite {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            panic!("test: the disk thread dies");
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Without its disk thread nothing can be written: the batch's durable
+    /// waiters hear so, and every later decision is refused, not answered
+    /// without a record.
+    #[tokio::test]
+    async fn a_dead_disk_thread_refuses_decisions_instead_of_losing_records() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let settings = Settings {
+            durability: Durability::Durable,
+            ..settings(&dir)
+        };
+        let metrics = DecisionLogMetrics::default();
+        let (sink, running) =
+            start_with_copy(settings, metrics.clone(), Some(Box::new(PanicsOnWrite)))
+                .expect("starts");
+        let first = sink.record(entry()).settle().await;
+        assert!(first.is_err(), "its batch was never fully written");
+        // The writer has ended with the thread: the queue is closed.
+        let refused = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match sink.record(entry()) {
+                    Handoff::Refused(why) => break why,
+                    other => {
+                        let _ = other.settle().await;
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            }
+        })
+        .await
+        .expect("later decisions are refused");
+        assert!(refused.contains("has stopped"), "{refused}");
+        assert!(metrics.refused.get() >= 2);
+        assert!(sink.failure().is_some_and(|f| f.contains("restarts")));
+        running.close().await;
     }
 
     #[tokio::test]

@@ -195,6 +195,7 @@ impl Writer {
                 tracing::error!(
                     "decision log: the disk thread stopped; no more records can be written, decisions that need one are refused"
                 );
+                self.shared.writer_failed.store(true, Ordering::Relaxed);
                 fail(batch);
                 return None;
             };

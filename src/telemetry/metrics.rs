@@ -133,7 +133,7 @@ impl DecisionLogMetrics {
         );
         sub.register(
             "refused_decisions",
-            "Decisions refused because their record could not be kept in time",
+            "Decisions refused because their record could not be kept (in time, or at all once the writer failed)",
             self.refused.clone(),
         );
         sub.register(
