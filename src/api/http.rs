@@ -1,6 +1,6 @@
 //! The operations HTTP listener: `/metrics` (Prometheus text), `/healthz`
 //! (the process is up and its decision log can still record) and `/readyz`
-//! (a bundle is active and the sidecar is not shutting down).
+//! (that too, a bundle is active, and the sidecar is not shutting down).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -151,7 +151,7 @@ pub fn start(
     settings: Settings,
     metrics: DecisionLogMetrics,
 ) -> std::io::Result<(Arc<DecisionLog>, Running)> {
-    let copy: Option<Copy> = match &settings.copy_to {
+    let copy: Option<CopyTarget> = match &settings.copy_to {
         None => None,
         Some(p) if p.as_os_str() == "-" => Some(Box::new(std::io::stdout())),
         Some(p) => Some(Box::new(
@@ -165,12 +165,12 @@ pub fn start(
 }
 
 /// Where the NDJSON copy of the records goes.
-type Copy = Box<dyn std::io::Write + Send>;
+type CopyTarget = Box<dyn std::io::Write + Send>;
 
 fn start_with_copy(
     settings: Settings,
     metrics: DecisionLogMetrics,
-    copy: Option<Copy>,
+    copy: Option<CopyTarget>,
 ) -> std::io::Result<(Arc<DecisionLog>, Running)> {
     let (spool, instance, head) = spool::Spool::open(&settings.spool_dir, settings.segment_bytes)?;
     let spool_live = spool.live.clone();
