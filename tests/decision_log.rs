@@ -1000,6 +1000,23 @@ async fn a_spool_that_lost_shipped_records_is_flagged_as_a_fork() {
         stored_records(&cp).await == 20
     })
     .await;
+    // A second sidecar on the same spool would fork it while both run: it
+    // is refused at start.
+    let mut second = std::process::Command::new(common::BIN)
+        .arg("serve")
+        .arg("--bundle")
+        .arg(example("documents"))
+        .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+        .args(&args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = common::wait_bounded(&mut second, Duration::from_secs(20));
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success(), "a second writer started");
+    assert!(err.contains("in use by another process"), "{err}");
     assert!(sidecar.terminate().success());
     for entry in std::fs::read_dir(&spool).unwrap() {
         let path = entry.unwrap().path();

@@ -562,6 +562,23 @@ mod tests {
         running.close().await;
     }
 
+    /// `close` returns once the spool is let go of: a sidecar restarted in
+    /// the same process opens it again at once.
+    #[tokio::test]
+    async fn a_closed_log_lets_go_of_its_spool() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (sink, running) = start(settings(&dir), DecisionLogMetrics::default()).expect("starts");
+        assert!(sink.record(entry()).settle().await.is_ok());
+        let Err(e) = start(settings(&dir), DecisionLogMetrics::default()) else {
+            panic!("two logs opened one spool");
+        };
+        assert!(e.to_string().contains("in use"), "{e}");
+        running.close().await;
+        let (_, again) = start(settings(&dir), DecisionLogMetrics::default()).expect("reopens");
+        assert_eq!(*again.spooled.borrow(), 1);
+        again.close().await;
+    }
+
     #[tokio::test]
     async fn a_backlog_is_written_without_waiting_an_interval_per_batch() {
         let dir = tempfile::tempdir().expect("tmp");

@@ -63,7 +63,7 @@ fn attr(key: &str, value: impl Into<String>) -> KeyValue {
 }
 
 fn unhex(text: &str) -> Option<Vec<u8>> {
-    if text.len() % 2 != 0 {
+    if !text.len().is_multiple_of(2) {
         return None;
     }
     (0..text.len())

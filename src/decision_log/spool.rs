@@ -30,6 +30,8 @@ use super::chain::{self, GENESIS, Hash};
 const SUFFIX: &str = ".ndjson";
 const FREE_SUFFIX: &str = ".free";
 const NEXT: &str = "next.tmp";
+/// Held locked while a process writes the spool.
+const LOCK: &str = "lock";
 /// Released segments kept to be written over (disk beyond the spool cap:
 /// this many segments).
 pub const FREE_KEEP: usize = 2;
@@ -70,6 +72,8 @@ pub struct Spool {
     /// releases them.
     pub bytes: Arc<AtomicU64>,
     pub live: Arc<Live>,
+    /// The directory's lock, held as long as this spool is open.
+    _lock: File,
 }
 
 /// The segments in `dir`, oldest first.
@@ -111,6 +115,7 @@ impl Spool {
     /// line is cut off, and the chain resumes after the last whole record.
     pub fn open(dir: &Path, segment_max: u64) -> io::Result<(Self, String, Head)> {
         fs::create_dir_all(dir)?;
+        let lock = lock(dir)?;
         let mut instance = instance_id(dir)?;
         let mut head = Head {
             seq: 0,
@@ -177,6 +182,7 @@ impl Spool {
             dir_unsynced: false,
             bytes: Arc::new(AtomicU64::new(total)),
             live,
+            _lock: lock,
         };
         Ok((spool, instance, head))
     }
@@ -237,6 +243,33 @@ impl Spool {
         self.unnamed = Some(segment_path(&self.dir, next_seq));
         Ok(())
     }
+}
+
+/// Locks the spool directory for this process: two sidecars writing one
+/// spool would write over each other's segments under one instance id, and
+/// break and lose both chains. The kernel lets go of the lock when the
+/// process ends, `kill -9` included.
+fn lock(dir: &Path) -> io::Result<File> {
+    let file = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(false)
+        .open(dir.join(LOCK))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(fs::TryLockError::WouldBlock) => {
+            return Err(io::Error::new(
+                io::ErrorKind::ResourceBusy,
+                "in use by another process (it holds the spool's lock): give each sidecar a spool directory of its own",
+            ));
+        }
+        // Some file systems cannot lock; the spool still works there.
+        Err(fs::TryLockError::Error(e)) => tracing::warn!(
+            "cannot lock the decision log spool {}: {e}; make sure no other sidecar uses it",
+            dir.display()
+        ),
+    }
+    Ok(file)
 }
 
 fn instance_id(dir: &Path) -> io::Result<String> {
@@ -512,6 +545,20 @@ mod tests {
             chain::write_line(&mut out, prev, body.as_bytes());
         }
         out
+    }
+
+    #[test]
+    fn a_spool_in_use_cannot_be_opened_again_until_it_is_closed() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (spool, instance, _) = Spool::open(dir.path(), 200).expect("open");
+        let Err(e) = Spool::open(dir.path(), 200) else {
+            panic!("a second writer opened the spool");
+        };
+        assert_eq!(e.kind(), io::ErrorKind::ResourceBusy);
+        assert!(e.to_string().contains("in use by another process"), "{e}");
+        drop(spool);
+        let (_, again, _) = Spool::open(dir.path(), 200).expect("open once closed");
+        assert_eq!(again, instance);
     }
 
     #[test]

@@ -41,7 +41,18 @@ pub(super) struct Writer {
 }
 
 impl Writer {
+    /// Writes until closed; returns once the disk thread has closed the
+    /// spool too, so a spool closed by `Running::close` can be opened again
+    /// at once.
     pub async fn run(mut self) {
+        let closed = self.disk.closed.take();
+        self.write_until_closed().await;
+        if let Some(closed) = closed {
+            let _ = closed.await;
+        }
+    }
+
+    async fn write_until_closed(mut self) {
         let mut batch: Vec<Queued> = Vec::with_capacity(self.settings.batch_max);
         let mut lines = Vec::new();
         let mut last_write = Instant::now();
@@ -260,6 +271,8 @@ fn fail(batch: &mut Vec<Queued>) {
 /// the spool and the NDJSON copy. It ends when its `Disk` is dropped.
 pub(super) struct Disk {
     jobs: std::sync::mpsc::Sender<Append>,
+    /// Told once the thread has dropped the spool (and its lock).
+    closed: Option<oneshot::Receiver<()>>,
 }
 
 struct DiskGone;
@@ -277,6 +290,7 @@ impl Disk {
         fsync: bool,
     ) -> io::Result<Self> {
         let (jobs, appends) = std::sync::mpsc::channel::<Append>();
+        let (closing, closed) = oneshot::channel();
         std::thread::Builder::new()
             .name("decision-log-disk".into())
             .spawn(move || {
@@ -291,8 +305,14 @@ impl Disk {
                     }
                     let _ = job.reply.send((job.lines, result));
                 }
+                drop(spool);
+                drop(copy);
+                let _ = closing.send(());
             })?;
-        Ok(Self { jobs })
+        Ok(Self {
+            jobs,
+            closed: Some(closed),
+        })
     }
 
     /// Appends whole lines to the spool (see [`Spool::append`]), and on
