@@ -1043,6 +1043,19 @@ async fn a_spool_that_lost_shipped_records_is_flagged_as_a_fork() {
     })
     .await;
     assert_eq!(stored_records(&cp).await, 20, "nothing overwritten");
+    // Nor lost: the fork's records are kept apart, and `log show` finds them.
+    assert_eq!(again.ids.len(), 5);
+    eventually(
+        "the fork's records kept",
+        Duration::from_secs(30),
+        || async {
+            again.ids.iter().all(|id| {
+                let (code, out, _) = cli(&cp, &["show", id]);
+                code == 0 && out.contains("FORKED")
+            })
+        },
+    )
+    .await;
     eventually("the sidecar counts it", Duration::from_secs(10), || async {
         let (_, text) = sidecar.get("/metrics").await;
         metric(&text, "arbiter_decision_log_chain_breaks_total") >= 1.0

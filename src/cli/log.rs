@@ -69,6 +69,13 @@ pub fn show(src: &Source, id: &str, as_json: bool) -> Result<String, Failure> {
         s(&r["trace_id"])
     );
     let _ = writeln!(out, "sidecar    {} seq {}", s(&v["instance"]), s(&v["seq"]));
+    if v["forked"] == Value::Bool(true) {
+        let _ = writeln!(
+            out,
+            "chain      FORKED: kept apart from the sidecar's chain, whose seq {} it repeats (its spool lost records it had shipped)",
+            s(&v["seq"])
+        );
+    }
     let _ = writeln!(out, "request    {}", r["request"]);
     for key in ["step_up", "approver_groups", "obligations", "errors"] {
         let field = &r[key];

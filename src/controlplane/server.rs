@@ -514,17 +514,18 @@ async fn show_decision(
         .filter_map(|id| id.as_str())
         .map(|id| serde_json::json!({"id": id, "text": texts.get(id)}))
         .collect();
-    json(
-        StatusCode::OK,
-        serde_json::json!({
-            "instance": found.instance,
-            "seq": found.seq,
-            "hash": found.hash,
-            "record": record,
-            "policies": policies,
-            "followed_by": next,
-        }),
-    )
+    let mut body = serde_json::json!({
+        "instance": found.instance,
+        "seq": found.seq,
+        "hash": found.hash,
+        "record": record,
+        "policies": policies,
+        "followed_by": next,
+    });
+    if found.forked {
+        body["forked"] = serde_json::Value::Bool(true);
+    }
+    json(StatusCode::OK, body)
 }
 
 fn requested_wait(headers: &HeaderMap) -> Option<Duration> {

@@ -26,6 +26,10 @@ pub struct Stored {
     pub seq: u64,
     pub hash: String,
     pub record: Box<serde_json::value::RawValue>,
+    /// Kept apart from the chain: a forked chain numbered it with a seq
+    /// the store already held (see `append_in`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub forked: bool,
 }
 
 /// Filters of `arbiter log query`; all optional, combined with AND.
@@ -231,7 +235,17 @@ impl DecisionStore {
                instance TEXT PRIMARY KEY,
                seq INTEGER NOT NULL,
                hash BLOB NOT NULL
-             );",
+             );
+             CREATE TABLE IF NOT EXISTS forked_records (
+               instance TEXT NOT NULL,
+               seq INTEGER NOT NULL,
+               hash BLOB NOT NULL,
+               body TEXT NOT NULL,
+               decision_id TEXT,
+               received_us INTEGER NOT NULL,
+               PRIMARY KEY (instance, seq, hash)
+             ) WITHOUT ROWID;
+             CREATE INDEX IF NOT EXISTS forked_by_id ON forked_records (decision_id);",
         )?;
         // Stores made before sessions existed lack the link columns, and
         // those made before retention used receipt times lack `received_us`.
@@ -305,6 +319,13 @@ impl DecisionStore {
 
     pub fn get(&self, decision_id: &str) -> Result<Option<Stored>, TrailError> {
         let mut found = self.select("WHERE decision_id = ?1 LIMIT 1", params![decision_id])?;
+        if found.is_empty() {
+            found = self.select_from(
+                "forked_records",
+                "WHERE decision_id = ?1 LIMIT 1",
+                params![decision_id],
+            )?;
+        }
         Ok(found.pop())
     }
 
@@ -378,9 +399,18 @@ impl DecisionStore {
     }
 
     fn select(&self, tail: &str, args: &[&dyn rusqlite::ToSql]) -> Result<Vec<Stored>, TrailError> {
+        self.select_from("decisions", tail, args)
+    }
+
+    fn select_from(
+        &self,
+        table: &str,
+        tail: &str,
+        args: &[&dyn rusqlite::ToSql],
+    ) -> Result<Vec<Stored>, TrailError> {
         let conn = self.conn();
         let mut stmt = conn.prepare(&format!(
-            "SELECT instance, seq, hash, body FROM decisions {tail}"
+            "SELECT instance, seq, hash, body FROM {table} {tail}"
         ))?;
         let rows = stmt.query_map(args, |r| {
             Ok((
@@ -402,6 +432,7 @@ impl DecisionStore {
                 seq: seq as u64,
                 hash: hex(&hash),
                 record,
+                forked: table == "forked_records",
             });
         }
         Ok(out)
@@ -496,6 +527,10 @@ impl DecisionStore {
                 }
             }
         }
+        deleted += self.conn().execute(
+            "DELETE FROM forked_records WHERE received_us < ?1",
+            params![before_us],
+        )? as u64;
         Ok(deleted)
     }
 
@@ -625,26 +660,42 @@ pub fn append_in(
         v.resume(instance, head.0, head.1);
         let mut stored_hash =
             tx.prepare_cached("SELECT hash FROM decisions WHERE instance = ?1 AND seq = ?2")?;
+        let mut keep_forked = tx.prepare_cached(
+            "INSERT OR IGNORE INTO forked_records (instance, seq, hash, body, decision_id, received_us)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )?;
         let mut fork_flagged = false;
         for r in records {
             if r.seq <= head.0 {
                 // A resend of what is stored, unless its hash differs: then
                 // the sidecar lost records it had shipped (a damaged spool,
                 // or fsync off and a power loss) and numbers new ones with
-                // their seqs. They cannot be stored; the fork is put on
-                // record (once per batch).
+                // their seqs. They cannot join the chain, whose place they
+                // claim; they are kept apart, and the fork is put on record
+                // (once per batch).
                 let stored: Option<Vec<u8>> = stored_hash
                     .query_row(params![instance, r.seq as i64], |row| row.get(0))
                     .optional()?;
-                if !fork_flagged && stored.is_some_and(|h| h[..] != r.hash[..]) {
-                    fork_flagged = true;
-                    let b = Break {
-                        instance: instance.to_owned(),
-                        seq: r.seq,
-                        reason: "resent with another hash than the stored record: the sidecar's chain forked (its spool lost records it had shipped); records numbered up to the stored head are not stored".into(),
-                    };
-                    flag.execute(params![instance, b.seq as i64, b.reason])?;
-                    breaks.push(b);
+                if stored.is_some_and(|h| h[..] != r.hash[..]) {
+                    let ix: Option<Indexed> = serde_json::from_slice(r.body).ok();
+                    keep_forked.execute(params![
+                        instance,
+                        r.seq as i64,
+                        &r.hash[..],
+                        String::from_utf8_lossy(r.body),
+                        ix.as_ref().and_then(|i| i.decision_id),
+                        received_us,
+                    ])?;
+                    if !fork_flagged {
+                        fork_flagged = true;
+                        let b = Break {
+                            instance: instance.to_owned(),
+                            seq: r.seq,
+                            reason: "resent with another hash than the stored record: the sidecar's chain forked (its spool lost records it had shipped); its records numbered up to the stored head are kept apart, as forked records".into(),
+                        };
+                        flag.execute(params![instance, b.seq as i64, b.reason])?;
+                        breaks.push(b);
+                    }
                 }
                 continue;
             }
@@ -854,7 +905,10 @@ mod tests {
         let mut forked = first[1].1;
         let mut again = records(3, 5, &mut forked);
         for r in &mut again {
-            r.2.extend_from_slice(b" ");
+            let body = String::from_utf8(r.2.clone()).expect("utf-8");
+            r.2 = body
+                .replace(r#""decision_id":"d"#, r#""decision_id":"f"#)
+                .into_bytes();
         }
         let mut fork_prev = first[1].1;
         for r in &mut again {
@@ -872,6 +926,24 @@ mod tests {
         assert!(breaks[0].reason.contains("forked"), "{}", breaks[0].reason);
         let report = store.verify(Some("i1")).expect("verify");
         assert_eq!(report[0].flagged_on_receipt.len(), 2);
+        // Nothing the fork decided is lost: 3 and 4 are kept apart (once,
+        // though resent), 5 went on the chain after the stored head.
+        store
+            .append("i1", &mut head, &incoming(&again[..2]))
+            .expect("resent fork");
+        for id in ["f3", "f4"] {
+            let kept = store.get(id).expect("get").expect("kept");
+            assert!(kept.forked, "{id}");
+            assert!(kept.record.get().contains(id));
+        }
+        let original = store.get("d3").expect("get").expect("stored");
+        assert!(!original.forked);
+        assert!(!store.get("f5").expect("get").expect("on the chain").forked);
+        let kept: i64 = store
+            .conn()
+            .query_row("SELECT COUNT(*) FROM forked_records", [], |r| r.get(0))
+            .expect("count");
+        assert_eq!(kept, 2);
     }
 
     #[test]

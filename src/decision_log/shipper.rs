@@ -152,21 +152,23 @@ impl Ship {
             );
         }
         let mut packer = Packer::start(self, lz4)?;
-        packer.forget(self.acked);
         let mut sent = self.acked;
         let spooled = *self.spooled.borrow();
         if self.acked > spooled {
             // The spool lost records it had shipped (damage, or fsync off and
-            // a power loss) and numbers new ones with their seqs. Ship them
-            // anyway: the control plane cannot store them, but it puts the
-            // fork on record and counts it, instead of nobody knowing.
+            // a power loss) and numbers new ones with their seqs. Ship all it
+            // holds, and release nothing on the strength of the control
+            // plane's seq: it keeps what it cannot chain apart as forked
+            // records, puts the fork on record and counts it.
             tracing::error!(
                 instance = %self.instance,
                 acked_seq = self.acked,
                 spooled_seq = spooled,
-                "decision log: the control plane holds more of this chain than the spool does; records up to its seq will be refused as a fork"
+                "decision log: the control plane holds more of this chain than the spool does; shipping the whole spool, and records up to its seq will be kept apart as a fork"
             );
-            sent = spooled;
+            sent = 0;
+        } else {
+            packer.forget(self.acked);
         }
         let mut in_flight: std::collections::VecDeque<u64> = Default::default();
         let mut next_send = tokio::time::Instant::now();
