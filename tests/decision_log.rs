@@ -980,26 +980,52 @@ async fn a_control_plane_with_retention_deletes_old_records_and_the_rest_verifie
 /// emptied while the sidecar was stopped) numbers new records with stored
 /// seqs: they cannot be stored, and the fork is put on record instead of
 /// going unnoticed.
+/// Files of a (flat) directory copied into a new one.
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, to.join(path.file_name().unwrap())).unwrap();
+    }
+}
+
+/// Whether the control plane returns `id` as a record kept apart as forked.
+async fn kept_as_forked(cp: &ControlPlane, id: &str) -> bool {
+    let r = reqwest::Client::new()
+        .get(format!("{}/decisions/{id}", cp.1))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    let ok = r.status().is_success();
+    let v: Value = serde_json::from_str(&r.text().await.unwrap()).unwrap_or(Value::Null);
+    ok && v["forked"] == Value::Bool(true)
+}
+
 #[tokio::test]
 async fn a_spool_that_lost_shipped_records_is_flagged_as_a_fork() {
     let (work, public) = work_with_key();
     let w = work.path();
     let cp = ControlPlane::start(&w.join("cp.db"), &public);
     let spool = w.join("spool");
-    let args = spool_args(&cp.1, &spool);
+    let mut args = spool_args(&cp.1, &spool);
+    let small_segments = config_file(w, "[decision_log]\nsegment_bytes = 16384\n");
+    args.extend(["--config", s(&small_segments)]);
+    let once = |n: usize, grpc: String| load(grpc, n, 1, Arc::new(AtomicBool::new(false)));
     let mut sidecar = Sidecar::start(&example("documents"), &args);
-    let first = load(
-        sidecar.grpc_addr.clone(),
-        20,
-        1,
-        Arc::new(AtomicBool::new(false)),
-    )
-    .await;
-    assert_eq!(first.failures, 0);
+    assert_eq!(once(20, sidecar.grpc_addr.clone()).await.failures, 0);
     eventually("20 records stored", Duration::from_secs(30), || async {
         stored_records(&cp).await == 20
     })
     .await;
+    assert!(sidecar.terminate().success());
+    // A copy of the spool as it was then: restored later, it has lost what
+    // was shipped after it (as a backup restored, or `fsync = false` and a
+    // power loss, would).
+    let backup = w.join("spool-backup");
+    copy_dir(&spool, &backup);
+
+    let mut sidecar = Sidecar::start(&example("documents"), &args);
     // A second sidecar on the same spool would fork it while both run: it
     // is refused at start.
     let mut second = std::process::Command::new(common::BIN)
@@ -1017,23 +1043,20 @@ async fn a_spool_that_lost_shipped_records_is_flagged_as_a_fork() {
     std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut err).unwrap();
     assert!(!status.success(), "a second writer started");
     assert!(err.contains("in use by another process"), "{err}");
-    assert!(sidecar.terminate().success());
-    for entry in std::fs::read_dir(&spool).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().is_some_and(|e| e == "ndjson") {
-            std::fs::write(&path, b"").unwrap();
-        }
-    }
-
-    let sidecar = Sidecar::start(&example("documents"), &args);
-    let again = load(
-        sidecar.grpc_addr.clone(),
-        5,
-        1,
-        Arc::new(AtomicBool::new(false)),
-    )
+    assert_eq!(once(200, sidecar.grpc_addr.clone()).await.failures, 0);
+    eventually("220 records stored", Duration::from_secs(30), || async {
+        stored_records(&cp).await == 220
+    })
     .await;
+    assert!(sidecar.terminate().success());
+    std::fs::remove_dir_all(&spool).unwrap();
+    copy_dir(&backup, &spool);
+
+    // 100 new records numbered 21..=120: seqs the control plane holds.
+    let sidecar = Sidecar::start(&example("documents"), &args);
+    let again = once(100, sidecar.grpc_addr.clone()).await;
     assert_eq!(again.failures, 0);
+    assert_eq!(again.ids.len(), 100);
     eventually("the fork on record", Duration::from_secs(30), || async {
         let r = report(&cp).await;
         r["flagged_on_receipt"].as_array().is_some_and(|b| {
@@ -1042,19 +1065,32 @@ async fn a_spool_that_lost_shipped_records_is_flagged_as_a_fork() {
         })
     })
     .await;
-    assert_eq!(stored_records(&cp).await, 20, "nothing overwritten");
-    // Nor lost: the fork's records are kept apart, and `log show` finds them.
-    assert_eq!(again.ids.len(), 5);
+    // Nothing overwritten, nothing lost: the fork's records are kept apart,
+    // and `log show` finds them.
     eventually(
         "the fork's records kept",
         Duration::from_secs(30),
         || async {
-            again.ids.iter().all(|id| {
-                let (code, out, _) = cli(&cp, &["show", id]);
-                code == 0 && out.contains("FORKED")
-            })
+            for id in &again.ids {
+                if !kept_as_forked(&cp, id).await {
+                    return false;
+                }
+            }
+            true
         },
     )
+    .await;
+    assert_eq!(stored_records(&cp).await, 220, "nothing overwritten");
+    let (code, out, err) = cli(&cp, &["show", &again.ids[0]]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("FORKED"), "{out}");
+    // Kept is as good as stored: the spool lets go of those segments,
+    // though the control plane's head stays above their seqs.
+    eventually("the spool released", Duration::from_secs(30), || async {
+        let (_, text) = sidecar.get("/metrics").await;
+        let bytes = metric(&text, "arbiter_decision_log_spool_bytes");
+        (0.0..=32768.0).contains(&bytes)
+    })
     .await;
     eventually("the sidecar counts it", Duration::from_secs(10), || async {
         let (_, text) = sidecar.get("/metrics").await;

@@ -213,8 +213,13 @@ impl Ship {
             tokio::select! {
                 ack = acks.message() => {
                     let ack = ack.map_err(|s| s.message().to_owned())?.ok_or("the control plane closed the stream")?;
-                    while in_flight.front().is_some_and(|s| *s <= ack.acked_seq) {
-                        in_flight.pop_front();
+                    // One acknowledgement per batch, in order: the batch it
+                    // answers is stored (on the chain, or kept apart as a
+                    // fork), so its records may leave the spool. Released by
+                    // batch, not by the control plane's head, which after a
+                    // fork stays above this spool's seqs until they pass it.
+                    if let Some(last) = in_flight.pop_front() {
+                        packer.forget(last);
                     }
                     if ack.chain_breaks > 0 {
                         self.metrics.chain_breaks.inc_by(u64::from(ack.chain_breaks));
@@ -223,7 +228,6 @@ impl Ship {
                     if ack.acked_seq > self.acked {
                         self.metrics.acknowledged.inc_by(ack.acked_seq - self.acked);
                         self.acked = ack.acked_seq;
-                        packer.forget(self.acked);
                     }
                 }
                 _ = self.spooled.changed(), if !more => {}
