@@ -976,10 +976,6 @@ async fn a_control_plane_with_retention_deletes_old_records_and_the_rest_verifie
     assert!(out.contains("d4"), "{out}");
 }
 
-/// A spool that lost records it had shipped (here: its only segment
-/// emptied while the sidecar was stopped) numbers new records with stored
-/// seqs: they cannot be stored, and the fork is put on record instead of
-/// going unnoticed.
 /// Files of a (flat) directory copied into a new one.
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
@@ -1002,13 +998,20 @@ async fn kept_as_forked(cp: &ControlPlane, id: &str) -> bool {
     ok && v["forked"] == Value::Bool(true)
 }
 
+/// A spool that lost records it had shipped (here: an older copy of it
+/// restored while the sidecar was stopped) numbers new records with stored
+/// seqs. The fork is put on record, and nothing is lost: the records that
+/// cannot join the chain are kept apart. Found at connect both when the
+/// spool is behind the control plane's head and when, the control plane
+/// being away, it has spooled past it (the record at the head then differs).
 #[tokio::test]
 async fn a_spool_that_lost_shipped_records_is_flagged_as_a_fork() {
     let (work, public) = work_with_key();
     let w = work.path();
     let cp = ControlPlane::start(&w.join("cp.db"), &public);
+    let cp_url = cp.1.clone();
     let spool = w.join("spool");
-    let mut args = spool_args(&cp.1, &spool);
+    let mut args = spool_args(&cp_url, &spool);
     let small_segments = config_file(w, "[decision_log]\nsegment_bytes = 16384\n");
     args.extend(["--config", s(&small_segments)]);
     let once = |n: usize, grpc: String| load(grpc, n, 1, Arc::new(AtomicBool::new(false)));
@@ -1095,6 +1098,42 @@ async fn a_spool_that_lost_shipped_records_is_flagged_as_a_fork() {
     eventually("the sidecar counts it", Duration::from_secs(10), || async {
         let (_, text) = sidecar.get("/metrics").await;
         metric(&text, "arbiter_decision_log_chain_breaks_total") >= 1.0
+    })
+    .await;
+
+    // Again from the copy, the control plane away meanwhile: 250 records
+    // (21..=270) take the spool past its head (220) before it connects.
+    let mut sidecar = sidecar;
+    assert!(sidecar.terminate().success());
+    std::fs::remove_dir_all(&spool).unwrap();
+    copy_dir(&backup, &spool);
+    let addr = cp.addr().to_owned();
+    drop(cp);
+    let sidecar = Sidecar::start(&example("documents"), &args);
+    let later = once(250, sidecar.grpc_addr.clone()).await;
+    assert_eq!((later.failures, later.ids.len()), (0, 250));
+    eventually("all spooled", Duration::from_secs(30), || async {
+        let (_, text) = sidecar.get("/metrics").await;
+        metric(&text, "arbiter_decision_log_spooled_records_total") >= 250.0
+    })
+    .await;
+    let cp = ControlPlane::start_with(&w.join("cp.db"), &public, &["--addr", &addr]);
+    eventually(
+        "the overlap kept apart",
+        Duration::from_secs(30),
+        || async {
+            for id in &later.ids[..200] {
+                if !kept_as_forked(&cp, id).await {
+                    return false;
+                }
+            }
+            true
+        },
+    )
+    .await;
+    // The rest joined the chain after the stored head.
+    eventually("the rest stored", Duration::from_secs(30), || async {
+        stored_records(&cp).await == 270
     })
     .await;
 }

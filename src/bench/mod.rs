@@ -661,8 +661,9 @@ pub fn run(args: BenchArgs) -> ExitCode {
 async fn run_async(args: BenchArgs) -> Result<(), String> {
     let tmp = std::env::temp_dir().join(format!("arbiter-bench-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).map_err(|e| e.to_string())?;
+    let mut scratch = Scratch(vec![tmp.clone()]);
     let cp_dir = memory_dir(&tmp)?;
-    let _scratch = Scratch(vec![tmp.clone(), cp_dir.clone()]);
+    scratch.0.push(cp_dir.clone());
     let warmup = Duration::from_secs_f64(args.warmup);
     let duration = Duration::from_secs_f64(args.duration);
     let threads = if args.server_cpu == "none" {
@@ -834,15 +835,25 @@ impl Drop for Scratch {
 }
 
 /// Where the bench's control plane keeps its database: in memory
-/// (`/dev/shm`) where there is one. The control plane is not what is
-/// measured, and its disk writes would be: a disk's completion interrupts
-/// may land on the sidecar's pinned core (they do on the VM the README's
-/// figures come from), billing the store's writes to the sidecar.
+/// (`/dev/shm`) where there is one with room for a long run's records (a
+/// few GiB: one control plane stores every round). The control plane is not
+/// what is measured, and its disk writes would be: a disk's completion
+/// interrupts may land on the sidecar's pinned core (they do on the VM the
+/// README's figures come from), billing the store's writes to the sidecar.
 fn memory_dir(tmp: &Path) -> Result<PathBuf, String> {
+    const ROOM: u64 = 4 << 30;
     let shm = Path::new("/dev/shm");
-    let dir = match shm.is_dir() {
+    let free = |p: &Path| {
+        rustix::fs::statvfs(p)
+            .map(|s| s.f_bavail.saturating_mul(s.f_frsize))
+            .unwrap_or(0)
+    };
+    let dir = match shm.is_dir() && free(shm) >= ROOM {
         true => shm.join(format!("arbiter-bench-{}", std::process::id())),
-        false => tmp.join("control-plane"),
+        false => {
+            println!("(the control plane's database is on disk: /dev/shm is missing or has under 4 GiB free)");
+            tmp.join("control-plane")
+        }
     };
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     Ok(dir)

@@ -672,13 +672,15 @@ pub fn append_in(
                 // or fsync off and a power loss) and numbers new ones with
                 // their seqs. They cannot join the chain, whose place they
                 // claim; they are kept apart, and the fork is put on record
-                // (once per batch).
+                // (once per batch, and not again for a resend of what is
+                // kept). A seq with no stored record (expired, or never
+                // received) cannot be compared: kept apart too.
                 let stored: Option<Vec<u8>> = stored_hash
                     .query_row(params![instance, r.seq as i64], |row| row.get(0))
                     .optional()?;
-                if stored.is_some_and(|h| h[..] != r.hash[..]) {
+                if stored.is_none_or(|h| h[..] != r.hash[..]) {
                     let ix: Option<Indexed> = serde_json::from_slice(r.body).ok();
-                    keep_forked.execute(params![
+                    let kept = keep_forked.execute(params![
                         instance,
                         r.seq as i64,
                         &r.hash[..],
@@ -686,7 +688,7 @@ pub fn append_in(
                         ix.as_ref().and_then(|i| i.decision_id),
                         received_us,
                     ])?;
-                    if !fork_flagged {
+                    if kept == 1 && !fork_flagged {
                         fork_flagged = true;
                         let b = Break {
                             instance: instance.to_owned(),
@@ -743,6 +745,14 @@ pub fn append_in(
         }
     }
     Ok(breaks)
+}
+
+/// What an acknowledgement says of the stored head's hash.
+fn acked_hash(head: (u64, Hash)) -> Vec<u8> {
+    match head.0 {
+        0 => Vec::new(),
+        _ => head.1.to_vec(),
+    }
 }
 
 /// The gRPC service sidecars ship to.
@@ -805,6 +815,7 @@ impl DecisionLog for DecisionLogService {
                             acked_seq: head.0,
                             chain_breaks: 0,
                             accepts_lz4: true,
+                            acked_hash: acked_hash(head),
                         }))
                         .await
                         .is_err()
@@ -838,6 +849,7 @@ impl DecisionLog for DecisionLogService {
                             acked_seq: head.0,
                             chain_breaks: breaks.len() as u32,
                             accepts_lz4: true,
+                            acked_hash: acked_hash(head),
                         })
                     }
                     Ok((Err(TrailError::Bad(e)), _)) => Err(Status::invalid_argument(e)),
@@ -927,10 +939,12 @@ mod tests {
         let report = store.verify(Some("i1")).expect("verify");
         assert_eq!(report[0].flagged_on_receipt.len(), 2);
         // Nothing the fork decided is lost: 3 and 4 are kept apart (once,
-        // though resent), 5 went on the chain after the stored head.
-        store
+        // and flagged once, though resent), 5 went on the chain after the
+        // stored head.
+        let resent = store
             .append("i1", &mut head, &incoming(&again[..2]))
             .expect("resent fork");
+        assert!(resent.is_empty(), "{resent:?}");
         for id in ["f3", "f4"] {
             let kept = store.get(id).expect("get").expect("kept");
             assert!(kept.forked, "{id}");
@@ -944,6 +958,10 @@ mod tests {
             .query_row("SELECT COUNT(*) FROM forked_records", [], |r| r.get(0))
             .expect("count");
         assert_eq!(kept, 2);
+        // Retention deletes kept-apart records as it does the chain's.
+        let far = crate::decision_log::time::now_micros() as i64 + 3_600_000_000;
+        store.expire(far).expect("expire");
+        assert!(store.get("f3").expect("get").is_none());
     }
 
     #[test]

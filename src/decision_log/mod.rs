@@ -96,7 +96,8 @@ pub(crate) struct Shared {
     dropped: AtomicU64,
     spool_bytes: Arc<AtomicU64>,
     full_logged: AtomicBool,
-    /// Set when the writer stopped for good (its disk thread is gone).
+    /// Set when the writer stopped for good (its disk thread is gone, or it
+    /// panicked).
     writer_failed: AtomicBool,
     /// Record buffers the writer is done with, for the decision path to
     /// fill again: no allocation per record, none freed across threads.
@@ -220,7 +221,18 @@ fn start_with_copy(
         last_marker: None,
         otlp,
     };
-    let writer = tokio::spawn(w.run());
+    let failed = shared.clone();
+    let writer = tokio::spawn(async move {
+        // A panic ends the writer as a lost disk thread does: health says so.
+        if let Err(e) = tokio::spawn(w.run()).await
+            && e.is_panic()
+        {
+            tracing::error!(
+                "decision log: the writer panicked; decisions are refused until the sidecar restarts"
+            );
+            failed.writer_failed.store(true, Ordering::Relaxed);
+        }
+    });
     let running = Running {
         instance,
         spool_dir: settings.spool_dir.clone(),
@@ -557,7 +569,9 @@ mod tests {
         .await
         .expect("later decisions are refused");
         assert!(refused.contains("has stopped"), "{refused}");
-        assert!(metrics.refused.get() >= 2);
+        let before = metrics.refused.get();
+        assert!(matches!(sink.record(entry()), Handoff::Refused(_)));
+        assert_eq!(metrics.refused.get(), before + 1, "each refusal is counted");
         assert!(sink.failure().is_some_and(|f| f.contains("restarts")));
         running.close().await;
     }

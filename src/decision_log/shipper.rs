@@ -13,6 +13,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
 use super::Running;
+use super::chain::{self, Hash};
 use super::spool::{self, Reader};
 use crate::api::pb::v1::{RecordBatch, decision_log_client::DecisionLogClient};
 use crate::telemetry::DecisionLogMetrics;
@@ -154,23 +155,36 @@ impl Ship {
         let mut packer = Packer::start(self, lz4)?;
         let mut sent = self.acked;
         let spooled = *self.spooled.borrow();
-        if self.acked > spooled {
-            // The spool lost records it had shipped (damage, or fsync off and
-            // a power loss) and numbers new ones with their seqs. Ship all it
-            // holds, and release nothing on the strength of the control
-            // plane's seq: it keeps what it cannot chain apart as forked
-            // records, puts the fork on record and counts it.
+        // Whether this spool forked from the stored chain: it lost records
+        // it had shipped (damage, `fsync = false` and a power loss, a
+        // restored copy) and numbered new ones with their seqs. Either the
+        // control plane holds more than the spool, or the spool's record at
+        // the stored head is another one.
+        let forked = self.acked > spooled
+            || (first.acked_hash.len() == 32
+                && packer
+                    .hash_at(self.acked)
+                    .await
+                    .map_err(|e| format!("reading the spool: {e}"))?
+                    .is_some_and(|ours| ours[..] != first.acked_hash[..]));
+        if forked {
+            // Ship all the spool holds, and release nothing on the strength
+            // of the control plane's seq: it keeps the records it cannot
+            // chain apart as forked, puts the fork on record and counts it.
             tracing::error!(
                 instance = %self.instance,
                 acked_seq = self.acked,
                 spooled_seq = spooled,
-                "decision log: the control plane holds more of this chain than the spool does; shipping the whole spool, and records up to its seq will be kept apart as a fork"
+                "decision log: this spool forked from the chain the control plane stores; shipping the whole spool, and its records numbered up to the stored head will be kept apart as a fork"
             );
             sent = 0;
         } else {
             packer.forget(self.acked);
         }
         let mut in_flight: std::collections::VecDeque<u64> = Default::default();
+        // False once the writer is gone: its watch then reports a change at
+        // once, every time, and waiting on it would spin.
+        let mut writer_alive = true;
         let mut next_send = tokio::time::Instant::now();
         loop {
             let now = tokio::time::Instant::now();
@@ -230,7 +244,9 @@ impl Ship {
                         self.acked = ack.acked_seq;
                     }
                 }
-                _ = self.spooled.changed(), if !more => {}
+                changed = self.spooled.changed(), if !more && writer_alive => {
+                    writer_alive = changed.is_ok();
+                }
                 () = tokio::time::sleep_until(next_send), if more => {}
                 _ = stop.wait_for(|s| *s), if deadline.is_none() => {
                     *deadline = Some(tokio::time::Instant::now() + self.settings.drain_for);
@@ -255,6 +271,11 @@ enum Ask {
     /// After seq, at most this many records.
     Next(u64, usize, tokio::sync::oneshot::Sender<Packed>),
     Forget(u64),
+    /// The hash of the spooled record at seq, if the spool still holds it.
+    HashAt(
+        u64,
+        tokio::sync::oneshot::Sender<std::io::Result<Option<Hash>>>,
+    ),
 }
 
 impl Packer {
@@ -263,7 +284,8 @@ impl Packer {
         let (ask, asks) = std::sync::mpsc::channel::<Ask>();
         let dir = ship.dir.clone();
         let (bytes, metrics) = (ship.spool_bytes.clone(), ship.metrics.clone());
-        let mut reader = Reader::new(&dir, ship.spool_live.clone());
+        let live = ship.spool_live.clone();
+        let mut reader = Reader::new(&dir, live.clone());
         let turn = ship.packer_turn.clone();
         std::thread::Builder::new()
             .name("decision-log-packer".into())
@@ -281,6 +303,18 @@ impl Packer {
                                     .transpose()
                             });
                             let _ = reply.send(packed);
+                        }
+                        Ask::HashAt(seq, reply) => {
+                            // A reader of its own: the batches' reader keeps
+                            // its place.
+                            let found = Reader::new(&dir, live.clone())
+                                .next_chunk(seq.saturating_sub(1), 1, 1)
+                                .map(|c| {
+                                    let c = c.filter(|c| c.first_seq == seq)?;
+                                    let line = c.lines.strip_suffix(b"\n").unwrap_or(&c.lines);
+                                    chain::parse_line(line).ok().map(|l| l.hash)
+                                });
+                            let _ = reply.send(found);
                         }
                         Ask::Forget(acked) => match reader.release(acked, &bytes) {
                             Ok(_) => {
@@ -307,6 +341,15 @@ impl Packer {
             .send(Ask::Next(after, max, reply))
             .map_err(|_| gone())?;
         packed.await.map_err(|_| gone())?
+    }
+
+    /// The hash of the spooled record at `seq`; `None` if it is not (or no
+    /// longer) in the spool.
+    async fn hash_at(&self, seq: u64) -> std::io::Result<Option<Hash>> {
+        let (reply, found) = tokio::sync::oneshot::channel();
+        let gone = || std::io::Error::other("the packer thread stopped");
+        self.ask.send(Ask::HashAt(seq, reply)).map_err(|_| gone())?;
+        found.await.map_err(|_| gone())?
     }
 
     /// Deletes segments the control plane has acknowledged entirely.
