@@ -851,7 +851,9 @@ fn memory_dir(tmp: &Path) -> Result<PathBuf, String> {
     let dir = match shm.is_dir() && free(shm) >= ROOM {
         true => shm.join(format!("arbiter-bench-{}", std::process::id())),
         false => {
-            println!("(the control plane's database is on disk: /dev/shm is missing or has under 4 GiB free)");
+            println!(
+                "(the control plane's database is on disk: /dev/shm is missing or has under 4 GiB free)"
+            );
             tmp.join("control-plane")
         }
     };
