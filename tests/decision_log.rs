@@ -806,6 +806,51 @@ async fn sigterm_delivers_every_record_before_exit() {
     assert!(r["first_break"].is_null(), "{r}");
 }
 
+/// A disk that stops answering (here: the NDJSON copy goes to a pipe nobody
+/// reads) holds the writer at shutdown; the sidecar still exits, after the
+/// grace period, instead of hanging until it is killed.
+#[cfg(unix)]
+#[tokio::test]
+async fn sigterm_with_a_stuck_disk_exits_after_the_grace_period() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let fifo = w.join("copy.pipe");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+    assert!(made.is_ok_and(|s| s.success()), "mkfifo");
+    // Opened here for reading too, so the sidecar's open does not wait for
+    // a reader; never read.
+    let _pipe = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&fifo)
+        .unwrap();
+    let config = config_file(
+        w,
+        "[server]\nshutdown_grace_secs = 1\n[decision_log]\ndrain_ms = 500\n",
+    );
+    let spool = w.join("spool");
+    let mut args = spool_args("http://127.0.0.1:9", &spool);
+    args.extend(["--decision-log-file", s(&fifo), "--config", s(&config)]);
+    let mut sidecar = Sidecar::start(&example("documents"), &args);
+    // Well over the pipe's 64 KiB of records.
+    let seen = load(
+        sidecar.grpc_addr.clone(),
+        300,
+        1,
+        Arc::new(AtomicBool::new(false)),
+    )
+    .await;
+    assert_eq!(seen.failures, 0);
+    let started = std::time::Instant::now();
+    let status = sidecar.terminate(); // panics if it does not exit within 20 s
+    assert!(status.success(), "{status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
 /// A control plane from before LZ4 batches: it never sets `accepts_lz4`
 /// and reads only `lines_deflate` (the build it stands for refused anything
 /// else). It records, per batch, whether the batch was readable DEFLATE.

@@ -431,7 +431,15 @@ pub async fn serve_until(
     };
     // Whatever happened to the listeners, spool every record already made.
     if let Some((_, running)) = trail {
-        running.close().await;
+        // Bounded: a disk that stopped answering must not hold the exit (the
+        // records it holds up stay queued in memory and are lost with the
+        // process, as with a kill; what is spooled is resent on restart).
+        if tokio::time::timeout(grace, running.close()).await.is_err() {
+            tracing::error!(
+                grace_secs = grace.as_secs(),
+                "decision log: the spool writer did not finish within the grace period; exiting without it"
+            );
+        }
         let _ = ship_stop.send(true);
         if let Some(task) = shipper {
             let _ = task.await;
