@@ -841,6 +841,11 @@ async fn sigterm_with_a_stuck_disk_exits_after_the_grace_period() {
     )
     .await;
     assert_eq!(seen.failures, 0);
+    // The disk is stuck indeed: not everything could be spooled.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, text) = sidecar.get("/metrics").await;
+    let spooled = metric(&text, "arbiter_decision_log_spooled_records_total");
+    assert!((0.0..300.0).contains(&spooled), "{spooled} spooled");
     let started = std::time::Instant::now();
     let status = sidecar.terminate(); // panics if it does not exit within 20 s
     assert!(status.success(), "{status:?}");
@@ -1096,6 +1101,16 @@ async fn a_spool_that_lost_shipped_records_is_flagged_as_a_fork() {
         stored_records(&cp).await == 220
     })
     .await;
+    // A plain restart is no fork: only the new records were shipped.
+    let (_, text) = sidecar.get("/metrics").await;
+    assert_eq!(
+        metric(&text, "arbiter_decision_log_shipped_records_total"),
+        200.0
+    );
+    assert_eq!(
+        report(&cp).await["flagged_on_receipt"],
+        serde_json::json!([])
+    );
     assert!(sidecar.terminate().success());
     std::fs::remove_dir_all(&spool).unwrap();
     copy_dir(&backup, &spool);

@@ -843,11 +843,14 @@ impl Drop for Scratch {
 fn memory_dir(tmp: &Path) -> Result<PathBuf, String> {
     const ROOM: u64 = 4 << 30;
     let shm = Path::new("/dev/shm");
+    #[cfg(target_os = "linux")]
     let free = |p: &Path| {
         rustix::fs::statvfs(p)
             .map(|s| s.f_bavail.saturating_mul(s.f_frsize))
             .unwrap_or(0)
     };
+    #[cfg(not(target_os = "linux"))]
+    let free = |_: &Path| 0u64;
     let dir = match shm.is_dir() && free(shm) >= ROOM {
         true => shm.join(format!("arbiter-bench-{}", std::process::id())),
         false => {

@@ -664,40 +664,50 @@ pub fn append_in(
             "INSERT OR IGNORE INTO forked_records (instance, seq, hash, body, decision_id, received_us)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         )?;
-        let mut fork_flagged = false;
+        // The first record of this batch newly kept apart: the fork is
+        // flagged there, once per batch, and not again for a resend of what
+        // is kept.
+        let mut fork: Option<(u64, &str)> = None;
+        let mut keep_apart = |r: &Incoming, reason: &'static str| -> Result<(), TrailError> {
+            let ix: Option<Indexed> = serde_json::from_slice(r.body).ok();
+            // Aged from its own time where it has one, so retention does not
+            // keep a resent expired record another full period.
+            let made = ix
+                .as_ref()
+                .and_then(|i| crate::decision_log::time::parse_micros(&i.time))
+                .map_or(received_us, |t| (t as i64).min(received_us));
+            let kept = keep_forked.execute(params![
+                instance,
+                r.seq as i64,
+                &r.hash[..],
+                String::from_utf8_lossy(r.body),
+                ix.as_ref().and_then(|i| i.decision_id),
+                made,
+            ])?;
+            if kept == 1 && fork.is_none() {
+                fork = Some((r.seq, reason));
+            }
+            Ok(())
+        };
+        const FORKED: &str = "resent with another hash than the stored record: the sidecar's chain forked (its spool lost records it had shipped, or a copy of it runs elsewhere); its records at stored seqs are kept apart, as forked records";
         for r in records {
             if r.seq <= head.0 {
                 // A resend of what is stored, unless its hash differs: then
                 // the sidecar lost records it had shipped (a damaged spool,
                 // or fsync off and a power loss) and numbers new ones with
                 // their seqs. They cannot join the chain, whose place they
-                // claim; they are kept apart, and the fork is put on record
-                // (once per batch, and not again for a resend of what is
-                // kept). A seq with no stored record (expired, or never
-                // received) cannot be compared: kept apart too.
+                // claim: kept apart. A seq with no stored record (expired,
+                // or never received) cannot be compared: kept apart too.
                 let stored: Option<Vec<u8>> = stored_hash
                     .query_row(params![instance, r.seq as i64], |row| row.get(0))
                     .optional()?;
-                if stored.is_none_or(|h| h[..] != r.hash[..]) {
-                    let ix: Option<Indexed> = serde_json::from_slice(r.body).ok();
-                    let kept = keep_forked.execute(params![
-                        instance,
-                        r.seq as i64,
-                        &r.hash[..],
-                        String::from_utf8_lossy(r.body),
-                        ix.as_ref().and_then(|i| i.decision_id),
-                        received_us,
-                    ])?;
-                    if kept == 1 && !fork_flagged {
-                        fork_flagged = true;
-                        let b = Break {
-                            instance: instance.to_owned(),
-                            seq: r.seq,
-                            reason: "resent with another hash than the stored record: the sidecar's chain forked (its spool lost records it had shipped); its records numbered up to the stored head are kept apart, as forked records".into(),
-                        };
-                        flag.execute(params![instance, b.seq as i64, b.reason])?;
-                        breaks.push(b);
-                    }
+                match stored {
+                    Some(h) if h[..] == r.hash[..] => {}
+                    Some(_) => keep_apart(r, FORKED)?,
+                    None => keep_apart(
+                        r,
+                        "resent at a seq whose stored record has expired or was never received: kept apart, as a forked record, since it cannot be compared",
+                    )?,
                 }
                 continue;
             }
@@ -718,7 +728,7 @@ pub fn append_in(
             };
             let subject = entity(|q| &q.subject);
             let resource = entity(|q| &q.resource);
-            insert.execute(params![
+            let inserted = insert.execute(params![
                 instance,
                 r.seq as i64,
                 &hash[..],
@@ -741,7 +751,27 @@ pub fn append_in(
                 ix.as_ref().and_then(|i| i.approval_id),
                 received_us,
             ])?;
+            if inserted == 0 {
+                // Another stream of this instance stored the seq first (a
+                // copy of its spool running elsewhere): the same record is
+                // a resend, another one a fork.
+                let stored: Option<Vec<u8>> = stored_hash
+                    .query_row(params![instance, r.seq as i64], |row| row.get(0))
+                    .optional()?;
+                if stored.is_some_and(|h| h[..] != hash[..]) {
+                    keep_apart(r, FORKED)?;
+                }
+            }
             *head = (r.seq, hash);
+        }
+        if let Some((seq, reason)) = fork {
+            flag.execute(params![instance, seq as i64, reason])?;
+            breaks.push(Break {
+                instance: instance.to_owned(),
+                seq,
+                reason: reason.to_owned(),
+            });
+            breaks.sort_by_key(|b| b.seq);
         }
     }
     Ok(breaks)
@@ -816,6 +846,7 @@ impl DecisionLog for DecisionLogService {
                             chain_breaks: 0,
                             accepts_lz4: true,
                             acked_hash: acked_hash(head),
+                            batch_last_seq: 0,
                         }))
                         .await
                         .is_err()
@@ -825,6 +856,7 @@ impl DecisionLog for DecisionLogService {
                     continue;
                 }
                 let (s, who) = (store.clone(), instance.clone());
+                let batch_last_seq = (batch.first_seq + u64::from(batch.count)).saturating_sub(1);
                 let stored = tokio::task::spawn_blocking(move || {
                     let text = match unpack(&batch) {
                         Ok(t) => t,
@@ -850,6 +882,7 @@ impl DecisionLog for DecisionLogService {
                             chain_breaks: breaks.len() as u32,
                             accepts_lz4: true,
                             acked_hash: acked_hash(head),
+                            batch_last_seq,
                         })
                     }
                     Ok((Err(TrailError::Bad(e)), _)) => Err(Status::invalid_argument(e)),

@@ -96,8 +96,11 @@ async fn ship_loop(mut ship: Ship, mut stop: watch::Receiver<bool>) {
             return;
         }
         let jitter = Duration::from_millis(fastrand::u64(0..=backoff.as_millis() as u64 / 5 + 1));
+        // Draining, the backoff ends with the drain time: no later.
+        let wake = tokio::time::Instant::now() + backoff + jitter;
+        let wake = deadline.map_or(wake, |d| wake.min(d));
         tokio::select! {
-            () = tokio::time::sleep(backoff + jitter) => {}
+            () = tokio::time::sleep_until(wake) => {}
             _ = stop.wait_for(|s| *s), if deadline.is_none() => {
                 deadline = Some(tokio::time::Instant::now() + ship.settings.drain_for);
             }
@@ -160,13 +163,19 @@ impl Ship {
         // restored copy) and numbered new ones with their seqs. Either the
         // control plane holds more than the spool, or the spool's record at
         // the stored head is another one.
-        let forked = self.acked > spooled
-            || (first.acked_hash.len() == 32
-                && packer
-                    .hash_at(self.acked)
-                    .await
-                    .map_err(|e| format!("reading the spool: {e}"))?
-                    .is_some_and(|ours| ours[..] != first.acked_hash[..]));
+        // The hash decides where the spool still holds the head's seq (the
+        // spooled watch can lag what is on disk while a copy write is slow).
+        let ours = match first.acked_hash.len() == 32 {
+            true => packer
+                .hash_at(self.acked)
+                .await
+                .map_err(|e| format!("reading the spool: {e}"))?,
+            false => None,
+        };
+        let forked = match ours {
+            Some(ours) => ours[..] != first.acked_hash[..],
+            None => self.acked > spooled,
+        };
         if forked {
             // Ship all the spool holds, and release nothing on the strength
             // of the control plane's seq: it keeps the records it cannot
@@ -181,7 +190,8 @@ impl Ship {
         } else {
             packer.forget(self.acked);
         }
-        let mut in_flight: std::collections::VecDeque<u64> = Default::default();
+        // (first seq, last seq) of each batch sent and not yet answered.
+        let mut in_flight: std::collections::VecDeque<(u64, u64)> = Default::default();
         // False once the writer is gone: its watch then reports a change at
         // once, every time, and waiting on it would spin.
         let mut writer_alive = true;
@@ -213,7 +223,7 @@ impl Ship {
                     .map_err(|_| "the stream closed")?;
                     self.metrics.shipped.inc_by(u64::from(count));
                     sent = last;
-                    in_flight.push_back(last);
+                    in_flight.push_back((first_seq, last));
                 }
                 next_send = now + self.settings.interval;
             }
@@ -227,21 +237,38 @@ impl Ship {
             tokio::select! {
                 ack = acks.message() => {
                     let ack = ack.map_err(|s| s.message().to_owned())?.ok_or("the control plane closed the stream")?;
-                    // One acknowledgement per batch, in order: the batch it
-                    // answers is stored (on the chain, or kept apart as a
-                    // fork), so its records may leave the spool. Released by
-                    // batch, not by the control plane's head, which after a
-                    // fork stays above this spool's seqs until they pass it.
-                    if let Some(last) = in_flight.pop_front() {
-                        packer.forget(last);
-                    }
                     if ack.chain_breaks > 0 {
                         self.metrics.chain_breaks.inc_by(u64::from(ack.chain_breaks));
                         tracing::error!(breaks = ack.chain_breaks, "decision log: the control plane reports chain breaks");
                     }
-                    if ack.acked_seq > self.acked {
-                        self.metrics.acknowledged.inc_by(ack.acked_seq - self.acked);
-                        self.acked = ack.acked_seq;
+                    if ack.batch_last_seq > 0 {
+                        // It names the batch it answers, stored on the chain
+                        // or kept apart as a fork: that batch's records may
+                        // leave the spool. By batch, not by the control
+                        // plane's head, which after a fork stays above this
+                        // spool's seqs until they pass it.
+                        if in_flight.front().is_some_and(|b| b.1 == ack.batch_last_seq) {
+                            let (first, last) = in_flight.pop_front().unwrap_or_default();
+                            self.metrics.acknowledged.inc_by(last + 1 - first);
+                            packer.forget(last);
+                        } else {
+                            return Err(format!(
+                                "the control plane answered batch ..{} out of turn",
+                                ack.batch_last_seq
+                            ));
+                        }
+                        self.acked = self.acked.max(ack.acked_seq);
+                    } else {
+                        // A control plane from before forks were kept apart:
+                        // by its head (it drops a fork's records anyway).
+                        while in_flight.front().is_some_and(|b| b.1 <= ack.acked_seq) {
+                            in_flight.pop_front();
+                        }
+                        if ack.acked_seq > self.acked {
+                            self.metrics.acknowledged.inc_by(ack.acked_seq - self.acked);
+                            self.acked = ack.acked_seq;
+                            packer.forget(self.acked);
+                        }
                     }
                 }
                 changed = self.spooled.changed(), if !more && writer_alive => {

@@ -431,15 +431,7 @@ pub async fn serve_until(
     };
     // Whatever happened to the listeners, spool every record already made.
     if let Some((_, running)) = trail {
-        // Bounded: a disk that stopped answering must not hold the exit (the
-        // records it holds up stay queued in memory and are lost with the
-        // process, as with a kill; what is spooled is resent on restart).
-        if tokio::time::timeout(grace, running.close()).await.is_err() {
-            tracing::error!(
-                grace_secs = grace.as_secs(),
-                "decision log: the spool writer did not finish within the grace period; exiting without it"
-            );
-        }
+        close_trail(running, grace.max(Duration::from_secs(2))).await;
         let _ = ship_stop.send(true);
         if let Some(task) = shipper {
             let _ = task.await;
@@ -449,6 +441,32 @@ pub async fn serve_until(
         tracing::info!("drained; bye");
     }
     outcome
+}
+
+/// Closes the decision log, waiting as long as the queue is being spooled;
+/// a disk that makes no progress for `quiet` does not hold the exit (what it
+/// holds up is lost with the process, as with a kill; what is spooled is
+/// resent on restart).
+async fn close_trail(running: crate::decision_log::Running, quiet: Duration) {
+    let mut spooled = running.spooled.clone();
+    let close = running.close();
+    tokio::pin!(close);
+    loop {
+        tokio::select! {
+            () = &mut close => return,
+            moved = tokio::time::timeout(quiet, spooled.changed()) => {
+                if !matches!(moved, Ok(Ok(()))) {
+                    break;
+                }
+            }
+        }
+    }
+    if tokio::time::timeout(quiet, close).await.is_err() {
+        tracing::error!(
+            quiet_secs = quiet.as_secs(),
+            "decision log: the spool writer made no progress; exiting without the records it still holds"
+        );
+    }
 }
 
 /// Re-checks freshness every second and applies the fail mode on a change.
