@@ -207,7 +207,7 @@ pub async fn serve_until(
     });
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    set_health(&health, ServingStatus::NotServing).await;
+    set_health(&health, &decider, ServingStatus::NotServing).await;
 
     let trusted = TrustedKeys::load(&config.bundle.trusted_keys)?;
     let options = CompileOptions {
@@ -365,17 +365,33 @@ pub async fn serve_until(
     let mut activations = decider.subscribe();
     let follower_health = health.clone();
     let follower_draining = draining.clone();
+    let follower_decider = decider.clone();
     tokio::spawn(async move {
         loop {
             let active = activations.borrow_and_update().is_some();
             if active && !follower_draining.load(Ordering::Relaxed) {
-                set_health(&follower_health, ServingStatus::Serving).await;
+                set_health(&follower_health, &follower_decider, ServingStatus::Serving).await;
             }
             if activations.changed().await.is_err() {
                 return;
             }
         }
     });
+    // The decision log failing for good turns gRPC health too (the HTTP
+    // probes read it directly).
+    if trail.is_some() {
+        let (health, decider) = (health.clone(), decider.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                if decider.sink_failure().is_some() {
+                    set_health(&health, &decider, ServingStatus::NotServing).await;
+                    return;
+                }
+            }
+        });
+    }
     if let Some(f) = freshness {
         tokio::spawn(watch_freshness(
             f,
@@ -401,7 +417,7 @@ pub async fn serve_until(
     shutdown.await;
     tracing::info!("shutting down: no longer ready, draining in-flight calls");
     draining.store(true, Ordering::Relaxed);
-    set_health(&health, ServingStatus::NotServing).await;
+    set_health(&health, &decider, ServingStatus::NotServing).await;
     let _ = stop_tx.send(true);
     if let Some(task) = poll_task {
         let _ = task.await;
@@ -492,7 +508,7 @@ async fn watch_freshness(
                 } else {
                     ServingStatus::Serving
                 };
-                set_health(&health, status).await;
+                set_health(&health, &decider, status).await;
             }
         }
         metrics.freshness(freshness.is_stale(), freshness.age());
@@ -504,8 +520,14 @@ async fn watch_freshness(
     }
 }
 
-/// Sets the status of the whole server (`""`) and of the Authorizer service.
-async fn set_health(health: &HealthReporter, status: ServingStatus) {
+/// Sets the status of the whole server (`""`) and of the Authorizer service;
+/// never SERVING once the decision log can no longer record (every decision
+/// is refused then).
+async fn set_health(health: &HealthReporter, decider: &Decider, status: ServingStatus) {
+    let status = match decider.sink_failure() {
+        Some(_) => ServingStatus::NotServing,
+        None => status,
+    };
     health.set_service_status("", status).await;
     health
         .set_service_status(
@@ -544,5 +566,51 @@ pub async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => {},
         () = term => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decision::{CacheSettings, DecisionSink, Handoff};
+    use crate::decision_log::Entry;
+    use tonic_health::pb::health_check_response::ServingStatus as Reported;
+    use tonic_health::pb::{HealthCheckRequest, health_server::Health};
+
+    /// A sink whose writer has failed for good.
+    struct Failed;
+
+    impl DecisionSink for Failed {
+        fn record(&self, _: Entry) -> Handoff {
+            Handoff::Refused("failed".into())
+        }
+        fn failure(&self) -> Option<String> {
+            Some("the spool writer failed".into())
+        }
+    }
+
+    async fn reported(reporter: &HealthReporter) -> i32 {
+        let service = tonic_health::server::HealthService::from_health_reporter(reporter.clone());
+        let request = tonic::Request::new(HealthCheckRequest {
+            service: String::new(),
+        });
+        service
+            .check(request)
+            .await
+            .expect("known")
+            .into_inner()
+            .status
+    }
+
+    #[tokio::test]
+    async fn grpc_health_is_never_serving_once_the_decision_log_failed() {
+        let metrics = Arc::new(Metrics::new());
+        let healthy = Decider::new(CacheSettings::OFF, metrics.clone(), None);
+        let failed = Decider::new(CacheSettings::OFF, metrics, Some(Arc::new(Failed)));
+        let (reporter, _) = tonic_health::server::health_reporter();
+        set_health(&reporter, &healthy, ServingStatus::Serving).await;
+        assert_eq!(reported(&reporter).await, Reported::Serving as i32);
+        set_health(&reporter, &failed, ServingStatus::Serving).await;
+        assert_eq!(reported(&reporter).await, Reported::NotServing as i32);
     }
 }
