@@ -997,6 +997,64 @@ mod tests {
         assert!(store.get("f3").expect("get").is_none());
     }
 
+    /// `records(from, to)` with decision ids tagged `tag` instead of `d`,
+    /// chained on from `prev`: another chain at the same seqs.
+    fn other_records(from: u64, to: u64, tag: &str, prev: &mut Hash) -> Vec<(u64, Hash, Vec<u8>)> {
+        let mut ignored = GENESIS;
+        records(from, to, &mut ignored)
+            .into_iter()
+            .map(|(seq, _, body)| {
+                let body = String::from_utf8(body).expect("utf-8");
+                let body = body.replace(r#""decision_id":"d"#, &format!(r#""decision_id":"{tag}"#));
+                *prev = chain::link(prev, body.as_bytes());
+                (seq, *prev, body.into_bytes())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_second_stream_and_resends_at_expired_seqs_are_kept_apart() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = DecisionStore::open(&dir.path().join("cp.db")).expect("open");
+        let mut prev = GENESIS;
+        let all = records(1, 4, &mut prev);
+        // Two streams of one instance (a copy of its spool runs elsewhere),
+        // each with the head it read when it connected.
+        let mut first = store.head("i1").expect("head");
+        let mut second = first;
+        store
+            .append("i1", &mut first, &incoming(&all))
+            .expect("first stream");
+        let mut other_prev = GENESIS;
+        let other = other_records(1, 2, "o", &mut other_prev);
+        let breaks = store
+            .append("i1", &mut second, &incoming(&other))
+            .expect("second stream");
+        assert!(
+            breaks.iter().any(|b| b.reason.contains("forked")),
+            "{breaks:?}"
+        );
+        assert!(store.get("o1").expect("get").expect("kept").forked);
+        assert!(!store.get("d1").expect("get").expect("stored").forked);
+
+        // Retention takes 1..=4 (made at 10:00:01..04), and the kept-apart
+        // records with them: they age from their own time.
+        let at = |s: &str| crate::decision_log::time::parse_micros(s).expect("time") as i64;
+        store.expire(at("2026-11-24T10:00:05Z")).expect("expire");
+        assert!(store.get("d1").expect("get").is_none());
+        assert!(store.get("o1").expect("get").is_none());
+        // A record at an expired seq cannot be compared: kept apart, with
+        // its own reason.
+        let mut x_prev = GENESIS;
+        let late = other_records(3, 3, "x", &mut x_prev);
+        let breaks = store
+            .append("i1", &mut first, &incoming(&late))
+            .expect("resend");
+        assert_eq!(breaks.len(), 1, "{breaks:?}");
+        assert!(breaks[0].reason.contains("expired"), "{}", breaks[0].reason);
+        assert!(store.get("x3").expect("get").expect("kept").forked);
+    }
+
     #[test]
     fn batches_must_hold_what_they_claim() {
         let mut prev = GENESIS;

@@ -363,11 +363,12 @@ impl DecisionSink for DecisionLog {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::decision::{Decision, EntityRef, Request};
 
-    fn entry() -> Entry {
+    /// A decision record's entry, for tests here and elsewhere.
+    pub(crate) fn entry() -> Entry {
         let e = |kind: &str| EntityRef {
             kind: kind.into(),
             id: "x".into(),

@@ -447,7 +447,7 @@ pub async fn serve_until(
     };
     // Whatever happened to the listeners, spool every record already made.
     if let Some((_, running)) = trail {
-        close_trail(running, grace.max(Duration::from_secs(2))).await;
+        close_trail(running, grace).await;
         let _ = ship_stop.send(true);
         if let Some(task) = shipper {
             let _ = task.await;
@@ -460,10 +460,11 @@ pub async fn serve_until(
 }
 
 /// Closes the decision log, waiting as long as the queue is being spooled;
-/// a disk that makes no progress for `quiet` does not hold the exit (what it
-/// holds up is lost with the process, as with a kill; what is spooled is
-/// resent on restart).
+/// a disk that makes no progress for `quiet` (at least 2 s) does not hold
+/// the exit (what it holds up is lost with the process, as with a kill; what
+/// is spooled is resent on restart).
 async fn close_trail(running: crate::decision_log::Running, quiet: Duration) {
+    let quiet = quiet.max(Duration::from_secs(2));
     let mut spooled = running.spooled.clone();
     let close = running.close();
     tokio::pin!(close);
@@ -600,6 +601,36 @@ mod tests {
             .expect("known")
             .into_inner()
             .status
+    }
+
+    /// A grace period of zero still spools everything queued at shutdown:
+    /// only a writer that makes no progress is left behind.
+    #[tokio::test]
+    async fn closing_the_trail_with_no_grace_still_spools_the_queue() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let settings = crate::decision_log::Settings {
+            spool_dir: dir.path().join("spool"),
+            durability: crate::decision_log::Durability::Buffered,
+            overflow: crate::decision_log::Overflow::Block,
+            max_spool_bytes: 1 << 30,
+            segment_bytes: 1 << 20,
+            block_timeout: Duration::from_secs(1),
+            queue_capacity: 4096,
+            batch_max: 64,
+            batch_interval: Duration::from_millis(10),
+            fsync: true,
+            copy_to: None,
+            otlp_endpoint: None,
+        };
+        let (sink, running) =
+            crate::decision_log::start(settings, Default::default()).expect("starts");
+        let spooled = running.spooled.clone();
+        for _ in 0..2000 {
+            let entry = crate::decision_log::tests::entry();
+            assert!(sink.record(entry).settle().await.is_ok());
+        }
+        close_trail(running, Duration::ZERO).await;
+        assert_eq!(*spooled.borrow(), 2000);
     }
 
     #[tokio::test]
