@@ -99,20 +99,8 @@ async fn readyz(State(s): State<OpsState>) -> impl IntoResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decision::{CacheSettings, DecisionSink, Handoff};
-    use crate::decision_log::Entry;
-
-    /// A sink whose writer has failed for good.
-    struct Failed;
-
-    impl DecisionSink for Failed {
-        fn record(&self, _: Entry) -> Handoff {
-            Handoff::Refused("failed".into())
-        }
-        fn failure(&self) -> Option<String> {
-            Some("the spool writer failed".into())
-        }
-    }
+    use crate::decision::{CacheSettings, DecisionSink};
+    use crate::decision_log::tests::Failed;
 
     fn state(sink: Option<Arc<dyn DecisionSink>>) -> OpsState {
         let metrics = Arc::new(Metrics::new());

@@ -367,6 +367,18 @@ pub(crate) mod tests {
     use super::*;
     use crate::decision::{Decision, EntityRef, Request};
 
+    /// A sink whose writer has failed for good, for tests of what reports it.
+    pub(crate) struct Failed;
+
+    impl DecisionSink for Failed {
+        fn record(&self, _: Entry) -> Handoff {
+            Handoff::Refused("failed".into())
+        }
+        fn failure(&self) -> Option<String> {
+            Some("the spool writer failed".into())
+        }
+    }
+
     /// A decision record's entry, for tests here and elsewhere.
     pub(crate) fn entry() -> Entry {
         let e = |kind: &str| EntityRef {

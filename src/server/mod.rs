@@ -573,22 +573,10 @@ pub async fn shutdown_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decision::{CacheSettings, DecisionSink, Handoff};
-    use crate::decision_log::Entry;
+    use crate::decision::CacheSettings;
+    use crate::decision_log::tests::Failed;
     use tonic_health::pb::health_check_response::ServingStatus as Reported;
     use tonic_health::pb::{HealthCheckRequest, health_server::Health};
-
-    /// A sink whose writer has failed for good.
-    struct Failed;
-
-    impl DecisionSink for Failed {
-        fn record(&self, _: Entry) -> Handoff {
-            Handoff::Refused("failed".into())
-        }
-        fn failure(&self) -> Option<String> {
-            Some("the spool writer failed".into())
-        }
-    }
 
     async fn reported(reporter: &HealthReporter) -> i32 {
         let service = tonic_health::server::HealthService::from_health_reporter(reporter.clone());
