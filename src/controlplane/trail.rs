@@ -948,18 +948,7 @@ mod tests {
         );
         // A sidecar that lost 3..=4 numbers new records 3..=5 after 2.
         let mut forked = first[1].1;
-        let mut again = records(3, 5, &mut forked);
-        for r in &mut again {
-            let body = String::from_utf8(r.2.clone()).expect("utf-8");
-            r.2 = body
-                .replace(r#""decision_id":"d"#, r#""decision_id":"f"#)
-                .into_bytes();
-        }
-        let mut fork_prev = first[1].1;
-        for r in &mut again {
-            fork_prev = chain::link(&fork_prev, &r.2);
-            r.1 = fork_prev;
-        }
+        let again = other_records(3, 5, "f", &mut forked);
         let breaks = store
             .append("i1", &mut head, &incoming(&again))
             .expect("fork");

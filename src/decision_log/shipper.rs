@@ -160,11 +160,11 @@ impl Ship {
         let spooled = *self.spooled.borrow();
         // Whether this spool forked from the stored chain: it lost records
         // it had shipped (damage, `fsync = false` and a power loss, a
-        // restored copy) and numbered new ones with their seqs. Either the
-        // control plane holds more than the spool, or the spool's record at
-        // the stored head is another one.
-        // The hash decides where the spool still holds the head's seq (the
-        // spooled watch can lag what is on disk while a copy write is slow).
+        // restored copy) and numbered new ones with their seqs. Where the
+        // spool still holds the stored head's seq, its record's hash
+        // decides; elsewhere, whether the control plane holds more than the
+        // spool (not the hash-less check alone: the spooled watch can lag
+        // what is on disk while a copy write is slow).
         let ours = match first.acked_hash.len() == 32 {
             true => packer
                 .hash_at(self.acked)
@@ -247,15 +247,17 @@ impl Ship {
                         // leave the spool. By batch, not by the control
                         // plane's head, which after a fork stays above this
                         // spool's seqs until they pass it.
-                        if in_flight.front().is_some_and(|b| b.1 == ack.batch_last_seq) {
-                            let (first, last) = in_flight.pop_front().unwrap_or_default();
-                            self.metrics.acknowledged.inc_by(last + 1 - first);
-                            packer.forget(last);
-                        } else {
-                            return Err(format!(
-                                "the control plane answered batch ..{} out of turn",
-                                ack.batch_last_seq
-                            ));
+                        match in_flight.pop_front() {
+                            Some((first, last)) if last == ack.batch_last_seq => {
+                                self.metrics.acknowledged.inc_by(last + 1 - first);
+                                packer.forget(last);
+                            }
+                            _ => {
+                                return Err(format!(
+                                    "the control plane answered batch ..{} out of turn",
+                                    ack.batch_last_seq
+                                ));
+                            }
                         }
                         self.acked = self.acked.max(ack.acked_seq);
                     } else {
