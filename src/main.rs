@@ -232,6 +232,10 @@ enum LogCommand {
         /// One sidecar instance.
         #[arg(long)]
         instance: Option<String>,
+        /// Only records kept apart as forked (a sidecar's spool that lost
+        /// records it had shipped numbered new ones with their seqs).
+        #[arg(long)]
+        forked: bool,
         #[arg(long, default_value_t = 100)]
         limit: u32,
         /// One JSON record per line.
@@ -695,6 +699,7 @@ fn log(cmd: LogCommand) -> ExitCode {
             outcome,
             policy,
             instance,
+            forked,
             limit,
             json,
         } => {
@@ -708,6 +713,7 @@ fn log(cmd: LogCommand) -> ExitCode {
                 resource_type,
                 outcome,
                 policy,
+                forked: forked.then_some(true),
                 limit: Some(limit),
             };
             log::query(&source(&s), &filter, json)

@@ -1147,6 +1147,18 @@ async fn a_spool_that_lost_shipped_records_is_flagged_as_a_fork() {
     let (code, out, err) = cli(&cp, &["show", &again.ids[0]]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("FORKED"), "{out}");
+    // `log query` finds them as well, marked, and `log verify` counts them
+    // beside a stored chain that is intact.
+    let (code, out, err) = cli(&cp, &["query", "--forked", "--limit", "1000"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.lines().count(), 100, "{out}");
+    assert!(out.lines().all(|l| l.contains("FORKED")), "{out}");
+    assert!(again.ids.iter().all(|id| out.contains(id.as_str())));
+    let (code, out, _) = cli(&cp, &["query", "--limit", "1000"]);
+    assert_eq!((code, out.lines().count()), (0, 320), "{out}");
+    let (code, out, err) = cli(&cp, &["verify"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("100 records kept apart as forked"), "{out}");
     // Kept is as good as stored: the spool lets go of those segments,
     // though the control plane's head stays above their seqs.
     eventually("the spool released", Duration::from_secs(30), || async {

@@ -184,6 +184,9 @@ pub fn query(src: &Source, f: &Filter, as_json: bool) -> Result<String, Failure>
             q.push(format!("{k}={}", encode(v)));
         }
     }
+    if let Some(forked) = f.forked {
+        q.push(format!("forked={forked}"));
+    }
     if let Some(l) = f.limit {
         q.push(format!("limit={l}"));
     }
@@ -204,7 +207,7 @@ pub fn query(src: &Source, f: &Filter, as_json: bool) -> Result<String, Failure>
         };
         let _ = writeln!(
             out,
-            "{}  {}  {:<17} {} {} {}  [{}]",
+            "{}  {}  {:<17} {} {} {}  [{}]{}",
             r["time"].as_str().unwrap_or("-"),
             r["decision_id"].as_str().unwrap_or("-"),
             r["outcome"]
@@ -221,6 +224,10 @@ pub fn query(src: &Source, f: &Filter, as_json: bool) -> Result<String, Failure>
                     .collect::<Vec<_>>()
                     .join(","))
                 .unwrap_or_default(),
+            match item["forked"] == Value::Bool(true) {
+                true => format!("  FORKED (seq {} repeated)", item["seq"]),
+                false => String::new(),
+            },
         );
     }
     Ok(out)
@@ -271,6 +278,12 @@ pub fn verify_remote(src: &Source, instance: Option<&str>) -> Result<String, Fai
                 "        flagged on receipt: seq {}: {}",
                 f["seq"],
                 f["reason"].as_str().unwrap_or("")
+            );
+        }
+        if let Some(n) = r["forked_records"].as_u64().filter(|n| *n > 0) {
+            let _ = writeln!(
+                out,
+                "        {n} records kept apart as forked, not on the chain: arbiter log query --forked --instance {inst}"
             );
         }
     }

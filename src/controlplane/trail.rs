@@ -45,6 +45,8 @@ pub struct Filter {
     pub resource_type: Option<String>,
     pub outcome: Option<String>,
     pub policy: Option<String>,
+    /// Only records kept apart as forked (true), or only the chains' (false).
+    pub forked: Option<bool>,
     pub limit: Option<u32>,
 }
 
@@ -61,6 +63,8 @@ pub struct ChainReport {
     pub first_break: Option<Break>,
     /// Breaks flagged when the records arrived.
     pub flagged_on_receipt: Vec<Break>,
+    /// Records of this instance kept apart as forked (not on the chain).
+    pub forked_records: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -200,6 +204,103 @@ struct IndexedEntity {
     id: Option<String>,
 }
 
+/// What [`DecisionStore::rows`] reads from `table`, in this order.
+fn selected(table: &str) -> String {
+    let forked = table == "forked_records";
+    format!("instance, seq, hash, body, {} AS forked", u8::from(forked))
+}
+
+/// The columns `log query` filters on, as stored with a record (on the
+/// chain or kept apart as forked).
+struct Columns<'i> {
+    decision_id: Option<&'i str>,
+    time_us: Option<i64>,
+    outcome: Option<&'i str>,
+    subject_type: Option<&'i str>,
+    subject_id: Option<&'i str>,
+    resource_type: Option<&'i str>,
+    resource_id: Option<&'i str>,
+    /// `,id1,id2,`: a policy id is found with its commas.
+    policy_ids: Option<String>,
+}
+
+impl<'i> Columns<'i> {
+    fn of(ix: Option<&'i Indexed<'i>>) -> Self {
+        let entity = |pick: fn(&IndexedRequest) -> &Option<IndexedEntity>| {
+            ix.and_then(|i| i.request.as_ref())
+                .and_then(|q| pick(q).as_ref())
+        };
+        let (subject, resource) = (entity(|q| &q.subject), entity(|q| &q.resource));
+        Self {
+            decision_id: ix.and_then(|i| i.decision_id),
+            time_us: ix
+                .and_then(|i| crate::decision_log::time::parse_micros(&i.time))
+                .map(|t| t as i64),
+            outcome: ix.and_then(|i| i.outcome),
+            subject_type: subject.and_then(|e| e.kind.as_deref()),
+            subject_id: subject.and_then(|e| e.id.as_deref()),
+            resource_type: resource.and_then(|e| e.kind.as_deref()),
+            resource_id: resource.and_then(|e| e.id.as_deref()),
+            policy_ids: ix.map(|i| format!(",{},", i.policy_ids.join(","))),
+        }
+    }
+}
+
+/// Adds the columns a table made by an older version lacks.
+fn add_missing_columns(
+    conn: &Connection,
+    table: &str,
+    columns: &[(&str, &str)],
+) -> Result<(), TrailError> {
+    for (column, kind) in columns {
+        let has: bool = conn
+            .prepare("SELECT 1 FROM pragma_table_info(?1) WHERE name = ?2")?
+            .exists(params![table, column])?;
+        if !has {
+            conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {kind}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Fills the index columns of forked records kept before they had them.
+fn index_forked_records(conn: &Connection) -> Result<(), TrailError> {
+    let mut select =
+        conn.prepare("SELECT instance, seq, hash, body FROM forked_records WHERE time_us IS NULL")?;
+    let rows = select
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, Vec<u8>>(2)?,
+                r.get::<_, String>(3)?,
+            ))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut update = conn.prepare(
+        "UPDATE forked_records SET time_us = ?4, outcome = ?5, subject_type = ?6,
+           subject_id = ?7, resource_type = ?8, resource_id = ?9, policy_ids = ?10
+         WHERE instance = ?1 AND seq = ?2 AND hash = ?3",
+    )?;
+    for (instance, seq, hash, body) in rows {
+        let ix: Option<Indexed> = serde_json::from_str(&body).ok();
+        let c = Columns::of(ix.as_ref());
+        update.execute(params![
+            instance,
+            seq,
+            hash,
+            c.time_us,
+            c.outcome,
+            c.subject_type,
+            c.subject_id,
+            c.resource_type,
+            c.resource_id,
+            c.policy_ids,
+        ])?;
+    }
+    Ok(())
+}
+
 impl DecisionStore {
     pub fn open(path: &Path) -> Result<Self, TrailError> {
         let conn = Connection::open(path)?;
@@ -243,24 +344,40 @@ impl DecisionStore {
                body TEXT NOT NULL,
                decision_id TEXT,
                received_us INTEGER NOT NULL,
+               time_us INTEGER,
+               outcome TEXT,
+               subject_type TEXT, subject_id TEXT,
+               resource_type TEXT, resource_id TEXT,
+               policy_ids TEXT,
                PRIMARY KEY (instance, seq, hash)
              ) WITHOUT ROWID;
              CREATE INDEX IF NOT EXISTS forked_by_id ON forked_records (decision_id);",
         )?;
         // Stores made before sessions existed lack the link columns, and
         // those made before retention used receipt times lack `received_us`.
-        for (column, kind) in [
-            ("session_id", "TEXT"),
-            ("approval_id", "TEXT"),
-            ("received_us", "INTEGER"),
-        ] {
-            let has: bool = conn
-                .prepare("SELECT 1 FROM pragma_table_info('decisions') WHERE name = ?1")?
-                .exists(params![column])?;
-            if !has {
-                conn.execute_batch(&format!("ALTER TABLE decisions ADD COLUMN {column} {kind}"))?;
-            }
-        }
+        add_missing_columns(
+            &conn,
+            "decisions",
+            &[
+                ("session_id", "TEXT"),
+                ("approval_id", "TEXT"),
+                ("received_us", "INTEGER"),
+            ],
+        )?;
+        // Before `log query` found forked records, they had no index columns.
+        add_missing_columns(
+            &conn,
+            "forked_records",
+            &[
+                ("time_us", "INTEGER"),
+                ("outcome", "TEXT"),
+                ("subject_type", "TEXT"),
+                ("subject_id", "TEXT"),
+                ("resource_type", "TEXT"),
+                ("resource_id", "TEXT"),
+                ("policy_ids", "TEXT"),
+            ],
+        )?;
         conn.execute_batch(
             "CREATE INDEX IF NOT EXISTS decisions_by_session ON decisions (session_id, time_us);
              CREATE INDEX IF NOT EXISTS decisions_by_approval ON decisions (approval_id);",
@@ -276,6 +393,10 @@ impl DecisionStore {
                 params![now],
             )?;
             conn.execute_batch("PRAGMA user_version = 1")?;
+        }
+        if version < 2 {
+            index_forked_records(&conn)?;
+            conn.execute_batch("PRAGMA user_version = 2")?;
         }
         Ok(Self {
             conn: Mutex::new(conn),
@@ -392,8 +513,17 @@ impl DecisionStore {
         };
         let limit = f.limit.unwrap_or(100).min(10_000);
         let refs: Vec<&dyn rusqlite::ToSql> = args.iter().map(|a| a.as_ref()).collect();
-        self.select(
-            &format!("{filter} ORDER BY time_us, instance, seq LIMIT {limit}"),
+        // The chains' records and those kept apart as forked, merged by time
+        // (the filters' parameters are numbered, so both arms share them).
+        let arm =
+            |table: &str| format!("SELECT {}, time_us FROM {table} {filter}", selected(table));
+        let select = match f.forked {
+            None => format!("{} UNION ALL {}", arm("decisions"), arm("forked_records")),
+            Some(true) => arm("forked_records"),
+            Some(false) => arm("decisions"),
+        };
+        self.rows(
+            &format!("{select} ORDER BY time_us, instance, seq LIMIT {limit}"),
             &refs,
         )
     }
@@ -408,21 +538,28 @@ impl DecisionStore {
         tail: &str,
         args: &[&dyn rusqlite::ToSql],
     ) -> Result<Vec<Stored>, TrailError> {
+        self.rows(
+            &format!("SELECT {} FROM {table} {tail}", selected(table)),
+            args,
+        )
+    }
+
+    /// Runs a select of [`selected`] columns (any after them are ignored).
+    fn rows(&self, sql: &str, args: &[&dyn rusqlite::ToSql]) -> Result<Vec<Stored>, TrailError> {
         let conn = self.conn();
-        let mut stmt = conn.prepare(&format!(
-            "SELECT instance, seq, hash, body FROM {table} {tail}"
-        ))?;
+        let mut stmt = conn.prepare(sql)?;
         let rows = stmt.query_map(args, |r| {
             Ok((
                 r.get::<_, String>(0)?,
                 r.get::<_, i64>(1)?,
                 r.get::<_, Vec<u8>>(2)?,
                 r.get::<_, String>(3)?,
+                r.get::<_, bool>(4)?,
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (instance, seq, hash, body) = row?;
+            let (instance, seq, hash, body, forked) = row?;
             // A body that is no longer JSON (edited in the store) is shown as a string.
             let record = serde_json::value::RawValue::from_string(body.clone())
                 .or_else(|_| serde_json::value::to_raw_value(&body))
@@ -432,7 +569,7 @@ impl DecisionStore {
                 seq: seq as u64,
                 hash: hex(&hash),
                 record,
-                forked: table == "forked_records",
+                forked,
             });
         }
         Ok(out)
@@ -441,7 +578,8 @@ impl DecisionStore {
     fn instances(&self) -> Result<Vec<String>, TrailError> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
-            "SELECT instance FROM decisions UNION SELECT instance FROM chain_anchors ORDER BY instance",
+            "SELECT instance FROM decisions UNION SELECT instance FROM chain_anchors
+             UNION SELECT instance FROM forked_records ORDER BY instance",
         )?;
         let rows = stmt.query_map([], |r| r.get(0))?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -490,6 +628,11 @@ impl DecisionStore {
                     })
                 })?
                 .collect::<Result<_, _>>()?;
+            let forked_records: i64 = conn.query_row(
+                "SELECT COUNT(*) FROM forked_records WHERE instance = ?1",
+                params![instance],
+                |r| r.get(0),
+            )?;
             out.push(ChainReport {
                 instance: instance.clone(),
                 records: v.records,
@@ -497,6 +640,7 @@ impl DecisionStore {
                 last_seq,
                 first_break,
                 flagged_on_receipt: flagged,
+                forked_records: forked_records as u64,
             });
         }
         Ok(out)
@@ -661,8 +805,9 @@ pub fn append_in(
         let mut stored_hash =
             tx.prepare_cached("SELECT hash FROM decisions WHERE instance = ?1 AND seq = ?2")?;
         let mut keep_forked = tx.prepare_cached(
-            "INSERT OR IGNORE INTO forked_records (instance, seq, hash, body, decision_id, received_us)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            "INSERT OR IGNORE INTO forked_records (instance, seq, hash, body, decision_id, received_us,
+               time_us, outcome, subject_type, subject_id, resource_type, resource_id, policy_ids)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
         )?;
         // The first record of this batch newly kept apart: the fork is
         // flagged there, once per batch, and not again for a resend of what
@@ -670,19 +815,24 @@ pub fn append_in(
         let mut fork: Option<(u64, &str)> = None;
         let mut keep_apart = |r: &Incoming, reason: &'static str| -> Result<(), TrailError> {
             let ix: Option<Indexed> = serde_json::from_slice(r.body).ok();
+            let c = Columns::of(ix.as_ref());
             // Aged from its own time where it has one, so retention does not
             // keep a resent expired record another full period.
-            let made = ix
-                .as_ref()
-                .and_then(|i| crate::decision_log::time::parse_micros(&i.time))
-                .map_or(received_us, |t| (t as i64).min(received_us));
+            let made = c.time_us.map_or(received_us, |t| t.min(received_us));
             let kept = keep_forked.execute(params![
                 instance,
                 r.seq as i64,
                 &r.hash[..],
                 String::from_utf8_lossy(r.body),
-                ix.as_ref().and_then(|i| i.decision_id),
+                c.decision_id,
                 made,
+                c.time_us,
+                c.outcome,
+                c.subject_type,
+                c.subject_id,
+                c.resource_type,
+                c.resource_id,
+                c.policy_ids,
             ])?;
             if kept == 1 && fork.is_none() {
                 fork = Some((r.seq, reason));
@@ -721,28 +871,20 @@ pub fn append_in(
                 breaks.push(b);
             }
             let ix: Option<Indexed> = serde_json::from_str(body).ok();
-            let entity = |pick: fn(&IndexedRequest) -> &Option<IndexedEntity>| {
-                ix.as_ref()
-                    .and_then(|i| i.request.as_ref())
-                    .and_then(|q| pick(q).as_ref())
-            };
-            let subject = entity(|q| &q.subject);
-            let resource = entity(|q| &q.resource);
+            let c = Columns::of(ix.as_ref());
             let inserted = insert.execute(params![
                 instance,
                 r.seq as i64,
                 &hash[..],
                 body,
-                ix.as_ref().and_then(|i| i.decision_id),
-                ix.as_ref()
-                    .and_then(|i| crate::decision_log::time::parse_micros(&i.time))
-                    .map(|t| t as i64),
-                ix.as_ref().and_then(|i| i.outcome),
-                subject.and_then(|e| e.kind.as_deref()),
-                subject.and_then(|e| e.id.as_deref()),
-                resource.and_then(|e| e.kind.as_deref()),
-                resource.and_then(|e| e.id.as_deref()),
-                ix.as_ref().map(|i| format!(",{},", i.policy_ids.join(","))),
+                c.decision_id,
+                c.time_us,
+                c.outcome,
+                c.subject_type,
+                c.subject_id,
+                c.resource_type,
+                c.resource_id,
+                c.policy_ids,
                 // Tool listings are not what happens next in a session
                 // (one listing can be hundreds of records): not linked.
                 ix.as_ref()
@@ -980,6 +1122,61 @@ mod tests {
             .query_row("SELECT COUNT(*) FROM forked_records", [], |r| r.get(0))
             .expect("count");
         assert_eq!(kept, 2);
+        // `log query` finds them too, marked, by the same filters.
+        let ids = |f: Filter| -> Vec<(String, bool)> {
+            let mut found: Vec<_> = store
+                .query(&f)
+                .expect("query")
+                .iter()
+                .map(|s| {
+                    let v: serde_json::Value = serde_json::from_str(s.record.get()).expect("json");
+                    (v["decision_id"].as_str().expect("id").to_owned(), s.forked)
+                })
+                .collect();
+            found.sort();
+            found
+        };
+        let on_chain = |id: &str| (id.to_owned(), false);
+        let apart = |id: &str| (id.to_owned(), true);
+        assert_eq!(
+            ids(Filter::default()),
+            [
+                on_chain("d1"),
+                on_chain("d2"),
+                on_chain("d3"),
+                on_chain("d4"),
+                apart("f3"),
+                apart("f4"),
+                on_chain("f5")
+            ]
+        );
+        let by_subject = Filter {
+            subject: Some("u1".into()),
+            ..Filter::default()
+        };
+        assert_eq!(
+            ids(by_subject.clone()),
+            [on_chain("d1"), on_chain("d3"), apart("f3"), on_chain("f5")]
+        );
+        let only_forked = Filter {
+            forked: Some(true),
+            ..by_subject.clone()
+        };
+        assert_eq!(ids(only_forked), [apart("f3")]);
+        let only_chain = Filter {
+            forked: Some(false),
+            ..by_subject
+        };
+        assert_eq!(ids(only_chain).len(), 3);
+        let by_policy = Filter {
+            policy: Some("p4".into()),
+            ..Filter::default()
+        };
+        assert_eq!(ids(by_policy), [on_chain("d4"), apart("f4")]);
+        assert_eq!(
+            store.verify(Some("i1")).expect("verify")[0].forked_records,
+            2
+        );
         // Retention deletes kept-apart records as it does the chain's.
         let far = crate::decision_log::time::now_micros() as i64 + 3_600_000_000;
         store.expire(far).expect("expire");
@@ -1142,6 +1339,47 @@ mod tests {
             1
         );
         // Opening again is a no-op.
+        DecisionStore::open(&db).expect("reopens");
+    }
+
+    #[test]
+    fn forked_records_kept_before_they_were_indexed_are_found_by_query() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let db = dir.path().join("old.db");
+        let body = r#"{"v":1,"instance":"i","seq":3,"kind":"check","time":"2026-11-24T10:00:03Z","decision_id":"f3","outcome":"DENY","policy_ids":["p3"],"request":{"subject":{"type":"User","id":"alice"}}}"#;
+        {
+            // As a store of the version before: forked records without index columns.
+            drop(DecisionStore::open(&db).expect("new store"));
+            let conn = Connection::open(&db).expect("db");
+            conn.execute_batch(
+                "DROP TABLE forked_records;
+                 CREATE TABLE forked_records (instance TEXT NOT NULL, seq INTEGER NOT NULL,
+                   hash BLOB NOT NULL, body TEXT NOT NULL, decision_id TEXT,
+                   received_us INTEGER NOT NULL, PRIMARY KEY (instance, seq, hash)) WITHOUT ROWID;
+                 PRAGMA user_version = 1;",
+            )
+            .expect("old schema");
+            conn.execute(
+                "INSERT INTO forked_records VALUES ('i', 3, x'00', ?1, 'f3', 0)",
+                params![body],
+            )
+            .expect("old row");
+        }
+        let store = DecisionStore::open(&db).expect("migrates");
+        let found = store
+            .query(&Filter {
+                subject: Some("alice".into()),
+                outcome: Some("DENY".into()),
+                since: Some("2026-11-24T10:00:00Z".into()),
+                ..Filter::default()
+            })
+            .expect("query");
+        assert_eq!(found.len(), 1);
+        assert!(found[0].forked);
+        assert_eq!(
+            store.verify(Some("i")).expect("verify")[0].forked_records,
+            1
+        );
         DecisionStore::open(&db).expect("reopens");
     }
 
