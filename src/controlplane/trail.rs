@@ -224,7 +224,24 @@ struct Columns<'i> {
     policy_ids: Option<String>,
 }
 
+/// The columns of [`Columns::filtered`], in its order.
+const FILTERED: &str =
+    "time_us, outcome, subject_type, subject_id, resource_type, resource_id, policy_ids";
+
 impl<'i> Columns<'i> {
+    /// The values of [`FILTERED`].
+    fn filtered(&self) -> [&dyn rusqlite::ToSql; 7] {
+        [
+            &self.time_us,
+            &self.outcome,
+            &self.subject_type,
+            &self.subject_id,
+            &self.resource_type,
+            &self.resource_id,
+            &self.policy_ids,
+        ]
+    }
+
     fn of(ix: Option<&'i Indexed<'i>>) -> Self {
         let entity = |pick: fn(&IndexedRequest) -> &Option<IndexedEntity>| {
             ix.and_then(|i| i.request.as_ref())
@@ -277,26 +294,17 @@ fn index_forked_records(conn: &Connection) -> Result<(), TrailError> {
             ))
         })?
         .collect::<Result<Vec<_>, _>>()?;
-    let mut update = conn.prepare(
-        "UPDATE forked_records SET time_us = ?4, outcome = ?5, subject_type = ?6,
-           subject_id = ?7, resource_type = ?8, resource_id = ?9, policy_ids = ?10
-         WHERE instance = ?1 AND seq = ?2 AND hash = ?3",
-    )?;
+    let mut update = conn.prepare(&format!(
+        "UPDATE forked_records SET ({FILTERED}) = (?4, ?5, ?6, ?7, ?8, ?9, ?10)
+         WHERE instance = ?1 AND seq = ?2 AND hash = ?3"
+    ))?;
     for (instance, seq, hash, body) in rows {
         let ix: Option<Indexed> = serde_json::from_str(&body).ok();
         let c = Columns::of(ix.as_ref());
-        update.execute(params![
-            instance,
-            seq,
-            hash,
-            c.time_us,
-            c.outcome,
-            c.subject_type,
-            c.subject_id,
-            c.resource_type,
-            c.resource_id,
-            c.policy_ids,
-        ])?;
+        let key: [&dyn rusqlite::ToSql; 3] = [&instance, &seq, &hash];
+        update.execute(rusqlite::params_from_iter(
+            key.into_iter().chain(c.filtered()),
+        ))?;
     }
     Ok(())
 }
@@ -804,11 +812,11 @@ pub fn append_in(
         v.resume(instance, head.0, head.1);
         let mut stored_hash =
             tx.prepare_cached("SELECT hash FROM decisions WHERE instance = ?1 AND seq = ?2")?;
-        let mut keep_forked = tx.prepare_cached(
+        let mut keep_forked = tx.prepare_cached(&format!(
             "INSERT OR IGNORE INTO forked_records (instance, seq, hash, body, decision_id, received_us,
-               time_us, outcome, subject_type, subject_id, resource_type, resource_id, policy_ids)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
-        )?;
+               {FILTERED})
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"
+        ))?;
         // The first record of this batch newly kept apart: the fork is
         // flagged there, once per batch, and not again for a resend of what
         // is kept.
@@ -819,21 +827,12 @@ pub fn append_in(
             // Aged from its own time where it has one, so retention does not
             // keep a resent expired record another full period.
             let made = c.time_us.map_or(received_us, |t| t.min(received_us));
-            let kept = keep_forked.execute(params![
-                instance,
-                r.seq as i64,
-                &r.hash[..],
-                String::from_utf8_lossy(r.body),
-                c.decision_id,
-                made,
-                c.time_us,
-                c.outcome,
-                c.subject_type,
-                c.subject_id,
-                c.resource_type,
-                c.resource_id,
-                c.policy_ids,
-            ])?;
+            let (seq, body) = (r.seq as i64, String::from_utf8_lossy(r.body));
+            let record: [&dyn rusqlite::ToSql; 6] =
+                [&instance, &seq, &&r.hash[..], &body, &c.decision_id, &made];
+            let kept = keep_forked.execute(rusqlite::params_from_iter(
+                record.into_iter().chain(c.filtered()),
+            ))?;
             if kept == 1 && fork.is_none() {
                 fork = Some((r.seq, reason));
             }
