@@ -301,8 +301,9 @@ struct ControlPlaneArgs {
     /// The private key (PEM) of --tls-cert.
     #[arg(long, env = "ARBITER_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
-    /// Token sidecars must present on the gRPC services (records, signals,
-    /// approvals); without it they are open to anyone reaching the port.
+    /// Token sidecars must present to read bundles and on the gRPC services
+    /// (records, signals, approvals); without it those are open to anyone
+    /// reaching the port.
     #[arg(long, env = "ARBITER_SIDECAR_TOKEN", hide_env_values = true)]
     sidecar_token: Option<String>,
     /// How long an approval request stays open, and a grant usable (seconds).
@@ -355,7 +356,7 @@ struct ServeArgs {
     /// Certificate authority (PEM) an https control plane must chain to.
     #[arg(long = "control-plane-ca", env = "ARBITER_CONTROL_PLANE_CA")]
     control_plane_ca: Option<PathBuf>,
-    /// This sidecar's token for the control plane's gRPC services.
+    /// This sidecar's token for the control plane (bundle reads, gRPC services).
     #[arg(long, env = "ARBITER_SIDECAR_TOKEN", hide_env_values = true)]
     sidecar_token: Option<String>,
     /// Where the last-known-good bundle is kept [default: .arbiter/bundles].

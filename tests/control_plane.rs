@@ -266,3 +266,79 @@ async fn tls_control_plane_is_verified_against_the_configured_ca() {
         "nothing from an unverified control plane is served"
     );
 }
+
+/// With a sidecar token, the control plane serves bundles only to holders
+/// of it (or of the operator token): policies are not for anyone who can
+/// reach the port. Sidecars send it; one without it is told what is missing.
+#[tokio::test]
+async fn bundle_reads_need_the_sidecar_token_when_there_is_one() {
+    const SIDECARS: &str = "sidecar-secret-0123456789";
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    run(&["bundle", "keygen", "--out", s(&w.join("ops"))]);
+    let (key, public) = (w.join("ops.key.pem"), w.join("ops.pub.pem"));
+    let r1 = build_example(w, "r1", Some(&key));
+    let cp = ControlPlane::start_with(&w.join("cp.db"), &public, &["--sidecar-token", SIDECARS]);
+    let (code, _, err) = run(&["bundle", "push", s(&r1), "--to", &cp.1, "--token", TOKEN]);
+    assert_eq!(code, 0, "{err}");
+
+    let http = reqwest::Client::new();
+    for path in ["/bundles/documents", "/bundles/documents/revisions"] {
+        let get = |token: Option<&str>| {
+            let mut req = http.get(format!("{}{path}", cp.1));
+            if let Some(t) = token {
+                req = req.bearer_auth(t);
+            }
+            req.timeout(Duration::from_secs(10)).send()
+        };
+        let refused = get(None).await.unwrap();
+        assert_eq!(refused.status(), 401, "{path}");
+        assert!(refused.text().await.unwrap().contains("sidecar token"));
+        assert_eq!(get(Some("wrong-0123456789")).await.unwrap().status(), 401);
+        assert_eq!(get(Some(SIDECARS)).await.unwrap().status(), 200, "{path}");
+        assert_eq!(get(Some(TOKEN)).await.unwrap().status(), 200, "{path}");
+    }
+
+    let pull = |token: Option<&str>, cache: &str| {
+        let cache = w.join(cache);
+        let mut args = vec![
+            "--control-plane",
+            &cp.1,
+            "--bundle-name",
+            "documents",
+            "--trusted-key",
+            s(&public),
+            "--bundle-cache",
+            s(&cache),
+            "--poll-interval-ms",
+            "200",
+        ];
+        if let Some(t) = token {
+            args.extend(["--sidecar-token", t]);
+        }
+        Sidecar::start(Path::new(""), &args)
+    };
+    let with = pull(Some(SIDECARS), "c1");
+    eventually(
+        "r1 pulled with the token",
+        Duration::from_secs(20),
+        || async { with.revision().await.as_deref() == Some("r1") },
+    )
+    .await;
+    let without = pull(None, "c2");
+    eventually(
+        "fetch failures counted",
+        Duration::from_secs(20),
+        || async {
+            without
+                .get("/metrics")
+                .await
+                .1
+                .lines()
+                .any(|l| l.starts_with("arbiter_bundle_fetch_failures_total") && !l.ends_with(" 0"))
+        },
+    )
+    .await;
+    assert_eq!(without.revision().await, None);
+    assert_ne!(without.get("/readyz").await.0, 200);
+}

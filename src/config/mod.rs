@@ -130,8 +130,8 @@ pub struct ControlPlaneConfig {
     pub cache_dir: PathBuf,
     /// The certificate authority (PEM) an `https` control plane must chain to.
     pub ca_file: Option<PathBuf>,
-    /// The sidecar's bearer token for the control plane's gRPC services
-    /// (records, signals, approvals), when it requires one.
+    /// The sidecar's bearer token for the control plane (bundle reads,
+    /// records, signals, approvals), when it requires one.
     pub sidecar_token: Option<String>,
     /// Seconds the active bundle may go without its source confirming it
     /// current before it counts as stale; 0 = never stale.
@@ -168,6 +168,18 @@ impl ControlPlaneConfig {
         }
         let (base, name) = (self.url.as_ref()?, self.bundle_name.as_ref()?);
         Some(format!("{}/bundles/{name}", base.trim_end_matches('/')))
+    }
+
+    /// The credential to send with bundle fetches: the sidecar token, only
+    /// where the bundle comes from the control plane it is meant for (never
+    /// to another server named by `bundle_url`).
+    pub fn bundle_token(&self) -> Option<&str> {
+        let token = self.sidecar_token.as_deref()?;
+        let base = format!("{}/", self.url.as_deref()?.trim_end_matches('/'));
+        match &self.bundle_url {
+            Some(url) if !url.starts_with(&base) => None,
+            _ => Some(token),
+        }
     }
 }
 
@@ -578,6 +590,31 @@ mod tests {
         }
         let err = Config::from_toml("[decision_log]\noverflow = \"discard\"\n").expect_err("enum");
         assert!(err.contains("overflow") || err.contains("discard"), "{err}");
+    }
+
+    #[test]
+    fn the_sidecar_token_goes_only_to_its_control_plane() {
+        let cp = |url: Option<&str>, bundle_url: Option<&str>| ControlPlaneConfig {
+            url: url.map(str::to_owned),
+            bundle_name: Some("b".into()),
+            bundle_url: bundle_url.map(str::to_owned),
+            sidecar_token: Some("t".into()),
+            ..ControlPlaneConfig::default()
+        };
+        assert_eq!(cp(Some("https://cp:8181/"), None).bundle_token(), Some("t"));
+        let own = cp(Some("https://cp:8181"), Some("https://cp:8181/bundles/x"));
+        assert_eq!(own.bundle_token(), Some("t"));
+        // Another server, or one whose name merely starts like it: not sent.
+        for elsewhere in ["https://cdn.example/b.tar.gz", "https://cp:81810/bundles/x"] {
+            assert_eq!(
+                cp(Some("https://cp:8181"), Some(elsewhere)).bundle_token(),
+                None
+            );
+        }
+        assert_eq!(
+            cp(None, Some("https://cp:8181/bundles/x")).bundle_token(),
+            None
+        );
     }
 
     #[test]

@@ -58,6 +58,8 @@ pub struct BundleClient {
     url: Uri,
     timeout: Duration,
     max_bytes: usize,
+    /// `Authorization: Bearer` for a control plane that requires it.
+    token: Option<HeaderValue>,
 }
 
 impl BundleClient {
@@ -75,7 +77,19 @@ impl BundleClient {
             url: uri,
             timeout,
             max_bytes,
+            token: None,
         })
+    }
+
+    /// Sends `token` as a bearer credential with each fetch.
+    pub fn with_token(mut self, token: Option<&str>) -> Result<Self, FetchError> {
+        self.token = token
+            .map(|t| HeaderValue::from_str(&format!("Bearer {t}")))
+            .transpose()
+            .map_err(|_| {
+                FetchError::BadUrl("the sidecar token is not a valid header value".into())
+            })?;
+        Ok(self)
     }
 
     pub fn url(&self) -> String {
@@ -107,6 +121,9 @@ impl BundleClient {
         if let Some(w) = wait {
             req = req.header("prefer", format!("wait={}", w.as_secs()));
         }
+        if let Some(token) = &self.token {
+            req = req.header(header::AUTHORIZATION, token.clone());
+        }
         let req = req
             .body(Empty::new())
             .map_err(|_| FetchError::BadUrl(url.clone()))?;
@@ -120,6 +137,14 @@ impl BundleClient {
             match resp.status() {
                 StatusCode::NOT_MODIFIED => return Ok(Fetched::NotModified),
                 StatusCode::OK => {}
+                StatusCode::UNAUTHORIZED => {
+                    return Err(FetchError::Refused {
+                        status: 401,
+                        message: format!(
+                            "`{url}` needs the sidecar token: set `--sidecar-token` (ARBITER_SIDECAR_TOKEN, or `[control_plane] sidecar_token`) to the control plane's"
+                        ),
+                    });
+                }
                 status => {
                     return Err(FetchError::Status {
                         url: url.clone(),

@@ -158,6 +158,8 @@ struct AppState {
     journeys: Arc<Journeys>,
     trusted: TrustedKeys,
     token: String,
+    /// Sidecars' credential: with one, bundle reads need it (or `token`).
+    sidecar_token: Option<String>,
     limits: ArchiveLimits,
     /// Per bundle name, the active revision; long polls wait on changes.
     active: Mutex<HashMap<String, watch::Sender<Option<Arc<Published>>>>>,
@@ -195,21 +197,43 @@ impl AppState {
         }
     }
 
+    /// The operator's token.
     fn authorized(&self, headers: &HeaderMap) -> bool {
-        let given = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        // Length leaks nothing useful; the bytes are compared in constant time.
-        given.len() == self.token.len()
-            && given
-                .bytes()
-                .zip(self.token.bytes())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0
+        same_secret(bearer(headers), &self.token)
+    }
+
+    /// Bundles are signed, so this guards their confidentiality: open when
+    /// sidecars have no credential (as the gRPC services are), else theirs
+    /// or the operator's.
+    fn may_read_bundles(&self, headers: &HeaderMap) -> bool {
+        match &self.sidecar_token {
+            None => true,
+            Some(sidecars) => same_secret(bearer(headers), sidecars) || self.authorized(headers),
+        }
     }
 }
+
+fn bearer(headers: &HeaderMap) -> &str {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("")
+}
+
+/// Compares a given credential with the one wanted in constant time (the
+/// length leaks nothing useful).
+fn same_secret(given: &str, want: &str) -> bool {
+    given.len() == want.len()
+        && given
+            .bytes()
+            .zip(want.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+/// What a bundle read without the credential is told.
+const BUNDLE_READ_NEEDS: &str = "reading bundles on this control plane needs `Authorization: Bearer` with the sidecar token (`--sidecar-token`) or the operator token";
 
 fn message(status: StatusCode, text: impl std::fmt::Display) -> Response {
     (
@@ -268,6 +292,7 @@ pub async fn serve(
         journeys,
         trusted: settings.trusted,
         token: settings.token,
+        sidecar_token: settings.sidecar_token.clone(),
         limits: settings.limits,
         active: Mutex::new(HashMap::new()),
     });
@@ -316,13 +341,7 @@ fn sidecar_check(
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or("");
-        let same = given.len() == want.len()
-            && given
-                .bytes()
-                .zip(want.bytes())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0;
-        if same {
+        if same_secret(given, want) {
             Ok(req)
         } else {
             Err(tonic::Status::unauthenticated(
@@ -544,6 +563,9 @@ async fn fetch(
     Path(name): Path<String>,
     headers: HeaderMap,
 ) -> Response {
+    if !state.may_read_bundles(&headers) {
+        return message(StatusCode::UNAUTHORIZED, BUNDLE_READ_NEEDS);
+    }
     let mut rx = state.channel(&name).subscribe();
     let held = headers
         .get(header::IF_NONE_MATCH)
@@ -716,7 +738,14 @@ async fn rollback(
     }
 }
 
-async fn revisions(State(state): State<Arc<AppState>>, Path(name): Path<String>) -> Response {
+async fn revisions(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if !state.may_read_bundles(&headers) {
+        return message(StatusCode::UNAUTHORIZED, BUNDLE_READ_NEEDS);
+    }
     let lister = state.clone();
     match tokio::task::spawn_blocking(move || lister.store.revisions(&name)).await {
         Ok(Ok(list)) => json(
