@@ -31,28 +31,13 @@ fn keyed(w: &Path) -> PathBuf {
     w.join("k.pub.pem")
 }
 
-fn pull_args<'a>(cp: &'a str, public: &'a Path, cache: &'a Path) -> Vec<&'a str> {
-    vec![
-        "--control-plane",
-        cp,
-        "--bundle-name",
-        "agent",
-        "--trusted-key",
-        s(public),
-        "--bundle-cache",
-        s(cache),
-        "--poll-interval-ms",
-        "200",
-    ]
-}
-
 /// A sidecar pulling the agent bundle from `cp`, with `config` as its
 /// configuration file (written next to its bundle cache).
 fn sidecar_with(cp: &str, public: &Path, dir: &Path, cache: &str, config: &str) -> Sidecar {
     let file = dir.join(format!("{cache}.toml"));
     std::fs::write(&file, config).unwrap();
     let cache = dir.join(cache);
-    let mut args = pull_args(cp, public, &cache);
+    let mut args = pull_args(cp, "agent", public, &cache);
     args.extend(["--config", s(&file)]);
     Sidecar::start(Path::new(""), &args)
 }

@@ -7,7 +7,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{ControlPlane, Sidecar, TOKEN, build_example, eventually, run, s};
+use common::{ControlPlane, Sidecar, TOKEN, build_example, eventually, pull_args, run, s};
 
 #[tokio::test]
 async fn publish_long_poll_rollback() {
@@ -223,23 +223,10 @@ async fn tls_control_plane_is_verified_against_the_configured_ca() {
     assert_eq!(code, 0, "{err}");
 
     let pull = |ca: &Path, cache: &str| {
-        Sidecar::start(
-            Path::new(""),
-            &[
-                "--control-plane",
-                &cp.1,
-                "--bundle-name",
-                "documents",
-                "--trusted-key",
-                s(&public),
-                "--control-plane-ca",
-                s(ca),
-                "--bundle-cache",
-                s(&w.join(cache)),
-                "--poll-interval-ms",
-                "200",
-            ],
-        )
+        let cache = w.join(cache);
+        let mut args = pull_args(&cp.1, "documents", &public, &cache);
+        args.extend(["--control-plane-ca", s(ca)]);
+        Sidecar::start(Path::new(""), &args)
     };
     let good = pull(&ca, "c1");
     eventually("r1 over TLS", Duration::from_secs(20), || async {
@@ -247,18 +234,9 @@ async fn tls_control_plane_is_verified_against_the_configured_ca() {
     })
     .await;
     let wrong = pull(&other_ca, "c2");
-    eventually(
-        "fetch failures counted",
-        Duration::from_secs(20),
-        || async {
-            wrong
-                .get("/metrics")
-                .await
-                .1
-                .lines()
-                .any(|l| l.starts_with("arbiter_bundle_fetch_failures_total") && !l.ends_with(" 0"))
-        },
-    )
+    eventually("fetch failures counted", Duration::from_secs(20), || {
+        wrong.counted_fetch_failures()
+    })
     .await;
     assert_eq!(
         wrong.get("/readyz").await.0,
@@ -301,18 +279,7 @@ async fn bundle_reads_need_the_sidecar_token_when_there_is_one() {
 
     let pull = |token: Option<&str>, cache: &str| {
         let cache = w.join(cache);
-        let mut args = vec![
-            "--control-plane",
-            &cp.1,
-            "--bundle-name",
-            "documents",
-            "--trusted-key",
-            s(&public),
-            "--bundle-cache",
-            s(&cache),
-            "--poll-interval-ms",
-            "200",
-        ];
+        let mut args = pull_args(&cp.1, "documents", &public, &cache);
         if let Some(t) = token {
             args.extend(["--sidecar-token", t]);
         }
@@ -326,18 +293,9 @@ async fn bundle_reads_need_the_sidecar_token_when_there_is_one() {
     )
     .await;
     let without = pull(None, "c2");
-    eventually(
-        "fetch failures counted",
-        Duration::from_secs(20),
-        || async {
-            without
-                .get("/metrics")
-                .await
-                .1
-                .lines()
-                .any(|l| l.starts_with("arbiter_bundle_fetch_failures_total") && !l.ends_with(" 0"))
-        },
-    )
+    eventually("fetch failures counted", Duration::from_secs(20), || {
+        without.counted_fetch_failures()
+    })
     .await;
     assert_eq!(without.revision().await, None);
     assert_ne!(without.get("/readyz").await.0, 200);

@@ -148,10 +148,8 @@ async fn pulls_swaps_refuses_and_restarts_from_last_known_good() {
     drop(server);
     let sidecar = Sidecar::start(Path::new(""), &args);
     assert_eq!(sidecar.revision().await.as_deref(), Some("r2"));
-    eventually_20("fetch failures counted", || async {
-        let m = sidecar.get("/metrics").await.1;
-        m.lines()
-            .any(|l| l.starts_with("arbiter_bundle_fetch_failures_total") && !l.ends_with(" 0"))
+    eventually_20("fetch failures counted", || {
+        sidecar.counted_fetch_failures()
     })
     .await;
     assert_eq!(sidecar.get("/readyz").await.0, 200);

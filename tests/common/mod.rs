@@ -229,6 +229,37 @@ impl Sidecar {
             .ok()
             .map(|r| r.into_inner().revision)
     }
+
+    /// Whether it has counted a failed bundle fetch.
+    pub async fn counted_fetch_failures(&self) -> bool {
+        self.get("/metrics")
+            .await
+            .1
+            .lines()
+            .any(|l| l.starts_with("arbiter_bundle_fetch_failures_total") && !l.ends_with(" 0"))
+    }
+}
+
+/// `serve` arguments that pull bundle `name` from the control plane at `cp`,
+/// trusting `public`, polling every 200 ms.
+pub fn pull_args<'a>(
+    cp: &'a str,
+    name: &'a str,
+    public: &'a Path,
+    cache: &'a Path,
+) -> Vec<&'a str> {
+    vec![
+        "--control-plane",
+        cp,
+        "--bundle-name",
+        name,
+        "--trusted-key",
+        s(public),
+        "--bundle-cache",
+        s(cache),
+        "--poll-interval-ms",
+        "200",
+    ]
 }
 
 /// Waits (bounded) until `f` holds; returns how long it took.
