@@ -106,6 +106,7 @@ enum BundleCommand {
         name: String,
         #[arg(long = "control-plane")]
         control_plane: String,
+        /// The operator token; needed where the control plane has a sidecar token.
         #[arg(
             long,
             env = "ARBITER_CONTROL_PLANE_TOKEN",
@@ -598,6 +599,9 @@ fn check(args: CheckArgs) -> ExitCode {
 fn control_plane(args: ControlPlaneArgs) -> ExitCode {
     if args.token.len() < 16 {
         return usage("the control plane token must be at least 16 characters");
+    }
+    if args.sidecar_token.as_ref().is_some_and(|t| t.len() < 16) {
+        return usage("the sidecar token must be at least 16 characters");
     }
     let trusted = match arbiter::bundle::keys::TrustedKeys::load(&args.trusted_keys) {
         Ok(t) => t,

@@ -147,6 +147,39 @@ fn serve_refuses_bad_configuration_before_binding() {
     assert!(err.contains("does not exist"), "{err}");
 }
 
+/// A guessable credential is refused before the control plane listens: an
+/// empty sidecar token would let a request without any through.
+#[test]
+fn control_plane_refuses_short_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("cp.db");
+    let base = [
+        "control-plane",
+        "--addr",
+        "127.0.0.1:0",
+        "--db",
+        db.to_str().unwrap(),
+        "--trusted-key",
+        "unread.pem",
+    ];
+    for (extra, says) in [
+        (&["--token", "short"][..], "control plane token"),
+        (
+            &["--token", "operator-0123456789", "--sidecar-token", ""][..],
+            "sidecar token",
+        ),
+        (
+            &["--token", "operator-0123456789", "--sidecar-token", "short"][..],
+            "sidecar token",
+        ),
+    ] {
+        let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+        let (code, _, err) = run(&args);
+        assert_eq!(code, 64, "{err}");
+        assert!(err.contains(says) && err.contains("16 characters"), "{err}");
+    }
+}
+
 /// `arbiter bench` in its open-loop mode: calls at a fixed rate, every one
 /// answered within the window, so the achieved rate is the offered one.
 #[test]

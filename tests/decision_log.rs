@@ -1156,6 +1156,16 @@ async fn a_spool_that_lost_shipped_records_is_flagged_as_a_fork() {
     assert!(again.ids.iter().all(|id| out.contains(id.as_str())));
     let (code, out, _) = cli(&cp, &["query", "--limit", "1000"]);
     assert_eq!((code, out.lines().count()), (0, 320), "{out}");
+    // JSON lines are records with nowhere to mark one kept apart: the
+    // chain's, unless `--forked` asks for those.
+    let json = |extra: &[&str]| {
+        let mut args = vec!["query", "--json", "--limit", "1000"];
+        args.extend(extra);
+        let (code, out, err) = cli(&cp, &args);
+        assert_eq!(code, 0, "{err}");
+        out.lines().count()
+    };
+    assert_eq!((json(&[]), json(&["--forked"])), (220, 100));
     let (code, out, err) = cli(&cp, &["verify"]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("100 records kept apart as forked"), "{out}");
@@ -1208,4 +1218,14 @@ async fn a_spool_that_lost_shipped_records_is_flagged_as_a_fork() {
         stored_records(&cp).await == 270
     })
     .await;
+    let (code, out, err) = cli(&cp, &["query", "--forked", "--limit", "1000"]);
+    assert_eq!((code, out.lines().count()), (0, 300), "{err}");
+    // The fork's records past the stored head joined the chain, which
+    // breaks where they did: their predecessor is the fork's, not the
+    // stored one.
+    let (code, out, err) = cli(&cp, &["verify"]);
+    assert_eq!(code, 1, "{out}{err}");
+    let said = format!("{out}{err}");
+    assert!(said.contains("first break at seq 221"), "{said}");
+    assert!(said.contains("300 records kept apart as forked"), "{said}");
 }

@@ -184,7 +184,13 @@ pub fn query(src: &Source, f: &Filter, as_json: bool) -> Result<String, Failure>
             q.push(format!("{k}={}", encode(v)));
         }
     }
-    if let Some(forked) = f.forked {
+    // JSON lines are the records themselves, with nowhere to mark one kept
+    // apart: they hold the chains' records unless `--forked` asks for those.
+    let forked = match (as_json, f.forked) {
+        (true, None) => Some(false),
+        (_, forked) => forked,
+    };
+    if let Some(forked) = forked {
         q.push(format!("forked={forked}"));
     }
     if let Some(l) = f.limit {

@@ -106,6 +106,32 @@ pub struct BundleConfig {
     pub trusted_keys: Vec<PathBuf>,
 }
 
+/// Whether two URLs name the same server: scheme, host and port (a URL with
+/// credentials in it names none).
+fn same_origin(a: &str, b: &str) -> bool {
+    let (Ok(a), Ok(b)) = (a.parse::<http::Uri>(), b.parse::<http::Uri>()) else {
+        return false;
+    };
+    let origin = |u: &http::Uri| {
+        let authority = u.authority()?;
+        if authority.as_str().contains('@') {
+            return None;
+        }
+        let port = match (u.port_u16(), u.scheme_str()?) {
+            (Some(p), _) => p,
+            (None, "https") => 443,
+            (None, "http") => 80,
+            _ => return None,
+        };
+        Some((
+            u.scheme_str()?.to_owned(),
+            authority.host().to_ascii_lowercase(),
+            port,
+        ))
+    };
+    origin(&a).is_some_and(|o| Some(o) == origin(&b))
+}
+
 /// Where bundles come from when they are pulled rather than read locally.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -168,18 +194,6 @@ impl ControlPlaneConfig {
         }
         let (base, name) = (self.url.as_ref()?, self.bundle_name.as_ref()?);
         Some(format!("{}/bundles/{name}", base.trim_end_matches('/')))
-    }
-
-    /// The credential to send with bundle fetches: the sidecar token, only
-    /// where the bundle comes from the control plane it is meant for (never
-    /// to another server named by `bundle_url`).
-    pub fn bundle_token(&self) -> Option<&str> {
-        let token = self.sidecar_token.as_deref()?;
-        let base = format!("{}/", self.url.as_deref()?.trim_end_matches('/'));
-        match &self.bundle_url {
-            Some(url) if !url.starts_with(&base) => None,
-            _ => Some(token),
-        }
     }
 }
 
@@ -329,6 +343,23 @@ impl Config {
             .ship_to
             .as_deref()
             .or(self.control_plane.url.as_deref())
+    }
+
+    /// The credential to send with bundle fetches: the sidecar token, where
+    /// the bundle comes from the control plane it is meant for (by name, or
+    /// a `bundle_url` on the server the trail ships to); never to another
+    /// server, such as an object store.
+    pub fn bundle_token(&self) -> Option<&str> {
+        let cp = &self.control_plane;
+        let token = cp.sidecar_token.as_deref()?;
+        match &cp.bundle_url {
+            None => Some(token),
+            Some(url) => [cp.url.as_deref(), self.decision_log_destination()]
+                .into_iter()
+                .flatten()
+                .any(|ours| same_origin(url, ours))
+                .then_some(token),
+        }
     }
 
     /// Whether decisions are recorded at all.
@@ -594,25 +625,42 @@ mod tests {
 
     #[test]
     fn the_sidecar_token_goes_only_to_its_control_plane() {
-        let cp = |url: Option<&str>, bundle_url: Option<&str>| ControlPlaneConfig {
-            url: url.map(str::to_owned),
-            bundle_name: Some("b".into()),
-            bundle_url: bundle_url.map(str::to_owned),
-            sidecar_token: Some("t".into()),
-            ..ControlPlaneConfig::default()
+        let config = |url: Option<&str>, bundle_url: Option<&str>, ship_to: Option<&str>| {
+            let mut c = Config::default();
+            c.control_plane.url = url.map(str::to_owned);
+            c.control_plane.bundle_name = url.map(|_| "b".to_owned());
+            c.control_plane.bundle_url = bundle_url.map(str::to_owned);
+            c.control_plane.sidecar_token = Some("t".into());
+            c.decision_log.ship_to = ship_to.map(str::to_owned);
+            c
         };
-        assert_eq!(cp(Some("https://cp:8181/"), None).bundle_token(), Some("t"));
-        let own = cp(Some("https://cp:8181"), Some("https://cp:8181/bundles/x"));
-        assert_eq!(own.bundle_token(), Some("t"));
+        assert_eq!(
+            config(Some("https://cp:8181/"), None, None).bundle_token(),
+            Some("t")
+        );
+        // A bundle URL on the server the trail ships to (the only way to name
+        // both, since a bundle URL excludes `url`).
+        let ours = config(
+            None,
+            Some("https://CP:8181/bundles/x"),
+            Some("https://cp:8181"),
+        );
+        assert_eq!(ours.bundle_token(), Some("t"));
+        let default_port = config(None, Some("https://cp/bundles/x"), Some("https://cp:443/"));
+        assert_eq!(default_port.bundle_token(), Some("t"));
         // Another server, or one whose name merely starts like it: not sent.
-        for elsewhere in ["https://cdn.example/b.tar.gz", "https://cp:81810/bundles/x"] {
-            assert_eq!(
-                cp(Some("https://cp:8181"), Some(elsewhere)).bundle_token(),
-                None
-            );
+        for elsewhere in [
+            "https://cdn.example/b.tar.gz",
+            "https://cp:81810/bundles/x",
+            "https://cp:8181.evil.example/bundles/x",
+            "https://cp:8181@evil.example/bundles/x",
+            "http://cp:8181/bundles/x",
+        ] {
+            let c = config(None, Some(elsewhere), Some("https://cp:8181"));
+            assert_eq!(c.bundle_token(), None, "{elsewhere}");
         }
         assert_eq!(
-            cp(None, Some("https://cp:8181/bundles/x")).bundle_token(),
+            config(None, Some("https://cp:8181/b"), None).bundle_token(),
             None
         );
     }

@@ -49,6 +49,8 @@ pub enum FetchError {
     Refused { status: u16, message: String },
     #[error("TLS: {0}")]
     Tls(String),
+    #[error("the sidecar token cannot be sent: it is not printable ASCII")]
+    BadToken,
 }
 
 /// Fetches one bundle URL. Cheap to clone.
@@ -86,9 +88,7 @@ impl BundleClient {
         self.token = token
             .map(|t| HeaderValue::from_str(&format!("Bearer {t}")))
             .transpose()
-            .map_err(|_| {
-                FetchError::BadUrl("the sidecar token is not a valid header value".into())
-            })?;
+            .map_err(|_| FetchError::BadToken)?;
         Ok(self)
     }
 
@@ -140,9 +140,14 @@ impl BundleClient {
                 StatusCode::UNAUTHORIZED => {
                     return Err(FetchError::Refused {
                         status: 401,
-                        message: format!(
-                            "`{url}` needs the sidecar token: set `--sidecar-token` (ARBITER_SIDECAR_TOKEN, or `[control_plane] sidecar_token`) to the control plane's"
-                        ),
+                        message: match self.token {
+                            Some(_) => format!(
+                                "`{url}` refused the sidecar token: it is not the control plane's `--sidecar-token`"
+                            ),
+                            None => format!(
+                                "`{url}` needs a credential; if it is an Arbiter control plane started with `--sidecar-token`, give the sidecar that token (`--sidecar-token`, ARBITER_SIDECAR_TOKEN or `[control_plane] sidecar_token`)"
+                            ),
+                        },
                     });
                 }
                 status => {
@@ -214,7 +219,7 @@ impl SidecarAuth {
             .map(|t| {
                 format!("Bearer {t}")
                     .parse()
-                    .map_err(|_| FetchError::BadUrl("the sidecar token is not valid ASCII".into()))
+                    .map_err(|_| FetchError::BadToken)
             })
             .transpose()
             .map(Self)

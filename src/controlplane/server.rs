@@ -199,7 +199,7 @@ impl AppState {
 
     /// The operator's token.
     fn authorized(&self, headers: &HeaderMap) -> bool {
-        same_secret(bearer(headers), &self.token)
+        bearer(headers).is_some_and(|given| same_secret(given, &self.token))
     }
 
     /// Bundles are signed, so this guards their confidentiality: open when
@@ -208,17 +208,19 @@ impl AppState {
     fn may_read_bundles(&self, headers: &HeaderMap) -> bool {
         match &self.sidecar_token {
             None => true,
-            Some(sidecars) => same_secret(bearer(headers), sidecars) || self.authorized(headers),
+            Some(sidecars) => {
+                bearer(headers).is_some_and(|given| same_secret(given, sidecars))
+                    || self.authorized(headers)
+            }
         }
     }
 }
 
-fn bearer(headers: &HeaderMap) -> &str {
+fn bearer(headers: &HeaderMap) -> Option<&str> {
     headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("")
 }
 
 /// Compares a given credential with the one wanted in constant time (the
@@ -339,9 +341,8 @@ fn sidecar_check(
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if same_secret(given, want) {
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if given.is_some_and(|given| same_secret(given, want)) {
             Ok(req)
         } else {
             Err(tonic::Status::unauthenticated(

@@ -280,11 +280,12 @@ fn add_missing_columns(
     Ok(())
 }
 
-/// Fills the index columns of forked records kept before they had them.
+/// Fills the index columns of forked records kept by a version before they
+/// had them, in one transaction.
 fn index_forked_records(conn: &Connection) -> Result<(), TrailError> {
-    let mut select =
-        conn.prepare("SELECT instance, seq, hash, body FROM forked_records WHERE time_us IS NULL")?;
-    let rows = select
+    let tx = conn.unchecked_transaction()?;
+    let rows = tx
+        .prepare("SELECT instance, seq, hash, body FROM forked_records WHERE time_us IS NULL")?
         .query_map([], |r| {
             Ok((
                 r.get::<_, String>(0)?,
@@ -294,18 +295,21 @@ fn index_forked_records(conn: &Connection) -> Result<(), TrailError> {
             ))
         })?
         .collect::<Result<Vec<_>, _>>()?;
-    let mut update = conn.prepare(&format!(
-        "UPDATE forked_records SET ({FILTERED}) = (?4, ?5, ?6, ?7, ?8, ?9, ?10)
-         WHERE instance = ?1 AND seq = ?2 AND hash = ?3"
-    ))?;
-    for (instance, seq, hash, body) in rows {
-        let ix: Option<Indexed> = serde_json::from_str(&body).ok();
-        let c = Columns::of(ix.as_ref());
-        let key: [&dyn rusqlite::ToSql; 3] = [&instance, &seq, &hash];
-        update.execute(rusqlite::params_from_iter(
-            key.into_iter().chain(c.filtered()),
+    {
+        let mut update = tx.prepare(&format!(
+            "UPDATE forked_records SET ({FILTERED}) = (?4, ?5, ?6, ?7, ?8, ?9, ?10)
+             WHERE instance = ?1 AND seq = ?2 AND hash = ?3"
         ))?;
+        for (instance, seq, hash, body) in rows {
+            let ix: Option<Indexed> = serde_json::from_str(&body).ok();
+            let c = Columns::of(ix.as_ref());
+            let key: [&dyn rusqlite::ToSql; 3] = [&instance, &seq, &hash];
+            update.execute(rusqlite::params_from_iter(
+                key.into_iter().chain(c.filtered()),
+            ))?;
+        }
     }
+    tx.commit()?;
     Ok(())
 }
 
@@ -402,10 +406,8 @@ impl DecisionStore {
             )?;
             conn.execute_batch("PRAGMA user_version = 1")?;
         }
-        if version < 2 {
-            index_forked_records(&conn)?;
-            conn.execute_batch("PRAGMA user_version = 2")?;
-        }
+        // Every open, not once: an older version may have kept some since.
+        index_forked_records(&conn)?;
         Ok(Self {
             conn: Mutex::new(conn),
             records_stored: Counter::default(),
@@ -1137,6 +1139,27 @@ mod tests {
         };
         let on_chain = |id: &str| (id.to_owned(), false);
         let apart = |id: &str| (id.to_owned(), true);
+        // Merged by time across both tables, the limit over both.
+        let in_order = |limit: u32| -> Vec<String> {
+            let f = Filter {
+                limit: Some(limit),
+                ..Filter::default()
+            };
+            let found = store.query(&f).expect("query");
+            let id = |s: &Stored| {
+                let v: serde_json::Value = serde_json::from_str(s.record.get()).expect("json");
+                v["decision_id"].as_str().expect("id")[..1].to_owned() + &s.seq.to_string()
+            };
+            found.iter().map(id).collect()
+        };
+        // (d3 and f3, made in the same second, may come in either order.)
+        let all = in_order(100);
+        assert_eq!(
+            (&all[..2], &all[6..]),
+            (&["d1".to_owned(), "d2".into()][..], &["f5".to_owned()][..])
+        );
+        assert_eq!(in_order(3).len(), 3);
+        assert_eq!(in_order(3)[..2], all[..2]);
         assert_eq!(
             ids(Filter::default()),
             [

@@ -235,7 +235,7 @@ pub async fn serve_until(
             limits.max_archive_bytes as usize,
             cp.ca_file.as_deref(),
         )
-        .and_then(|c| c.with_token(cp.bundle_token()))
+        .and_then(|c| c.with_token(config.bundle_token()))
         .map_err(|e| ServeError::Source(e.to_string()))?;
         let fresh = Arc::new(Freshness::new(
             Duration::from_secs(cp.max_bundle_age_secs),
