@@ -59,6 +59,11 @@ struct Seen {
 }
 
 /// Sends `total` checks over `conns` connections, or until `stop` is set.
+/// `load` to the end: `total` calls, none stopped early.
+async fn load_all(sidecar_grpc: String, total: usize, conns: usize) -> Seen {
+    load(sidecar_grpc, total, conns, Arc::new(AtomicBool::new(false))).await
+}
+
 async fn load(sidecar_grpc: String, total: usize, conns: usize, stop: Arc<AtomicBool>) -> Seen {
     let per = total / conns;
     let mut tasks = Vec::new();
@@ -240,13 +245,7 @@ async fn records_are_masked_chained_explained_and_tamper_evident() {
     // 60 decisions plus one with a trace id.
     let mut client = sidecar.client().await;
     let step_up_id = traced_check(&mut client).await;
-    let seen = load(
-        sidecar.grpc_addr.clone(),
-        60,
-        2,
-        Arc::new(AtomicBool::new(false)),
-    )
-    .await;
+    let seen = load_all(sidecar.grpc_addr.clone(), 60, 2).await;
     assert_eq!((seen.ids.len(), seen.failures), (60, 0));
     let total = seen.ids.len() + 1;
     eventually(
@@ -470,13 +469,7 @@ async fn after_sigkill_the_spool_is_resent_and_durable_answers_are_all_stored() 
 
     // The restarted sidecar continues the same chain and resends the rest.
     let sidecar = Sidecar::start(&example("documents"), &args);
-    let after = load(
-        sidecar.grpc_addr.clone(),
-        20,
-        1,
-        Arc::new(AtomicBool::new(false)),
-    )
-    .await;
+    let after = load_all(sidecar.grpc_addr.clone(), 20, 1).await;
     assert_eq!(after.failures, 0);
     let want: HashSet<String> = seen.ids.iter().chain(&after.ids).cloned().collect();
     eventually("the first records", Duration::from_secs(30), || async {
@@ -562,13 +555,7 @@ async fn at_the_spool_cap_drop_keeps_deciding_and_marks_the_loss() {
         &example("documents"),
         &["--config", s(&config), "--decision-log-spool", s(&spool)],
     );
-    let seen = load(
-        sidecar.grpc_addr.clone(),
-        200,
-        1,
-        Arc::new(AtomicBool::new(false)),
-    )
-    .await;
+    let seen = load_all(sidecar.grpc_addr.clone(), 200, 1).await;
     assert_eq!(
         (seen.ids.len(), seen.failures),
         (200, 0),
@@ -593,13 +580,7 @@ async fn at_the_spool_cap_drop_keeps_deciding_and_marks_the_loss() {
         "a dropped marker is spooled",
         Duration::from_secs(10),
         || async {
-            load(
-                sidecar.grpc_addr.clone(),
-                1,
-                1,
-                Arc::new(AtomicBool::new(false)),
-            )
-            .await;
+            load_all(sidecar.grpc_addr.clone(), 1, 1).await;
             contains(&bytes_under(&spool), "\"kind\":\"dropped\"")
         },
     )
@@ -720,13 +701,7 @@ async fn otlp_export_carries_masked_records_and_joins_the_callers_trace() {
 
     let mut client = sidecar.client().await;
     let id = traced_check(&mut client).await;
-    let more = load(
-        sidecar.grpc_addr.clone(),
-        10,
-        1,
-        Arc::new(AtomicBool::new(false)),
-    )
-    .await;
+    let more = load_all(sidecar.grpc_addr.clone(), 10, 1).await;
     assert_eq!(more.failures, 0);
 
     // Logs are exported before the batch's spans: wait for both.
@@ -790,13 +765,7 @@ async fn sigterm_delivers_every_record_before_exit() {
     let mut args = spool_args(&cp.1, &spool);
     args.extend(["--config", s(&config)]);
     let mut sidecar = Sidecar::start(&example("documents"), &args);
-    let seen = load(
-        sidecar.grpc_addr.clone(),
-        300,
-        3,
-        Arc::new(AtomicBool::new(false)),
-    )
-    .await;
+    let seen = load_all(sidecar.grpc_addr.clone(), 300, 3).await;
     assert_eq!((seen.ids.len(), seen.failures), (300, 0));
     // At once: most of these records are still queued or in the spool.
     let status = sidecar.terminate();
@@ -833,13 +802,7 @@ async fn sigterm_with_a_stuck_disk_exits_after_the_grace_period() {
     args.extend(["--decision-log-file", s(&fifo), "--config", s(&config)]);
     let mut sidecar = Sidecar::start(&example("documents"), &args);
     // Well over the pipe's 64 KiB of records.
-    let seen = load(
-        sidecar.grpc_addr.clone(),
-        300,
-        1,
-        Arc::new(AtomicBool::new(false)),
-    )
-    .await;
+    let seen = load_all(sidecar.grpc_addr.clone(), 300, 1).await;
     assert_eq!(seen.failures, 0);
     // The disk is stuck indeed: not everything could be spooled.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -930,13 +893,7 @@ async fn a_control_plane_from_before_lz4_gets_deflate_batches() {
     );
     let spool = work.path().join("spool");
     let mut sidecar = Sidecar::start(&example("documents"), &spool_args(&url, &spool));
-    let seen = load(
-        sidecar.grpc_addr.clone(),
-        200,
-        2,
-        Arc::new(AtomicBool::new(false)),
-    )
-    .await;
+    let seen = load_all(sidecar.grpc_addr.clone(), 200, 2).await;
     assert_eq!((seen.ids.len(), seen.failures), (200, 0));
     let acked = || {
         let b = batches.lock().unwrap();
@@ -1064,7 +1021,7 @@ async fn a_spool_that_lost_shipped_records_is_flagged_as_a_fork() {
     let mut args = spool_args(&cp_url, &spool);
     let small_segments = config_file(w, "[decision_log]\nsegment_bytes = 16384\n");
     args.extend(["--config", s(&small_segments)]);
-    let once = |n: usize, grpc: String| load(grpc, n, 1, Arc::new(AtomicBool::new(false)));
+    let once = |n: usize, grpc: String| load_all(grpc, n, 1);
     let mut sidecar = Sidecar::start(&example("documents"), &args);
     assert_eq!(once(20, sidecar.grpc_addr.clone()).await.failures, 0);
     eventually("20 records stored", Duration::from_secs(30), || async {
