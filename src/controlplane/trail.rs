@@ -4,6 +4,7 @@
 //! against the chain as it arrives, stored in one transaction, then
 //! acknowledged; resends are de-duplicated by (instance, seq).
 
+use std::borrow::Cow;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -124,71 +125,87 @@ fn unpack_at_most(batch: &RecordBatch, max_bytes: u64) -> Result<Vec<u8>, String
     Ok(text)
 }
 
-/// Parses unpacked lines, checking each is where the batch says it is.
+/// Parses unpacked lines, checking the batch is where it says it is.
 pub fn parse_batch<'a>(
     instance: &str,
     first_seq: u64,
     count: u32,
     text: &'a [u8],
 ) -> Result<Vec<Incoming<'a>>, String> {
-    let mut out = Vec::with_capacity(count as usize);
-    for (i, line) in text
-        .split(|b| *b == b'\n')
-        .filter(|l| !l.is_empty())
-        .enumerate()
+    // A sidecar ships whole lines and counts them as it reads them: the
+    // count is checked before anything is sized by it.
+    let lines: Vec<&[u8]> = match text.strip_suffix(b"\n") {
+        Some(whole) => whole.split(|b| *b == b'\n').collect(),
+        None if text.is_empty() => Vec::new(),
+        None => return Err("batch does not end with a whole line".into()),
+    };
+    if lines.len() != count as usize {
+        return Err(format!(
+            "batch says {count} lines but holds {}",
+            lines.len()
+        ));
+    }
+    if first_seq == 0 || first_seq.checked_add(u64::from(count)).is_none() {
+        return Err(format!(
+            "batch at seq {first_seq} is outside the seqs a chain has"
+        ));
+    }
+    // The first line places the batch: one that names another seq or
+    // instance is not a batch of this chain.
+    if let Some(Ok(first)) = lines.first().map(|l| chain::parse_line(l))
+        && (first.seq != first_seq || first.instance != instance)
     {
-        let want = first_seq + i as u64;
-        let Ok(parsed) = chain::parse_line(line) else {
-            // A line damaged in the sidecar's spool: keep it as evidence at
-            // the seq it stands for. It cannot match any hash, so the chain
-            // shows the break there, and shipping goes on (refusing the
-            // batch would make the sidecar resend it forever).
-            out.push(Incoming {
-                seq: want,
-                hash: [0; 32],
-                body: line,
-            });
-            continue;
-        };
-        if parsed.seq != want || parsed.instance != instance {
-            return Err(format!(
-                "batch line {} is seq {} of instance {}, expected seq {want} of {instance}",
-                i + 1,
-                parsed.seq,
-                parsed.instance
-            ));
-        }
-        out.push(Incoming {
-            seq: parsed.seq,
-            hash: parsed.hash,
-            body: parsed.body,
-        });
+        return Err(format!(
+            "batch line 1 is seq {} of instance {}, expected seq {first_seq} of {instance}",
+            first.seq, first.instance
+        ));
     }
-    if out.len() != count as usize {
-        return Err(format!("batch says {count} lines but holds {}", out.len()));
-    }
-    Ok(out)
+    Ok(lines
+        .into_iter()
+        .enumerate()
+        .map(|(i, line)| {
+            let want = first_seq + i as u64;
+            match chain::parse_line(line) {
+                Ok(p) if p.seq == want && p.instance == instance => Incoming {
+                    seq: want,
+                    hash: p.hash,
+                    body: p.body,
+                },
+                // Damaged in the sidecar's spool (unreadable, empty, or
+                // naming another seq or instance): kept as evidence at the
+                // seq it stands for. It matches no hash, so the chain shows
+                // the break there, and shipping goes on (refusing the batch
+                // would make the sidecar resend it forever).
+                _ => Incoming {
+                    seq: want,
+                    hash: [0; 32],
+                    body: line,
+                },
+            }
+        })
+        .collect())
 }
 
-/// The fields of a record body the store indexes.
+/// The fields of a record body the store indexes. Strings are borrowed
+/// where they can be, owned where JSON escapes them (a `"` in a session id).
 #[derive(Deserialize)]
 struct Indexed<'a> {
-    #[serde(default)]
-    kind: Option<&'a str>,
-    #[serde(default)]
-    decision_id: Option<&'a str>,
+    #[serde(borrow, default)]
+    kind: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    decision_id: Option<Cow<'a, str>>,
     #[serde(borrow)]
-    time: std::borrow::Cow<'a, str>,
-    #[serde(default)]
-    outcome: Option<&'a str>,
-    #[serde(default)]
-    policy_ids: Vec<std::borrow::Cow<'a, str>>,
+    time: Cow<'a, str>,
+    #[serde(borrow, default)]
+    outcome: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    policy_ids: Vec<Cow<'a, str>>,
     #[serde(default)]
     request: Option<IndexedRequest>,
-    #[serde(default)]
-    session_id: Option<&'a str>,
-    #[serde(default)]
-    approval_id: Option<&'a str>,
+    #[serde(borrow, default)]
+    session_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    approval_id: Option<Cow<'a, str>>,
 }
 
 #[derive(Deserialize)]
@@ -249,11 +266,11 @@ impl<'i> Columns<'i> {
         };
         let (subject, resource) = (entity(|q| &q.subject), entity(|q| &q.resource));
         Self {
-            decision_id: ix.and_then(|i| i.decision_id),
+            decision_id: ix.and_then(|i| i.decision_id.as_deref()),
             time_us: ix
                 .and_then(|i| crate::decision_log::time::parse_micros(&i.time))
                 .map(|t| t as i64),
-            outcome: ix.and_then(|i| i.outcome),
+            outcome: ix.and_then(|i| i.outcome.as_deref()),
             subject_type: subject.and_then(|e| e.kind.as_deref()),
             subject_id: subject.and_then(|e| e.id.as_deref()),
             resource_type: resource.and_then(|e| e.kind.as_deref()),
@@ -434,7 +451,10 @@ impl DecisionStore {
         records: &[Incoming],
     ) -> Result<Vec<Break>, TrailError> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        // From what is stored, not from what this stream last stored: another
+        // stream of the instance (a copy of its spool) may have moved it.
+        *head = head_in(&tx, instance)?;
         let breaks = append_in(&tx, instance, head, records)?;
         tx.commit()?;
         self.counted(records.len() as u64, breaks.len() as u64);
@@ -889,9 +909,9 @@ pub fn append_in(
                 // Tool listings are not what happens next in a session
                 // (one listing can be hundreds of records): not linked.
                 ix.as_ref()
-                    .filter(|i| i.kind != Some("list_allowed_tools"))
-                    .and_then(|i| i.session_id),
-                ix.as_ref().and_then(|i| i.approval_id),
+                    .filter(|i| i.kind.as_deref() != Some("list_allowed_tools"))
+                    .and_then(|i| i.session_id.as_deref()),
+                ix.as_ref().and_then(|i| i.approval_id.as_deref()),
                 received_us,
             ])?;
             if inserted == 0 {
@@ -901,8 +921,13 @@ pub fn append_in(
                 let stored: Option<Vec<u8>> = stored_hash
                     .query_row(params![instance, r.seq as i64], |row| row.get(0))
                     .optional()?;
-                if stored.is_some_and(|h| h[..] != hash[..]) {
+                if let Some(stored) = stored.filter(|h| h[..] != hash[..]) {
                     keep_apart(r, FORKED)?;
+                    // The chain goes on from what is stored there.
+                    let stored: Hash = stored.try_into().unwrap_or(GENESIS);
+                    v.resume(instance, r.seq, stored);
+                    *head = (r.seq, stored);
+                    continue;
                 }
             }
             *head = (r.seq, hash);
@@ -1221,6 +1246,36 @@ mod tests {
     }
 
     #[test]
+    fn a_second_stream_past_the_stored_head_breaks_the_chain_where_it_joins() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = DecisionStore::open(&dir.path().join("cp.db")).expect("open");
+        let mut prev = GENESIS;
+        let mut first = store.head("i1").expect("head");
+        let mut second = first;
+        store
+            .append("i1", &mut first, &incoming(&records(1, 4, &mut prev)))
+            .expect("first stream");
+        // The copy, connected at the same head, sends its own 1..=6: 1..=4
+        // are kept apart, 5 and 6 join the stored chain after its 4, and
+        // the break is flagged there on receipt, not only found by verify.
+        let mut other_prev = GENESIS;
+        let other = other_records(1, 6, "o", &mut other_prev);
+        let breaks = store
+            .append("i1", &mut second, &incoming(&other))
+            .expect("second stream");
+        assert!(
+            breaks
+                .iter()
+                .any(|b| b.seq == 5 && !b.reason.contains("forked")),
+            "{breaks:?}"
+        );
+        assert_eq!(second, (6, other[5].1));
+        let report = store.verify(Some("i1")).expect("verify");
+        assert_eq!(report[0].first_break.as_ref().map(|b| b.seq), Some(5));
+        assert_eq!(report[0].forked_records, 4);
+    }
+
+    #[test]
     fn a_second_stream_and_resends_at_expired_seqs_are_kept_apart() {
         let dir = tempfile::tempdir().expect("tmp");
         let store = DecisionStore::open(&dir.path().join("cp.db")).expect("open");
@@ -1277,10 +1332,25 @@ mod tests {
         damaged[second] = b'#';
         let parsed = parse_batch("i1", 3, 3, &damaged).expect("kept");
         assert_eq!((parsed[1].seq, parsed[1].hash), (4, [0; 32]));
+        // So does one damaged into another seq, or emptied: refusing the
+        // batch would stop shipping for good.
+        let renumbered =
+            String::from_utf8(text.clone())
+                .expect("utf-8")
+                .replacen("\"seq\":5", "\"seq\":9", 1);
+        let parsed = parse_batch("i1", 3, 3, renumbered.as_bytes()).expect("kept");
+        assert_eq!((parsed[2].seq, parsed[2].hash), (5, [0; 32]));
+        let lines: Vec<&[u8]> = text.split(|b| *b == b'\n').collect();
+        let emptied = [lines[0], b"", lines[2], b""].join(&b'\n');
+        let parsed = parse_batch("i1", 3, 3, &emptied).expect("kept");
+        assert_eq!((parsed[1].seq, parsed[1].body), (4, &b""[..]));
         for (instance, first, count, needle) in [
             ("i1", 4, 3, "expected seq 4"),
             ("i2", 3, 3, "expected seq 3 of i2"),
             ("i1", 3, 2, "holds 3"),
+            // A count no batch this size can hold: refused, nothing sized by it.
+            ("i1", 3, u32::MAX, "holds 3"),
+            ("i1", u64::MAX, 3, "outside"),
         ] {
             let err = parse_batch(instance, first, count, &text)
                 .err()
@@ -1362,6 +1432,35 @@ mod tests {
         );
         // Opening again is a no-op.
         DecisionStore::open(&db).expect("reopens");
+    }
+
+    #[test]
+    fn records_with_escaped_strings_are_indexed() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = DecisionStore::open(&dir.path().join("cp.db")).expect("open");
+        let mut head = store.head("i").expect("head");
+        // JSON escapes these; they cannot be borrowed from the body.
+        let body = br#"{"v":1,"instance":"i","seq":1,"kind":"check","time":"2026-11-24T10:00:00Z","decision_id":"d1","outcome":"ALLOW","session_id":"s\"1\\","policy_ids":["p\"q"],"request":{"subject":{"type":"User","id":"a\"b"}}}"#;
+        let hash = chain::link(&head.1, body);
+        store
+            .append("i", &mut head, &[Incoming { seq: 1, hash, body }])
+            .expect("stored");
+        assert!(store.get("d1").expect("get").is_some(), "found by id");
+        let by = |f: Filter| store.query(&f).expect("query").len();
+        let subject = Filter {
+            subject: Some("a\"b".into()),
+            ..Filter::default()
+        };
+        assert_eq!(by(subject), 1);
+        let policy = Filter {
+            policy: Some("p\"q".into()),
+            ..Filter::default()
+        };
+        assert_eq!(by(policy), 1);
+        let next = store
+            .followed_by("other", 0, Some("s\"1\\"), None)
+            .expect("linked");
+        assert_eq!(next.len(), 1);
     }
 
     #[test]
