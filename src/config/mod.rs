@@ -532,6 +532,17 @@ impl Config {
                 return bad(format!("`{name}` must be at least 1"));
             }
         }
+        if d.max_spool_bytes < d.segment_bytes.saturating_mul(2) {
+            return bad(format!(
+                "`decision_log.max_spool_bytes` ({}) must be at least twice `segment_bytes` ({}): the segment being written is never released, and a cap it alone can reach would stop the spool for good",
+                d.max_spool_bytes, d.segment_bytes
+            ));
+        }
+        if d.durability == crate::decision_log::Durability::Durable && !d.fsync {
+            return bad(
+                "`decision_log.durability = \"durable\"` answers a decision once its record is on disk, which needs `fsync = true`".into(),
+            );
+        }
         if d.batch_interval_ms > 1000 {
             return bad(format!(
                 "`decision_log.batch_interval_ms` is {}; use at most 1000 (a crash loses up to this long's records)",
@@ -605,6 +616,17 @@ mod tests {
                 "ship_to",
             ),
             (|c| c.decision_log.max_spool_bytes = 0, "max_spool_bytes"),
+            (
+                |c| c.decision_log.max_spool_bytes = c.decision_log.segment_bytes,
+                "twice `segment_bytes`",
+            ),
+            (
+                |c| {
+                    c.decision_log.durability = crate::decision_log::Durability::Durable;
+                    c.decision_log.fsync = false;
+                },
+                "needs `fsync = true`",
+            ),
             (
                 |c| c.decision_log.batch_interval_ms = 5000,
                 "batch_interval_ms",

@@ -589,6 +589,33 @@ pub(crate) mod tests {
         running.close().await;
     }
 
+    /// In `buffered` mode the decision was answered before its batch was
+    /// lost with the disk thread: the loss is counted, not silent.
+    #[tokio::test]
+    async fn records_of_answered_decisions_lost_with_the_disk_thread_count_as_dropped() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let metrics = DecisionLogMetrics::default();
+        let (sink, running) = start_with_copy(
+            settings(&dir),
+            metrics.clone(),
+            Some(Box::new(PanicsOnWrite)),
+        )
+        .expect("starts");
+        assert!(
+            sink.record(entry()).settle().await.is_ok(),
+            "answered at once"
+        );
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while metrics.dropped.get() == 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the lost record is counted");
+        assert_eq!(metrics.dropped.get(), 1);
+        running.close().await;
+    }
+
     /// `close` returns once the spool is let go of: a sidecar restarted in
     /// the same process opens it again at once.
     #[tokio::test]

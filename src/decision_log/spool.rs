@@ -131,24 +131,31 @@ impl Spool {
                 break;
             }
         }
-        // Segments after it have no records (a segment is named only once
-        // its first batch is on disk, so only damage leaves one): the chain
-        // goes on in a segment named by its next seq, as recovery expects.
-        for (first, path) in &segs {
-            if head_segment.is_none_or(|h| *first > h) {
-                fs::remove_file(path)?;
-            }
-        }
-        if head_segment.is_none() && segs.iter().any(|(first, _)| *first > 1) {
-            // Records were spooled, and none is left to go on from: the
-            // chain cannot continue (the control plane would take its next
-            // seqs for resends), so a new one starts under a new instance.
+        if head_segment.is_none() && !segs.is_empty() {
+            // Records were spooled (a segment is named only once its first
+            // batch is on disk), and none is left to go on from: the chain
+            // cannot continue (the control plane would take its next seqs
+            // for resends), so a new one starts under a new instance. The
+            // new id is on disk before anything is removed, so a crash in
+            // between cannot restart the old instance's chain at seq 1.
             tracing::error!(
                 %instance,
                 "decision spool: no readable record left in the spool; starting a new chain"
             );
-            fs::remove_file(dir.join("instance"))?;
-            instance = instance_id(dir)?;
+            instance = new_instance_id(dir)?;
+            // Released segments of the old chain must not be written over
+            // by the new one (their bytes would read as a later chain's).
+            for (_, free) in files(dir, FREE_SUFFIX)? {
+                fs::remove_file(free)?;
+            }
+        }
+        // Segments after it have no records (only damage leaves one): the
+        // chain goes on in a segment named by its next seq, as recovery
+        // expects.
+        for (first, path) in &segs {
+            if head_segment.is_none_or(|h| *first > h) {
+                fs::remove_file(path)?;
+            }
         }
         // A segment being started when the sidecar stopped: never named, so
         // its records were never reported as spooled.
@@ -273,19 +280,22 @@ fn lock(dir: &Path) -> io::Result<File> {
 }
 
 fn instance_id(dir: &Path) -> io::Result<String> {
-    let path = dir.join("instance");
-    match fs::read_to_string(&path) {
+    match fs::read_to_string(dir.join("instance")) {
         Ok(id) if !id.trim().is_empty() => Ok(id.trim().to_owned()),
-        _ => {
-            let id = uuid::Uuid::new_v7(uuid::Timestamp::now(uuid::NoContext)).to_string();
-            let tmp = dir.join("instance.tmp");
-            let mut f = File::create(&tmp)?;
-            f.write_all(id.as_bytes())?;
-            f.sync_all()?;
-            fs::rename(&tmp, &path)?;
-            Ok(id)
-        }
+        _ => new_instance_id(dir),
     }
+}
+
+/// Mints an instance id and puts it in place of any older one, durably.
+fn new_instance_id(dir: &Path) -> io::Result<String> {
+    let id = uuid::Uuid::new_v7(uuid::Timestamp::now(uuid::NoContext)).to_string();
+    let tmp = dir.join("instance.tmp");
+    let mut f = File::create(&tmp)?;
+    f.write_all(id.as_bytes())?;
+    f.sync_all()?;
+    fs::rename(&tmp, dir.join("instance"))?;
+    sync_dir(dir)?;
+    Ok(id)
 }
 
 /// Makes the directory's entries (new, renamed, removed files) durable.
@@ -776,8 +786,19 @@ mod tests {
         // seq 1 the control plane cannot mistake for a resend.
         fs::remove_file(segment_path(dir.path(), 1)).expect("remove");
         fs::write(segment_path(dir.path(), 7), b"torn").expect("write");
-        let (_, other, head) = Spool::open(dir.path(), 1 << 20).expect("reopen");
+        // (with a released segment of the old chain, which must go too)
+        let free = dir.path().join(format!("{:020}{FREE_SUFFIX}", 3));
+        fs::write(&free, lines(3, 4, &mut GENESIS.clone())).expect("write");
+        let (spool, other, head) = Spool::open(dir.path(), 1 << 20).expect("reopen");
         assert_ne!(other, instance);
+        assert_eq!(head.seq, 0);
+        assert!(!free.exists());
+        drop(spool);
+
+        // So does a lost first segment: its records may have been shipped.
+        fs::write(segment_path(dir.path(), 1), b"torn").expect("write");
+        let (_, third, head) = Spool::open(dir.path(), 1 << 20).expect("reopen");
+        assert_ne!(third, other);
         assert_eq!(head.seq, 0);
     }
 }

@@ -207,7 +207,7 @@ impl Writer {
                     "decision log: the disk thread stopped; no more records can be written, decisions that need one are refused"
                 );
                 self.shared.writer_failed.store(true, Ordering::Relaxed);
-                fail(batch);
+                self.lose(batch, dropped);
                 return None;
             };
             lines = back;
@@ -225,7 +225,7 @@ impl Writer {
                             "decision log: giving up on {} records at shutdown",
                             batch.len()
                         );
-                        fail(batch);
+                        self.lose(batch, dropped);
                         return Some(lines);
                     }
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -259,6 +259,22 @@ impl Writer {
 }
 
 /// Tells the batch's durable waiters that their records were not written.
+impl Writer {
+    /// A batch that will not be written (or whose write was never
+    /// confirmed). Records of answered decisions count as dropped, with the
+    /// earlier losses the batch was to put on record (kept for a later
+    /// batch, if one can still be written); `durable` decisions waiting for
+    /// theirs are refused.
+    fn lose(&self, batch: &mut Vec<Queued>, dropped: u64) {
+        let answered = batch.iter().filter(|q| q.done.is_none()).count() as u64;
+        self.shared.metrics.dropped.inc_by(answered);
+        self.shared
+            .dropped
+            .fetch_add(dropped + answered, Ordering::Relaxed);
+        fail(batch);
+    }
+}
+
 fn fail(batch: &mut Vec<Queued>) {
     for q in batch.drain(..) {
         if let Some(done) = q.done {
