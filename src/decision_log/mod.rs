@@ -135,6 +135,10 @@ pub struct Running {
     /// The last spooled seq.
     pub spooled: watch::Receiver<u64>,
     pub metrics: DecisionLogMetrics,
+    /// The spool's lock, for whatever works on the spool after the writer
+    /// (the shipper releasing segments): a second sidecar stays out until
+    /// every holder is done.
+    pub spool_lock: Arc<std::fs::File>,
     stop: watch::Sender<bool>,
     writer: tokio::task::JoinHandle<()>,
 }
@@ -175,6 +179,7 @@ fn start_with_copy(
 ) -> std::io::Result<(Arc<DecisionLog>, Running)> {
     let (spool, instance, head) = spool::Spool::open(&settings.spool_dir, settings.segment_bytes)?;
     let spool_live = spool.live.clone();
+    let spool_lock = spool.lock()?;
     let (spare_return, spare) = crossbeam_channel::bounded(SPARE_BUFFERS);
     let shared = Arc::new(Shared {
         metrics: metrics.clone(),
@@ -240,6 +245,7 @@ fn start_with_copy(
         spool_live,
         spooled,
         metrics,
+        spool_lock,
         stop,
         writer,
     };
@@ -627,7 +633,12 @@ pub(crate) mod tests {
             panic!("two logs opened one spool");
         };
         assert!(e.to_string().contains("in use"), "{e}");
+        // The shipper holds the lock too (it still releases segments while
+        // it drains): the spool stays locked until it lets go.
+        let shipper = running.spool_lock.clone();
         running.close().await;
+        assert!(start(settings(&dir), DecisionLogMetrics::default()).is_err());
+        drop(shipper);
         let (_, again) = start(settings(&dir), DecisionLogMetrics::default()).expect("reopens");
         assert_eq!(*again.spooled.borrow(), 1);
         again.close().await;

@@ -49,6 +49,9 @@ struct Ship {
     /// a session that ended may still be releasing segments, and the next
     /// one's reader must not open a segment it is handing back for reuse.
     packer_turn: Arc<std::sync::Mutex<()>>,
+    /// The spool's lock, held while this and any packer thread may still
+    /// release segments.
+    spool_lock: Arc<std::fs::File>,
     spooled: watch::Receiver<u64>,
     metrics: DecisionLogMetrics,
     acked: u64,
@@ -69,6 +72,7 @@ pub fn run(
         spool_bytes: running.spool_bytes.clone(),
         spool_live: running.spool_live.clone(),
         packer_turn: Arc::default(),
+        spool_lock: running.spool_lock.clone(),
         spooled: running.spooled.clone(),
         metrics: running.metrics.clone(),
         acked: 0,
@@ -316,9 +320,11 @@ impl Packer {
         let live = ship.spool_live.clone();
         let mut reader = Reader::new(&dir, live.clone());
         let turn = ship.packer_turn.clone();
+        let lock = ship.spool_lock.clone();
         std::thread::Builder::new()
             .name("decision-log-packer".into())
             .spawn(move || {
+                let _lock = lock;
                 let _turn = turn
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner);

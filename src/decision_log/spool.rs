@@ -73,7 +73,8 @@ pub struct Spool {
     pub bytes: Arc<AtomicU64>,
     pub live: Arc<Live>,
     /// The directory's lock, held as long as this spool is open.
-    _lock: File,
+    /// Held for the process's whole use of the spool; see [`Spool::lock`].
+    lock: File,
 }
 
 /// The segments in `dir`, oldest first.
@@ -189,9 +190,16 @@ impl Spool {
             dir_unsynced: false,
             bytes: Arc::new(AtomicU64::new(total)),
             live,
-            _lock: lock,
+            lock,
         };
         Ok((spool, instance, head))
+    }
+
+    /// Another handle on the spool's lock: it is held until every handle
+    /// is closed, so the shipper, which still releases segments after the
+    /// writer has let go, keeps a second sidecar out until it is done too.
+    pub fn lock(&self) -> io::Result<Arc<File>> {
+        self.lock.try_clone().map(Arc::new)
     }
 
     /// Appends whole lines, then (if `sync`) flushes them to disk;
