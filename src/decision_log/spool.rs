@@ -211,7 +211,7 @@ impl Spool {
         if self.file_len >= self.segment_max && self.unnamed.is_none() {
             self.start_segment(next_seq)?;
         }
-        write_at(&self.file, lines, self.file_len)?;
+        write_at(&self.file, lines, self.file_len).inspect_err(|e| self.on_write_error(e))?;
         if sync || self.unnamed.is_some() {
             self.file.sync_data()?;
         }
@@ -232,6 +232,22 @@ impl Spool {
         let first = self.live.get().0;
         self.live.set(first, self.file_len);
         Ok(())
+    }
+
+    /// A full disk gets back the released segments kept for reuse: their
+    /// blocks are the spool's own, and the write is retried.
+    fn on_write_error(&self, e: &io::Error) {
+        if e.kind() != io::ErrorKind::StorageFull {
+            return;
+        }
+        match files(&self.dir, FREE_SUFFIX) {
+            Ok(free) => {
+                for (_, path) in free {
+                    let _ = fs::remove_file(path);
+                }
+            }
+            Err(e) => tracing::warn!("decision spool: cannot list released segments: {e}"),
+        }
     }
 
     /// Finishes the current segment (cut to its records, on disk) and opens
@@ -766,6 +782,18 @@ mod tests {
         let (_, _, head) = Spool::open(dir.path(), 1 << 20).expect("open");
         assert_eq!((head.seq, head.hash), (3, good));
         assert_eq!(seqs_on_disk(dir.path()), vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn a_full_disk_gets_the_released_segments_back() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (spool, _, _) = Spool::open(dir.path(), 200).expect("open");
+        let free = dir.path().join(format!("{:020}{FREE_SUFFIX}", 1));
+        fs::write(&free, b"older bytes").expect("write");
+        spool.on_write_error(&io::Error::other("not this one"));
+        assert!(free.exists(), "kept for reuse");
+        spool.on_write_error(&io::Error::from(io::ErrorKind::StorageFull));
+        assert!(!free.exists(), "given back");
     }
 
     #[test]
