@@ -218,10 +218,18 @@ pub fn verify_into(v: &mut Verifier, text: &[u8], segment: Option<u64>) -> Resul
                     return Ok(text.len() - at);
                 }
             }
-            let p = parsed.map_err(|e| Break {
-                instance: "?".into(),
-                seq: 0,
-                reason: format!("line {number} is not a record: {e}"),
+            let p = parsed.map_err(|e| {
+                // Where the one chain read so far would go on (a file holds
+                // one instance's chain); unknown otherwise.
+                let (instance, seq) = match (v.heads.len(), v.heads.iter().next()) {
+                    (1, Some((instance, (last, _)))) => (instance.clone(), last + 1),
+                    _ => ("?".into(), 0),
+                };
+                Break {
+                    instance,
+                    seq,
+                    reason: format!("line {number} is not a record: {e}"),
+                }
             })?;
             v.push(&p.instance, p.seq, &p.hash, p.body)?;
         }
@@ -295,6 +303,13 @@ mod tests {
 
         let b = verify_lines(b"not json\n").expect_err("garbage");
         assert!(b.reason.contains("line 1"), "{b}");
+
+        // A mangled line is named by the seq it stands for.
+        let mut mangled = chain(5);
+        mangled[2] = b"{\"hash\":\"trunc\n".to_vec();
+        let b = verify_lines(&mangled.concat()).expect_err("mangled");
+        assert_eq!((b.instance.as_str(), b.seq), ("i1", 3), "{b}");
+        assert!(b.reason.contains("line 3"), "{b}");
     }
 
     #[test]
