@@ -78,6 +78,8 @@ pub enum TrailError {
 
 pub struct DecisionStore {
     conn: Mutex<Connection>,
+    /// The database file, for connections of their own (see `reader`).
+    path: std::path::PathBuf,
     pub records_stored: Counter,
     pub chain_breaks: Counter,
 }
@@ -427,9 +429,23 @@ impl DecisionStore {
         index_forked_records(&conn)?;
         Ok(Self {
             conn: Mutex::new(conn),
+            path: path.to_path_buf(),
             records_stored: Counter::default(),
             chain_breaks: Counter::default(),
         })
+    }
+
+    /// A read-only connection of its own, for reads of a whole chain: in
+    /// WAL mode it reads a snapshot while sidecars' appends (on `conn`) go
+    /// on, where holding `conn` would stop them for the whole walk.
+    fn reader(&self) -> Result<Connection, TrailError> {
+        use rusqlite::OpenFlags;
+        let conn = Connection::open_with_flags(
+            &self.path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        Ok(conn)
     }
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -623,7 +639,10 @@ impl DecisionStore {
         };
         let mut out = Vec::new();
         for instance in instances {
-            let conn = self.conn();
+            // One snapshot per instance: retention cannot move the anchor
+            // between reading it and walking the chain from it.
+            let mut reader = self.reader()?;
+            let conn = reader.transaction()?;
             let mut stmt = conn.prepare(
                 "SELECT seq, hash, body FROM decisions WHERE instance = ?1 ORDER BY seq",
             )?;
@@ -762,7 +781,7 @@ impl DecisionStore {
 
     /// One instance's records in the chained line form (`log verify --file`).
     pub fn export(&self, instance: &str) -> Result<Vec<u8>, TrailError> {
-        let conn = self.conn();
+        let conn = self.reader()?;
         let mut stmt =
             conn.prepare("SELECT hash, body FROM decisions WHERE instance = ?1 ORDER BY seq")?;
         let mut rows = stmt.query(params![instance])?;
@@ -1432,6 +1451,33 @@ mod tests {
         );
         // Opening again is a no-op.
         DecisionStore::open(&db).expect("reopens");
+    }
+
+    /// Verifying and exporting a chain read a snapshot of their own: they
+    /// do not wait for (or hold up) sidecars' appends.
+    #[test]
+    fn verify_and_export_do_not_take_the_appending_connection() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = Arc::new(DecisionStore::open(&dir.path().join("cp.db")).expect("open"));
+        let mut prev = GENESIS;
+        let mut head = store.head("i1").expect("head");
+        store
+            .append("i1", &mut head, &incoming(&records(1, 5, &mut prev)))
+            .expect("append");
+        let appending = store.conn();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let reading = store.clone();
+        std::thread::spawn(move || {
+            let report = reading.verify(Some("i1")).expect("verify");
+            let export = reading.export("i1").expect("export");
+            let _ = tx.send((report[0].records, export.len()));
+        });
+        let (records, bytes) = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("read while an append holds the connection");
+        assert_eq!(records, 5);
+        assert!(bytes > 0);
+        drop(appending);
     }
 
     #[test]
