@@ -538,6 +538,13 @@ impl Config {
                 d.max_spool_bytes, d.segment_bytes
             ));
         }
+        let most = crate::controlplane::trail::MAX_BATCH_LINES;
+        if d.batch_max_records > most {
+            return bad(format!(
+                "`decision_log.batch_max_records` is {}; a control plane takes at most {most} records in one batch",
+                d.batch_max_records
+            ));
+        }
         if d.durability == crate::decision_log::Durability::Durable && !d.fsync {
             return bad(
                 "`decision_log.durability = \"durable\"` answers a decision once its record is on disk, which needs `fsync = true`".into(),
@@ -616,6 +623,10 @@ mod tests {
                 "ship_to",
             ),
             (|c| c.decision_log.max_spool_bytes = 0, "max_spool_bytes"),
+            (
+                |c| c.decision_log.batch_max_records = 100_000,
+                "batch_max_records",
+            ),
             (
                 |c| c.decision_log.max_spool_bytes = c.decision_log.segment_bytes,
                 "twice `segment_bytes`",

@@ -94,6 +94,10 @@ pub struct Incoming<'a> {
 /// Most bytes one batch may unpack to (a compression bomb stops here).
 const MAX_BATCH_BYTES: u64 = 64 << 20;
 
+/// Most lines one batch may hold: a sidecar sends at most
+/// `decision_log.batch_max_records`, which is held below this.
+pub const MAX_BATCH_LINES: usize = 65_536;
+
 /// Unpacks a shipped batch's compressed lines (LZ4 frame, or DEFLATE from
 /// older sidecars).
 pub fn unpack(batch: &RecordBatch) -> Result<Vec<u8>, String> {
@@ -135,16 +139,20 @@ pub fn parse_batch<'a>(
     text: &'a [u8],
 ) -> Result<Vec<Incoming<'a>>, String> {
     // A sidecar ships whole lines and counts them as it reads them: the
-    // count is checked before anything is sized by it.
-    let lines: Vec<&[u8]> = match text.strip_suffix(b"\n") {
-        Some(whole) => whole.split(|b| *b == b'\n').collect(),
-        None if text.is_empty() => Vec::new(),
+    // count is checked before anything is sized by it, and a batch holds at
+    // most what a sidecar sends in one.
+    let whole = match text.strip_suffix(b"\n") {
+        Some(whole) => Some(whole),
+        None if text.is_empty() => None,
         None => return Err("batch does not end with a whole line".into()),
     };
-    if lines.len() != count as usize {
+    let held = whole.map_or(0, |w| memchr::memchr_iter(b'\n', w).count() + 1);
+    if held != count as usize {
+        return Err(format!("batch says {count} lines but holds {held}"));
+    }
+    if held > MAX_BATCH_LINES {
         return Err(format!(
-            "batch says {count} lines but holds {}",
-            lines.len()
+            "batch holds {held} lines; a sidecar sends at most {MAX_BATCH_LINES} in one"
         ));
     }
     if first_seq == 0 || first_seq.checked_add(u64::from(count)).is_none() {
@@ -152,40 +160,42 @@ pub fn parse_batch<'a>(
             "batch at seq {first_seq} is outside the seqs a chain has"
         ));
     }
-    // The first line places the batch: one that names another seq or
-    // instance is not a batch of this chain.
-    if let Some(Ok(first)) = lines.first().map(|l| chain::parse_line(l))
-        && (first.seq != first_seq || first.instance != instance)
-    {
-        return Err(format!(
-            "batch line 1 is seq {} of instance {}, expected seq {first_seq} of {instance}",
-            first.seq, first.instance
-        ));
-    }
-    Ok(lines
-        .into_iter()
-        .enumerate()
-        .map(|(i, line)| {
-            let want = first_seq + i as u64;
-            match chain::parse_line(line) {
-                Ok(p) if p.seq == want && p.instance == instance => Incoming {
-                    seq: want,
-                    hash: p.hash,
-                    body: p.body,
-                },
-                // Damaged in the sidecar's spool (unreadable, empty, or
-                // naming another seq or instance): kept as evidence at the
-                // seq it stands for. It matches no hash, so the chain shows
-                // the break there, and shipping goes on (refusing the batch
-                // would make the sidecar resend it forever).
-                _ => Incoming {
-                    seq: want,
-                    hash: [0; 32],
-                    body: line,
-                },
+    let lines = whole.into_iter().flat_map(|w| w.split(|b| *b == b'\n'));
+    let mut out = Vec::with_capacity(held);
+    for (i, line) in lines.enumerate() {
+        let want = first_seq + i as u64;
+        match chain::parse_line(line) {
+            Ok(p) if p.seq == want && p.instance == instance => out.push(Incoming {
+                seq: want,
+                hash: p.hash,
+                body: p.body,
+            }),
+            // A readable line out of place: the batch is not where it says
+            // (or damage shifted its lines, and the sidecar numbers what
+            // follows by its count). Storing it would put intact records
+            // at the wrong seqs, and the sidecar would skip the real ones:
+            // refused, visibly, rather than lost.
+            Ok(p) => {
+                return Err(format!(
+                    "batch line {} is seq {} of instance {}, expected seq {want} of {instance}: if this sidecar's spool is damaged, `arbiter log verify --file SPOOL_DIR` shows where",
+                    i + 1,
+                    p.seq,
+                    p.instance
+                ));
             }
-        })
-        .collect())
+            // Damaged in place in the sidecar's spool (unreadable, or
+            // empty): kept as evidence at the seq it stands for. It matches
+            // no hash, so the chain shows the break there, and shipping goes
+            // on (refusing the batch would make the sidecar resend it
+            // forever).
+            Err(_) => out.push(Incoming {
+                seq: want,
+                hash: [0; 32],
+                body: line,
+            }),
+        }
+    }
+    Ok(out)
 }
 
 /// The fields of a record body the store indexes. Strings are borrowed
@@ -936,7 +946,9 @@ pub fn append_in(
             if inserted == 0 {
                 // Another stream of this instance stored the seq first (a
                 // copy of its spool running elsewhere): the same record is
-                // a resend, another one a fork.
+                // a resend, another one a fork. (`append` reads the head in
+                // its transaction, so only a caller of `append_in` with a
+                // head older than the store's gets here.)
                 let stored: Option<Vec<u8>> = stored_hash
                     .query_row(params![instance, r.seq as i64], |row| row.get(0))
                     .optional()?;
@@ -1351,14 +1363,19 @@ mod tests {
         damaged[second] = b'#';
         let parsed = parse_batch("i1", 3, 3, &damaged).expect("kept");
         assert_eq!((parsed[1].seq, parsed[1].hash), (4, [0; 32]));
-        // So does one damaged into another seq, or emptied: refusing the
-        // batch would stop shipping for good.
+        // So does an emptied one; a readable line out of place is refused
+        // (storing it would put intact records at the wrong seqs).
         let renumbered =
             String::from_utf8(text.clone())
                 .expect("utf-8")
                 .replacen("\"seq\":5", "\"seq\":9", 1);
-        let parsed = parse_batch("i1", 3, 3, renumbered.as_bytes()).expect("kept");
-        assert_eq!((parsed[2].seq, parsed[2].hash), (5, [0; 32]));
+        let err = parse_batch("i1", 3, 3, renumbered.as_bytes())
+            .err()
+            .expect("refused");
+        assert!(
+            err.contains("line 3 is seq 9") && err.contains("verify --file"),
+            "{err}"
+        );
         let lines: Vec<&[u8]> = text.split(|b| *b == b'\n').collect();
         let emptied = [lines[0], b"", lines[2], b""].join(&b'\n');
         let parsed = parse_batch("i1", 3, 3, &emptied).expect("kept");
@@ -1369,6 +1386,7 @@ mod tests {
             ("i1", 3, 2, "holds 3"),
             // A count no batch this size can hold: refused, nothing sized by it.
             ("i1", 3, u32::MAX, "holds 3"),
+            ("i1", 3, 4, "holds 3"),
             ("i1", u64::MAX, 3, "outside"),
         ] {
             let err = parse_batch(instance, first, count, &text)
@@ -1376,6 +1394,13 @@ mod tests {
                 .expect("refused");
             assert!(err.contains(needle), "{err}");
         }
+        // Lines are cheap to send and each costs a row: a batch holds at
+        // most what a sidecar sends in one.
+        let many = vec![b'\n'; MAX_BATCH_LINES + 1];
+        let err = parse_batch("i1", 3, many.len() as u32, &many)
+            .err()
+            .expect("refused");
+        assert!(err.contains("at most"), "{err}");
         let bomb = RecordBatch {
             lines_deflate: b"\xff\xffnot deflate".to_vec(),
             ..RecordBatch::default()

@@ -123,6 +123,12 @@ impl Spool {
             hash: GENESIS,
         };
         let segs = segments(dir)?;
+        // Before recovery cuts anything: an empty segment is no sign of
+        // records (versions before segments were named with their first
+        // batch left one behind on a fresh spool).
+        let had_bytes = segs
+            .iter()
+            .any(|(_, path)| fs::metadata(path).is_ok_and(|m| m.len() > 0));
         // The newest segment with records holds the head.
         let mut head_segment = None;
         for (first, path) in segs.iter().rev() {
@@ -132,7 +138,7 @@ impl Spool {
                 break;
             }
         }
-        if head_segment.is_none() && !segs.is_empty() {
+        if head_segment.is_none() && had_bytes {
             // Records were spooled (a segment is named only once its first
             // batch is on disk), and none is left to go on from: the chain
             // cannot continue (the control plane would take its next seqs
@@ -213,7 +219,9 @@ impl Spool {
         }
         write_at(&self.file, lines, self.file_len).inspect_err(|e| self.on_write_error(e))?;
         if sync || self.unnamed.is_some() {
-            self.file.sync_data()?;
+            self.file
+                .sync_data()
+                .inspect_err(|e| self.on_write_error(e))?;
         }
         if let Some(path) = &self.unnamed {
             // A segment appears with its first batch on disk, so the newest
@@ -237,7 +245,10 @@ impl Spool {
     /// A full disk gets back the released segments kept for reuse: their
     /// blocks are the spool's own, and the write is retried.
     fn on_write_error(&self, e: &io::Error) {
-        if e.kind() != io::ErrorKind::StorageFull {
+        if !matches!(
+            e.kind(),
+            io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+        ) {
             return;
         }
         match files(&self.dir, FREE_SUFFIX) {
@@ -831,7 +842,13 @@ mod tests {
         assert!(!free.exists());
         drop(spool);
 
-        // So does a lost first segment: its records may have been shipped.
+        // An empty first segment is no lost record (older versions left one).
+        fs::write(segment_path(dir.path(), 1), b"").expect("write");
+        let (spool, same, head) = Spool::open(dir.path(), 1 << 20).expect("reopen");
+        assert_eq!((same.as_str(), head.seq), (other.as_str(), 0));
+        drop(spool);
+
+        // But a lost first segment is: its records may have been shipped.
         fs::write(segment_path(dir.path(), 1), b"torn").expect("write");
         let (_, third, head) = Spool::open(dir.path(), 1 << 20).expect("reopen");
         assert_ne!(third, other);
