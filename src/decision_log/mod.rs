@@ -416,7 +416,7 @@ pub(crate) mod tests {
     }
 
     /// Settings for a spool in `dir` without fsync; tests change what they test.
-    fn settings(dir: &tempfile::TempDir) -> Settings {
+    pub(crate) fn settings(dir: &tempfile::TempDir) -> Settings {
         Settings {
             spool_dir: dir.path().to_path_buf(),
             durability: Durability::Buffered,

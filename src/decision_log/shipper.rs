@@ -420,6 +420,44 @@ pub(crate) fn compress(bytes: &[u8]) -> std::io::Result<Vec<u8>> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use crate::decision::DecisionSink;
+    use crate::decision_log::tests::{entry, settings};
+
+    /// The shipper still releases segments after the writer has closed (it
+    /// drains at shutdown): until it is done, the spool stays locked and a
+    /// second sidecar stays out.
+    #[tokio::test]
+    async fn the_shipper_keeps_the_spool_locked_until_it_is_done() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let start = || crate::decision_log::start(settings(&dir), Default::default());
+        let (sink, running) = start().expect("starts");
+        assert!(sink.record(entry()).settle().await.is_ok());
+        let ship = ShipSettings {
+            // Nothing listens there: the shipper retries until it stops.
+            url: "http://127.0.0.1:9".into(),
+            ca_file: None,
+            token: None,
+            batch_max: 16,
+            window: 4,
+            interval: Duration::from_millis(10),
+            connect_timeout: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(1),
+            drain_for: Duration::from_millis(300),
+        };
+        let (stop, stopping) = watch::channel(false);
+        let shipper = tokio::spawn(run(ship, &running, stopping));
+        running.close().await;
+        assert!(start().is_err(), "locked while the shipper runs");
+        let _ = stop.send(true);
+        tokio::time::timeout(Duration::from_secs(10), shipper)
+            .await
+            .expect("the shipper stops after its drain")
+            .expect("no panic");
+        let (_, again) = start().expect("let go once the shipper is done");
+        again.close().await;
+    }
+
     #[test]
     fn compressed_batches_unpack_to_the_same_lines() {
         use std::io::Read;
