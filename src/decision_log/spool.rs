@@ -440,6 +440,10 @@ pub struct Reader {
     current: Option<(u64, File)>,
     read: u64,
     pending: Vec<u8>,
+    /// The seq of the line just before `pending`'s first, where known: an
+    /// unreadable line right after the last one shipped stands for the next
+    /// seq, and is shipped as evidence rather than skipped.
+    before_pending: Option<u64>,
 }
 
 /// Whole spooled lines, ready to ship as they are.
@@ -475,6 +479,7 @@ impl Reader {
             current: None,
             read: 0,
             pending: Vec::new(),
+            before_pending: None,
         }
     }
 
@@ -505,13 +510,20 @@ impl Reader {
                     // follow it without gaps (one writer numbers them).
                     match chain::parse_line(line) {
                         Ok(p) if p.seq <= after => {
+                            let seq = p.seq;
                             self.pending.drain(..=taken + nl);
+                            self.before_pending = Some(seq);
                             continue;
                         }
                         Ok(p) => first_seq = Some(p.seq),
+                        // Damaged, right after the last line shipped: it is
+                        // the next seq, and goes as evidence (the control
+                        // plane keeps it there and the chain breaks there).
+                        Err(_) if self.before_pending == Some(after) => first_seq = Some(after + 1),
                         Err(e) => {
                             tracing::warn!("decision spool: skipping an unreadable line: {e}");
                             self.pending.drain(..=taken + nl);
+                            self.before_pending = None;
                             continue;
                         }
                     }
@@ -528,6 +540,7 @@ impl Reader {
             }
         }
         Ok(first_seq.filter(|_| count > 0).map(|first_seq| {
+            self.before_pending = Some(first_seq + u64::from(count) - 1);
             // The chunk keeps the buffer; only the partial rest is copied.
             let rest = self.pending.split_off(taken);
             Chunk {
@@ -569,6 +582,10 @@ impl Reader {
                     .rposition(|b| *b == b'\n')
                     .map_or(0, |i| i + 1);
                 self.pending.truncate(whole);
+                if self.pending.is_empty() {
+                    // A segment is named by its first line's seq.
+                    self.before_pending = Some(first - 1);
+                }
                 self.current = Some((*first, File::open(path)?));
                 self.read = 0;
                 Ok(true)
@@ -706,6 +723,46 @@ mod tests {
             after += u64::from(chunk.count);
         }
         got
+    }
+
+    /// A line damaged in place right after the last one shipped goes out
+    /// at its seq, as evidence; it is not skipped into a gap.
+    #[test]
+    fn a_damaged_line_is_shipped_at_its_seq() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (mut spool, _, _) = Spool::open(dir.path(), 1 << 20).expect("open");
+        let mut prev = GENESIS;
+        let mut text = lines(1, 5, &mut prev);
+        // Line 3 mangled where it lies.
+        let starts: Vec<usize> = std::iter::once(0)
+            .chain(
+                text.iter()
+                    .enumerate()
+                    .filter(|(_, b)| **b == b'\n')
+                    .map(|(i, _)| i + 1),
+            )
+            .collect();
+        text[starts[2]..starts[2] + 8].copy_from_slice(b"#garble#");
+        spool.append(&text, 1, true).expect("append");
+        let mut reader = Reader::new(dir.path(), spool.live.clone());
+        let first = reader
+            .next_chunk(0, 2, usize::MAX)
+            .expect("read")
+            .expect("1..=2");
+        assert_eq!((first.first_seq, first.count), (1, 2));
+        let next = reader
+            .next_chunk(2, 10, usize::MAX)
+            .expect("read")
+            .expect("3..=5");
+        assert_eq!((next.first_seq, next.count), (3, 3));
+        assert!(next.lines.starts_with(b"#garble#"));
+        // Read afresh (a new session) from after seq 2: the same.
+        let mut fresh = Reader::new(dir.path(), spool.live.clone());
+        let again = fresh
+            .next_chunk(2, 10, usize::MAX)
+            .expect("read")
+            .expect("3..=5");
+        assert_eq!((again.first_seq, again.count), (3, 3));
     }
 
     #[test]
