@@ -534,7 +534,7 @@ impl Config {
         }
         if d.max_spool_bytes < d.segment_bytes.saturating_mul(2) {
             return bad(format!(
-                "`decision_log.max_spool_bytes` ({}) must be at least twice `segment_bytes` ({}): the segment being written is never released, and a cap it alone can reach would stop the spool for good",
+                "`decision_log.max_spool_bytes` ({}) must be at least twice `segment_bytes` ({}): the segment being written is not released until the next one starts, so the cap must leave room for more than it",
                 d.max_spool_bytes, d.segment_bytes
             ));
         }

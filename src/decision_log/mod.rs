@@ -95,6 +95,8 @@ pub(crate) struct Shared {
     /// Records lost to `drop` since the last marker.
     dropped: AtomicU64,
     spool_bytes: Arc<AtomicU64>,
+    /// Every record up to this seq is acknowledged (set by the shipper).
+    acked: Arc<AtomicU64>,
     full_logged: AtomicBool,
     /// Set when the writer stopped for good (its disk thread is gone, or it
     /// panicked).
@@ -135,6 +137,10 @@ pub struct Running {
     /// The last spooled seq.
     pub spooled: watch::Receiver<u64>,
     pub metrics: DecisionLogMetrics,
+    /// Every record up to this seq is acknowledged: the shipper says so,
+    /// and the writer does not hold batches at the cap for a spool whose
+    /// every record is (its newest segment is never released).
+    pub acked: Arc<AtomicU64>,
     /// The spool's lock, for whatever works on the spool after the writer
     /// (the shipper releasing segments): a second sidecar stays out until
     /// every holder is done.
@@ -185,6 +191,7 @@ fn start_with_copy(
         metrics: metrics.clone(),
         dropped: AtomicU64::new(0),
         spool_bytes: spool.bytes.clone(),
+        acked: Arc::new(AtomicU64::new(0)),
         full_logged: AtomicBool::new(false),
         writer_failed: AtomicBool::new(false),
         spare,
@@ -245,6 +252,7 @@ fn start_with_copy(
         spool_live,
         spooled,
         metrics,
+        acked: shared.acked.clone(),
         spool_lock,
         stop,
         writer,
@@ -592,6 +600,34 @@ pub(crate) mod tests {
         assert!(matches!(sink.record(entry()), Handoff::Refused(_)));
         assert_eq!(metrics.refused.get(), before + 1, "each refusal is counted");
         assert!(sink.failure().is_some_and(|f| f.contains("restarts")));
+        running.close().await;
+    }
+
+    /// At the cap, a spool whose every record is acknowledged takes more:
+    /// what is left is the segment being written, which is never released,
+    /// and holding batches for it would block for good.
+    #[tokio::test]
+    async fn at_the_cap_a_fully_acknowledged_spool_takes_more() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let settings = Settings {
+            durability: Durability::Durable,
+            fsync: true,
+            max_spool_bytes: 1,
+            block_timeout: Duration::from_millis(100),
+            ..settings(&dir)
+        };
+        let (sink, running) = start(settings, DecisionLogMetrics::default()).expect("starts");
+        assert!(sink.record(entry()).settle().await.is_ok(), "room at first");
+        // At the cap with a record not yet acknowledged: held, and refused.
+        assert!(sink.record(entry()).settle().await.is_err());
+        assert_eq!(*running.spooled.borrow(), 1);
+        // The control plane acknowledges all there is: the held batch goes.
+        running.acked.store(1, Ordering::Relaxed);
+        let mut spooled = running.spooled.clone();
+        tokio::time::timeout(Duration::from_secs(5), spooled.wait_for(|s| *s == 2))
+            .await
+            .expect("written once all is acknowledged")
+            .expect("writer alive");
         running.close().await;
     }
 

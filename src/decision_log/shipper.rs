@@ -52,6 +52,8 @@ struct Ship {
     /// The spool's lock, held while this and any packer thread may still
     /// release segments.
     spool_lock: Arc<std::fs::File>,
+    /// Every record up to this seq is acknowledged (the writer reads it).
+    acked_through: Arc<AtomicU64>,
     spooled: watch::Receiver<u64>,
     metrics: DecisionLogMetrics,
     acked: u64,
@@ -73,6 +75,7 @@ pub fn run(
         spool_live: running.spool_live.clone(),
         packer_turn: Arc::default(),
         spool_lock: running.spool_lock.clone(),
+        acked_through: running.acked.clone(),
         spooled: running.spooled.clone(),
         metrics: running.metrics.clone(),
         acked: 0,
@@ -296,6 +299,8 @@ impl Ship {
 /// millisecond or so of CPU and file I/O, which must not delay a decision.
 struct Packer {
     ask: std::sync::mpsc::Sender<Ask>,
+    /// Shared with the writer: every record up to it is acknowledged.
+    acked: Arc<AtomicU64>,
 }
 
 type Packed = std::io::Result<Option<(u64, u32, Vec<u8>)>>;
@@ -365,7 +370,10 @@ impl Packer {
                 }
             })
             .map_err(|e| format!("cannot start the packer thread: {e}"))?;
-        Ok(Self { ask })
+        Ok(Self {
+            ask,
+            acked: ship.acked_through.clone(),
+        })
     }
 
     /// The next batch after `after`, compressed; `None` if nothing is new.
@@ -389,6 +397,7 @@ impl Packer {
 
     /// Deletes segments the control plane has acknowledged entirely.
     fn forget(&self, acked: u64) {
+        self.acked.fetch_max(acked, Ordering::Relaxed);
         let _ = self.ask.send(Ask::Forget(acked));
     }
 }

@@ -127,7 +127,14 @@ impl Writer {
     /// the batch was dropped.
     async fn room_for(&mut self, batch: &mut Vec<Queued>) -> bool {
         let cap = self.settings.max_spool_bytes;
-        let full = || self.shared.spool_bytes.load(Ordering::Relaxed) >= cap;
+        // Not while every spooled record is acknowledged: what is left is
+        // the segment being written, which is never released (it would stay
+        // at the cap for good); it is released once the next one starts.
+        let spooled = self.head.seq;
+        let full = || {
+            self.shared.spool_bytes.load(Ordering::Relaxed) >= cap
+                && self.shared.acked.load(Ordering::Relaxed) < spooled
+        };
         if !full() {
             self.shared.full_logged.store(false, Ordering::Relaxed);
             return true;
