@@ -97,6 +97,8 @@ pub(crate) struct Shared {
     spool_bytes: Arc<AtomicU64>,
     /// Every record up to this seq is acknowledged (set by the shipper).
     acked: Arc<AtomicU64>,
+    /// The segment being written.
+    spool_live: Arc<spool::Live>,
     full_logged: AtomicBool,
     /// Set when the writer stopped for good (its disk thread is gone, or it
     /// panicked).
@@ -192,6 +194,7 @@ fn start_with_copy(
         dropped: AtomicU64::new(0),
         spool_bytes: spool.bytes.clone(),
         acked: Arc::new(AtomicU64::new(0)),
+        spool_live: spool_live.clone(),
         full_logged: AtomicBool::new(false),
         writer_failed: AtomicBool::new(false),
         spare,
@@ -628,6 +631,15 @@ pub(crate) mod tests {
             .await
             .expect("written once all is acknowledged")
             .expect("writer alive");
+        // But not while older segments are still counted (their release
+        // failing): acknowledged is not yet freed.
+        running.acked.store(2, Ordering::Relaxed);
+        running.spool_bytes.fetch_add(1 << 30, Ordering::Relaxed);
+        assert!(
+            sink.record(entry()).settle().await.is_err(),
+            "held at the cap"
+        );
+        assert_eq!(*running.spooled.borrow(), 2);
         running.close().await;
     }
 

@@ -194,7 +194,13 @@ impl Ship {
                 "decision log: this spool forked from the chain the control plane stores; shipping the whole spool, and its records numbered up to the stored head will be kept apart as a fork"
             );
             sent = 0;
+            // Nothing of this spool is known to be acknowledged yet.
+            self.acked_through.store(0, Ordering::Relaxed);
         } else {
+            // Set, not raised: a control plane restored from a backup may
+            // now hold less than it acknowledged before.
+            self.acked_through
+                .store(self.acked.min(spooled), Ordering::Relaxed);
             packer.forget(self.acked);
         }
         // (first seq, last seq) of each batch sent and not yet answered.

@@ -46,7 +46,8 @@ impl Live {
         *self.0.lock().unwrap_or_else(PoisonError::into_inner) = (first_seq, len);
     }
 
-    fn get(&self) -> (u64, u64) {
+    /// The segment being written: its first seq and its length.
+    pub(crate) fn get(&self) -> (u64, u64) {
         *self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
@@ -516,10 +517,17 @@ impl Reader {
                             continue;
                         }
                         Ok(p) => first_seq = Some(p.seq),
-                        // Damaged, right after the last line shipped: it is
-                        // the next seq, and goes as evidence (the control
-                        // plane keeps it there and the chain breaks there).
-                        Err(_) if self.before_pending == Some(after) => first_seq = Some(after + 1),
+                        // Damaged, right after the last line shipped and
+                        // right before the record after next: it is the next
+                        // seq, and goes as evidence (the control plane keeps
+                        // it there and the chain breaks there). Damage that
+                        // merged or split records cannot be placed so.
+                        Err(_)
+                            if self.before_pending == Some(after)
+                                && self.holds_at(taken + nl + 1, after + 2) =>
+                        {
+                            first_seq = Some(after + 1)
+                        }
                         Err(e) => {
                             tracing::warn!("decision spool: skipping an unreadable line: {e}");
                             self.pending.drain(..=taken + nl);
@@ -549,6 +557,13 @@ impl Reader {
                 lines: std::mem::replace(&mut self.pending, rest),
             }
         }))
+    }
+
+    /// Whether the line at `at` in `pending` is whole and the record `seq`.
+    fn holds_at(&self, at: usize, seq: u64) -> bool {
+        let rest = &self.pending[at.min(self.pending.len())..];
+        memchr::memchr(b'\n', rest)
+            .is_some_and(|nl| chain::parse_line(&rest[..nl]).is_ok_and(|p| p.seq == seq))
     }
 
     /// Reads more bytes; false when nothing new is there yet.
@@ -584,7 +599,7 @@ impl Reader {
                 self.pending.truncate(whole);
                 if self.pending.is_empty() {
                     // A segment is named by its first line's seq.
-                    self.before_pending = Some(first - 1);
+                    self.before_pending = first.checked_sub(1);
                 }
                 self.current = Some((*first, File::open(path)?));
                 self.read = 0;
@@ -763,6 +778,22 @@ mod tests {
             .expect("read")
             .expect("3..=5");
         assert_eq!((again.first_seq, again.count), (3, 3));
+
+        // Damage that merged two records into one line cannot be placed:
+        // skipped, the next record goes at its own seq (a gap the control
+        // plane flags), never misnumbered.
+        let dir = tempfile::tempdir().expect("tmp");
+        let (mut spool, _, _) = Spool::open(dir.path(), 1 << 20).expect("open");
+        let mut merged = lines(1, 5, &mut GENESIS.clone());
+        merged[starts[3] - 1] = b' ';
+        merged[starts[2]..starts[2] + 8].copy_from_slice(b"#garble#");
+        spool.append(&merged, 1, true).expect("append");
+        let mut reader = Reader::new(dir.path(), spool.live.clone());
+        let next = reader
+            .next_chunk(2, 10, usize::MAX)
+            .expect("read")
+            .expect("5");
+        assert_eq!((next.first_seq, next.count), (5, 1));
     }
 
     #[test]

@@ -127,13 +127,17 @@ impl Writer {
     /// the batch was dropped.
     async fn room_for(&mut self, batch: &mut Vec<Queued>) -> bool {
         let cap = self.settings.max_spool_bytes;
-        // Not while every spooled record is acknowledged: what is left is
-        // the segment being written, which is never released (it would stay
-        // at the cap for good); it is released once the next one starts.
+        // Not while every spooled record is acknowledged and all that is
+        // left is the segment being written: that one is released only once
+        // the next starts (it would stay at the cap for good). Keyed on the
+        // bytes left, not the acknowledgement alone, so a release that keeps
+        // failing still holds the spool at its cap.
         let spooled = self.head.seq;
         let full = || {
-            self.shared.spool_bytes.load(Ordering::Relaxed) >= cap
-                && self.shared.acked.load(Ordering::Relaxed) < spooled
+            let bytes = self.shared.spool_bytes.load(Ordering::Relaxed);
+            bytes >= cap
+                && (self.shared.acked.load(Ordering::Relaxed) < spooled
+                    || bytes > self.shared.spool_live.get().1)
         };
         if !full() {
             self.shared.full_logged.store(false, Ordering::Relaxed);
