@@ -213,3 +213,43 @@ fn bench_drives_a_sidecar_at_a_fixed_rate() {
     assert!((200.0..=400.0).contains(&rate), "achieved {rate}/s: {row}");
     assert_eq!(cols.last(), Some(&"0"), "failed calls: {row}");
 }
+
+/// `arbiter bench` with the decision log on: the sidecar ships every record
+/// to the stand-in receiver, which acknowledges them all, nothing dropped.
+#[test]
+fn bench_ships_a_decision_log_run_to_its_stand_in_receiver() {
+    let (code, out, err) = run(&[
+        "bench",
+        "--scenarios",
+        "peer",
+        "--cache",
+        "off",
+        "--decision-log",
+        "buffered",
+        "--rate",
+        "300",
+        "--duration",
+        "1",
+        "--warmup",
+        "0.2",
+        "--server-cpu",
+        "none",
+    ]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("ship to a stand-in receiver"), "{out}");
+    let after = out
+        .lines()
+        .find(|l| l.contains("decision log at +2 s"))
+        .unwrap_or_else(|| panic!("no shipping report: {out}"));
+    // At least the measured calls, all acknowledged, none lost.
+    let spooled: u64 = after
+        .split_whitespace()
+        .nth(5)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{after}"));
+    assert!(spooled >= 200, "{after}");
+    assert!(
+        after.contains("(lag 0)") && after.contains("dropped 0, refused 0"),
+        "{after}"
+    );
+}

@@ -1,12 +1,19 @@
 //! The baseline: a bare tonic service that returns what it receives, run as
 //! its own process so its CPU time can be read the same way as the sidecar's.
+//! The same process also stands in for the control plane's decision-log
+//! receiver in the decision-log runs (`--ack-only`).
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
-use tonic::{Request, Response, Status};
+use std::pin::Pin;
+
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
 
 use crate::api::pb::bench::{EchoMessage, echo_server};
+use crate::api::pb::v1::{RecordBatch, ShipAck, decision_log_server};
 
 struct Echo;
 
@@ -15,6 +22,77 @@ impl echo_server::Echo for Echo {
     async fn echo(&self, request: Request<EchoMessage>) -> Result<Response<EchoMessage>, Status> {
         Ok(Response::new(request.into_inner()))
     }
+}
+
+/// Acknowledges each decision-log batch once it has unpacked it and counted
+/// its lines, storing nothing: a receiver that always keeps up and needs
+/// little CPU, so on a 2-core machine it neither lets the sidecar's spool
+/// grow nor takes the load generator's core the way a control plane's
+/// database would (in production the control plane runs elsewhere).
+struct AckOnly;
+
+type AckStream = Pin<Box<dyn Stream<Item = Result<ShipAck, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl decision_log_server::DecisionLog for AckOnly {
+    type ShipStream = AckStream;
+
+    async fn ship(
+        &self,
+        request: Request<Streaming<RecordBatch>>,
+    ) -> Result<Response<Self::ShipStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(8);
+        tokio::spawn(async move {
+            // The next seq expected: batches must continue without gaps.
+            let mut next = 1;
+            while let Ok(Some(batch)) = inbound.message().await {
+                let ack = check_batch(&batch, next);
+                if let Ok(a) = &ack
+                    && batch.count > 0
+                {
+                    next = a.acked_seq + 1;
+                }
+                if tx.send(ack).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}
+
+/// The acknowledgement of `batch` (a hello: nothing held yet), or why not.
+fn check_batch(batch: &RecordBatch, next: u64) -> Result<ShipAck, Status> {
+    let ack = |acked_seq, batch_last_seq| ShipAck {
+        instance_id: batch.instance_id.clone(),
+        acked_seq,
+        chain_breaks: 0,
+        accepts_lz4: true,
+        acked_hash: Vec::new(),
+        batch_last_seq,
+    };
+    if batch.count == 0 {
+        return Ok(ack(next - 1, 0));
+    }
+    if batch.first_seq != next {
+        return Err(Status::failed_precondition(format!(
+            "batch starts at seq {}, expected {next}",
+            batch.first_seq
+        )));
+    }
+    let text = crate::controlplane::trail::unpack(batch).map_err(Status::invalid_argument)?;
+    let lines = memchr::memchr_iter(b'\n', &text).count();
+    if lines != batch.count as usize {
+        return Err(Status::invalid_argument(format!(
+            "batch at seq {} says {} lines and holds {lines}",
+            batch.first_seq, batch.count
+        )));
+    }
+    let last = batch.first_seq + u64::from(batch.count) - 1;
+    Ok(ack(last, last))
 }
 
 #[derive(Debug, clap::Args)]
@@ -44,6 +122,10 @@ pub fn run_echo(args: EchoArgs) -> ExitCode {
         println!("listening {addr}");
         tonic::transport::Server::builder()
             .add_service(echo_server::EchoServer::new(Echo))
+            .add_service(
+                decision_log_server::DecisionLogServer::new(AckOnly)
+                    .max_decoding_message_size(16 << 20),
+            )
             .serve_with_incoming_shutdown(
                 tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
                 crate::server::shutdown_signal(),
@@ -57,5 +139,48 @@ pub fn run_echo(args: EchoArgs) -> ExitCode {
             eprintln!("error: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(first_seq: u64, count: u32, lines: &[u8]) -> RecordBatch {
+        use std::io::Write;
+        let mut lz4 = lz4_flex::frame::FrameEncoder::new(Vec::new());
+        lz4.write_all(lines).expect("lz4");
+        RecordBatch {
+            instance_id: "i".into(),
+            first_seq,
+            count,
+            lines_deflate: Vec::new(),
+            lines_lz4: if count == 0 {
+                Vec::new()
+            } else {
+                lz4.finish().expect("lz4")
+            },
+        }
+    }
+
+    #[test]
+    fn the_stand_in_acknowledges_batches_that_continue_and_refuses_others() {
+        let hello = check_batch(&batch(0, 0, b""), 1).expect("hello");
+        assert_eq!((hello.acked_seq, hello.batch_last_seq), (0, 0));
+        assert!(hello.accepts_lz4);
+
+        let ack = check_batch(&batch(1, 2, b"{}\n{}\n"), 1).expect("ack");
+        assert_eq!((ack.acked_seq, ack.batch_last_seq), (2, 2));
+
+        let gap = check_batch(&batch(4, 1, b"{}\n"), 3).expect_err("gap");
+        assert!(gap.message().contains("expected 3"), "{gap:?}");
+        let short = check_batch(&batch(3, 2, b"{}\n"), 3).expect_err("count");
+        assert!(short.message().contains("holds 1"), "{short:?}");
+        let mut garbled = batch(3, 1, b"{}\n");
+        garbled.lines_lz4 = b"not lz4".to_vec();
+        assert_eq!(
+            check_batch(&garbled, 3).expect_err("lz4").code(),
+            tonic::Code::InvalidArgument
+        );
     }
 }

@@ -71,13 +71,18 @@ pub struct BenchArgs {
     /// Compare the policy index with whole-set evaluation (adds runs with the index off).
     #[arg(long)]
     index_off_too: bool,
-    /// Decision-log modes to run besides `off` (cache off, shipping to a
-    /// control plane this bench starts): `buffered`, `durable`.
+    /// Decision-log modes to run besides `off` (cache off, shipping to the
+    /// `--log-receiver` this bench starts): `buffered`, `durable`.
     #[arg(long, value_delimiter = ',', default_value = "")]
     decision_log: Vec<String>,
-    /// Run that control plane at normal priority on CPU 0 (it then competes
+    /// What the decision-log runs ship to, started on CPU 0 in the
+    /// background.
+    #[arg(long, value_enum, default_value = "stand-in")]
+    log_receiver: LogReceiver,
+    /// Run the control plane at normal priority on CPU 0 (it then competes
     /// with the load generator) instead of in the background: shows whether
-    /// shipping keeps up at the saturated rate.
+    /// shipping keeps up at the saturated rate. Implies
+    /// `--log-receiver control-plane`.
     #[arg(long)]
     log_cp_foreground: bool,
     /// `KEY=VALUE` lines added to the `[decision_log]` section of the
@@ -708,7 +713,16 @@ async fn run_async(args: BenchArgs) -> Result<(), String> {
     let log_sink = if log_modes.is_empty() {
         None
     } else {
-        Some(decision_log_sink(&tmp, &cp_dir, args.log_cp_foreground)?)
+        let (receiver, url) = log_receiver(&tmp, &cp_dir, &args)?;
+        println!(
+            "decision-log runs ship to {} at {url}",
+            match args.log_receiver == LogReceiver::StandIn && !args.log_cp_foreground {
+                true => "a stand-in receiver (checks and acknowledges batches, stores nothing)",
+                false if args.log_cp_foreground => "a control plane in the foreground",
+                false => "a control plane",
+            }
+        );
+        Some((receiver, url))
     };
 
     for s in &args.scenarios {
@@ -757,7 +771,7 @@ async fn run_async(args: BenchArgs) -> Result<(), String> {
             ));
         }
         for mode in &log_modes {
-            let (_, url) = log_sink.as_ref().ok_or("no control plane")?;
+            let (_, url) = log_sink.as_ref().ok_or("no decision-log receiver")?;
             variants.push((
                 format!("arbiter log {mode}"),
                 vec![
@@ -1065,6 +1079,23 @@ fn write_public_key(key: &ed25519_dalek::SigningKey, path: &Path) -> Result<(), 
     std::fs::write(path, pem).map_err(|e| e.to_string())
 }
 
+/// Starts what the decision-log runs ship to. Returns it and its URL.
+fn log_receiver(tmp: &Path, db_dir: &Path, args: &BenchArgs) -> Result<(Server, String), String> {
+    if args.log_receiver == LogReceiver::ControlPlane || args.log_cp_foreground {
+        return decision_log_sink(tmp, db_dir, args.log_cp_foreground);
+    }
+    // In the background on CPU 0, as the control plane would be.
+    let receiver = spawn_with(
+        "0",
+        true,
+        &["bench-echo".into(), "--worker-threads".into(), "1".into()],
+        echo_addr,
+        false,
+    )?;
+    let url = format!("http://{}", receiver.addr);
+    Ok((receiver, url))
+}
+
 /// Starts a control plane for the decision log (and agent) runs. Returns it
 /// and its URL.
 fn decision_log_sink(
@@ -1099,6 +1130,19 @@ fn decision_log_sink(
     )?;
     let url = format!("http://{}", cp.addr);
     Ok((cp, url))
+}
+
+/// What the decision-log runs ship to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogReceiver {
+    /// A receiver that unpacks each batch, checks its seqs and line count
+    /// and acknowledges it, storing nothing: it always keeps up and takes
+    /// little of the load generator's core, as a control plane on another
+    /// machine would. Measures the sidecar's own cost.
+    StandIn,
+    /// A real control plane (SQLite store, chain verification): shows how
+    /// shipping and the store keep up when they share this machine.
+    ControlPlane,
 }
 
 /// The operator token of the control planes the bench starts.
