@@ -34,6 +34,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use tokio::sync::watch;
+use tokio_stream::StreamExt;
 
 use super::journeys::{JourneyError, Journeys, SessionsService, Signal};
 use super::store::{Put, Store, StoreError};
@@ -427,20 +428,36 @@ async fn read_trail<T: Send + 'static>(
     headers: &HeaderMap,
     read: impl FnOnce(&DecisionStore) -> Result<T, TrailError> + Send + 'static,
 ) -> Result<T, Response> {
-    if !state.authorized(headers) {
-        return Err(message(
-            StatusCode::UNAUTHORIZED,
-            "reading decision records needs `Authorization: Bearer <token>`",
-        ));
+    if let Some(refused) = refuse_trail_reader(state, headers) {
+        return Err(refused);
     }
     let store = state.decisions.clone();
     match tokio::task::spawn_blocking(move || read(&store)).await {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(TrailError::Bad(why))) => Err(message(StatusCode::BAD_REQUEST, why)),
-        Ok(Err(e)) => Err(message(StatusCode::INTERNAL_SERVER_ERROR, e)),
+        Ok(Err(e)) => Err(trail_error(e)),
         Err(e) => Err(message(StatusCode::INTERNAL_SERVER_ERROR, e)),
     }
 }
+
+/// The refusal of a caller who may not read the trail.
+fn refuse_trail_reader(state: &AppState, headers: &HeaderMap) -> Option<Response> {
+    (!state.authorized(headers)).then(|| {
+        message(
+            StatusCode::UNAUTHORIZED,
+            "reading decision records needs `Authorization: Bearer <token>`",
+        )
+    })
+}
+
+fn trail_error(e: TrailError) -> Response {
+    match e {
+        TrailError::Bad(why) => message(StatusCode::BAD_REQUEST, why),
+        e => message(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}
+
+/// An export's chunks (whole lines) as they leave the store.
+const EXPORT_CHUNK: usize = 64 << 10;
 
 async fn query_decisions(
     State(state): State<Arc<AppState>>,
@@ -473,15 +490,41 @@ async fn export_decisions(
     let Some(instance) = filter.instance else {
         return message(StatusCode::BAD_REQUEST, "`instance` is required");
     };
-    match read_trail(&state, &headers, move |s| s.export(&instance)).await {
-        Ok(lines) => (
-            StatusCode::OK,
-            [(header::CONTENT_TYPE, "application/x-ndjson")],
-            lines,
-        )
-            .into_response(),
-        Err(r) => r,
+    if let Some(refused) = refuse_trail_reader(&state, &headers) {
+        return refused;
     }
+    // Streamed: the store reads on a blocking thread, a few chunks ahead of
+    // the client, and stops when the client goes.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, TrailError>>(4);
+    let store = state.decisions.clone();
+    tokio::task::spawn_blocking(move || {
+        let sent =
+            store.export_chunks(&instance, EXPORT_CHUNK, |c| tx.blocking_send(Ok(c)).is_ok());
+        if let Err(e) = sent {
+            let _ = tx.blocking_send(Err(e));
+        }
+    });
+    // An error before the first line is an error response; one after it
+    // (the status is sent) cuts the body short, which the client sees as
+    // an incomplete transfer rather than a shorter chain.
+    let first = match rx.recv().await {
+        None => Vec::new(),
+        Some(Err(e)) => return trail_error(e),
+        Some(Ok(first)) => first,
+    };
+    let rest = tokio_stream::wrappers::ReceiverStream::new(rx).map(|chunk| {
+        chunk.map_err(|e| {
+            tracing::error!("decision export cut short: {e}");
+            std::io::Error::other(e.to_string())
+        })
+    });
+    let body = tokio_stream::once(Ok(first)).chain(rest);
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        axum::body::Body::from_stream(body),
+    )
+        .into_response()
 }
 
 async fn show_decision(

@@ -789,19 +789,45 @@ impl DecisionStore {
         }
     }
 
-    /// One instance's records in the chained line form (`log verify --file`).
-    pub fn export(&self, instance: &str) -> Result<Vec<u8>, TrailError> {
+    /// One instance's records in the chained line form (`log verify --file`),
+    /// from one snapshot, handed to `emit` in chunks of whole lines of about
+    /// `chunk` bytes: a chain of millions of records is never held in
+    /// memory at once. Stops early, without error, once `emit` returns
+    /// false (whoever reads has gone).
+    pub fn export_chunks(
+        &self,
+        instance: &str,
+        chunk: usize,
+        mut emit: impl FnMut(Vec<u8>) -> bool,
+    ) -> Result<(), TrailError> {
         let conn = self.reader()?;
         let mut stmt =
             conn.prepare("SELECT hash, body FROM decisions WHERE instance = ?1 ORDER BY seq")?;
         let mut rows = stmt.query(params![instance])?;
-        let mut out = Vec::new();
+        let mut out = Vec::with_capacity(chunk);
         while let Some(row) = rows.next()? {
             let hash: Hash = row.get::<_, Vec<u8>>(0)?.try_into().unwrap_or(GENESIS);
             let body: String = row.get(1)?;
             chain::write_line(&mut out, &hash, body.as_bytes());
+            if out.len() >= chunk && !emit(std::mem::replace(&mut out, Vec::with_capacity(chunk))) {
+                return Ok(());
+            }
         }
-        Ok(out)
+        if !out.is_empty() {
+            emit(out);
+        }
+        Ok(())
+    }
+
+    /// The whole export at once, for tests.
+    #[cfg(test)]
+    pub fn export(&self, instance: &str) -> Result<Vec<u8>, TrailError> {
+        let mut all = Vec::new();
+        self.export_chunks(instance, 64 << 10, |c| {
+            all.extend_from_slice(&c);
+            true
+        })?;
+        Ok(all)
     }
 }
 
@@ -1573,6 +1599,49 @@ mod tests {
             1
         );
         DecisionStore::open(&db).expect("reopens");
+    }
+
+    #[test]
+    fn an_export_comes_in_chunks_of_whole_lines_and_stops_when_asked() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = DecisionStore::open(&dir.path().join("cp.db")).expect("open");
+        let mut prev = GENESIS;
+        let all = records(1, 40, &mut prev);
+        let mut head = store.head("i1").expect("head");
+        store
+            .append("i1", &mut head, &incoming(&all))
+            .expect("append");
+        let whole = store.export("i1").expect("export");
+        assert!(chain::verify_lines(&whole).is_ok());
+
+        let mut chunks = Vec::new();
+        store
+            .export_chunks("i1", 1000, |c| {
+                chunks.push(c);
+                true
+            })
+            .expect("chunks");
+        assert!(chunks.len() > 3, "{} chunks", chunks.len());
+        assert!(chunks.iter().all(|c| c.ends_with(b"\n")));
+        assert_eq!(chunks.concat(), whole);
+
+        let mut taken = 0;
+        store
+            .export_chunks("i1", 1000, |_| {
+                taken += 1;
+                taken < 2
+            })
+            .expect("stopped");
+        assert_eq!(taken, 2);
+
+        let mut none = 0;
+        store
+            .export_chunks("nobody", 1000, |_| {
+                none += 1;
+                true
+            })
+            .expect("empty");
+        assert_eq!(none, 0);
     }
 
     #[test]
