@@ -547,15 +547,17 @@ impl Reader {
                 break;
             }
         }
-        Ok(first_seq.filter(|_| count > 0).map(|first_seq| {
-            self.before_pending = Some(first_seq + u64::from(count) - 1);
-            // The chunk keeps the buffer; only the partial rest is copied.
-            let rest = self.pending.split_off(taken);
-            Chunk {
-                first_seq,
-                count,
-                lines: std::mem::replace(&mut self.pending, rest),
-            }
+        let Some(first_seq) = first_seq.filter(|_| count > 0) else {
+            return Ok(None);
+        };
+        let (count, taken) = in_place(&self.pending[..taken], first_seq, count);
+        self.before_pending = Some(first_seq + u64::from(count) - 1);
+        // The chunk keeps the buffer; only the partial rest is copied.
+        let rest = self.pending.split_off(taken);
+        Ok(Some(Chunk {
+            first_seq,
+            count,
+            lines: std::mem::replace(&mut self.pending, rest),
         }))
     }
 
@@ -608,6 +610,44 @@ impl Reader {
             None => Ok(false),
         }
     }
+}
+
+/// How many of a chunk's `count` whole lines, and how many of its bytes, are
+/// at the seqs counting from `first_seq` gives them: all of them, unless
+/// damage in between merged or split records and a readable line after it
+/// is out of place; then those up to the last readable line in its place (a
+/// misnumbered record would make the control plane refuse the batch on
+/// every resend). The rest is read again as the
+/// next chunk's start, where a line that cannot be placed is skipped into a
+/// gap the control plane flags. Parses the last line when all is well,
+/// every line when not.
+fn in_place(lines: &[u8], first_seq: u64, count: u32) -> (u32, usize) {
+    let body = &lines[..lines.len().saturating_sub(1)];
+    let last_start = memchr::memrchr(b'\n', body).map_or(0, |i| i + 1);
+    let last_seq = first_seq + u64::from(count) - 1;
+    if count == 1 || chain::parse_line(&body[last_start..]).is_ok_and(|p| p.seq == last_seq) {
+        return (count, lines.len());
+    }
+    // The first line is in place: read, or a damaged one already placed.
+    let mut whole = lines.split_inclusive(|b| *b == b'\n');
+    let first_len = whole.next().map_or(0, <[u8]>::len);
+    let (mut kept, mut kept_bytes, mut at) = (1, first_len, first_len);
+    for (i, line) in whole.enumerate() {
+        at += line.len();
+        match chain::parse_line(&line[..line.len() - 1]) {
+            Ok(p) if p.seq == first_seq + i as u64 + 1 => (kept, kept_bytes) = (i as u32 + 2, at),
+            Ok(_) => break,
+            // Unreadable lines go where they are counted, as evidence, until
+            // a readable one shows the count is off.
+            Err(_) if at == lines.len() => return (count, lines.len()),
+            Err(_) => {}
+        }
+    }
+    tracing::warn!(
+        "decision spool: damage after seq {} merged or split records; shipping up to it",
+        first_seq + u64::from(kept) - 1
+    );
+    (kept, kept_bytes)
 }
 
 #[cfg(test)]
@@ -794,6 +834,66 @@ mod tests {
             .expect("read")
             .expect("5");
         assert_eq!((next.first_seq, next.count), (5, 1));
+    }
+
+    /// Damage in the middle of a chunk that merged or split records: the
+    /// chunk stops before it, and what follows goes at its own seqs after
+    /// a gap, so the control plane can take every batch.
+    #[test]
+    fn damage_that_moved_line_breaks_mid_chunk_ends_the_chunk_before_it() {
+        for merge in [true, false] {
+            let dir = tempfile::tempdir().expect("tmp");
+            let (mut spool, _, _) = Spool::open(dir.path(), 1 << 20).expect("open");
+            let mut text = lines(1, 8, &mut GENESIS.clone());
+            let breaks: Vec<usize> = memchr::memchr_iter(b'\n', &text).collect();
+            if merge {
+                // Records 4 and 5 on one line.
+                text[breaks[3]] = b' ';
+            } else {
+                // Record 4 in two lines.
+                text[breaks[2] + 10] = b'\n';
+            }
+            spool.append(&text, 1, true).expect("append");
+            let mut reader = Reader::new(dir.path(), spool.live.clone());
+            let head = reader
+                .next_chunk(0, 100, usize::MAX)
+                .expect("read")
+                .expect("1..=3");
+            assert_eq!((head.first_seq, head.count), (1, 3), "merge {merge}");
+            assert_eq!(head.lines, text[..=breaks[2]]);
+            let tail = reader
+                .next_chunk(3, 100, usize::MAX)
+                .expect("read")
+                .expect("the rest");
+            let first_after = if merge { 6 } else { 5 };
+            assert_eq!(
+                (tail.first_seq, tail.count),
+                (first_after, 9 - first_after as u32),
+                "merge {merge}"
+            );
+            let seqs: Vec<u64> = tail
+                .lines
+                .split(|b| *b == b'\n')
+                .filter(|l| !l.is_empty())
+                .map(|l| chain::parse_line(l).expect("line").seq)
+                .collect();
+            assert_eq!(seqs, (first_after..=8).collect::<Vec<_>>());
+        }
+
+        // Damaged lines at a chunk's end with no readable line after them
+        // to show the count is off go where they are counted, as evidence.
+        let dir = tempfile::tempdir().expect("tmp");
+        let (mut spool, _, _) = Spool::open(dir.path(), 1 << 20).expect("open");
+        let mut text = lines(1, 4, &mut GENESIS.clone());
+        let breaks: Vec<usize> = memchr::memchr_iter(b'\n', &text).collect();
+        text[breaks[2] + 1..breaks[2] + 9].copy_from_slice(b"#garble#");
+        spool.append(&text, 1, true).expect("append");
+        let mut reader = Reader::new(dir.path(), spool.live.clone());
+        let all = reader
+            .next_chunk(0, 100, usize::MAX)
+            .expect("read")
+            .expect("1..=4");
+        assert_eq!((all.first_seq, all.count), (1, 4));
     }
 
     #[test]
