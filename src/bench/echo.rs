@@ -1,12 +1,13 @@
 //! The baseline: a bare tonic service that returns what it receives, run as
 //! its own process so its CPU time can be read the same way as the sidecar's.
 //! The same process also stands in for the control plane's decision-log
-//! receiver in the decision-log runs (`--ack-only`).
+//! receiver in the decision-log runs (`AckOnly`).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::process::ExitCode;
-
 use std::pin::Pin;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
@@ -28,8 +29,14 @@ impl echo_server::Echo for Echo {
 /// its lines, storing nothing: a receiver that always keeps up and needs
 /// little CPU, so on a 2-core machine it neither lets the sidecar's spool
 /// grow nor takes the load generator's core the way a control plane's
-/// database would (in production the control plane runs elsewhere).
-struct AckOnly;
+/// database would (in production the control plane runs elsewhere). Like
+/// the control plane it answers a hello with where the instance's chain
+/// stands (kept across streams), acknowledges resends, and takes a batch
+/// after a gap (counted as a break).
+#[derive(Default)]
+struct AckOnly {
+    heads: Arc<Mutex<HashMap<String, u64>>>,
+}
 
 type AckStream = Pin<Box<dyn Stream<Item = Result<ShipAck, Status>> + Send>>;
 
@@ -43,16 +50,17 @@ impl decision_log_server::DecisionLog for AckOnly {
     ) -> Result<Response<Self::ShipStream>, Status> {
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(8);
+        let heads = self.heads.clone();
         tokio::spawn(async move {
-            // The next seq expected: batches must continue without gaps.
-            let mut next = 1;
+            // Batches after the hello do not repeat the instance id.
+            let mut instance = None;
             while let Ok(Some(batch)) = inbound.message().await {
-                let ack = check_batch(&batch, next);
-                if let Ok(a) = &ack
-                    && batch.count > 0
-                {
-                    next = a.acked_seq + 1;
-                }
+                let who = instance.get_or_insert_with(|| batch.instance_id.clone());
+                let ack = {
+                    let mut heads = heads.lock().unwrap_or_else(|p| p.into_inner());
+                    let head = heads.entry(who.clone()).or_default();
+                    check_batch(&batch, head)
+                };
                 if tx.send(ack).await.is_err() {
                     return;
                 }
@@ -64,24 +72,23 @@ impl decision_log_server::DecisionLog for AckOnly {
     }
 }
 
-/// The acknowledgement of `batch` (a hello: nothing held yet), or why not.
-fn check_batch(batch: &RecordBatch, next: u64) -> Result<ShipAck, Status> {
-    let ack = |acked_seq, batch_last_seq| ShipAck {
+/// The acknowledgement of `batch` against the instance's `head` (the last
+/// seq taken), which it moves on; or why the batch cannot be taken.
+fn check_batch(batch: &RecordBatch, head: &mut u64) -> Result<ShipAck, Status> {
+    let ack = |acked_seq, batch_last_seq, chain_breaks| ShipAck {
         instance_id: batch.instance_id.clone(),
         acked_seq,
-        chain_breaks: 0,
+        chain_breaks,
         accepts_lz4: true,
         acked_hash: Vec::new(),
         batch_last_seq,
     };
     if batch.count == 0 {
-        return Ok(ack(next - 1, 0));
+        return Ok(ack(*head, 0, 0));
     }
-    if batch.first_seq != next {
-        return Err(Status::failed_precondition(format!(
-            "batch starts at seq {}, expected {next}",
-            batch.first_seq
-        )));
+    let last = batch.first_seq.saturating_add(u64::from(batch.count) - 1);
+    if batch.first_seq == 0 {
+        return Err(Status::invalid_argument("seqs start at 1"));
     }
     let text = crate::controlplane::trail::unpack(batch).map_err(Status::invalid_argument)?;
     let lines = memchr::memchr_iter(b'\n', &text).count();
@@ -91,8 +98,11 @@ fn check_batch(batch: &RecordBatch, next: u64) -> Result<ShipAck, Status> {
             batch.first_seq, batch.count
         )));
     }
-    let last = batch.first_seq + u64::from(batch.count) - 1;
-    Ok(ack(last, last))
+    // A resend is acknowledged again; a batch after a gap is taken, the
+    // gap counted as a break, as the control plane does.
+    let breaks = u32::from(batch.first_seq > *head + 1);
+    *head = (*head).max(last);
+    Ok(ack(*head, last, breaks))
 }
 
 #[derive(Debug, clap::Args)]
@@ -123,7 +133,7 @@ pub fn run_echo(args: EchoArgs) -> ExitCode {
         tonic::transport::Server::builder()
             .add_service(echo_server::EchoServer::new(Echo))
             .add_service(
-                decision_log_server::DecisionLogServer::new(AckOnly)
+                decision_log_server::DecisionLogServer::new(AckOnly::default())
                     .max_decoding_message_size(16 << 20),
             )
             .serve_with_incoming_shutdown(
@@ -164,23 +174,32 @@ mod tests {
     }
 
     #[test]
-    fn the_stand_in_acknowledges_batches_that_continue_and_refuses_others() {
-        let hello = check_batch(&batch(0, 0, b""), 1).expect("hello");
+    fn the_stand_in_acknowledges_batches_resends_and_gaps_and_refuses_damage() {
+        let mut head = 0;
+        let hello = check_batch(&batch(0, 0, b""), &mut head).expect("hello");
         assert_eq!((hello.acked_seq, hello.batch_last_seq), (0, 0));
         assert!(hello.accepts_lz4);
 
-        let ack = check_batch(&batch(1, 2, b"{}\n{}\n"), 1).expect("ack");
-        assert_eq!((ack.acked_seq, ack.batch_last_seq), (2, 2));
+        let ack = check_batch(&batch(1, 2, b"{}\n{}\n"), &mut head).expect("ack");
+        assert_eq!((ack.acked_seq, ack.batch_last_seq, head), (2, 2, 2));
+        // A resend, and a hello on a new stream: where the chain stands.
+        let again = check_batch(&batch(2, 1, b"{}\n"), &mut head).expect("resend");
+        assert_eq!((again.acked_seq, again.batch_last_seq, head), (2, 2, 2));
+        let hello = check_batch(&batch(0, 0, b""), &mut head).expect("hello");
+        assert_eq!(hello.acked_seq, 2);
 
-        let gap = check_batch(&batch(4, 1, b"{}\n"), 3).expect_err("gap");
-        assert!(gap.message().contains("expected 3"), "{gap:?}");
-        let short = check_batch(&batch(3, 2, b"{}\n"), 3).expect_err("count");
+        // After a gap: taken, the gap counted.
+        let gap = check_batch(&batch(5, 1, b"{}\n"), &mut head).expect("gap");
+        assert_eq!((gap.acked_seq, gap.chain_breaks, head), (5, 1, 5));
+
+        let short = check_batch(&batch(6, 2, b"{}\n"), &mut head).expect_err("count");
         assert!(short.message().contains("holds 1"), "{short:?}");
-        let mut garbled = batch(3, 1, b"{}\n");
+        let mut garbled = batch(6, 1, b"{}\n");
         garbled.lines_lz4 = b"not lz4".to_vec();
         assert_eq!(
-            check_batch(&garbled, 3).expect_err("lz4").code(),
+            check_batch(&garbled, &mut head).expect_err("lz4").code(),
             tonic::Code::InvalidArgument
         );
+        assert_eq!(head, 5, "nothing refused moves the head");
     }
 }

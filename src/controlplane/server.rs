@@ -458,6 +458,18 @@ fn trail_error(e: TrailError) -> Response {
 
 /// An export's chunks (whole lines) as they leave the store.
 const EXPORT_CHUNK: usize = 64 << 10;
+/// How long an export waits for its client to take the next chunk before
+/// it gives up: its read snapshot holds back the database's checkpoints.
+const EXPORT_STALL: Duration = Duration::from_secs(30);
+
+/// What the store's reader hands an export's response.
+enum ExportPart {
+    Lines(Vec<u8>),
+    Failed(TrailError),
+    /// The whole chain was read: without it, the reader went away (a
+    /// panic), and the body must not end as if complete.
+    End,
+}
 
 async fn query_decisions(
     State(state): State<Arc<AppState>>,
@@ -494,30 +506,47 @@ async fn export_decisions(
         return refused;
     }
     // Streamed: the store reads on a blocking thread, a few chunks ahead of
-    // the client, and stops when the client goes.
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, TrailError>>(4);
+    // the client, and stops when the client goes or stops reading.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<ExportPart>(4);
     let store = state.decisions.clone();
+    let runtime = tokio::runtime::Handle::current();
     tokio::task::spawn_blocking(move || {
-        let sent =
-            store.export_chunks(&instance, EXPORT_CHUNK, |c| tx.blocking_send(Ok(c)).is_ok());
-        if let Err(e) = sent {
-            let _ = tx.blocking_send(Err(e));
-        }
+        let send = |part| {
+            let sent = runtime.block_on(tokio::time::timeout(EXPORT_STALL, tx.send(part)));
+            matches!(sent, Ok(Ok(())))
+        };
+        let last =
+            match store.export_chunks(&instance, EXPORT_CHUNK, |c| send(ExportPart::Lines(c))) {
+                Ok(()) => ExportPart::End,
+                Err(e) => ExportPart::Failed(e),
+            };
+        send(last);
     });
     // An error before the first line is an error response; one after it
     // (the status is sent) cuts the body short, which the client sees as
     // an incomplete transfer rather than a shorter chain.
     let first = match rx.recv().await {
-        None => Vec::new(),
-        Some(Err(e)) => return trail_error(e),
-        Some(Ok(first)) => first,
+        Some(ExportPart::End) => Vec::new(),
+        Some(ExportPart::Failed(e)) => return trail_error(e),
+        Some(ExportPart::Lines(first)) => first,
+        None => {
+            return message(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the export's reader stopped",
+            );
+        }
     };
-    let rest = tokio_stream::wrappers::ReceiverStream::new(rx).map(|chunk| {
-        chunk.map_err(|e| {
-            tracing::error!("decision export cut short: {e}");
-            std::io::Error::other(e.to_string())
-        })
-    });
+    let unfinished = || ExportPart::Failed(TrailError::Bad("the export's reader stopped".into()));
+    let rest = tokio_stream::wrappers::ReceiverStream::new(rx)
+        .chain(tokio_stream::once(unfinished()))
+        .map_while(|part| match part {
+            ExportPart::Lines(lines) => Some(Ok(lines)),
+            ExportPart::End => None,
+            ExportPart::Failed(e) => {
+                tracing::error!("decision export cut short: {e}");
+                Some(Err(std::io::Error::other(e.to_string())))
+            }
+        });
     let body = tokio_stream::once(Ok(first)).chain(rest);
     (
         StatusCode::OK,
