@@ -180,11 +180,10 @@ fn control_plane_refuses_short_tokens() {
     }
 }
 
-/// `arbiter bench` in its open-loop mode: calls at a fixed rate, every one
-/// answered within the window, so the achieved rate is the offered one.
-#[test]
-fn bench_drives_a_sidecar_at_a_fixed_rate() {
-    let (code, out, err) = run(&[
+/// A short open-loop `arbiter bench` of the peer scenario (cache off, not
+/// pinned) at 300 calls a second, with `extra` arguments; its output.
+fn bench_at_300_a_second(extra: &[&str]) -> String {
+    let mut args = vec![
         "bench",
         "--scenarios",
         "peer",
@@ -198,8 +197,18 @@ fn bench_drives_a_sidecar_at_a_fixed_rate() {
         "0.2",
         "--server-cpu",
         "none",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let (code, out, err) = run(&args);
     assert_eq!(code, 0, "{out}\n{err}");
+    out
+}
+
+/// `arbiter bench` in its open-loop mode: calls at a fixed rate, every one
+/// answered within the window, so the achieved rate is the offered one.
+#[test]
+fn bench_drives_a_sidecar_at_a_fixed_rate() {
+    let out = bench_at_300_a_second(&[]);
     let row = out
         .lines()
         .find(|l| l.starts_with("arbiter cache off"))
@@ -218,24 +227,7 @@ fn bench_drives_a_sidecar_at_a_fixed_rate() {
 /// to the stand-in receiver, which acknowledges them all, nothing dropped.
 #[test]
 fn bench_ships_a_decision_log_run_to_its_stand_in_receiver() {
-    let (code, out, err) = run(&[
-        "bench",
-        "--scenarios",
-        "peer",
-        "--cache",
-        "off",
-        "--decision-log",
-        "buffered",
-        "--rate",
-        "300",
-        "--duration",
-        "1",
-        "--warmup",
-        "0.2",
-        "--server-cpu",
-        "none",
-    ]);
-    assert_eq!(code, 0, "{out}\n{err}");
+    let out = bench_at_300_a_second(&["--decision-log", "buffered"]);
     assert!(out.contains("ship to a stand-in receiver"), "{out}");
     let after = out
         .lines()
