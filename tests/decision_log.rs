@@ -1188,3 +1188,57 @@ async fn a_spool_that_lost_shipped_records_is_flagged_as_a_fork() {
     assert!(said.contains("first break at seq 221"), "{said}");
     assert!(said.contains("300 records kept apart as forked"), "{said}");
 }
+
+/// Damage in one spool segment that merged two records into one line and
+/// split a later one in two: a chunk's line count comes out right at its
+/// end, so the sidecar's quick check ships it and the control plane refuses
+/// the misnumbered batch. The sidecar then reads line by line: every intact
+/// record arrives at its own seq, the gaps are flagged, and shipping goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damage_that_merged_and_split_records_is_shipped_around() {
+    let (work, public) = work_with_key();
+    let w = work.path();
+    let spool = w.join("spool");
+    // First with nowhere to ship: the records stay in the spool.
+    let nowhere = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    let mut sidecar = Sidecar::start(&example("documents"), &spool_args(&nowhere, &spool));
+    assert_eq!(load_all(sidecar.grpc_addr.clone(), 10, 1).await.failures, 0);
+    sidecar.terminate();
+    let segment = std::fs::read_dir(&spool)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| std::fs::read(p).unwrap().starts_with(b"{\"hash\""))
+        .expect("a segment");
+    let mut text = std::fs::read(&segment).unwrap();
+    let breaks: Vec<usize> = text
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| **b == b'\n')
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(breaks.len(), 10);
+    text[breaks[2]] = b' '; // records 3 and 4 on one line
+    text[breaks[5] + 20] = b'\n'; // record 7 in two lines
+    std::fs::write(&segment, &text).unwrap();
+
+    let cp = ControlPlane::start(&w.join("cp.db"), &public);
+    let _sidecar = Sidecar::start(&example("documents"), &spool_args(&cp.1, &spool));
+    eventually(
+        "the intact records stored",
+        Duration::from_secs(30),
+        || async { stored_records(&cp).await == 7 },
+    )
+    .await;
+    let r = report(&cp).await;
+    assert_eq!(r["last_seq"], 10, "{r}");
+    let flagged: Vec<u64> = r["flagged_on_receipt"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(flagged, [3, 7], "{r}");
+}

@@ -59,6 +59,10 @@ struct Ship {
     acked: u64,
     /// Set once a session got its first acknowledgement.
     connected: bool,
+    /// The last seq sent when the control plane last refused a batch: the
+    /// spool is read line by line up to there (see
+    /// [`Reader::check_every_line_until`]).
+    careful_until: u64,
 }
 
 /// Ships until `stop`, then for at most `drain_for` more while records remain.
@@ -80,6 +84,7 @@ pub fn run(
         metrics: running.metrics.clone(),
         acked: 0,
         connected: false,
+        careful_until: 0,
     };
     ship_loop(ship, stop)
 }
@@ -249,7 +254,16 @@ impl Ship {
                 deadline.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
             tokio::select! {
                 ack = acks.message() => {
-                    let ack = ack.map_err(|s| s.message().to_owned())?.ok_or("the control plane closed the stream")?;
+                    let ack = match ack {
+                        Ok(ack) => ack.ok_or("the control plane closed the stream")?,
+                        Err(refused) if refused.code() == tonic::Code::InvalidArgument => {
+                            // A batch it cannot take (damage the quick
+                            // check let through): read more carefully.
+                            self.careful_until = self.careful_until.max(sent);
+                            return Err(refused.message().to_owned());
+                        }
+                        Err(e) => return Err(e.message().to_owned()),
+                    };
                     if ack.chain_breaks > 0 {
                         self.metrics.chain_breaks.inc_by(u64::from(ack.chain_breaks));
                         tracing::error!(breaks = ack.chain_breaks, "decision log: the control plane reports chain breaks");
@@ -330,6 +344,7 @@ impl Packer {
         let (bytes, metrics) = (ship.spool_bytes.clone(), ship.metrics.clone());
         let live = ship.spool_live.clone();
         let mut reader = Reader::new(&dir, live.clone());
+        reader.check_every_line_until(ship.careful_until);
         let turn = ship.packer_turn.clone();
         let lock = ship.spool_lock.clone();
         std::thread::Builder::new()

@@ -373,26 +373,41 @@ fn write_at(file: &File, buf: &[u8], offset: u64) -> io::Result<()> {
 
 /// Keeps a segment's records up to the last whole line that continues the
 /// chain from its first seq, and cuts the rest: a record torn by a crash, or
-/// a reused segment's older bytes. Returns its last record.
+/// a reused segment's older bytes. Lines damaged where they lie (unreadable)
+/// are kept when a later record of the chain follows them (its seq past the
+/// ones they stand for): cutting there would delete intact records that
+/// were never shipped, and the chain would go on over their seqs without a
+/// break to show it. A reused segment's older bytes hold lower seqs, so
+/// they never pass for such a record. Returns its last record.
 fn recover(path: &Path, first_seq: u64) -> io::Result<Option<Head>> {
     let mut bytes = Vec::new();
     File::open(path)?.read_to_end(&mut bytes)?;
     let mut kept = 0;
     let mut last: Option<Head> = None;
-    while let Some(nl) = memchr::memchr(b'\n', &bytes[kept..]) {
-        let Ok(line) = chain::parse_line(&bytes[kept..kept + nl]) else {
-            break;
+    let mut at = 0;
+    // Unreadable lines since the last record kept.
+    let mut damaged = false;
+    while let Some(nl) = memchr::memchr(b'\n', &bytes[at..]) {
+        let next = at + nl + 1;
+        let Ok(line) = chain::parse_line(&bytes[at..at + nl]) else {
+            damaged = true;
+            at = next;
+            continue;
         };
         let expected = last.map_or(first_seq, |h| h.seq + 1);
         let links = last.is_none_or(|h| chain::link(&h.hash, line.body) == line.hash);
-        if line.seq != expected || !links {
+        let in_order = line.seq == expected && links;
+        let past_damage = damaged && line.seq > expected;
+        if !(in_order || past_damage) {
             break;
         }
         last = Some(Head {
             seq: line.seq,
             hash: line.hash,
         });
-        kept += nl + 1;
+        kept = next;
+        at = next;
+        damaged = false;
     }
     if kept < bytes.len() {
         tracing::warn!(
@@ -445,6 +460,9 @@ pub struct Reader {
     /// unreadable line right after the last one shipped stands for the next
     /// seq, and is shipped as evidence rather than skipped.
     before_pending: Option<u64>,
+    /// Chunks starting at or before this seq have every line checked, not
+    /// only the last (see [`Reader::check_every_line_until`]).
+    careful_until: u64,
 }
 
 /// Whole spooled lines, ready to ship as they are.
@@ -481,7 +499,17 @@ impl Reader {
             read: 0,
             pending: Vec::new(),
             before_pending: None,
+            careful_until: 0,
         }
+    }
+
+    /// Checks every line of the chunks that start at or before `seq`, not
+    /// only each chunk's last: after the control plane refused a batch, so
+    /// that damage which merged and split records in one chunk (the count
+    /// comes out right at the end, wrong in between) is found. Costs a
+    /// parse per line, so only as far as the refused batches went.
+    pub fn check_every_line_until(&mut self, seq: u64) {
+        self.careful_until = seq;
     }
 
     /// Releases the segments the control plane has acknowledged entirely
@@ -550,7 +578,8 @@ impl Reader {
         let Some(first_seq) = first_seq.filter(|_| count > 0) else {
             return Ok(None);
         };
-        let (count, taken) = in_place(&self.pending[..taken], first_seq, count);
+        let careful = first_seq <= self.careful_until;
+        let (count, taken) = in_place(&self.pending[..taken], first_seq, count, careful);
         self.before_pending = Some(first_seq + u64::from(count) - 1);
         // The chunk keeps the buffer; only the partial rest is copied.
         let rest = self.pending.split_off(taken);
@@ -620,12 +649,14 @@ impl Reader {
 /// every resend). The rest is read again as the
 /// next chunk's start, where a line that cannot be placed is skipped into a
 /// gap the control plane flags. Parses the last line when all is well,
-/// every line when not.
-fn in_place(lines: &[u8], first_seq: u64, count: u32) -> (u32, usize) {
+/// every line when not or when `careful`.
+fn in_place(lines: &[u8], first_seq: u64, count: u32, careful: bool) -> (u32, usize) {
     let body = &lines[..lines.len().saturating_sub(1)];
     let last_start = memchr::memrchr(b'\n', body).map_or(0, |i| i + 1);
     let last_seq = first_seq + u64::from(count) - 1;
-    if count == 1 || chain::parse_line(&body[last_start..]).is_ok_and(|p| p.seq == last_seq) {
+    if count == 1
+        || !careful && chain::parse_line(&body[last_start..]).is_ok_and(|p| p.seq == last_seq)
+    {
         return (count, lines.len());
     }
     // The first line is in place: read, or a damaged one already placed.
@@ -642,6 +673,9 @@ fn in_place(lines: &[u8], first_seq: u64, count: u32) -> (u32, usize) {
             Err(_) if at == lines.len() => return (count, lines.len()),
             Err(_) => {}
         }
+    }
+    if kept == count {
+        return (count, lines.len());
     }
     tracing::warn!(
         "decision spool: damage after seq {} merged or split records; shipping up to it",
@@ -737,6 +771,51 @@ mod tests {
         let on_disk = fs::read(segment_path(dir.path(), 1)).expect("read");
         assert!(on_disk.ends_with(b"}\n"));
         assert_eq!(spool.bytes.load(Ordering::Relaxed), on_disk.len() as u64);
+    }
+
+    /// Damage in the middle of the segment being written (a line garbled
+    /// where it lies; records merged into one line, one split in two) is
+    /// no end of the chain: reopening keeps every record after it, and the
+    /// chain goes on after the last.
+    #[test]
+    fn reopening_keeps_the_records_after_damage_in_the_newest_segment() {
+        type Damage = fn(&mut Vec<u8>, &[usize]);
+        let garble: Damage =
+            |text, breaks| text[breaks[2] + 1..breaks[2] + 9].copy_from_slice(b"#garble#");
+        let merge_and_split: Damage = |text, breaks| {
+            text[breaks[2]] = b' ';
+            text[breaks[5] + 10] = b'\n';
+        };
+        for damage in [garble, merge_and_split] {
+            let dir = tempfile::tempdir().expect("tmp");
+            let (mut spool, instance, _) = Spool::open(dir.path(), 1 << 20).expect("open");
+            let mut prev = GENESIS;
+            let mut text = lines(1, 10, &mut prev);
+            let breaks: Vec<usize> = memchr::memchr_iter(b'\n', &text).collect();
+            damage(&mut text, &breaks);
+            spool.append(&text, 1, true).expect("append");
+            drop(spool);
+            let (_, again, head) = Spool::open(dir.path(), 1 << 20).expect("reopen");
+            assert_eq!((again, head.seq, head.hash), (instance, 10, prev));
+            let on_disk = fs::read(segment_path(dir.path(), 1)).expect("read");
+            assert_eq!(on_disk, text, "nothing cut");
+        }
+        // A torn record after damage is still cut, and so are a reused
+        // segment's older records after it.
+        let dir = tempfile::tempdir().expect("tmp");
+        drop(Spool::open(dir.path(), 1 << 20).expect("open"));
+        let mut prev = GENESIS;
+        let mut text = lines(5, 8, &mut prev);
+        let breaks: Vec<usize> = memchr::memchr_iter(b'\n', &text).collect();
+        text[breaks[0] + 1..breaks[0] + 9].copy_from_slice(b"#garble#");
+        let whole = text.len();
+        text.extend_from_slice(br#"{"hash":"00","rec"#);
+        text.extend_from_slice(&lines(1, 2, &mut GENESIS.clone()));
+        fs::write(segment_path(dir.path(), 5), &text).expect("segment");
+        let (_, _, head) = Spool::open(dir.path(), 1 << 20).expect("reopen");
+        assert_eq!((head.seq, head.hash), (8, prev));
+        let on_disk = fs::read(segment_path(dir.path(), 5)).expect("read");
+        assert_eq!(on_disk.len(), whole);
     }
 
     /// Appends `batches` batches of four records from seq `from`.
@@ -879,6 +958,42 @@ mod tests {
                 .collect();
             assert_eq!(seqs, (first_after..=8).collect::<Vec<_>>());
         }
+
+        // A merge and a split in one chunk: the count comes out right at
+        // the end, so only a reader told to check every line finds it.
+        let dir = tempfile::tempdir().expect("tmp");
+        let (mut spool, _, _) = Spool::open(dir.path(), 1 << 20).expect("open");
+        let mut text = lines(1, 8, &mut GENESIS.clone());
+        let breaks: Vec<usize> = memchr::memchr_iter(b'\n', &text).collect();
+        text[breaks[2]] = b' '; // records 3 and 4 on one line
+        text[breaks[5] + 10] = b'\n'; // record 7 in two lines
+        spool.append(&text, 1, true).expect("append");
+        let mut hasty = Reader::new(dir.path(), spool.live.clone());
+        let all = hasty
+            .next_chunk(0, 100, usize::MAX)
+            .expect("read")
+            .expect("all");
+        assert_eq!((all.first_seq, all.count), (1, 8), "the count alone passes");
+        let mut careful = Reader::new(dir.path(), spool.live.clone());
+        careful.check_every_line_until(1);
+        let head = careful
+            .next_chunk(0, 100, usize::MAX)
+            .expect("read")
+            .expect("1..=2");
+        assert_eq!((head.first_seq, head.count), (1, 2));
+        // An intact chunk read carefully is whole.
+        let dir = tempfile::tempdir().expect("tmp");
+        let (mut spool, _, _) = Spool::open(dir.path(), 1 << 20).expect("open");
+        spool
+            .append(&lines(1, 5, &mut GENESIS.clone()), 1, true)
+            .expect("append");
+        let mut careful = Reader::new(dir.path(), spool.live.clone());
+        careful.check_every_line_until(5);
+        let all = careful
+            .next_chunk(0, 100, usize::MAX)
+            .expect("read")
+            .expect("all");
+        assert_eq!((all.first_seq, all.count), (1, 5));
 
         // Damaged lines at a chunk's end with no readable line after them
         // to show the count is off go where they are counted, as evidence.
