@@ -133,7 +133,7 @@ impl Spool {
         // The newest segment with records holds the head.
         let mut head_segment = None;
         for (first, path) in segs.iter().rev() {
-            if let Some(last) = recover(path, *first)? {
+            if let Some(last) = recover(path, *first, &instance)? {
                 head = last;
                 head_segment = Some(*first);
                 break;
@@ -378,8 +378,9 @@ fn write_at(file: &File, buf: &[u8], offset: u64) -> io::Result<()> {
 /// ones they stand for): cutting there would delete intact records that
 /// were never shipped, and the chain would go on over their seqs without a
 /// break to show it. A reused segment's older bytes hold lower seqs, so
-/// they never pass for such a record. Returns its last record.
-fn recover(path: &Path, first_seq: u64) -> io::Result<Option<Head>> {
+/// they never pass for such a record, nor does another instance's. Returns
+/// its last record.
+fn recover(path: &Path, first_seq: u64, instance: &str) -> io::Result<Option<Head>> {
     let mut bytes = Vec::new();
     File::open(path)?.read_to_end(&mut bytes)?;
     let mut kept = 0;
@@ -397,7 +398,7 @@ fn recover(path: &Path, first_seq: u64) -> io::Result<Option<Head>> {
         let expected = last.map_or(first_seq, |h| h.seq + 1);
         let links = last.is_none_or(|h| chain::link(&h.hash, line.body) == line.hash);
         let in_order = line.seq == expected && links;
-        let past_damage = damaged && line.seq > expected;
+        let past_damage = damaged && line.seq > expected && line.instance == instance;
         if !(in_order || past_damage) {
             break;
         }
@@ -689,9 +690,14 @@ mod tests {
     use super::*;
 
     fn lines(from: u64, to: u64, prev: &mut Hash) -> Vec<u8> {
+        lines_of("i", from, to, prev)
+    }
+
+    /// Chained lines of records `from..=to` of `instance`.
+    fn lines_of(instance: &str, from: u64, to: u64, prev: &mut Hash) -> Vec<u8> {
         let mut out = Vec::new();
         for seq in from..=to {
-            let body = format!(r#"{{"seq":{seq},"instance":"i"}}"#);
+            let body = format!(r#"{{"seq":{seq},"instance":"{instance}"}}"#);
             *prev = chain::link(prev, body.as_bytes());
             chain::write_line(&mut out, prev, body.as_bytes());
         }
@@ -790,7 +796,7 @@ mod tests {
             let dir = tempfile::tempdir().expect("tmp");
             let (mut spool, instance, _) = Spool::open(dir.path(), 1 << 20).expect("open");
             let mut prev = GENESIS;
-            let mut text = lines(1, 10, &mut prev);
+            let mut text = lines_of(&instance, 1, 10, &mut prev);
             let breaks: Vec<usize> = memchr::memchr_iter(b'\n', &text).collect();
             damage(&mut text, &breaks);
             spool.append(&text, 1, true).expect("append");
@@ -803,19 +809,33 @@ mod tests {
         // A torn record after damage is still cut, and so are a reused
         // segment's older records after it.
         let dir = tempfile::tempdir().expect("tmp");
-        drop(Spool::open(dir.path(), 1 << 20).expect("open"));
+        let (spool, instance, _) = Spool::open(dir.path(), 1 << 20).expect("open");
+        drop(spool);
         let mut prev = GENESIS;
-        let mut text = lines(5, 8, &mut prev);
+        let mut text = lines_of(&instance, 5, 8, &mut prev);
         let breaks: Vec<usize> = memchr::memchr_iter(b'\n', &text).collect();
         text[breaks[0] + 1..breaks[0] + 9].copy_from_slice(b"#garble#");
         let whole = text.len();
         text.extend_from_slice(br#"{"hash":"00","rec"#);
-        text.extend_from_slice(&lines(1, 2, &mut GENESIS.clone()));
+        text.extend_from_slice(&lines_of(&instance, 1, 2, &mut GENESIS.clone()));
         fs::write(segment_path(dir.path(), 5), &text).expect("segment");
         let (_, _, head) = Spool::open(dir.path(), 1 << 20).expect("reopen");
         assert_eq!((head.seq, head.hash), (8, prev));
         let on_disk = fs::read(segment_path(dir.path(), 5)).expect("read");
         assert_eq!(on_disk.len(), whole);
+        // Nor is another instance's record after damage taken for this
+        // chain's.
+        let dir = tempfile::tempdir().expect("tmp");
+        let (spool, instance, _) = Spool::open(dir.path(), 1 << 20).expect("open");
+        drop(spool);
+        let mut prev = GENESIS;
+        let mut text = lines_of(&instance, 1, 3, &mut prev);
+        let good = prev;
+        text.extend_from_slice(b"#garble#\n");
+        text.extend_from_slice(&lines_of("another", 5, 5, &mut GENESIS.clone()));
+        fs::write(segment_path(dir.path(), 1), &text).expect("segment");
+        let (_, _, head) = Spool::open(dir.path(), 1 << 20).expect("reopen");
+        assert_eq!((head.seq, head.hash), (3, good));
     }
 
     /// Appends `batches` batches of four records from seq `from`.
