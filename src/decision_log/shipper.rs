@@ -230,15 +230,31 @@ impl Ship {
                         false => (Vec::new(), lines),
                     };
                     let last = first_seq + u64::from(count) - 1;
-                    tx.send(RecordBatch {
+                    let batch = RecordBatch {
                         instance_id: String::new(),
                         first_seq,
                         count,
                         lines_lz4,
                         lines_deflate,
-                    })
-                    .await
-                    .map_err(|_| "the stream closed")?;
+                    };
+                    if tx.send(batch).await.is_err() {
+                        // Closed by the control plane: its answer says why.
+                        let why = match tokio::time::timeout(Duration::from_secs(1), async {
+                            loop {
+                                match acks.message().await {
+                                    Ok(Some(_)) => continue,
+                                    Ok(None) => return None,
+                                    Err(status) => return Some(status),
+                                }
+                            }
+                        })
+                        .await
+                        {
+                            Ok(Some(status)) => status,
+                            _ => return Err("the stream closed".into()),
+                        };
+                        return Err(self.stream_failed(why, sent));
+                    }
                     self.metrics.shipped.inc_by(u64::from(count));
                     sent = last;
                     in_flight.push_back((first_seq, last));
@@ -253,16 +269,13 @@ impl Ship {
             let until =
                 deadline.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
             tokio::select! {
+                // Answers first: a refusal must be seen as one, not as the
+                // closed stream a send would find next.
+                biased;
                 ack = acks.message() => {
                     let ack = match ack {
                         Ok(ack) => ack.ok_or("the control plane closed the stream")?,
-                        Err(refused) if refused.code() == tonic::Code::InvalidArgument => {
-                            // A batch it cannot take (damage the quick
-                            // check let through): read more carefully.
-                            self.careful_until = self.careful_until.max(sent);
-                            return Err(refused.message().to_owned());
-                        }
-                        Err(e) => return Err(e.message().to_owned()),
+                        Err(status) => return Err(self.stream_failed(status, sent)),
                     };
                     if ack.chain_breaks > 0 {
                         self.metrics.chain_breaks.inc_by(u64::from(ack.chain_breaks));
@@ -311,6 +324,18 @@ impl Ship {
                 () = tokio::time::sleep_until(until) => return Ok(()),
             }
         }
+    }
+}
+
+impl Ship {
+    /// Why a session ended, from the control plane's status. A batch it
+    /// refused (damage the quick check let through) has the spool read line
+    /// by line up to the last seq `sent` from then on.
+    fn stream_failed(&mut self, status: tonic::Status, sent: u64) -> String {
+        if status.code() == tonic::Code::InvalidArgument {
+            self.careful_until = self.careful_until.max(sent);
+        }
+        status.message().to_owned()
     }
 }
 

@@ -16,8 +16,9 @@
 //! no journal commit, and spares allocating and freeing blocks and pages.
 //! Such a segment holds an older part of the chain past what the writer has
 //! reached, so its end is not where its records end: readers stop at
-//! [`Live`], recovery at the first line that does not continue the chain, and
-//! a finished segment is cut to its records before the next one appears.
+//! [`Live`], recovery after the last record that continues the chain (see
+//! [`recover`]), and a finished segment is cut to its records before the
+//! next one appears.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -113,8 +114,9 @@ fn segment_path(dir: &Path, first_seq: u64) -> PathBuf {
 }
 
 impl Spool {
-    /// Opens (or creates) the spool, recovering after a crash: a torn last
-    /// line is cut off, and the chain resumes after the last whole record.
+    /// Opens (or creates) the spool, recovering after a crash: what follows
+    /// the last record of the chain is cut off (a torn line, older bytes),
+    /// and the chain resumes after that record.
     pub fn open(dir: &Path, segment_max: u64) -> io::Result<(Self, String, Head)> {
         fs::create_dir_all(dir)?;
         let lock = lock(dir)?;
@@ -155,6 +157,16 @@ impl Spool {
             // by the new one (their bytes would read as a later chain's).
             for (_, free) in files(dir, FREE_SUFFIX)? {
                 fs::remove_file(free)?;
+            }
+        }
+        // A released segment named past the head (a partial restore, or
+        // renames a crash kept out of order) would hold records newer than
+        // the chain's: never written over.
+        if let Some(head_first) = head_segment {
+            for (first, free) in files(dir, FREE_SUFFIX)? {
+                if first >= head_first {
+                    fs::remove_file(free)?;
+                }
             }
         }
         // Segments after it have no records (only damage leaves one): the
@@ -357,6 +369,10 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     }
 }
 
+/// Fewer bytes than any spooled line (`{"hash":"` and 64 hex digits alone
+/// are 74): how many records damaged bytes can stand for, at most.
+const MIN_LINE_BYTES: u64 = 64;
+
 /// Writes all of `buf` at `offset`, whatever the file's cursor.
 fn write_at(file: &File, buf: &[u8], offset: u64) -> io::Result<()> {
     #[cfg(unix)]
@@ -373,32 +389,40 @@ fn write_at(file: &File, buf: &[u8], offset: u64) -> io::Result<()> {
 
 /// Keeps a segment's records up to the last whole line that continues the
 /// chain from its first seq, and cuts the rest: a record torn by a crash, or
-/// a reused segment's older bytes. Lines damaged where they lie (unreadable)
-/// are kept when a later record of the chain follows them (its seq past the
-/// ones they stand for): cutting there would delete intact records that
-/// were never shipped, and the chain would go on over their seqs without a
-/// break to show it. A reused segment's older bytes hold lower seqs, so
-/// they never pass for such a record, nor does another instance's. Returns
-/// its last record.
+/// a reused segment's older bytes. Lines damaged where they lie (unreadable,
+/// or this instance's record at the expected seq with a hash that does not
+/// link) are kept when a later record of the chain follows them, its seq
+/// past the ones they stand for by no more than their bytes can hold:
+/// cutting there would delete intact records that were never shipped, and
+/// the chain would go on over their seqs without a break to show it. A
+/// reused segment's older bytes hold lower seqs, so they never pass for
+/// such a record, nor does another instance's. Returns its last record.
 fn recover(path: &Path, first_seq: u64, instance: &str) -> io::Result<Option<Head>> {
     let mut bytes = Vec::new();
     File::open(path)?.read_to_end(&mut bytes)?;
     let mut kept = 0;
     let mut last: Option<Head> = None;
     let mut at = 0;
-    // Unreadable lines since the last record kept.
-    let mut damaged = false;
     while let Some(nl) = memchr::memchr(b'\n', &bytes[at..]) {
         let next = at + nl + 1;
+        // Damaged lines since the last record kept.
+        let damaged = at - kept;
         let Ok(line) = chain::parse_line(&bytes[at..at + nl]) else {
-            damaged = true;
             at = next;
             continue;
         };
         let expected = last.map_or(first_seq, |h| h.seq + 1);
         let links = last.is_none_or(|h| chain::link(&h.hash, line.body) == line.hash);
+        let ours = line.instance == instance;
+        if line.seq == expected && !links && ours {
+            // Edited or flipped where it lies: damage, as an unreadable line.
+            at = next;
+            continue;
+        }
         let in_order = line.seq == expected && links;
-        let past_damage = damaged && line.seq > expected && line.instance == instance;
+        let most_skipped = damaged as u64 / MIN_LINE_BYTES + 1;
+        let past_damage =
+            damaged > 0 && ours && line.seq > expected && line.seq - expected <= most_skipped;
         if !(in_order || past_damage) {
             break;
         }
@@ -408,7 +432,6 @@ fn recover(path: &Path, first_seq: u64, instance: &str) -> io::Result<Option<Hea
         });
         kept = next;
         at = next;
-        damaged = false;
     }
     if kept < bytes.len() {
         tracing::warn!(
@@ -792,7 +815,13 @@ mod tests {
             text[breaks[2]] = b' ';
             text[breaks[5] + 10] = b'\n';
         };
-        for damage in [garble, merge_and_split] {
+        // A flipped hex digit of a hash: the line still reads, and does not
+        // link.
+        let flip: Damage = |text, breaks| {
+            let at = breaks[2] + 10;
+            text[at] = if text[at] == b'0' { b'1' } else { b'0' };
+        };
+        for damage in [garble, merge_and_split, flip] {
             let dir = tempfile::tempdir().expect("tmp");
             let (mut spool, instance, _) = Spool::open(dir.path(), 1 << 20).expect("open");
             let mut prev = GENESIS;
@@ -836,6 +865,23 @@ mod tests {
         fs::write(segment_path(dir.path(), 1), &text).expect("segment");
         let (_, _, head) = Spool::open(dir.path(), 1 << 20).expect("reopen");
         assert_eq!((head.seq, head.hash), (3, good));
+        // Nor a record whose seq is further past the damage than the
+        // damaged bytes could hold (a flipped digit of a seq); and a
+        // released segment named past the head is not kept for reuse.
+        let dir = tempfile::tempdir().expect("tmp");
+        let (spool, instance, _) = Spool::open(dir.path(), 1 << 20).expect("open");
+        drop(spool);
+        let mut prev = GENESIS;
+        let mut text = lines_of(&instance, 1, 3, &mut prev);
+        let good = prev;
+        text.extend_from_slice(b"#garble#\n");
+        text.extend_from_slice(&lines_of(&instance, 800, 800, &mut GENESIS.clone()));
+        fs::write(segment_path(dir.path(), 1), &text).expect("segment");
+        let stale = dir.path().join(format!("{:020}{FREE_SUFFIX}", 700));
+        fs::write(&stale, lines_of(&instance, 700, 701, &mut GENESIS.clone())).expect("free");
+        let (_, _, head) = Spool::open(dir.path(), 1 << 20).expect("reopen");
+        assert_eq!((head.seq, head.hash), (3, good));
+        assert!(!stale.exists(), "a released segment past the head is gone");
     }
 
     /// Appends `batches` batches of four records from seq `from`.
