@@ -325,9 +325,7 @@ impl Ship {
             }
         }
     }
-}
 
-impl Ship {
     /// Why a session ended, from the control plane's status. A batch it
     /// refused (damage the quick check let through) has the spool read line
     /// by line up to the last seq `sent` from then on.
