@@ -330,20 +330,48 @@ fn lock(dir: &Path) -> io::Result<File> {
 fn instance_id(dir: &Path) -> io::Result<String> {
     match fs::read_to_string(dir.join("instance")) {
         Ok(id) if !id.trim().is_empty() => Ok(id.trim().to_owned()),
-        _ => new_instance_id(dir),
+        // Lost while records are spooled: they say whose chain they are
+        // (a new id would ship them as another instance's, refused).
+        _ => match instance_in_segments(dir)? {
+            Some(id) => {
+                tracing::warn!(%id, "decision spool: its instance file was missing; the spooled records name the instance");
+                set_instance_id(dir, &id)?;
+                Ok(id)
+            }
+            None => new_instance_id(dir),
+        },
     }
+}
+
+/// The instance the newest readable record in the segments belongs to.
+fn instance_in_segments(dir: &Path) -> io::Result<Option<String>> {
+    for (_, path) in segments(dir)?.iter().rev() {
+        let bytes = fs::read(path)?;
+        let found = bytes
+            .split(|b| *b == b'\n')
+            .find_map(|line| chain::parse_line(line).ok());
+        if let Some(line) = found {
+            return Ok(Some(line.instance));
+        }
+    }
+    Ok(None)
 }
 
 /// Mints an instance id and puts it in place of any older one, durably.
 fn new_instance_id(dir: &Path) -> io::Result<String> {
     let id = uuid::Uuid::new_v7(uuid::Timestamp::now(uuid::NoContext)).to_string();
+    set_instance_id(dir, &id)?;
+    Ok(id)
+}
+
+/// Puts `id` in place of any instance id, durably.
+fn set_instance_id(dir: &Path, id: &str) -> io::Result<()> {
     let tmp = dir.join("instance.tmp");
     let mut f = File::create(&tmp)?;
     f.write_all(id.as_bytes())?;
     f.sync_all()?;
     fs::rename(&tmp, dir.join("instance"))?;
-    sync_dir(dir)?;
-    Ok(id)
+    sync_dir(dir)
 }
 
 /// Makes the directory's entries (new, renamed, removed files) durable.
@@ -882,6 +910,24 @@ mod tests {
         let (_, _, head) = Spool::open(dir.path(), 1 << 20).expect("reopen");
         assert_eq!((head.seq, head.hash), (3, good));
         assert!(!stale.exists(), "a released segment past the head is gone");
+    }
+
+    /// A spool whose instance file went missing goes on as the instance
+    /// its records name, not as a new one whose batches would hold another
+    /// instance's records.
+    #[test]
+    fn a_lost_instance_file_is_found_again_in_the_records() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (mut spool, instance, _) = Spool::open(dir.path(), 1 << 20).expect("open");
+        let mut prev = GENESIS;
+        let text = lines_of(&instance, 1, 3, &mut prev);
+        spool.append(&text, 1, true).expect("append");
+        drop(spool);
+        fs::remove_file(dir.path().join("instance")).expect("lose it");
+        let (_, again, head) = Spool::open(dir.path(), 1 << 20).expect("reopen");
+        assert_eq!((again.as_str(), head.seq), (instance.as_str(), 3));
+        let kept = fs::read_to_string(dir.path().join("instance")).expect("restored");
+        assert_eq!(kept, instance);
     }
 
     /// Appends `batches` batches of four records from seq `from`.
