@@ -881,35 +881,26 @@ mod tests {
         let on_disk = fs::read(segment_path(dir.path(), 5)).expect("read");
         assert_eq!(on_disk.len(), whole);
         // Nor is another instance's record after damage taken for this
-        // chain's.
-        let dir = tempfile::tempdir().expect("tmp");
-        let (spool, instance, _) = Spool::open(dir.path(), 1 << 20).expect("open");
-        drop(spool);
-        let mut prev = GENESIS;
-        let mut text = lines_of(&instance, 1, 3, &mut prev);
-        let good = prev;
-        text.extend_from_slice(b"#garble#\n");
-        text.extend_from_slice(&lines_of("another", 5, 5, &mut GENESIS.clone()));
-        fs::write(segment_path(dir.path(), 1), &text).expect("segment");
-        let (_, _, head) = Spool::open(dir.path(), 1 << 20).expect("reopen");
-        assert_eq!((head.seq, head.hash), (3, good));
-        // Nor a record whose seq is further past the damage than the
-        // damaged bytes could hold (a flipped digit of a seq); and a
-        // released segment named past the head is not kept for reuse.
-        let dir = tempfile::tempdir().expect("tmp");
-        let (spool, instance, _) = Spool::open(dir.path(), 1 << 20).expect("open");
-        drop(spool);
-        let mut prev = GENESIS;
-        let mut text = lines_of(&instance, 1, 3, &mut prev);
-        let good = prev;
-        text.extend_from_slice(b"#garble#\n");
-        text.extend_from_slice(&lines_of(&instance, 800, 800, &mut GENESIS.clone()));
-        fs::write(segment_path(dir.path(), 1), &text).expect("segment");
-        let stale = dir.path().join(format!("{:020}{FREE_SUFFIX}", 700));
-        fs::write(&stale, lines_of(&instance, 700, 701, &mut GENESIS.clone())).expect("free");
-        let (_, _, head) = Spool::open(dir.path(), 1 << 20).expect("reopen");
-        assert_eq!((head.seq, head.hash), (3, good));
-        assert!(!stale.exists(), "a released segment past the head is gone");
+        // chain's, nor one of this instance whose seq is further past the
+        // damage than the damaged bytes could hold (a flipped digit of a
+        // seq); and a released segment named past the head is not kept for
+        // reuse.
+        for (whose, seq) in [("another", 5), ("this", 800)] {
+            let dir = tempfile::tempdir().expect("tmp");
+            let (spool, instance, _) = Spool::open(dir.path(), 1 << 20).expect("open");
+            drop(spool);
+            let mut prev = GENESIS;
+            let mut text = lines_of(&instance, 1, 3, &mut prev);
+            text.extend_from_slice(b"#garble#\n");
+            let after = if whose == "this" { &instance } else { whose };
+            text.extend_from_slice(&lines_of(after, seq, seq, &mut GENESIS.clone()));
+            fs::write(segment_path(dir.path(), 1), &text).expect("segment");
+            let stale = dir.path().join(format!("{:020}{FREE_SUFFIX}", 700));
+            fs::write(&stale, lines_of(&instance, 700, 701, &mut GENESIS.clone())).expect("free");
+            let (_, _, head) = Spool::open(dir.path(), 1 << 20).expect("reopen");
+            assert_eq!((head.seq, head.hash), (3, prev), "{after} {seq}");
+            assert!(!stale.exists(), "a released segment past the head is gone");
+        }
     }
 
     /// A spool whose instance file went missing goes on as the instance
@@ -1027,31 +1018,52 @@ mod tests {
         assert_eq!((next.first_seq, next.count), (5, 1));
     }
 
+    /// A spool holding records 1..=`to` as one batch, `damage`d first (it
+    /// gets the lines and where each ends); returned with a reader of it
+    /// and the lines as written.
+    fn damaged_spool(
+        to: u64,
+        damage: impl FnOnce(&mut Vec<u8>, &[usize]),
+    ) -> (tempfile::TempDir, Spool, Vec<u8>) {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (mut spool, _, _) = Spool::open(dir.path(), 1 << 20).expect("open");
+        let mut text = lines(1, to, &mut GENESIS.clone());
+        let breaks: Vec<usize> = memchr::memchr_iter(b'\n', &text).collect();
+        damage(&mut text, &breaks);
+        spool.append(&text, 1, true).expect("append");
+        (dir, spool, text)
+    }
+
+    /// The first seq and line count of the next chunk after `after`.
+    fn chunk_at(reader: &mut Reader, after: u64) -> (u64, u32) {
+        let c = reader
+            .next_chunk(after, 100, usize::MAX)
+            .expect("read")
+            .expect("a chunk");
+        (c.first_seq, c.count)
+    }
+
     /// Damage in the middle of a chunk that merged or split records: the
     /// chunk stops before it, and what follows goes at its own seqs after
     /// a gap, so the control plane can take every batch.
     #[test]
     fn damage_that_moved_line_breaks_mid_chunk_ends_the_chunk_before_it() {
         for merge in [true, false] {
-            let dir = tempfile::tempdir().expect("tmp");
-            let (mut spool, _, _) = Spool::open(dir.path(), 1 << 20).expect("open");
-            let mut text = lines(1, 8, &mut GENESIS.clone());
-            let breaks: Vec<usize> = memchr::memchr_iter(b'\n', &text).collect();
-            if merge {
-                // Records 4 and 5 on one line.
-                text[breaks[3]] = b' ';
-            } else {
-                // Record 4 in two lines.
-                text[breaks[2] + 10] = b'\n';
-            }
-            spool.append(&text, 1, true).expect("append");
+            let (dir, spool, text) = damaged_spool(8, |text, breaks| {
+                if merge {
+                    text[breaks[3]] = b' '; // records 4 and 5 on one line
+                } else {
+                    text[breaks[2] + 10] = b'\n'; // record 4 in two lines
+                }
+            });
             let mut reader = Reader::new(dir.path(), spool.live.clone());
             let head = reader
                 .next_chunk(0, 100, usize::MAX)
                 .expect("read")
                 .expect("1..=3");
             assert_eq!((head.first_seq, head.count), (1, 3), "merge {merge}");
-            assert_eq!(head.lines, text[..=breaks[2]]);
+            let third_ends = memchr::memchr_iter(b'\n', &text).nth(2).expect("3 lines");
+            assert_eq!(head.lines, text[..=third_ends]);
             let tail = reader
                 .next_chunk(3, 100, usize::MAX)
                 .expect("read")
@@ -1073,54 +1085,28 @@ mod tests {
 
         // A merge and a split in one chunk: the count comes out right at
         // the end, so only a reader told to check every line finds it.
-        let dir = tempfile::tempdir().expect("tmp");
-        let (mut spool, _, _) = Spool::open(dir.path(), 1 << 20).expect("open");
-        let mut text = lines(1, 8, &mut GENESIS.clone());
-        let breaks: Vec<usize> = memchr::memchr_iter(b'\n', &text).collect();
-        text[breaks[2]] = b' '; // records 3 and 4 on one line
-        text[breaks[5] + 10] = b'\n'; // record 7 in two lines
-        spool.append(&text, 1, true).expect("append");
+        let (dir, spool, _) = damaged_spool(8, |text, breaks| {
+            text[breaks[2]] = b' '; // records 3 and 4 on one line
+            text[breaks[5] + 10] = b'\n'; // record 7 in two lines
+        });
         let mut hasty = Reader::new(dir.path(), spool.live.clone());
-        let all = hasty
-            .next_chunk(0, 100, usize::MAX)
-            .expect("read")
-            .expect("all");
-        assert_eq!((all.first_seq, all.count), (1, 8), "the count alone passes");
+        assert_eq!(chunk_at(&mut hasty, 0), (1, 8), "the count alone passes");
         let mut careful = Reader::new(dir.path(), spool.live.clone());
         careful.check_every_line_until(1);
-        let head = careful
-            .next_chunk(0, 100, usize::MAX)
-            .expect("read")
-            .expect("1..=2");
-        assert_eq!((head.first_seq, head.count), (1, 2));
+        assert_eq!(chunk_at(&mut careful, 0), (1, 2));
         // An intact chunk read carefully is whole.
-        let dir = tempfile::tempdir().expect("tmp");
-        let (mut spool, _, _) = Spool::open(dir.path(), 1 << 20).expect("open");
-        spool
-            .append(&lines(1, 5, &mut GENESIS.clone()), 1, true)
-            .expect("append");
+        let (dir, spool, _) = damaged_spool(5, |_, _| {});
         let mut careful = Reader::new(dir.path(), spool.live.clone());
         careful.check_every_line_until(5);
-        let all = careful
-            .next_chunk(0, 100, usize::MAX)
-            .expect("read")
-            .expect("all");
-        assert_eq!((all.first_seq, all.count), (1, 5));
+        assert_eq!(chunk_at(&mut careful, 0), (1, 5));
 
         // Damaged lines at a chunk's end with no readable line after them
         // to show the count is off go where they are counted, as evidence.
-        let dir = tempfile::tempdir().expect("tmp");
-        let (mut spool, _, _) = Spool::open(dir.path(), 1 << 20).expect("open");
-        let mut text = lines(1, 4, &mut GENESIS.clone());
-        let breaks: Vec<usize> = memchr::memchr_iter(b'\n', &text).collect();
-        text[breaks[2] + 1..breaks[2] + 9].copy_from_slice(b"#garble#");
-        spool.append(&text, 1, true).expect("append");
+        let (dir, spool, _) = damaged_spool(4, |text, breaks| {
+            text[breaks[2] + 1..breaks[2] + 9].copy_from_slice(b"#garble#")
+        });
         let mut reader = Reader::new(dir.path(), spool.live.clone());
-        let all = reader
-            .next_chunk(0, 100, usize::MAX)
-            .expect("read")
-            .expect("1..=4");
-        assert_eq!((all.first_seq, all.count), (1, 4));
+        assert_eq!(chunk_at(&mut reader, 0), (1, 4));
     }
 
     #[test]
