@@ -318,6 +318,15 @@ async fn records_are_masked_chained_explained_and_tamper_evident() {
         .unwrap();
     let file = w.join("export.ndjson");
     std::fs::write(&file, &export).unwrap();
+    // An instance with no records: an empty export, whole (not cut short).
+    let empty = reqwest::Client::new()
+        .get(format!("{}/decisions/export?instance=nobody", cp.1))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(empty.status(), 200);
+    assert_eq!(empty.text().await.expect("a whole body"), "");
     let (code, _, err) = run(&["log", "verify", "--file", s(&file)]);
     assert_eq!(code, 0, "{err}");
     // The local NDJSON copy verifies too.

@@ -525,8 +525,9 @@ async fn export_decisions(
     // An error before the first line is an error response; one after it
     // (the status is sent) cuts the body short, which the client sees as
     // an incomplete transfer rather than a shorter chain.
+    let ndjson = [(header::CONTENT_TYPE, "application/x-ndjson")];
     let first = match rx.recv().await {
-        Some(ExportPart::End) => Vec::new(),
+        Some(ExportPart::End) => return (StatusCode::OK, ndjson, "").into_response(),
         Some(ExportPart::Failed(e)) => return trail_error(e),
         Some(ExportPart::Lines(first)) => first,
         None => {
@@ -548,12 +549,7 @@ async fn export_decisions(
             }
         });
     let body = tokio_stream::once(Ok(first)).chain(rest);
-    (
-        StatusCode::OK,
-        [(header::CONTENT_TYPE, "application/x-ndjson")],
-        axum::body::Body::from_stream(body),
-    )
-        .into_response()
+    (StatusCode::OK, ndjson, axum::body::Body::from_stream(body)).into_response()
 }
 
 async fn show_decision(
