@@ -515,12 +515,18 @@ async fn export_decisions(
             let sent = runtime.block_on(tokio::time::timeout(EXPORT_STALL, tx.send(part)));
             matches!(sent, Ok(Ok(())))
         };
-        let last =
-            match store.export_chunks(&instance, EXPORT_CHUNK, |c| send(ExportPart::Lines(c))) {
-                Ok(()) => ExportPart::End,
-                Err(e) => ExportPart::Failed(e),
-            };
-        send(last);
+        // Every chunk must have gone for the end to be sent: a client that
+        // stalled past the limit lost one, and its body is cut short.
+        let mut whole = true;
+        let read = store.export_chunks(&instance, EXPORT_CHUNK, |c| {
+            whole = send(ExportPart::Lines(c));
+            whole
+        });
+        match read {
+            Ok(()) if whole => send(ExportPart::End),
+            Ok(()) => false,
+            Err(e) => send(ExportPart::Failed(e)),
+        };
     });
     // An error before the first line is an error response; one after it
     // (the status is sent) cuts the body short, which the client sees as

@@ -313,14 +313,14 @@ impl Ship {
                         }
                     }
                 }
-                changed = self.spooled.changed(), if !more && writer_alive => {
-                    writer_alive = changed.is_ok();
-                }
-                () = tokio::time::sleep_until(next_send), if more => {}
                 _ = stop.wait_for(|s| *s), if deadline.is_none() => {
                     *deadline = Some(tokio::time::Instant::now() + self.settings.drain_for);
                     next_send = tokio::time::Instant::now();
                 }
+                changed = self.spooled.changed(), if !more && writer_alive => {
+                    writer_alive = changed.is_ok();
+                }
+                () = tokio::time::sleep_until(next_send), if more => {}
                 () = tokio::time::sleep_until(until) => return Ok(()),
             }
         }

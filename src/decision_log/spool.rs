@@ -132,12 +132,17 @@ impl Spool {
         let had_bytes = segs
             .iter()
             .any(|(_, path)| fs::metadata(path).is_ok_and(|m| m.len() > 0));
-        // The newest segment with records holds the head.
+        // The newest segment with records holds the head. Nothing is cut
+        // yet: a crash before the decisions below are on disk must find
+        // the same bytes again.
         let mut head_segment = None;
+        let mut cut = None;
         for (first, path) in segs.iter().rev() {
-            if let Some(last) = recover(path, *first, &instance)? {
+            let (last, kept) = recover(path, *first, &instance)?;
+            if let Some(last) = last {
                 head = last;
                 head_segment = Some(*first);
+                cut = Some((path, kept));
                 break;
             }
         }
@@ -153,11 +158,6 @@ impl Spool {
                 "decision spool: no readable record left in the spool; starting a new chain"
             );
             instance = new_instance_id(dir)?;
-            // Released segments of the old chain must not be written over
-            // by the new one (their bytes would read as a later chain's).
-            for (_, free) in files(dir, FREE_SUFFIX)? {
-                fs::remove_file(free)?;
-            }
         }
         // A released segment named past the head (a partial restore, or
         // renames a crash kept out of order) would hold records newer than
@@ -168,6 +168,9 @@ impl Spool {
                     fs::remove_file(free)?;
                 }
             }
+        }
+        if let Some((path, kept)) = cut {
+            cut_after(path, kept)?;
         }
         // Segments after it have no records (only damage leaves one): the
         // chain goes on in a segment named by its next seq, as recovery
@@ -328,8 +331,13 @@ fn lock(dir: &Path) -> io::Result<File> {
 }
 
 fn instance_id(dir: &Path) -> io::Result<String> {
-    match fs::read_to_string(dir.join("instance")) {
-        Ok(id) if !id.trim().is_empty() => Ok(id.trim().to_owned()),
+    let kept = match fs::read_to_string(dir.join("instance")) {
+        Ok(id) => id.trim().to_owned(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e),
+    };
+    match kept {
+        id if !id.is_empty() => Ok(id),
         // Lost while records are spooled: they say whose chain they are
         // (a new id would ship them as another instance's, refused).
         _ => match instance_in_segments(dir)? {
@@ -343,24 +351,30 @@ fn instance_id(dir: &Path) -> io::Result<String> {
     }
 }
 
-/// The instance the newest readable record in the segments belongs to.
+/// The instance of the newest segment whose first line is its own first
+/// record (a later line could be a reused segment's older bytes).
 fn instance_in_segments(dir: &Path) -> io::Result<Option<String>> {
-    for (_, path) in segments(dir)?.iter().rev() {
+    for (first, path) in segments(dir)?.iter().rev() {
         let bytes = fs::read(path)?;
-        let found = bytes
-            .split(|b| *b == b'\n')
-            .find_map(|line| chain::parse_line(line).ok());
-        if let Some(line) = found {
+        let line = bytes.split(|b| *b == b'\n').next().unwrap_or_default();
+        if let Ok(line) = chain::parse_line(line)
+            && line.seq == *first
+        {
             return Ok(Some(line.instance));
         }
     }
     Ok(None)
 }
 
-/// Mints an instance id and puts it in place of any older one, durably.
+/// Mints an instance id and puts it in place of any older one, durably;
+/// then deletes released segments, which hold an older chain's records
+/// (written over by the new one, their bytes would read as its own).
 fn new_instance_id(dir: &Path) -> io::Result<String> {
     let id = uuid::Uuid::new_v7(uuid::Timestamp::now(uuid::NoContext)).to_string();
     set_instance_id(dir, &id)?;
+    for (_, free) in files(dir, FREE_SUFFIX)? {
+        fs::remove_file(free)?;
+    }
     Ok(id)
 }
 
@@ -424,8 +438,9 @@ fn write_at(file: &File, buf: &[u8], offset: u64) -> io::Result<()> {
 /// cutting there would delete intact records that were never shipped, and
 /// the chain would go on over their seqs without a break to show it. A
 /// reused segment's older bytes hold lower seqs, so they never pass for
-/// such a record, nor does another instance's. Returns its last record.
-fn recover(path: &Path, first_seq: u64, instance: &str) -> io::Result<Option<Head>> {
+/// such a record, nor does another instance's. Returns its last record and
+/// how many of its bytes to keep ([`cut_after`] cuts the rest).
+fn recover(path: &Path, first_seq: u64, instance: &str) -> io::Result<(Option<Head>, u64)> {
     let mut bytes = Vec::new();
     File::open(path)?.read_to_end(&mut bytes)?;
     let mut kept = 0;
@@ -439,7 +454,9 @@ fn recover(path: &Path, first_seq: u64, instance: &str) -> io::Result<Option<Hea
             at = next;
             continue;
         };
-        let expected = last.map_or(first_seq, |h| h.seq + 1);
+        let Some(expected) = last.map_or(Some(first_seq), |h| h.seq.checked_add(1)) else {
+            break;
+        };
         let links = last.is_none_or(|h| chain::link(&h.hash, line.body) == line.hash);
         let ours = line.instance == instance;
         if line.seq == expected && !links && ours {
@@ -461,17 +478,23 @@ fn recover(path: &Path, first_seq: u64, instance: &str) -> io::Result<Option<Hea
         kept = next;
         at = next;
     }
-    if kept < bytes.len() {
+    Ok((last, kept as u64))
+}
+
+/// Cuts a segment to its first `kept` bytes (see [`recover`]).
+fn cut_after(path: &Path, kept: u64) -> io::Result<()> {
+    let len = fs::metadata(path)?.len();
+    if kept < len {
         tracing::warn!(
             segment = %path.display(),
-            cut = bytes.len() - kept,
+            cut = len - kept,
             "decision spool: cut what follows the last whole record (torn by a crash, or older bytes of a reused segment)"
         );
         let f = OpenOptions::new().write(true).open(path)?;
-        f.set_len(kept as u64)?;
+        f.set_len(kept)?;
         f.sync_all()?;
     }
-    Ok(last)
+    Ok(())
 }
 
 /// Releases segments whose every record is at or below `acked`, never the
@@ -919,6 +942,36 @@ mod tests {
         assert_eq!((again.as_str(), head.seq), (instance.as_str(), 3));
         let kept = fs::read_to_string(dir.path().join("instance")).expect("restored");
         assert_eq!(kept, instance);
+
+        // Only a segment's own first record names it: a later line could
+        // be a reused segment's older bytes, of another chain.
+        let dir = tempfile::tempdir().expect("tmp");
+        let (spool, instance, _) = Spool::open(dir.path(), 1 << 20).expect("open");
+        drop(spool);
+        let mut text = b"#garble#\n".to_vec();
+        text.extend_from_slice(&lines_of("older", 2, 2, &mut GENESIS.clone()));
+        fs::write(segment_path(dir.path(), 1), &text).expect("segment");
+        fs::remove_file(dir.path().join("instance")).expect("lose it");
+        let (_, minted, _) = Spool::open(dir.path(), 1 << 20).expect("reopen");
+        assert!(minted != "older" && minted != instance, "{minted}");
+    }
+
+    /// Recovery reads before it cuts: the cut is made only once what the
+    /// spool goes on as (its head, or a new chain's id) is decided.
+    #[test]
+    fn recovery_reads_a_segment_without_changing_it() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = segment_path(dir.path(), 1);
+        let mut prev = GENESIS;
+        let mut text = lines_of("i", 1, 2, &mut prev);
+        let whole = text.len() as u64;
+        text.extend_from_slice(br#"{"hash":"00","rec"#);
+        fs::write(&path, &text).expect("segment");
+        let (head, kept) = recover(&path, 1, "i").expect("recover");
+        assert_eq!((head.map(|h| h.seq), kept), (Some(2), whole));
+        assert_eq!(fs::read(&path).expect("read"), text, "not cut yet");
+        cut_after(&path, kept).expect("cut");
+        assert_eq!(fs::metadata(&path).expect("len").len(), whole);
     }
 
     /// Appends `batches` batches of four records from seq `from`.
