@@ -139,15 +139,19 @@ async fn report(cp: &ControlPlane) -> Value {
     list[0].clone()
 }
 
-/// Decision ids in the stored chain, in order (from the export).
-async fn stored_ids(cp: &ControlPlane, instance: &str) -> Vec<String> {
-    let r = reqwest::Client::new()
+/// The control plane's export of `instance`'s chain.
+async fn export(cp: &ControlPlane, instance: &str) -> reqwest::Response {
+    reqwest::Client::new()
         .get(format!("{}/decisions/export?instance={instance}", cp.1))
         .bearer_auth(TOKEN)
         .send()
         .await
-        .unwrap();
-    let text = r.text().await.unwrap();
+        .unwrap()
+}
+
+/// Decision ids in the stored chain, in order (from the export).
+async fn stored_ids(cp: &ControlPlane, instance: &str) -> Vec<String> {
+    let text = export(cp, instance).await.text().await.unwrap();
     text.lines()
         .map(|l| {
             let v: Value = serde_json::from_str(l).unwrap();
@@ -307,24 +311,11 @@ async fn records_are_masked_chained_explained_and_tamper_evident() {
     let (code, out, err) = cli(&cp, &["verify"]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("chain intact"), "{out}");
-    let export = reqwest::Client::new()
-        .get(format!("{}/decisions/export?instance={instance}", cp.1))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let exported = export(&cp, &instance).await.text().await.unwrap();
     let file = w.join("export.ndjson");
-    std::fs::write(&file, &export).unwrap();
+    std::fs::write(&file, &exported).unwrap();
     // An instance with no records: an empty export, whole (not cut short).
-    let empty = reqwest::Client::new()
-        .get(format!("{}/decisions/export?instance=nobody", cp.1))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap();
+    let empty = export(&cp, "nobody").await;
     assert_eq!(empty.status(), 200);
     assert_eq!(empty.text().await.expect("a whole body"), "");
     let (code, _, err) = run(&["log", "verify", "--file", s(&file)]);
@@ -334,7 +325,7 @@ async fn records_are_masked_chained_explained_and_tamper_evident() {
     assert_eq!(code, 0, "{err}");
 
     // An edited line and a deleted line in a file are named.
-    let mut lines: Vec<String> = export.lines().map(str::to_owned).collect();
+    let mut lines: Vec<String> = exported.lines().map(str::to_owned).collect();
     lines[6] = lines[6].replacen("\"kind\":\"check\"", "\"kind\":\"chek\"", 1);
     std::fs::write(&file, lines.join("\n")).unwrap();
     let (code, _, err) = run(&["log", "verify", "--file", s(&file)]);
@@ -343,7 +334,7 @@ async fn records_are_masked_chained_explained_and_tamper_evident() {
         err.contains("seq 7") && err.contains("does not match"),
         "{err}"
     );
-    let mut lines: Vec<String> = export.lines().map(str::to_owned).collect();
+    let mut lines: Vec<String> = exported.lines().map(str::to_owned).collect();
     lines.remove(11);
     std::fs::write(&file, lines.join("\n")).unwrap();
     let (code, _, err) = run(&["log", "verify", "--file", s(&file)]);
