@@ -1019,21 +1019,10 @@ mod tests {
     /// at its seq, as evidence; it is not skipped into a gap.
     #[test]
     fn a_damaged_line_is_shipped_at_its_seq() {
-        let dir = tempfile::tempdir().expect("tmp");
-        let (mut spool, _, _) = Spool::open(dir.path(), 1 << 20).expect("open");
-        let mut prev = GENESIS;
-        let mut text = lines(1, 5, &mut prev);
         // Line 3 mangled where it lies.
-        let starts: Vec<usize> = std::iter::once(0)
-            .chain(
-                text.iter()
-                    .enumerate()
-                    .filter(|(_, b)| **b == b'\n')
-                    .map(|(i, _)| i + 1),
-            )
-            .collect();
-        text[starts[2]..starts[2] + 8].copy_from_slice(b"#garble#");
-        spool.append(&text, 1, true).expect("append");
+        let (dir, spool, _) = damaged_spool(5, |text, breaks| {
+            text[breaks[1] + 1..breaks[1] + 9].copy_from_slice(b"#garble#")
+        });
         let mut reader = Reader::new(dir.path(), spool.live.clone());
         let first = reader
             .next_chunk(0, 2, usize::MAX)
@@ -1048,27 +1037,17 @@ mod tests {
         assert!(next.lines.starts_with(b"#garble#"));
         // Read afresh (a new session) from after seq 2: the same.
         let mut fresh = Reader::new(dir.path(), spool.live.clone());
-        let again = fresh
-            .next_chunk(2, 10, usize::MAX)
-            .expect("read")
-            .expect("3..=5");
-        assert_eq!((again.first_seq, again.count), (3, 3));
+        assert_eq!(chunk_at(&mut fresh, 2), (3, 3));
 
         // Damage that merged two records into one line cannot be placed:
         // skipped, the next record goes at its own seq (a gap the control
         // plane flags), never misnumbered.
-        let dir = tempfile::tempdir().expect("tmp");
-        let (mut spool, _, _) = Spool::open(dir.path(), 1 << 20).expect("open");
-        let mut merged = lines(1, 5, &mut GENESIS.clone());
-        merged[starts[3] - 1] = b' ';
-        merged[starts[2]..starts[2] + 8].copy_from_slice(b"#garble#");
-        spool.append(&merged, 1, true).expect("append");
+        let (dir, spool, _) = damaged_spool(5, |text, breaks| {
+            text[breaks[2]] = b' ';
+            text[breaks[1] + 1..breaks[1] + 9].copy_from_slice(b"#garble#");
+        });
         let mut reader = Reader::new(dir.path(), spool.live.clone());
-        let next = reader
-            .next_chunk(2, 10, usize::MAX)
-            .expect("read")
-            .expect("5");
-        assert_eq!((next.first_seq, next.count), (5, 1));
+        assert_eq!(chunk_at(&mut reader, 2), (5, 1));
     }
 
     /// A spool holding records 1..=`to` as one batch, `damage`d first (it
