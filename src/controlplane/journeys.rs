@@ -705,8 +705,8 @@ impl Journeys {
             hash,
             body: &body,
         };
-        let breaks = append_in(tx, INSTANCE, &mut head, &[record]).map_err(trail)?;
-        Ok((1, breaks.len() as u64))
+        let appended = append_in(tx, INSTANCE, &mut head, &[record]).map_err(trail)?;
+        Ok((appended.stored, appended.breaks.len() as u64))
     }
 }
 

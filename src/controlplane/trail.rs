@@ -378,6 +378,11 @@ impl DecisionStore {
                seq INTEGER NOT NULL,
                hash BLOB NOT NULL
              );
+             CREATE TABLE IF NOT EXISTS chain_heads (
+               instance TEXT PRIMARY KEY,
+               seq INTEGER NOT NULL,
+               hash BLOB NOT NULL
+             );
              CREATE TABLE IF NOT EXISTS forked_records (
                instance TEXT NOT NULL,
                seq INTEGER NOT NULL,
@@ -435,6 +440,15 @@ impl DecisionStore {
             )?;
             conn.execute_batch("PRAGMA user_version = 1")?;
         }
+        if version < 2 {
+            // Stores made before heads were kept: each chain's last record
+            // as it is now stands for what was received.
+            conn.execute_batch(
+                "INSERT OR IGNORE INTO chain_heads (instance, seq, hash)
+                   SELECT instance, MAX(seq), hash FROM decisions GROUP BY instance;
+                 PRAGMA user_version = 2",
+            )?;
+        }
         // Every open, not once: an older version may have kept some since.
         index_forked_records(&conn)?;
         Ok(Self {
@@ -481,10 +495,10 @@ impl DecisionStore {
         // From what is stored, not from what this stream last stored: another
         // stream of the instance (a copy of its spool) may have moved it.
         *head = head_in(&tx, instance)?;
-        let breaks = append_in(&tx, instance, head, records)?;
+        let appended = append_in(&tx, instance, head, records)?;
         tx.commit()?;
-        self.counted(records.len() as u64, breaks.len() as u64);
-        Ok(breaks)
+        self.counted(appended.stored, appended.breaks.len() as u64);
+        Ok(appended.breaks)
     }
 
     /// Counts records stored (and breaks found) by `append_in` in a
@@ -635,6 +649,7 @@ impl DecisionStore {
         let conn = self.conn();
         let mut stmt = conn.prepare(
             "SELECT instance FROM decisions UNION SELECT instance FROM chain_anchors
+             UNION SELECT instance FROM chain_heads UNION SELECT instance FROM chain_breaks
              UNION SELECT instance FROM forked_records ORDER BY instance",
         )?;
         let rows = stmt.query_map([], |r| r.get(0))?;
@@ -676,6 +691,13 @@ impl DecisionStore {
             }
             drop(rows);
             drop(stmt);
+            // Records deleted from the chain's end leave no gap to walk
+            // into: the head kept on receipt says how far it went.
+            if first_break.is_none()
+                && let Some(b) = past_head(&conn, &instance, last_seq, v.head(&instance))?
+            {
+                first_break = Some(b);
+            }
             let mut stmt = conn
                 .prepare("SELECT seq, reason FROM chain_breaks WHERE instance = ?1 ORDER BY seq")?;
             let flagged = stmt
@@ -864,15 +886,70 @@ fn anchor_in(conn: &Connection, instance: &str) -> Result<(u64, Hash), TrailErro
     })
 }
 
+/// Whether the walked chain ends where the head kept on receipt says it
+/// does: its last record deleted, edited consistently with its hash, or
+/// records added after it are a break there.
+fn past_head(
+    conn: &Connection,
+    instance: &str,
+    last_seq: u64,
+    last_hash: Option<Hash>,
+) -> Result<Option<Break>, TrailError> {
+    let kept: Option<(i64, Vec<u8>)> = conn
+        .query_row(
+            "SELECT seq, hash FROM chain_heads WHERE instance = ?1",
+            params![instance],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    let Some((seq, hash)) = kept else {
+        return Ok(None);
+    };
+    let seq = seq as u64;
+    let broken = |at: u64, reason: String| {
+        Some(Break {
+            instance: instance.to_owned(),
+            seq: at,
+            reason,
+        })
+    };
+    Ok(match last_seq.cmp(&seq) {
+        std::cmp::Ordering::Less => broken(
+            last_seq + 1,
+            format!("records {}..={seq} are missing: the chain had reached seq {seq} when it was received", last_seq + 1),
+        ),
+        std::cmp::Ordering::Greater => broken(
+            seq + 1,
+            format!("records {}..={last_seq} were never received: the chain ended at seq {seq}", seq + 1),
+        ),
+        // Only where the walk read the record itself (not an anchor).
+        std::cmp::Ordering::Equal if last_hash.is_some_and(|h| h[..] != hash[..]) => broken(
+            seq,
+            "the last record is not the one received (its hash differs from the head kept on receipt)".into(),
+        ),
+        std::cmp::Ordering::Equal => None,
+    })
+}
+
+/// What [`append_in`] did.
+pub struct Appended {
+    /// The breaks found (records are stored anyway).
+    pub breaks: Vec<Break>,
+    /// Records newly stored on the chain or kept apart; resends are not.
+    pub stored: u64,
+}
+
 /// Verifies records against `head` and stores them in `tx` (the caller
-/// commits, so they can go in with a change they record); moves `head`.
+/// commits, so they can go in with a change they record); moves `head`,
+/// and the head kept for `verify`.
 pub fn append_in(
     tx: &rusqlite::Transaction<'_>,
     instance: &str,
     head: &mut (u64, Hash),
     records: &[Incoming],
-) -> Result<Vec<Break>, TrailError> {
+) -> Result<Appended, TrailError> {
     let mut breaks = Vec::new();
+    let mut stored_count = 0;
     {
         let mut insert = tx.prepare_cached(
                 "INSERT OR IGNORE INTO decisions (instance, seq, hash, body, decision_id, time_us, outcome,
@@ -898,7 +975,7 @@ pub fn append_in(
         // flagged there, once per batch, and not again for a resend of what
         // is kept.
         let mut fork: Option<(u64, &str)> = None;
-        let mut keep_apart = |r: &Incoming, reason: &'static str| -> Result<(), TrailError> {
+        let mut keep_apart = |r: &Incoming, reason: &'static str| -> Result<u64, TrailError> {
             let ix: Option<Indexed> = serde_json::from_slice(r.body).ok();
             let c = Columns::of(ix.as_ref());
             // Aged from its own time where it has one, so retention does not
@@ -913,7 +990,7 @@ pub fn append_in(
             if kept == 1 && fork.is_none() {
                 fork = Some((r.seq, reason));
             }
-            Ok(())
+            Ok(kept as u64)
         };
         const FORKED: &str = "resent with another hash than the stored record: the sidecar's chain forked (its spool lost records it had shipped, or a copy of it runs elsewhere); its records at stored seqs are kept apart, as forked records";
         for r in records {
@@ -927,14 +1004,14 @@ pub fn append_in(
                 let stored: Option<Vec<u8>> = stored_hash
                     .query_row(params![instance, r.seq as i64], |row| row.get(0))
                     .optional()?;
-                match stored {
-                    Some(h) if h[..] == r.hash[..] => {}
+                stored_count += match stored {
+                    Some(h) if h[..] == r.hash[..] => 0,
                     Some(_) => keep_apart(r, FORKED)?,
                     None => keep_apart(
                         r,
                         "resent at a seq whose stored record has expired or was never received: kept apart, as a forked record, since it cannot be compared",
                     )?,
-                }
+                };
                 continue;
             }
             let hash = r.hash;
@@ -979,7 +1056,7 @@ pub fn append_in(
                     .query_row(params![instance, r.seq as i64], |row| row.get(0))
                     .optional()?;
                 if let Some(stored) = stored.filter(|h| h[..] != hash[..]) {
-                    keep_apart(r, FORKED)?;
+                    stored_count += keep_apart(r, FORKED)?;
                     // The chain goes on from what is stored there.
                     let stored: Hash = stored.try_into().unwrap_or(GENESIS);
                     v.resume(instance, r.seq, stored);
@@ -987,6 +1064,7 @@ pub fn append_in(
                     continue;
                 }
             }
+            stored_count += inserted as u64;
             *head = (r.seq, hash);
         }
         if let Some((seq, reason)) = fork {
@@ -999,7 +1077,18 @@ pub fn append_in(
             breaks.sort_by_key(|b| b.seq);
         }
     }
-    Ok(breaks)
+    if head.0 > 0 {
+        tx.prepare_cached(
+            "INSERT INTO chain_heads (instance, seq, hash) VALUES (?1, ?2, ?3)
+             ON CONFLICT (instance) DO UPDATE SET seq = excluded.seq, hash = excluded.hash
+             WHERE excluded.seq >= chain_heads.seq",
+        )?
+        .execute(params![instance, head.0 as i64, &head.1[..]])?;
+    }
+    Ok(Appended {
+        breaks,
+        stored: stored_count,
+    })
 }
 
 /// What an acknowledgement says of the stored head's hash.
@@ -1657,13 +1746,15 @@ mod tests {
                 .expect("append")
                 .is_empty()
         );
-        // A resend changes nothing.
+        assert_eq!(store.records_stored.get(), 5);
+        // A resend changes nothing, and is not counted as stored.
         assert!(
             store
                 .append("i1", &mut head, &incoming(&first[2..]))
                 .expect("again")
                 .is_empty()
         );
+        assert_eq!(store.records_stored.get(), 5);
         assert_eq!(head.0, 5);
         assert_eq!(store.head("i1").expect("head").0, 5);
 
@@ -1706,6 +1797,53 @@ mod tests {
             .expect("late start");
         assert_eq!(breaks.iter().map(|b| b.seq).collect::<Vec<_>>(), [1]);
         let report = store.verify(Some("i2")).expect("verify");
+        assert_eq!(report[0].first_break.as_ref().map(|b| b.seq), Some(1));
+    }
+
+    #[test]
+    fn records_deleted_or_replaced_at_the_chains_end_are_breaks() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = DecisionStore::open(&dir.path().join("cp.db")).expect("open");
+        let mut prev = GENESIS;
+        let all = records(1, 6, &mut prev);
+        let mut head = store.head("i1").expect("head");
+        store
+            .append("i1", &mut head, &incoming(&all))
+            .expect("append");
+        let first_break = |store: &DecisionStore| {
+            let report = store.verify(Some("i1")).expect("verify");
+            report[0].first_break.clone().map(|b| (b.seq, b.reason))
+        };
+        assert_eq!(first_break(&store), None);
+        let sql = |q: &str| store.conn().execute_batch(q).expect("sql");
+
+        // The last record replaced by one whose hash links (edited along
+        // with its hash): the chain walks, the kept head does not match.
+        let body = String::from_utf8(all[5].2.clone())
+            .expect("utf-8")
+            .replace("ALLOW", "DENY");
+        let forged_hash = chain::link(&all[4].1, body.as_bytes());
+        store
+            .conn()
+            .execute(
+                "UPDATE decisions SET body = ?1, hash = ?2 WHERE seq = 6",
+                params![body, &forged_hash[..]],
+            )
+            .expect("forge");
+        let (seq, reason) = first_break(&store).expect("replaced");
+        assert_eq!(seq, 6, "{reason}");
+        assert!(reason.contains("not the one received"), "{reason}");
+
+        // The last two deleted: nothing to walk into, the head says 6.
+        sql("DELETE FROM decisions WHERE seq >= 5");
+        let (seq, reason) = first_break(&store).expect("deleted");
+        assert_eq!(seq, 5, "{reason}");
+        assert!(reason.contains("records 5..=6 are missing"), "{reason}");
+
+        // All of them: the instance is still verified, and breaks at 1.
+        sql("DELETE FROM decisions");
+        let report = store.verify(None).expect("verify all");
+        assert_eq!(report.len(), 1);
         assert_eq!(report[0].first_break.as_ref().map(|b| b.seq), Some(1));
     }
 

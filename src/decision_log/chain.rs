@@ -140,6 +140,12 @@ impl Verifier {
         self.heads.insert(instance.to_owned(), (seq, hash));
     }
 
+    /// The hash the chain of `instance` stands at, if it was resumed or
+    /// pushed to.
+    pub fn head(&self, instance: &str) -> Option<Hash> {
+        self.heads.get(instance).map(|(_, h)| *h)
+    }
+
     /// The next record of `instance`. The first break is returned; after it
     /// the verifier re-anchors on the record, so later breaks are found too.
     pub fn push(
