@@ -341,8 +341,19 @@ async fn records_are_masked_chained_explained_and_tamper_evident() {
     assert_eq!(code, 1);
     assert!(err.contains("seq 12") && err.contains("missing"), "{err}");
 
-    // An edited and a deleted record in the store are named.
+    // The newest record deleted from the store: no gap is left to walk
+    // into, the head kept on receipt names it.
     let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.execute(&format!("DELETE FROM decisions WHERE seq = {total}"), [])
+        .unwrap();
+    let (code, _, err) = cli(&cp, &["verify"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(&format!("first break at seq {total}:")) && err.contains("missing"),
+        "{err}"
+    );
+
+    // An edited and a deleted record in the store are named.
     conn.execute(
         "UPDATE decisions SET body = replace(body, '\"outcome\":\"DENY\"', '\"outcome\":\"ALLOW\"') WHERE seq = (SELECT MIN(seq) FROM decisions WHERE outcome = 'DENY')",
         [],
