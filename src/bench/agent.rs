@@ -97,7 +97,7 @@ fn requests(n: usize) -> (Vec<pb::AuthorizeToolRequest>, Vec<pb::CheckRequest>) 
 }
 
 pub(super) async fn run(args: &BenchArgs, tmp: &Path, duration: Duration) -> Result<(), String> {
-    // The control plane runs beside the load generator on CPU 0, at normal
+    // The control plane runs beside the load generator, at normal
     // priority: the signal path through it is what is measured.
     let (cp, cp_url) = super::decision_log_sink(tmp, tmp, true)?;
     let threads = if args.server_cpu == "none" {

@@ -75,12 +75,12 @@ pub struct BenchArgs {
     /// `--log-receiver` this bench starts): `buffered`, `durable`.
     #[arg(long, value_delimiter = ',', default_value = "")]
     decision_log: Vec<String>,
-    /// What the decision-log runs ship to, started on CPU 0 in the
-    /// background.
+    /// What the decision-log runs ship to, started in the background on
+    /// the load generator's CPUs.
     #[arg(long, value_enum, default_value = "stand-in")]
     log_receiver: LogReceiver,
-    /// Run the control plane at normal priority on CPU 0 (it then competes
-    /// with the load generator) instead of in the background: shows whether
+    /// Run the control plane at normal priority beside the load generator
+    /// (competing with it) instead of in the background: shows whether
     /// shipping keeps up at the saturated rate. Implies
     /// `--log-receiver control-plane`.
     #[arg(long)]
@@ -251,6 +251,24 @@ fn spawn(
     stderr: bool,
 ) -> Result<Server, String> {
     spawn_with(server_cpu, false, args, addr_from, stderr)
+}
+
+/// The CPUs this bench process may run on (`taskset -c 0 arbiter bench`:
+/// `0`), for what runs beside the load generator rather than on the
+/// measured `--server-cpu`; `none` (not pinned) if they cannot be read.
+fn load_generator_cpus() -> String {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| cpus_allowed(&status))
+        .unwrap_or_else(|| "none".to_owned())
+}
+
+fn cpus_allowed(status: &str) -> Option<String> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .map(|list| list.trim().to_owned())
+        .filter(|list| !list.is_empty())
 }
 
 /// `background`: at the idle scheduling class (`chrt --idle 0`, or `nice -n
@@ -1084,9 +1102,10 @@ fn log_receiver(tmp: &Path, db_dir: &Path, args: &BenchArgs) -> Result<(Server, 
     if args.log_receiver == LogReceiver::ControlPlane || args.log_cp_foreground {
         return decision_log_sink(tmp, db_dir, args.log_cp_foreground);
     }
-    // In the background on CPU 0, as the control plane would be.
+    // In the background on the load generator's CPUs, as the control
+    // plane would be.
     let receiver = spawn_with(
-        "0",
+        &load_generator_cpus(),
         true,
         &["bench-echo".into(), "--worker-threads".into(), "1".into()],
         echo_addr,
@@ -1106,11 +1125,11 @@ fn decision_log_sink(
     let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
     let public = tmp.join("log.pub.pem");
     write_public_key(&key, &public)?;
-    // On the load generator's CPU 0 in the idle scheduling class, so it
+    // On the load generator's CPUs in the idle scheduling class, so it
     // takes neither the measured sidecar's CPU nor the load generator's (in
     // production it runs elsewhere).
     let cp = spawn_with(
-        "0",
+        &load_generator_cpus(),
         !foreground,
         &[
             "control-plane".into(),
@@ -1395,4 +1414,21 @@ async fn swap_test(args: &BenchArgs, tmp: &Path, duration: Duration) -> Result<(
     drop(sidecar);
     drop(cp);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cpus_allowed;
+
+    #[test]
+    fn the_load_generators_cpus_are_read_from_its_status() {
+        let status = "Name:\tarbiter\nCpus_allowed:\t1\nCpus_allowed_list:\t0\nMems_allowed:\t1\n";
+        assert_eq!(cpus_allowed(status).as_deref(), Some("0"));
+        assert_eq!(
+            cpus_allowed("Cpus_allowed_list:\t0-1,3\n").as_deref(),
+            Some("0-1,3")
+        );
+        assert_eq!(cpus_allowed("Name:\tarbiter\n"), None);
+        assert_eq!(cpus_allowed("Cpus_allowed_list:\t\n"), None);
+    }
 }
