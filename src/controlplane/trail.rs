@@ -1817,6 +1817,25 @@ mod tests {
         assert_eq!(first_break(&store), None);
         let sql = |q: &str| store.conn().execute_batch(q).expect("sql");
 
+        // A record added after the head, linking to it: never received.
+        let mut extra_prev = all[5].1;
+        let extra = records(7, 7, &mut extra_prev);
+        store
+            .conn()
+            .execute(
+                "INSERT INTO decisions (instance, seq, hash, body) VALUES ('i1', 7, ?1, ?2)",
+                params![
+                    &extra[0].1[..],
+                    String::from_utf8(extra[0].2.clone()).expect("utf-8")
+                ],
+            )
+            .expect("add");
+        let (seq, reason) = first_break(&store).expect("added");
+        assert_eq!(seq, 7, "{reason}");
+        assert!(reason.contains("never received"), "{reason}");
+        sql("DELETE FROM decisions WHERE seq = 7");
+        assert_eq!(first_break(&store), None);
+
         // The last record replaced by one whose hash links (edited along
         // with its hash): the chain walks, the kept head does not match.
         let body = String::from_utf8(all[5].2.clone())
