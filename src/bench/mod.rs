@@ -254,8 +254,9 @@ fn spawn(
 }
 
 /// The CPUs this bench process may run on (`taskset -c 0 arbiter bench`:
-/// `0`), for what runs beside the load generator rather than on the
-/// measured `--server-cpu`; `none` (not pinned) if they cannot be read.
+/// `0`), for what runs beside the load generator. Kept off the measured
+/// `--server-cpu` only when the bench itself is pinned away from it;
+/// `none` (not pinned) if they cannot be read.
 fn load_generator_cpus() -> String {
     std::fs::read_to_string("/proc/self/status")
         .ok()
