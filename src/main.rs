@@ -266,6 +266,10 @@ enum LogCommand {
         /// Only this sidecar instance (default: every instance).
         #[arg(long)]
         instance: Option<String>,
+        /// With --file: the chain must reach this head (`SEQ:HASH`, as
+        /// `log verify` printed it), so records cut from its end show.
+        #[arg(long, requires = "file")]
+        head: Option<String>,
     },
 }
 
@@ -724,8 +728,11 @@ fn log(cmd: LogCommand) -> ExitCode {
             log::query(&source(&s), &filter, json)
         }
         LogCommand::Verify {
-            file: Some(file), ..
-        } => log::verify_file(&file),
+            file: Some(file),
+            instance,
+            head,
+            ..
+        } => log::verify_file(&file, instance.as_deref(), head.as_deref()),
         LogCommand::Verify {
             control_plane,
             token,

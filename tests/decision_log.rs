@@ -149,6 +149,13 @@ async fn export(cp: &ControlPlane, instance: &str) -> reqwest::Response {
         .unwrap()
 }
 
+/// `SEQ:HASH` of an export's record at `seq` (its line's hash).
+fn stored_head_at(export: &str, seq: usize) -> String {
+    let line: Value = serde_json::from_str(export.lines().nth(seq - 1).unwrap()).unwrap();
+    assert_eq!(line["record"]["seq"], seq);
+    format!("{seq}:{}", line["hash"].as_str().unwrap())
+}
+
 /// Decision ids in the stored chain, in order (from the export).
 async fn stored_ids(cp: &ControlPlane, instance: &str) -> Vec<String> {
     let text = export(cp, instance).await.text().await.unwrap();
@@ -324,6 +331,47 @@ async fn records_are_masked_chained_explained_and_tamper_evident() {
     let (code, _, err) = run(&["log", "verify", "--file", s(&ndjson)]);
     assert_eq!(code, 0, "{err}");
 
+    // Records cut from an export's end leave an intact chain: the head
+    // `log verify` printed, kept apart, shows them.
+    let head = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("head "))
+        .unwrap_or_else(|| panic!("no head in {out}"))
+        .to_owned();
+    assert!(head.starts_with(&format!("{total}:")), "{head}");
+    let (code, out, err) = run(&["log", "verify", "--file", s(&file), "--head", &head]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(&format!("reaches the head at seq {total}")),
+        "{out}"
+    );
+    let cut: Vec<&str> = exported.lines().take(total - 2).collect();
+    let cut_file = w.join("cut.ndjson");
+    std::fs::write(&cut_file, cut.join("\n")).unwrap();
+    let (code, _, err) = run(&["log", "verify", "--file", s(&cut_file)]);
+    assert_eq!(code, 0, "without the head a cut export looks whole: {err}");
+    let (code, _, err) = run(&["log", "verify", "--file", s(&cut_file), "--head", &head]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains(&format!("seq {}", total - 1)) && err.contains("cut short"),
+        "{err}"
+    );
+    // An earlier head still holds (the chain went on), a forged one does not.
+    let earlier = stored_head_at(&exported, 5);
+    let (code, out, err) = run(&["log", "verify", "--file", s(&cut_file), "--head", &earlier]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("records after it"), "{out}");
+    let forged = format!("5:{}", "ab".repeat(32));
+    let (code, _, err) = run(&["log", "verify", "--file", s(&file), "--head", &forged]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("seq 5") && err.contains("not the one"),
+        "{err}"
+    );
+    let (code, _, err) = run(&["log", "verify", "--file", s(&file), "--head", "5"]);
+    assert_eq!(code, 64);
+    assert!(err.contains("SEQ:HASH"), "{err}");
+
     // An edited line and a deleted line in a file are named.
     let mut lines: Vec<String> = exported.lines().map(str::to_owned).collect();
     lines[6] = lines[6].replacen("\"kind\":\"check\"", "\"kind\":\"chek\"", 1);
@@ -431,6 +479,20 @@ async fn a_control_plane_outage_under_load_loses_and_repeats_nothing() {
     let (code, out, err) = run(&["log", "verify", "--file", s(&spool)]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("chain intact"), "{out}");
+    // It holds the newest records: it reaches the head the control plane
+    // reports.
+    let (code, out, err) = cli(&cp, &["verify"]);
+    assert_eq!(code, 0, "{err}");
+    let head = out.lines().find_map(|l| l.trim().strip_prefix("head "));
+    let head = head
+        .unwrap_or_else(|| panic!("no head in {out}"))
+        .to_owned();
+    let (code, out, err) = run(&["log", "verify", "--file", s(&spool), "--head", &head]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains(&format!("reaches the head at seq {total}")),
+        "{out}"
+    );
     for (_, segment) in arbiter::decision_log::spool::segments(&spool).unwrap() {
         let (code, out, err) = run(&["log", "verify", "--file", s(&segment)]);
         assert_eq!(code, 0, "{}: {out}{err}", segment.display());

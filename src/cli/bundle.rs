@@ -23,6 +23,13 @@ impl Failure {
             code: 65,
         }
     }
+    /// A malformed argument (EX_USAGE).
+    pub(crate) fn usage(message: impl ToString) -> Self {
+        Self {
+            message: message.to_string(),
+            code: 64,
+        }
+    }
     pub(crate) fn io(message: impl ToString) -> Self {
         Self {
             message: message.to_string(),

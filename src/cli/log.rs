@@ -267,6 +267,11 @@ pub fn verify_remote(src: &Source, instance: Option<&str>) -> Result<String, Fai
                     r["after_seq"].as_u64().unwrap_or(0) + 1,
                     r["last_seq"]
                 );
+                if let Some(head) = r["head"].as_str() {
+                    // Kept apart from an export, it shows records cut
+                    // from the export's end (`--file F --head`).
+                    let _ = writeln!(out, "        head {head}");
+                }
             }
             Some(b) => {
                 broken = true;
@@ -305,21 +310,54 @@ pub fn verify_remote(src: &Source, instance: Option<&str>) -> Result<String, Fai
 
 /// `log verify --file`: an NDJSON export, a spool segment, or a spool
 /// directory (its segments in order, as the sidecar would ship them).
-pub fn verify_file(path: &Path) -> Result<String, Failure> {
+/// With `head` (`SEQ:HASH`), `instance`'s chain (the file's one chain if
+/// not named) must reach it.
+pub fn verify_file(
+    path: &Path,
+    instance: Option<&str>,
+    head: Option<&str>,
+) -> Result<String, Failure> {
+    let head = head
+        .map(chain::parse_head)
+        .transpose()
+        .map_err(Failure::usage)?;
     let mut out = String::new();
     let (v, unchecked) = if path.is_dir() {
-        let (v, unchecked, segments) = verify_spool(path)?;
+        let (v, unchecked, segments) = verify_spool(path, head.map(|h| h.0))?;
         let _ = writeln!(out, "spool   {segments} segments");
         (v, unchecked)
     } else {
         let bytes = std::fs::read(path).map_err(|e| unreadable(path, &e))?;
         let mut v = chain::Verifier::default();
+        if let Some((seq, _)) = head {
+            v.watch(seq);
+        }
         // A segment may be the newest, written over an older one.
         let segment = spool::segment_first_seq(path);
         let unchecked = chain::verify_into(&mut v, &bytes, segment).map_err(broken)?;
         (v, unchecked)
     };
     let _ = writeln!(out, "ok      {} records, chain intact", v.records);
+    if let Some(head) = head {
+        let instance = match instance {
+            Some(i) => i.to_owned(),
+            None => one_instance(&v)?,
+        };
+        v.holds_head(&instance, head).map_err(broken)?;
+        let last = v
+            .positions()
+            .find(|(i, _)| *i == instance)
+            .map_or(0, |p| p.1);
+        let _ = writeln!(
+            out,
+            "ok      instance {instance} reaches the head at seq {}{}",
+            head.0,
+            match last - head.0 {
+                0 => String::new(),
+                n => format!(" ({n} records after it)"),
+            }
+        );
+    }
     for (instance, seq) in v.partial {
         let _ = writeln!(
             out,
@@ -333,6 +371,24 @@ pub fn verify_file(path: &Path) -> Result<String, Failure> {
         );
     }
     Ok(out)
+}
+
+/// The one chain a file holds, for `--head` without `--instance`.
+fn one_instance(v: &chain::Verifier) -> Result<String, Failure> {
+    let mut all: Vec<&str> = v.positions().map(|(i, _)| i).collect();
+    all.sort_unstable();
+    match all.as_slice() {
+        [one] => Ok((*one).to_owned()),
+        [] => Err(Failure {
+            message: "BROKEN  no records were read, so the head is not in them".into(),
+            code: 1,
+        }),
+        many => Err(Failure::usage(format!(
+            "the file holds the chains of {} instances ({}): name the head's with --instance",
+            many.len(),
+            many.join(", ")
+        ))),
+    }
 }
 
 fn broken(b: chain::Break) -> Failure {
@@ -349,7 +405,10 @@ fn unreadable(path: &Path, e: &std::io::Error) -> Failure {
 /// A spool's segments through one verifier, the newest allowed its older
 /// bytes. A segment released while this reads (renamed for reuse) means
 /// listing again. Returns the chain, the unchecked bytes and the segments.
-fn verify_spool(dir: &Path) -> Result<(chain::Verifier, usize, usize), Failure> {
+fn verify_spool(
+    dir: &Path,
+    watch: Option<u64>,
+) -> Result<(chain::Verifier, usize, usize), Failure> {
     let mut attempts = 0;
     'listing: loop {
         attempts += 1;
@@ -361,6 +420,9 @@ fn verify_spool(dir: &Path) -> Result<(chain::Verifier, usize, usize), Failure> 
             )));
         }
         let mut v = chain::Verifier::default();
+        if let Some(seq) = watch {
+            v.watch(seq);
+        }
         let mut unchecked = 0;
         for (i, (first, path)) in segments.iter().enumerate() {
             let bytes = match std::fs::read(path) {

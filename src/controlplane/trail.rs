@@ -60,6 +60,9 @@ pub struct ChainReport {
     /// cut it).
     pub after_seq: u64,
     pub last_seq: u64,
+    /// `SEQ:HASH` of the last stored record, for `log verify --file
+    /// --head` to check an export against later; none without records.
+    pub head: Option<String>,
     /// The first break found now, walking the stored chain from its start.
     pub first_break: Option<Break>,
     /// Breaks flagged when the records arrived.
@@ -719,6 +722,10 @@ impl DecisionStore {
                 records: v.records,
                 after_seq: from,
                 last_seq,
+                head: v
+                    .head(&instance)
+                    .filter(|_| last_seq > 0)
+                    .map(|h| chain::format_head(last_seq, &h)),
                 first_break,
                 flagged_on_receipt: flagged,
                 forked_records: forked_records as u64,

@@ -131,6 +131,10 @@ pub struct Verifier {
     /// could not be checked.
     pub partial: Vec<(String, u64)>,
     pub records: u64,
+    /// A seq whose hash is kept per instance as it goes by (see
+    /// [`Verifier::holds_head`]).
+    watch: Option<u64>,
+    watched: HashMap<String, Hash>,
 }
 
 impl Verifier {
@@ -144,6 +148,54 @@ impl Verifier {
     /// pushed to.
     pub fn head(&self, instance: &str) -> Option<Hash> {
         self.heads.get(instance).map(|(_, h)| *h)
+    }
+
+    /// The instances read, with the seq each chain stands at.
+    pub fn positions(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.heads.iter().map(|(i, (seq, _))| (i.as_str(), *seq))
+    }
+
+    /// Keeps each instance's hash at `seq` as its record goes by, for
+    /// [`Verifier::holds_head`]; set before the records are pushed.
+    pub fn watch(&mut self, seq: u64) {
+        self.watch = Some(seq);
+    }
+
+    /// Whether the records read hold `instance`'s chain up to `head` (seq
+    /// and hash, as `log verify` printed them when the chain was whole):
+    /// what the chain alone cannot show, records cut from its end. A chain
+    /// that goes on past the head is fine; the head's record must be the
+    /// one read at its seq. Needs [`Verifier::watch`] at the head's seq.
+    pub fn holds_head(&self, instance: &str, head: (u64, Hash)) -> Result<(), Break> {
+        let (seq, hash) = head;
+        let broken = |at: u64, reason: String| Break {
+            instance: instance.to_owned(),
+            seq: at,
+            reason,
+        };
+        let Some(&(last, _)) = self.heads.get(instance) else {
+            return Err(broken(seq, "no record of this instance was read".into()));
+        };
+        if last < seq {
+            return Err(broken(
+                last + 1,
+                format!(
+                    "the chain read ends at seq {last}, before the head at seq {seq}: records {}..={seq} are missing (cut short)",
+                    last + 1
+                ),
+            ));
+        }
+        match self.watched.get(instance) {
+            Some(h) if *h == hash => Ok(()),
+            Some(_) => Err(broken(
+                seq,
+                "the record read at the head's seq is not the one the head names".into(),
+            )),
+            None => Err(broken(
+                seq,
+                "the head's seq is not in what was read (it starts later)".into(),
+            )),
+        }
     }
 
     /// The next record of `instance`. The first break is returned; after it
@@ -180,8 +232,28 @@ impl Verifier {
             )),
         };
         self.heads.insert(instance.to_owned(), (seq, *hash));
+        if self.watch == Some(seq) {
+            self.watched.insert(instance.to_owned(), *hash);
+        }
         result
     }
+}
+
+/// A head as `log verify` prints it and `--head` takes it: `SEQ:HASH`
+/// (the hash in hex).
+pub fn format_head(seq: u64, hash: &Hash) -> String {
+    format!("{seq}:{}", crate::decision_log::mask::hex(hash))
+}
+
+pub fn parse_head(text: &str) -> Result<(u64, Hash), String> {
+    let bad = || {
+        format!(
+            "`{text}` is not a head: expected SEQ:HASH (64 hex digits), as `arbiter log verify` prints it"
+        )
+    };
+    let (seq, hash) = text.trim().split_once(':').ok_or_else(bad)?;
+    let seq = seq.parse::<u64>().ok().filter(|s| *s > 0).ok_or_else(bad)?;
+    Ok((seq, parse_hash(hash).ok_or_else(bad)?))
 }
 
 fn check(prev: &Hash, hash: &Hash, body: &[u8]) -> Result<(), String> {
@@ -316,6 +388,37 @@ mod tests {
         let b = verify_lines(&mangled.concat()).expect_err("mangled");
         assert_eq!((b.instance.as_str(), b.seq), ("i1", 3), "{b}");
         assert!(b.reason.contains("line 3"), "{b}");
+    }
+
+    #[test]
+    fn a_kept_head_shows_records_cut_from_the_end() {
+        let lines = chain(6);
+        let head_at = |v: &Verifier, seq: u64| {
+            let line = String::from_utf8(lines[seq as usize - 1].clone()).expect("utf8");
+            let hash = parse_line(line.trim_end().as_bytes()).expect("line").hash;
+            v.holds_head("i1", parse_head(&format_head(seq, &hash)).expect("parses"))
+        };
+        let read = |n: usize, watch: u64| {
+            let mut v = Verifier::default();
+            v.watch(watch);
+            verify_into(&mut v, &lines[..n].concat(), None).expect("intact");
+            v
+        };
+        // Whole, and going on past the head: fine.
+        assert!(head_at(&read(6, 6), 6).is_ok());
+        assert!(head_at(&read(6, 4), 4).is_ok());
+        // The last two records cut: intact as a chain, short of the head.
+        let b = head_at(&read(4, 6), 6).expect_err("cut short");
+        assert_eq!((b.seq, b.reason.contains("cut short")), (5, true), "{b}");
+        // A head of another chain at that seq: named.
+        let mut v = read(6, 4);
+        v.watched.insert("i1".into(), [7; 32]);
+        assert_eq!(head_at(&v, 4).expect_err("other record").seq, 4);
+        // A head of an instance the file does not hold.
+        assert!(read(6, 6).holds_head("i2", (6, [0; 32])).is_err());
+        for bad in ["6", "0:00", "x:ab", "6:abc"] {
+            assert!(parse_head(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
