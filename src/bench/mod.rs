@@ -1021,8 +1021,75 @@ fn medians(measured: &[Measured], rounds: usize) -> String {
             fmt(cpu_ratio, "x"),
             fmt(p99_ratio, "x"),
         ));
+        if m.label == "arbiter log buffered" {
+            let ratios = |f: &dyn Fn(&Measured, &Measured) -> Option<f64>| -> Vec<f64> {
+                runs.iter().filter_map(|r| f(r, off(r)?)).collect()
+            };
+            let cpu = ratios(&|r, o| Some(r.cpu_us? / o.cpu_us?));
+            let p99 = ratios(&|r, o| Some(r.p99_us / o.p99_us));
+            out.push_str(&buffered_verdict(&cpu, &p99));
+        }
     }
     out
+}
+
+/// The targets for `buffered`: at most 10 % more CPU per call and
+/// a p99 within 1.2× of off.
+const BUFFERED_TARGETS: (f64, f64) = (1.10, 1.20);
+
+/// Whether a set of rounds shows the `buffered` targets met: each ratio's
+/// median with its interval, met only if the whole interval is within the
+/// target. One median says little on a noisy machine; this says how much.
+fn buffered_verdict(cpu: &[f64], p99: &[f64]) -> String {
+    let one = |name: &str, ratios: &[f64], target: f64| match median_interval(ratios) {
+        None => format!("    {name}: needs {MIN_ROUNDS} rounds or more for an interval\n"),
+        Some((lo, hi, coverage)) => format!(
+            "    {name}: median's {:.1} % interval {lo:.2}x..{hi:.2}x, target <= {target:.2}x: {}\n",
+            coverage * 100.0,
+            match (hi <= target, lo > target) {
+                (true, _) => "met",
+                (_, true) => "missed",
+                _ => "not shown either way",
+            }
+        ),
+    };
+    format!(
+        "  targets for buffered (distribution-free, from the rounds' order statistics):\n{}{}",
+        one("cpu vs off", cpu, BUFFERED_TARGETS.0),
+        one("p99 vs off", p99, BUFFERED_TARGETS.1)
+    )
+}
+
+/// Rounds needed for an interval worth printing (5: 93.8 %).
+const MIN_ROUNDS: usize = 5;
+
+/// A distribution-free confidence interval for the median of `values`:
+/// `(low, high, coverage)`, the k-th smallest and k-th largest values for
+/// the largest k that keeps coverage at 95 % or more (with fewer than 6
+/// values, the extremes and what they cover). `None` below [`MIN_ROUNDS`].
+fn median_interval(values: &[f64]) -> Option<(f64, f64, f64)> {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    let n = v.len();
+    if n < MIN_ROUNDS {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    // below[j] = P(B <= j) for B ~ Binomial(n, 1/2).
+    let mut below = Vec::with_capacity(n / 2 + 1);
+    let (mut choose, mut sum) = (1.0f64, 0.0f64);
+    for i in 0..=n / 2 {
+        if i > 0 {
+            choose = choose * (n - i + 1) as f64 / i as f64;
+        }
+        sum += choose / 2f64.powi(n as i32);
+        below.push(sum);
+    }
+    // The median lies below the k-th smallest with probability P(B <= k-1).
+    let k = (1..=n / 2)
+        .take_while(|k| below[k - 1] <= 0.025)
+        .last()
+        .unwrap_or(1);
+    Some((v[k - 1], v[n - k], 1.0 - 2.0 * below[k - 1]))
 }
 
 fn cpu_count(list: &str) -> usize {
@@ -1419,7 +1486,44 @@ async fn swap_test(args: &BenchArgs, tmp: &Path, duration: Duration) -> Result<(
 
 #[cfg(test)]
 mod tests {
-    use super::cpus_allowed;
+    use super::{buffered_verdict, cpus_allowed, median_interval};
+
+    #[test]
+    fn the_medians_interval_comes_from_order_statistics() {
+        // Five values: the extremes, covering 1 - 2/32.
+        let (lo, hi, c) = median_interval(&[1.3, 1.0, 1.2, 1.1, 1.4]).expect("five");
+        assert_eq!((lo, hi), (1.0, 1.4));
+        assert!((c - 0.9375).abs() < 1e-9, "{c}");
+        // Ten: the 2nd smallest and 2nd largest (P(B <= 1) = 11/1024).
+        let ten: Vec<f64> = (1..=10).map(f64::from).collect();
+        let (lo, hi, c) = median_interval(&ten).expect("ten");
+        assert_eq!((lo, hi), (2.0, 9.0));
+        assert!((c - (1.0 - 22.0 / 1024.0)).abs() < 1e-9, "{c}");
+        // Fifteen: the 4th (P(B <= 3) = 576/32768 = 0.0176; P(B <= 4) = 0.059).
+        let fifteen: Vec<f64> = (1..=15).map(f64::from).collect();
+        assert_eq!(
+            median_interval(&fifteen).map(|i| (i.0, i.1)),
+            Some((4.0, 12.0))
+        );
+        assert_eq!(median_interval(&[1.0, 2.0, 3.0, f64::NAN]), None);
+    }
+
+    #[test]
+    fn the_buffered_targets_are_met_only_by_a_whole_interval() {
+        let v = buffered_verdict(&[1.02, 1.05, 1.04, 1.08, 1.09], &[1.1, 1.3, 1.0, 1.15, 0.9]);
+        let lines: Vec<&str> = v.lines().collect();
+        assert!(
+            lines[1].contains("1.02x..1.09x") && lines[1].ends_with(": met"),
+            "{v}"
+        );
+        assert!(lines[2].ends_with("not shown either way"), "{v}");
+        let v = buffered_verdict(&[1.2, 1.3, 1.25, 1.4, 1.21], &[1.0; 3]);
+        assert!(v.lines().nth(1).expect("cpu").ends_with(": missed"), "{v}");
+        assert!(
+            v.lines().nth(2).expect("p99").contains("needs 5 rounds"),
+            "{v}"
+        );
+    }
 
     #[test]
     fn the_load_generators_cpus_are_read_from_its_status() {
