@@ -263,7 +263,8 @@ enum LogCommand {
         token: String,
         #[arg(long, env = "ARBITER_CONTROL_PLANE_CA")]
         ca: Option<PathBuf>,
-        /// Only this sidecar instance (default: every instance).
+        /// Only this sidecar instance (default: every instance); with
+        /// --file and --head, whose chain the head is of.
         #[arg(long)]
         instance: Option<String>,
         /// With --file: the chain must reach this head (`SEQ:HASH`, as

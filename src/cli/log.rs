@@ -438,3 +438,43 @@ fn verify_spool(
         return Ok((v, unchecked, segments.len()));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `n` chained lines of `instance`, as an export holds them.
+    fn lines(instance: &str, n: u64) -> Vec<u8> {
+        let (mut out, mut prev) = (Vec::new(), chain::GENESIS);
+        for seq in 1..=n {
+            let body = format!(r#"{{"instance":"{instance}","seq":{seq}}}"#);
+            prev = chain::append_next(&mut out, &prev, |o| o.extend_from_slice(body.as_bytes()));
+        }
+        out
+    }
+
+    #[test]
+    fn a_head_in_a_file_of_two_chains_needs_its_instance() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let file = dir.path().join("two.ndjson");
+        let mut both = lines("a", 3);
+        both.extend(lines("b", 2));
+        std::fs::write(&file, &both).expect("write");
+        let mut v = chain::Verifier::default();
+        chain::verify_into(&mut v, &lines("b", 2), None).expect("intact");
+        let head = v.head("b").map(|h| chain::format_head(2, &h)).expect("b");
+
+        let e = verify_file(&file, None, Some(&head)).expect_err("which instance?");
+        assert_eq!(e.code, 64);
+        assert!(e.message.contains("2 instances (a, b)"), "{}", e.message);
+        let ok = verify_file(&file, Some("b"), Some(&head)).expect("b reaches it");
+        assert!(ok.contains("instance b reaches the head at seq 2"), "{ok}");
+        // a's chain stands at seq 3 with another hash there.
+        let e = verify_file(&file, Some("a"), Some(&head)).expect_err("not a's");
+        assert!(
+            e.message.contains("not the one the head names"),
+            "{}",
+            e.message
+        );
+    }
+}
