@@ -371,6 +371,10 @@ async fn records_are_masked_chained_explained_and_tamper_evident() {
     let (code, _, err) = run(&["log", "verify", "--file", s(&file), "--head", "5"]);
     assert_eq!(code, 64);
     assert!(err.contains("SEQ:HASH"), "{err}");
+    // A head is checked against a file only, not against the control plane.
+    let (code, _, err) = cli(&cp, &["verify", "--head", &head]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--file"), "{err}");
 
     // An edited line and a deleted line in a file are named.
     let mut lines: Vec<String> = exported.lines().map(str::to_owned).collect();

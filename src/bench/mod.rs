@@ -1001,16 +1001,14 @@ fn medians(measured: &[Measured], rounds: usize) -> String {
                 .iter()
                 .find(|x| x.label == "arbiter cache off" && x.load == r.load && x.round == r.round)
         };
-        let cpu_ratio = median(
-            runs.iter()
-                .filter_map(|r| Some(r.cpu_us? / off(r)?.cpu_us?))
-                .collect(),
-        );
-        let p99_ratio = median(
-            runs.iter()
-                .filter_map(|r| Some(r.p99_us / off(r)?.p99_us))
-                .collect(),
-        );
+        let cpu_ratios: Vec<f64> = runs
+            .iter()
+            .filter_map(|r| Some(r.cpu_us? / off(r)?.cpu_us?))
+            .collect();
+        let p99_ratios: Vec<f64> = runs
+            .iter()
+            .filter_map(|r| Some(r.p99_us / off(r)?.p99_us))
+            .collect();
         out.push_str(&format!(
             "{:<28} {:>8} {:>10.0} {:>9.1} {:>8} {:>11} {:>11}\n",
             m.label,
@@ -1018,16 +1016,11 @@ fn medians(measured: &[Measured], rounds: usize) -> String {
             median(runs.iter().map(|r| r.rate).collect()).unwrap_or(0.0),
             median(runs.iter().map(|r| r.p99_us).collect()).unwrap_or(0.0),
             fmt(median(runs.iter().filter_map(|r| r.cpu_us).collect()), ""),
-            fmt(cpu_ratio, "x"),
-            fmt(p99_ratio, "x"),
+            fmt(median(cpu_ratios.clone()), "x"),
+            fmt(median(p99_ratios.clone()), "x"),
         ));
         if m.label == "arbiter log buffered" {
-            let ratios = |f: &dyn Fn(&Measured, &Measured) -> Option<f64>| -> Vec<f64> {
-                runs.iter().filter_map(|r| f(r, off(r)?)).collect()
-            };
-            let cpu = ratios(&|r, o| Some(r.cpu_us? / o.cpu_us?));
-            let p99 = ratios(&|r, o| Some(r.p99_us / o.p99_us));
-            out.push_str(&buffered_verdict(&cpu, &p99));
+            out.push_str(&buffered_verdict(&cpu_ratios, &p99_ratios));
         }
     }
     out

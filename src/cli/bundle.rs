@@ -172,10 +172,7 @@ pub(crate) fn admin(
     ca: Option<&Path>,
 ) -> Result<crate::controlplane::AdminClient, Failure> {
     crate::controlplane::AdminClient::new(url, token, std::time::Duration::from_secs(30), ca)
-        .map_err(|e| Failure {
-            message: e.to_string(),
-            code: 64,
-        })
+        .map_err(Failure::usage)
 }
 
 pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, Failure> {

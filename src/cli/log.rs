@@ -343,16 +343,12 @@ pub fn verify_file(
             Some(i) => i.to_owned(),
             None => one_instance(&v)?,
         };
-        v.holds_head(&instance, head).map_err(broken)?;
-        let last = v
-            .positions()
-            .find(|(i, _)| *i == instance)
-            .map_or(0, |p| p.1);
+        let after = v.holds_head(&instance, head).map_err(broken)?;
         let _ = writeln!(
             out,
             "ok      instance {instance} reaches the head at seq {}{}",
             head.0,
-            match last - head.0 {
+            match after {
                 0 => String::new(),
                 n => format!(" ({n} records after it)"),
             }

@@ -166,7 +166,8 @@ impl Verifier {
     /// what the chain alone cannot show, records cut from its end. A chain
     /// that goes on past the head is fine; the head's record must be the
     /// one read at its seq. Needs [`Verifier::watch`] at the head's seq.
-    pub fn holds_head(&self, instance: &str, head: (u64, Hash)) -> Result<(), Break> {
+    /// Returns how many records were read after the head.
+    pub fn holds_head(&self, instance: &str, head: (u64, Hash)) -> Result<u64, Break> {
         let (seq, hash) = head;
         let broken = |at: u64, reason: String| Break {
             instance: instance.to_owned(),
@@ -186,7 +187,7 @@ impl Verifier {
             ));
         }
         match self.watched.get(instance) {
-            Some(h) if *h == hash => Ok(()),
+            Some(h) if *h == hash => Ok(last - seq),
             Some(_) => Err(broken(
                 seq,
                 "the record read at the head's seq is not the one the head names".into(),
@@ -405,8 +406,8 @@ mod tests {
             v
         };
         // Whole, and going on past the head: fine.
-        assert!(head_at(&read(6, 6), 6).is_ok());
-        assert!(head_at(&read(6, 4), 4).is_ok());
+        assert_eq!(head_at(&read(6, 6), 6), Ok(0));
+        assert_eq!(head_at(&read(6, 4), 4), Ok(2));
         // The last two records cut: intact as a chain, short of the head.
         let b = head_at(&read(4, 6), 6).expect_err("cut short");
         assert_eq!((b.seq, b.reason.contains("cut short")), (5, true), "{b}");
