@@ -7,6 +7,7 @@
 //! spool/00000000000000000001.ndjson    seq 1 ..
 //! spool/00000000000000004097.ndjson    seq 4097 .. (the newest: appended to)
 //! spool/00000000000000000001.free      released, kept to be written over
+//! spool/00000000000000000000.free      prepared (zeros), kept to be written over
 //! spool/next.tmp                       the next segment, until its first batch is on disk
 //! ```
 //!
@@ -19,6 +20,14 @@
 //! [`Live`], recovery after the last record that continues the chain (see
 //! [`recover`]), and a finished segment is cut to its records before the
 //! next one appears.
+//!
+//! Where no released segment is there to reuse (a new spool, or one growing
+//! while the control plane is away), segments are prepared ahead: filled
+//! with zeros and flushed, by a background thread once the spool runs,
+//! and kept as released segments numbered 0 (below every real segment, so
+//! recovery never takes one for newer records). A new spool's first
+//! segment is prepared before it opens: its first batches' fsyncs are
+//! cheap too.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -31,10 +40,17 @@ use super::chain::{self, GENESIS, Hash};
 const SUFFIX: &str = ".ndjson";
 const FREE_SUFFIX: &str = ".free";
 const NEXT: &str = "next.tmp";
+/// A segment being prepared (filled with zeros) until it is flushed.
+const PREPARING: &str = "prep.tmp";
+/// The number a prepared segment is kept under (see the module docs).
+const PREPARED: u64 = 0;
+/// Most bytes a segment is prepared with: a larger one allocates the rest
+/// as it is written, as without preparing.
+const PREPARE_MAX_BYTES: u64 = 64 << 20;
 /// Held locked while a process writes the spool.
 const LOCK: &str = "lock";
 /// Released segments kept to be written over (disk beyond the spool cap:
-/// this many segments).
+/// this many segments, and one prepared segment).
 pub const FREE_KEEP: usize = 2;
 
 /// The segment the writer appends to, and how many of its bytes are records
@@ -77,6 +93,18 @@ pub struct Spool {
     /// The directory's lock, held as long as this spool is open.
     /// Held for the process's whole use of the spool; see [`Spool::lock`].
     lock: File,
+    /// The thread preparing a segment, if one was started.
+    preparing: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Spool {
+    /// Waits for a segment being prepared (tens of milliseconds at most),
+    /// so the spool is left alone once it is closed.
+    fn drop(&mut self) {
+        if let Some(thread) = self.preparing.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// The segments in `dir`, oldest first.
@@ -138,11 +166,11 @@ impl Spool {
         let mut head_segment = None;
         let mut cut = None;
         for (first, path) in segs.iter().rev() {
-            let (last, kept) = recover(path, *first, &instance)?;
+            let (last, kept, zeros_after) = recover(path, *first, &instance)?;
             if let Some(last) = last {
                 head = last;
                 head_segment = Some(*first);
-                cut = Some((path, kept));
+                cut = Some((path, kept, zeros_after));
                 break;
             }
         }
@@ -169,8 +197,8 @@ impl Spool {
                 }
             }
         }
-        if let Some((path, kept)) = cut {
-            cut_after(path, kept)?;
+        if let Some((path, kept, zeros_after)) = cut {
+            cut_after(path, kept, zeros_after)?;
         }
         // Segments after it have no records (only damage leaves one): the
         // chain goes on in a segment named by its next seq, as recovery
@@ -183,6 +211,7 @@ impl Spool {
         // A segment being started when the sidecar stopped: never named, so
         // its records were never reported as spooled.
         let _ = fs::remove_file(dir.join(NEXT));
+        let _ = fs::remove_file(dir.join(PREPARING));
         sync_dir(dir)?;
         let mut total = 0;
         for (_, path) in segments(dir)? {
@@ -193,17 +222,29 @@ impl Spool {
         let first = head_segment.unwrap_or(1);
         let (path, unnamed) = match head_segment {
             Some(f) => (segment_path(dir, f), None),
-            None => (dir.join(NEXT), Some(segment_path(dir, 1))),
+            None => {
+                if files(dir, FREE_SUFFIX)?.is_empty()
+                    && let Err(e) = prepare_segment(dir, segment_max)
+                {
+                    tracing::warn!("decision spool: cannot prepare its first segment: {e}");
+                }
+                take_free(dir)?;
+                (dir.join(NEXT), Some(segment_path(dir, 1)))
+            }
         };
         let mut file = OpenOptions::new()
             .create(true)
             .write(true)
             .truncate(false) // recovered above: its records go on after the end
             .open(&path)?;
-        let file_len = file.seek(SeekFrom::End(0))?;
+        // A segment being started holds no records yet, whatever its length.
+        let file_len = match unnamed {
+            Some(_) => 0,
+            None => file.seek(SeekFrom::End(0))?,
+        };
         let live = Arc::new(Live::default());
         live.set(first, file_len);
-        let spool = Self {
+        let mut spool = Self {
             dir: dir.to_path_buf(),
             segment_max,
             file,
@@ -213,7 +254,9 @@ impl Spool {
             bytes: Arc::new(AtomicU64::new(total)),
             live,
             lock,
+            preparing: None,
         };
+        spool.keep_one_ready()?;
         Ok((spool, instance, head))
     }
 
@@ -285,9 +328,8 @@ impl Spool {
         }
         self.file.sync_data()?;
         let next = self.dir.join(NEXT);
-        if let Some((_, free)) = files(&self.dir, FREE_SUFFIX)?.first() {
-            fs::rename(free, &next)?;
-        }
+        take_free(&self.dir)?;
+        self.keep_one_ready()?;
         // Not truncated: writing over the blocks it has is the point.
         self.file = OpenOptions::new()
             .create(true)
@@ -301,6 +343,70 @@ impl Spool {
         self.unnamed = Some(segment_path(&self.dir, next_seq));
         Ok(())
     }
+}
+
+impl Spool {
+    /// Starts preparing a segment for the next one to start in, unless a
+    /// released one is there or one is being prepared.
+    fn keep_one_ready(&mut self) -> io::Result<()> {
+        if !files(&self.dir, FREE_SUFFIX)?.is_empty()
+            || self.preparing.as_ref().is_some_and(|t| !t.is_finished())
+        {
+            return Ok(());
+        }
+        let (dir, len) = (self.dir.clone(), self.segment_max);
+        let started = std::thread::Builder::new()
+            .name("decision-log-prep".into())
+            .spawn(move || {
+                super::background_priority(PREPARE_NICE);
+                if let Err(e) = prepare_segment(&dir, len) {
+                    tracing::warn!("decision spool: cannot prepare a segment: {e}");
+                }
+            });
+        match started {
+            Ok(thread) => self.preparing = Some(thread),
+            Err(e) => tracing::warn!("decision spool: cannot start preparing a segment: {e}"),
+        }
+        Ok(())
+    }
+}
+
+/// The preparing thread's nice value: the lowest priority, it is never in a
+/// hurry (without its segment the next one is allocated as it is written).
+const PREPARE_NICE: i32 = 19;
+
+/// Puts a released segment in place as the next one to write, a prepared
+/// one only when no other is left (theirs are older records, best written
+/// over soon); with none, the next one is a new file.
+fn take_free(dir: &Path) -> io::Result<()> {
+    let free = files(dir, FREE_SUFFIX)?;
+    let released = free.iter().find(|(n, _)| *n != PREPARED);
+    if let Some((_, path)) = released.or(free.first()) {
+        fs::rename(path, dir.join(NEXT))?;
+    }
+    Ok(())
+}
+
+/// Fills a segment with zeros and flushes it, then keeps it as a released
+/// one (see the module docs): written over, its batches' fsyncs flush data
+/// without a journal commit, and no block is allocated as records arrive.
+fn prepare_segment(dir: &Path, len: u64) -> io::Result<()> {
+    let tmp = dir.join(PREPARING);
+    let fill = || {
+        let mut file = File::create(&tmp)?;
+        let zeros = vec![0; 1 << 20];
+        let mut left = len.min(PREPARE_MAX_BYTES);
+        while left > 0 {
+            let n = left.min(zeros.len() as u64) as usize;
+            file.write_all(&zeros[..n])?;
+            left -= n as u64;
+        }
+        file.sync_data()?;
+        fs::rename(&tmp, dir.join(format!("{PREPARED:020}{FREE_SUFFIX}")))
+    };
+    fill().inspect_err(|_| {
+        let _ = fs::remove_file(&tmp);
+    })
 }
 
 /// Locks the spool directory for this process: two sidecars writing one
@@ -440,7 +546,7 @@ fn write_at(file: &File, buf: &[u8], offset: u64) -> io::Result<()> {
 /// reused segment's older bytes hold lower seqs, so they never pass for
 /// such a record, nor does another instance's. Returns its last record and
 /// how many of its bytes to keep ([`cut_after`] cuts the rest).
-fn recover(path: &Path, first_seq: u64, instance: &str) -> io::Result<(Option<Head>, u64)> {
+fn recover(path: &Path, first_seq: u64, instance: &str) -> io::Result<(Option<Head>, u64, bool)> {
     let mut bytes = Vec::new();
     File::open(path)?.read_to_end(&mut bytes)?;
     let mut kept = 0;
@@ -478,18 +584,24 @@ fn recover(path: &Path, first_seq: u64, instance: &str) -> io::Result<(Option<He
         kept = next;
         at = next;
     }
-    Ok((last, kept as u64))
+    let zeros_after = bytes[kept..].iter().all(|b| *b == 0);
+    Ok((last, kept as u64, zeros_after))
 }
 
-/// Cuts a segment to its first `kept` bytes (see [`recover`]).
-fn cut_after(path: &Path, kept: u64) -> io::Result<()> {
+/// Cuts a segment to its first `kept` bytes (see [`recover`]); only zeros
+/// after them (the rest of a prepared segment) are no news.
+fn cut_after(path: &Path, kept: u64, zeros_after: bool) -> io::Result<()> {
     let len = fs::metadata(path)?.len();
     if kept < len {
-        tracing::warn!(
-            segment = %path.display(),
-            cut = len - kept,
-            "decision spool: cut what follows the last whole record (torn by a crash, or older bytes of a reused segment)"
-        );
+        if zeros_after {
+            tracing::debug!(segment = %path.display(), cut = len - kept, "decision spool: cut the unused part of a prepared segment");
+        } else {
+            tracing::warn!(
+                segment = %path.display(),
+                cut = len - kept,
+                "decision spool: cut what follows the last whole record (torn by a crash, or older bytes of a reused segment)"
+            );
+        }
         let f = OpenOptions::new().write(true).open(path)?;
         f.set_len(kept)?;
         f.sync_all()?;
@@ -503,7 +615,11 @@ fn cut_after(path: &Path, kept: u64) -> io::Result<()> {
 /// Returns the bytes of records released.
 fn release_acked(dir: &Path, acked: u64, bytes: &AtomicU64, open: Option<u64>) -> io::Result<u64> {
     let segs = segments(dir)?;
-    let mut kept = files(dir, FREE_SUFFIX)?.len();
+    // A prepared segment is kept besides them: it holds no records.
+    let mut kept = files(dir, FREE_SUFFIX)?
+        .iter()
+        .filter(|(n, _)| *n != PREPARED)
+        .count();
     let mut freed = 0;
     for pair in segs.windows(2) {
         let ((first, path), (next_first, _)) = (&pair[0], &pair[1]);
@@ -967,10 +1083,10 @@ mod tests {
         let whole = text.len() as u64;
         text.extend_from_slice(br#"{"hash":"00","rec"#);
         fs::write(&path, &text).expect("segment");
-        let (head, kept) = recover(&path, 1, "i").expect("recover");
+        let (head, kept, _) = recover(&path, 1, "i").expect("recover");
         assert_eq!((head.map(|h| h.seq), kept), (Some(2), whole));
         assert_eq!(fs::read(&path).expect("read"), text, "not cut yet");
-        cut_after(&path, kept).expect("cut");
+        cut_after(&path, kept, false).expect("cut");
         assert_eq!(fs::metadata(&path).expect("len").len(), whole);
     }
 
@@ -982,6 +1098,99 @@ mod tests {
                 .append(&lines(first, first + 3, prev), first, true)
                 .expect("append");
         }
+    }
+
+    /// Zeros a segment is prepared with in the tests below.
+    const PREPARED_BYTES: u64 = 64 * 1024;
+
+    #[test]
+    fn a_new_spool_writes_its_first_records_over_a_prepared_segment() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (mut spool, _, _) = Spool::open(dir.path(), PREPARED_BYTES).expect("open");
+        let next = dir.path().join(NEXT);
+        let before = fs::read(&next).expect("next");
+        assert_eq!(before.len() as u64, PREPARED_BYTES);
+        assert!(before.iter().all(|b| *b == 0), "filled with zeros");
+
+        let mut prev = GENESIS;
+        let batch = lines(1, 3, &mut prev);
+        spool.append(&batch, 1, true).expect("append");
+        let first = segment_path(dir.path(), 1);
+        // Written over in place: the file did not grow, nor shrink.
+        assert_eq!(fs::metadata(&first).expect("seg").len(), PREPARED_BYTES);
+        assert_eq!(spool.bytes.load(Ordering::Relaxed), batch.len() as u64);
+        let mut reader = Reader::new(dir.path(), spool.live.clone());
+        assert_eq!(read_all(&mut reader, 0), vec![1, 2, 3]);
+
+        // Stopped (or killed) there: the zeros after the records are cut
+        // on open, and the chain goes on after them.
+        drop(spool);
+        let (mut spool, _, head) = Spool::open(dir.path(), PREPARED_BYTES).expect("reopen");
+        assert_eq!((head.seq, head.hash), (3, prev));
+        assert_eq!(fs::read(&first).expect("seg"), batch);
+        spool
+            .append(&lines(4, 5, &mut prev), 4, true)
+            .expect("append");
+        assert_eq!(seqs_on_disk(dir.path()), (1..=5).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_segment_is_prepared_ahead_for_the_next_one() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (spool, _, _) = Spool::open(dir.path(), PREPARED_BYTES).expect("open");
+        // Closing waits for the segment being prepared.
+        drop(spool);
+        let prepared = dir.path().join(format!("{PREPARED:020}{FREE_SUFFIX}"));
+        let bytes = fs::read(&prepared).expect("prepared");
+        assert_eq!(bytes.len() as u64, PREPARED_BYTES);
+        assert!(bytes.iter().all(|b| *b == 0));
+
+        // Nothing acknowledged, so nothing released: each segment started
+        // is a prepared one, and another is prepared behind it.
+        let (mut spool, _, _) = Spool::open(dir.path(), PREPARED_BYTES).expect("reopen");
+        let mut prev = GENESIS;
+        let big = |from: u64, prev: &mut Hash| lines(from, from + 599, prev);
+        for k in 0..4 {
+            let from = 1 + k * 600;
+            let batch = big(from, &mut prev);
+            assert!(batch.len() as u64 > PREPARED_BYTES / 2);
+            spool.append(&batch, from, true).expect("append");
+            // Wait for the one being prepared, as a spool being written
+            // takes a while to fill a segment.
+            if let Some(t) = spool.preparing.take() {
+                t.join().expect("prepared");
+            }
+        }
+        let segs = segments(dir.path()).expect("segments");
+        assert!(segs.len() >= 2, "rotated: {segs:?}");
+        for (_, path) in &segs[..segs.len() - 1] {
+            // Finished segments are cut to their records.
+            assert!(fs::read(path).expect("seg").ends_with(b"\n"));
+        }
+        assert!(prepared.exists(), "one is ready for the next segment");
+        let mut reader = Reader::new(dir.path(), spool.live.clone());
+        assert_eq!(read_all(&mut reader, 0), (1..=2400).collect::<Vec<_>>());
+        drop(spool);
+        let (_, _, head) = Spool::open(dir.path(), PREPARED_BYTES).expect("reopen");
+        assert_eq!((head.seq, head.hash), (2400, prev));
+        assert_eq!(seqs_on_disk(dir.path()), (1..=2400).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn recovery_tells_a_prepared_segments_zeros_from_other_bytes() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("seg");
+        let mut prev = GENESIS;
+        let mut bytes = lines(1, 2, &mut prev);
+        let records = bytes.len() as u64;
+        bytes.extend([0; 100]);
+        fs::write(&path, &bytes).expect("write");
+        let (head, kept, zeros) = recover(&path, 1, "i").expect("recover");
+        assert_eq!((head.map(|h| h.seq), kept, zeros), (Some(2), records, true));
+        bytes.extend(b"{\"torn");
+        fs::write(&path, &bytes).expect("write");
+        let (_, kept, zeros) = recover(&path, 1, "i").expect("recover");
+        assert_eq!((kept, zeros), (records, false));
     }
 
     /// Every seq in the segment files, in order, each file checked to hold
@@ -1154,8 +1363,9 @@ mod tests {
         let before = spool.bytes.load(Ordering::Relaxed);
         let freed = reader.release(12, &spool.bytes).expect("release");
         assert_eq!(spool.bytes.load(Ordering::Relaxed), before - freed);
-        let free = || files(dir.path(), FREE_SUFFIX).expect("free").len();
-        assert_eq!(free(), FREE_KEEP);
+        let released = files(dir.path(), FREE_SUFFIX).expect("free");
+        let released = released.iter().filter(|(n, _)| *n != PREPARED);
+        assert_eq!(released.count(), FREE_KEEP);
         assert_eq!(seqs_on_disk(dir.path()), (13..=20).collect::<Vec<_>>());
 
         // One record per batch now: a reused segment is longer than what is
@@ -1166,7 +1376,11 @@ mod tests {
                 .expect("append");
             assert_eq!(read_all(&mut reader, seq - 1), vec![seq], "after {seq}");
         }
-        assert_eq!(free(), 0, "both kept segments were written over");
+        let left = files(dir.path(), FREE_SUFFIX).expect("free");
+        assert!(
+            left.iter().all(|(n, _)| *n == PREPARED),
+            "both released segments were written over: {left:?}"
+        );
         assert_eq!(seqs_on_disk(dir.path()), (13..=40).collect::<Vec<_>>());
         let mut fresh = Reader::new(dir.path(), spool.live.clone());
         assert_eq!(read_all(&mut fresh, 12), (13..=40).collect::<Vec<_>>());
