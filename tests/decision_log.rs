@@ -1235,6 +1235,11 @@ async fn a_spool_that_lost_shipped_records_is_flagged_as_a_fork() {
         metric(&text, "arbiter_decision_log_spooled_records_total") >= 250.0
     })
     .await;
+    // Each batch's write is timed: at least one, at most one per record.
+    let (_, text) = sidecar.get("/metrics").await;
+    let writes = metric(&text, "arbiter_decision_log_spool_write_seconds_count");
+    assert!((1.0..=250.0).contains(&writes), "{writes} spool writes");
+    assert!(metric(&text, "arbiter_decision_log_spool_write_seconds_sum") > 0.0);
     let cp = ControlPlane::start_with(&w.join("cp.db"), &public, &["--addr", &addr]);
     eventually(
         "the overlap kept apart",

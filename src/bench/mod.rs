@@ -1235,7 +1235,8 @@ fn metric_value(page: &str, name: &str) -> Option<f64> {
 }
 
 /// After a decision-log run: how far shipping lags at the end of the load and
-/// two seconds later (spooled vs acknowledged records, spool bytes).
+/// two seconds later (spooled vs acknowledged records, spool bytes), and
+/// how long the spool's writes took.
 async fn shipping_report(http_addr: &str) -> String {
     let Ok(client) = crate::controlplane::AdminClient::new(
         &format!("http://{http_addr}"),
@@ -1260,6 +1261,18 @@ async fn shipping_report(http_addr: &str) -> String {
             m("arbiter_decision_log_spool_bytes") / 1024.0,
             m("arbiter_decision_log_dropped_records_total"),
             m("arbiter_decision_log_refused_decisions_total"),
+        ));
+    }
+    let page = client.get("/metrics").await.unwrap_or_default();
+    let m = |n: &str| metric_value(&page, n);
+    if let (Some(writes), Some(secs)) = (
+        m("arbiter_decision_log_spool_write_seconds_count"),
+        m("arbiter_decision_log_spool_write_seconds_sum"),
+    ) && writes > 0.0
+    {
+        out.push_str(&format!(
+            "  spool writes: {writes:.0}, mean {:.0} µs each (fsync included)\n",
+            secs / writes * 1e6
         ));
     }
     out

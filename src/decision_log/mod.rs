@@ -226,7 +226,7 @@ fn start_with_copy(
     );
     let w = writer::Writer {
         rx,
-        disk: writer::Disk::start(spool, copy, settings.fsync)?,
+        disk: writer::Disk::start(spool, copy, settings.fsync, metrics.spool_write.clone())?,
         body_start: record::BodyStart::new(&instance),
         head,
         shared: shared.clone(),

@@ -96,6 +96,8 @@ pub struct DecisionLogMetrics {
     pub chain_breaks: Counter,
     pub otlp_exported: Counter,
     pub otlp_dropped: Counter,
+    /// Time to append one batch to the spool, its fsync included.
+    pub spool_write: AtomicHistogram,
 }
 
 impl DecisionLogMetrics {
@@ -145,6 +147,11 @@ impl DecisionLogMetrics {
             "otlp_dropped_records",
             "Records the OTLP copy could not deliver (the spool and control plane still hold them)",
             self.otlp_dropped.clone(),
+        );
+        sub.register(
+            "spool_write_seconds",
+            "Time to append one batch to the spool, its fsync included (a slow disk shows here first)",
+            self.spool_write.clone(),
         );
         sub.register(
             "chain_breaks",

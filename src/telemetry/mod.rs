@@ -4,4 +4,4 @@ mod logging;
 mod metrics;
 
 pub use logging::{LogFormat, init_logging};
-pub use metrics::{DecisionLogMetrics, Metrics, SessionMetrics};
+pub use metrics::{AtomicHistogram, DecisionLogMetrics, Metrics, SessionMetrics};
