@@ -280,8 +280,9 @@ pub fn verify_lines(text: &[u8]) -> Result<Verifier, Break> {
 /// by its first seq, which may be written over a released one and may be
 /// being appended to. Its end is then no break when it is a last line still
 /// being written, or the older segment's bytes: behind the line torn where
-/// the newer records end, consecutive records with seqs below `first_seq`.
-/// Returns how many bytes at the end were left unchecked for that.
+/// the newer records end, consecutive records with seqs below `first_seq`;
+/// or, all zeros, the unused rest of a prepared segment.
+/// Returns how many bytes at the end were left unchecked (zeros are not).
 pub fn verify_into(v: &mut Verifier, text: &[u8], segment: Option<u64>) -> Result<usize, Break> {
     let mut at = 0;
     let mut number = 0;
@@ -293,6 +294,10 @@ pub fn verify_into(v: &mut Verifier, text: &[u8], segment: Option<u64>) -> Resul
             let parsed = parse_line(line);
             if let Some(first) = segment {
                 let suspect = parsed.as_ref().map_or(true, |p| p.seq < first);
+                // A prepared segment's rest: no records, nothing to check.
+                if suspect && text[at..].iter().all(|b| *b == 0) {
+                    return Ok(0);
+                }
                 if suspect && older_bytes(&text[at..], first) {
                     return Ok(text.len() - at);
                 }
@@ -438,6 +443,17 @@ mod tests {
             // The same bytes as an export are a break.
             assert!(verify_lines(&file).is_err());
         }
+        // A prepared segment: zeros after the records are no records.
+        let mut file = lines[5..7].concat();
+        file.extend([0; 500]);
+        assert_eq!(segment(&file).expect("zeros are no break"), 0);
+        assert!(verify_lines(&file).is_err(), "in an export they are");
+        file.push(b'\n');
+        file.extend_from_slice(&lines[7..9].concat());
+        assert!(
+            segment(&file).is_err(),
+            "records after zeros are not hidden"
+        );
         // A last line still being written.
         let mut file = lines[5..8].concat();
         file.extend_from_slice(&lines[8][..30]);
