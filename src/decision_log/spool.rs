@@ -32,7 +32,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use super::chain::{self, GENESIS, Hash};
@@ -41,12 +41,15 @@ const SUFFIX: &str = ".ndjson";
 const FREE_SUFFIX: &str = ".free";
 const NEXT: &str = "next.tmp";
 /// A segment being prepared (filled with zeros) until it is flushed.
-const PREPARING: &str = "prep.tmp";
+const PREPARE_TMP: &str = "prep.tmp";
 /// The number a prepared segment is kept under (see the module docs).
-const PREPARED: u64 = 0;
+const PREPARED_NUMBER: u64 = 0;
 /// Most bytes a segment is prepared with: a larger one allocates the rest
 /// as it is written, as without preparing.
 const PREPARE_MAX_BYTES: u64 = 64 << 20;
+/// Free space a segment is prepared only with, besides its own: preparing
+/// must never take the room the records need.
+const PREPARE_HEADROOM_BYTES: u64 = 64 << 20;
 /// Held locked while a process writes the spool.
 const LOCK: &str = "lock";
 /// Released segments kept to be written over (disk beyond the spool cap:
@@ -93,16 +96,23 @@ pub struct Spool {
     /// The directory's lock, held as long as this spool is open.
     /// Held for the process's whole use of the spool; see [`Spool::lock`].
     lock: File,
-    /// The thread preparing a segment, if one was started.
-    preparing: Option<std::thread::JoinHandle<()>>,
+    /// The segment being prepared in the background, if one was started.
+    preparing: Option<Preparing>,
+}
+
+struct Preparing {
+    thread: std::thread::JoinHandle<()>,
+    /// Tells the thread to stop and remove what it wrote.
+    cancel: Arc<AtomicBool>,
 }
 
 impl Drop for Spool {
-    /// Waits for a segment being prepared (tens of milliseconds at most),
-    /// so the spool is left alone once it is closed.
+    /// Stops a segment being prepared and waits for it (one 1 MiB write at
+    /// most), so the spool is left alone once it is closed.
     fn drop(&mut self) {
-        if let Some(thread) = self.preparing.take() {
-            let _ = thread.join();
+        if let Some(p) = self.preparing.take() {
+            p.cancel.store(true, Ordering::Relaxed);
+            let _ = p.thread.join();
         }
     }
 }
@@ -211,7 +221,7 @@ impl Spool {
         // A segment being started when the sidecar stopped: never named, so
         // its records were never reported as spooled.
         let _ = fs::remove_file(dir.join(NEXT));
-        let _ = fs::remove_file(dir.join(PREPARING));
+        let _ = fs::remove_file(dir.join(PREPARE_TMP));
         sync_dir(dir)?;
         let mut total = 0;
         for (_, path) in segments(dir)? {
@@ -224,7 +234,7 @@ impl Spool {
             Some(f) => (segment_path(dir, f), None),
             None => {
                 if files(dir, FREE_SUFFIX)?.is_empty()
-                    && let Err(e) = prepare_segment(dir, segment_max)
+                    && let Err(e) = prepare_segment(dir, segment_max, &AtomicBool::new(false))
                 {
                     tracing::warn!("decision spool: cannot prepare its first segment: {e}");
                 }
@@ -256,7 +266,7 @@ impl Spool {
             lock,
             preparing: None,
         };
-        spool.keep_one_ready()?;
+        spool.keep_one_ready();
         Ok((spool, instance, head))
     }
 
@@ -302,13 +312,17 @@ impl Spool {
     }
 
     /// A full disk gets back the released segments kept for reuse: their
-    /// blocks are the spool's own, and the write is retried.
+    /// blocks are the spool's own, and the write is retried. A segment being
+    /// prepared is given up (none is prepared while space is short).
     fn on_write_error(&self, e: &io::Error) {
         if !matches!(
             e.kind(),
             io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
         ) {
             return;
+        }
+        if let Some(p) = &self.preparing {
+            p.cancel.store(true, Ordering::Relaxed);
         }
         match files(&self.dir, FREE_SUFFIX) {
             Ok(free) => {
@@ -329,7 +343,7 @@ impl Spool {
         self.file.sync_data()?;
         let next = self.dir.join(NEXT);
         take_free(&self.dir)?;
-        self.keep_one_ready()?;
+        self.keep_one_ready();
         // Not truncated: writing over the blocks it has is the point.
         self.file = OpenOptions::new()
             .create(true)
@@ -343,31 +357,52 @@ impl Spool {
         self.unnamed = Some(segment_path(&self.dir, next_seq));
         Ok(())
     }
-}
 
-impl Spool {
     /// Starts preparing a segment for the next one to start in, unless a
-    /// released one is there or one is being prepared.
-    fn keep_one_ready(&mut self) -> io::Result<()> {
-        if !files(&self.dir, FREE_SUFFIX)?.is_empty()
-            || self.preparing.as_ref().is_some_and(|t| !t.is_finished())
+    /// released one is there or one is being prepared. Best effort: without
+    /// it the next segment is a new file, as before preparing.
+    fn keep_one_ready(&mut self) {
+        if self
+            .preparing
+            .as_ref()
+            .is_some_and(|p| !p.thread.is_finished())
         {
-            return Ok(());
+            return;
+        }
+        match files(&self.dir, FREE_SUFFIX) {
+            Ok(free) if free.is_empty() => {}
+            Ok(_) => return,
+            Err(e) => {
+                tracing::warn!("decision spool: cannot list released segments: {e}");
+                return;
+            }
         }
         let (dir, len) = (self.dir.clone(), self.segment_max);
+        let cancel = Arc::new(AtomicBool::new(false));
+        let stop = cancel.clone();
         let started = std::thread::Builder::new()
             .name("decision-log-prep".into())
             .spawn(move || {
                 super::background_priority(PREPARE_NICE);
-                if let Err(e) = prepare_segment(&dir, len) {
-                    tracing::warn!("decision spool: cannot prepare a segment: {e}");
+                match prepare_segment(&dir, len, &stop) {
+                    Err(e) if e.kind() != io::ErrorKind::Interrupted => {
+                        tracing::warn!("decision spool: cannot prepare a segment: {e}");
+                    }
+                    _ => {}
                 }
             });
         match started {
-            Ok(thread) => self.preparing = Some(thread),
+            Ok(thread) => self.preparing = Some(Preparing { thread, cancel }),
             Err(e) => tracing::warn!("decision spool: cannot start preparing a segment: {e}"),
         }
-        Ok(())
+    }
+
+    /// Waits for the segment being prepared, if any.
+    #[cfg(test)]
+    fn wait_prepared(&mut self) {
+        if let Some(p) = self.preparing.take() {
+            p.thread.join().expect("prepared");
+        }
     }
 }
 
@@ -380,7 +415,7 @@ const PREPARE_NICE: i32 = 19;
 /// over soon); with none, the next one is a new file.
 fn take_free(dir: &Path) -> io::Result<()> {
     let free = files(dir, FREE_SUFFIX)?;
-    let released = free.iter().find(|(n, _)| *n != PREPARED);
+    let released = free.iter().find(|(n, _)| *n != PREPARED_NUMBER);
     if let Some((_, path)) = released.or(free.first()) {
         fs::rename(path, dir.join(NEXT))?;
     }
@@ -390,23 +425,51 @@ fn take_free(dir: &Path) -> io::Result<()> {
 /// Fills a segment with zeros and flushes it, then keeps it as a released
 /// one (see the module docs): written over, its batches' fsyncs flush data
 /// without a journal commit, and no block is allocated as records arrive.
-fn prepare_segment(dir: &Path, len: u64) -> io::Result<()> {
-    let tmp = dir.join(PREPARING);
+/// Does nothing where the file system is short of space (see
+/// [`PREPARE_HEADROOM_BYTES`]); `Interrupted` once `cancel` is set.
+fn prepare_segment(dir: &Path, len: u64, cancel: &AtomicBool) -> io::Result<()> {
+    let len = len.min(PREPARE_MAX_BYTES);
+    if !room_to_prepare(dir, len) {
+        tracing::debug!("decision spool: short of disk space; no segment prepared");
+        return Ok(());
+    }
+    let tmp = dir.join(PREPARE_TMP);
     let fill = || {
         let mut file = File::create(&tmp)?;
         let zeros = vec![0; 1 << 20];
-        let mut left = len.min(PREPARE_MAX_BYTES);
+        let mut left = len;
         while left > 0 {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(io::ErrorKind::Interrupted.into());
+            }
             let n = left.min(zeros.len() as u64) as usize;
             file.write_all(&zeros[..n])?;
             left -= n as u64;
         }
         file.sync_data()?;
-        fs::rename(&tmp, dir.join(format!("{PREPARED:020}{FREE_SUFFIX}")))
+        fs::rename(&tmp, free_path(dir, PREPARED_NUMBER))
     };
     fill().inspect_err(|_| {
         let _ = fs::remove_file(&tmp);
     })
+}
+
+/// Whether the file system holding `dir` has room for a prepared segment
+/// of `len` bytes and [`PREPARE_HEADROOM_BYTES`] besides; yes where it
+/// cannot tell (a full disk then fails the write, which gives up).
+fn room_to_prepare(dir: &Path, len: u64) -> bool {
+    #[cfg(unix)]
+    if let Ok(fs) = rustix::fs::statvfs(dir) {
+        let available = fs.f_bavail.saturating_mul(fs.f_frsize);
+        return available >= len.saturating_add(PREPARE_HEADROOM_BYTES);
+    }
+    let _ = (dir, len);
+    true
+}
+
+/// Where a released (or prepared) segment numbered `first` is kept.
+fn free_path(dir: &Path, first: u64) -> PathBuf {
+    dir.join(format!("{first:020}{FREE_SUFFIX}"))
 }
 
 /// Locks the spool directory for this process: two sidecars writing one
@@ -618,7 +681,7 @@ fn release_acked(dir: &Path, acked: u64, bytes: &AtomicU64, open: Option<u64>) -
     // A prepared segment is kept besides them: it holds no records.
     let mut kept = files(dir, FREE_SUFFIX)?
         .iter()
-        .filter(|(n, _)| *n != PREPARED)
+        .filter(|(n, _)| *n != PREPARED_NUMBER)
         .count();
     let mut freed = 0;
     for pair in segs.windows(2) {
@@ -628,7 +691,7 @@ fn release_acked(dir: &Path, acked: u64, bytes: &AtomicU64, open: Option<u64>) -
         }
         let len = fs::metadata(path).map(|m| m.len()).unwrap_or(0);
         if kept < FREE_KEEP {
-            fs::rename(path, dir.join(format!("{first:020}{FREE_SUFFIX}")))?;
+            fs::rename(path, free_path(dir, *first))?;
             kept += 1;
         } else {
             fs::remove_file(path)?;
@@ -1034,7 +1097,7 @@ mod tests {
             let after = if whose == "this" { &instance } else { whose };
             text.extend_from_slice(&lines_of(after, seq, seq, &mut GENESIS.clone()));
             fs::write(segment_path(dir.path(), 1), &text).expect("segment");
-            let stale = dir.path().join(format!("{:020}{FREE_SUFFIX}", 700));
+            let stale = free_path(dir.path(), 700);
             fs::write(&stale, lines_of(&instance, 700, 701, &mut GENESIS.clone())).expect("free");
             let (_, _, head) = Spool::open(dir.path(), 1 << 20).expect("reopen");
             assert_eq!((head.seq, head.hash), (3, prev), "{after} {seq}");
@@ -1137,43 +1200,62 @@ mod tests {
     #[test]
     fn a_segment_is_prepared_ahead_for_the_next_one() {
         let dir = tempfile::tempdir().expect("tmp");
-        let (spool, _, _) = Spool::open(dir.path(), PREPARED_BYTES).expect("open");
-        // Closing waits for the segment being prepared.
-        drop(spool);
-        let prepared = dir.path().join(format!("{PREPARED:020}{FREE_SUFFIX}"));
+        let (mut spool, _, _) = Spool::open(dir.path(), PREPARED_BYTES).expect("open");
+        spool.wait_prepared();
+        let prepared = free_path(dir.path(), PREPARED_NUMBER);
         let bytes = fs::read(&prepared).expect("prepared");
         assert_eq!(bytes.len() as u64, PREPARED_BYTES);
         assert!(bytes.iter().all(|b| *b == 0));
 
         // Nothing acknowledged, so nothing released: each segment started
-        // is a prepared one, and another is prepared behind it.
-        let (mut spool, _, _) = Spool::open(dir.path(), PREPARED_BYTES).expect("reopen");
+        // is the prepared one, and another is prepared behind it. Batches
+        // of about a third of a segment: a fourth starts the next one.
         let mut prev = GENESIS;
-        let big = |from: u64, prev: &mut Hash| lines(from, from + 599, prev);
-        for k in 0..4 {
-            let from = 1 + k * 600;
-            let batch = big(from, &mut prev);
-            assert!(batch.len() as u64 > PREPARED_BYTES / 2);
+        let mut rotations = 0;
+        for k in 0..12 {
+            let from = 1 + k * 200;
+            let batch = lines(from, from + 199, &mut prev);
+            assert!((PREPARED_BYTES / 4..PREPARED_BYTES / 2).contains(&(batch.len() as u64)));
+            let before = segments(dir.path()).expect("segments").len();
             spool.append(&batch, from, true).expect("append");
-            // Wait for the one being prepared, as a spool being written
-            // takes a while to fill a segment.
-            if let Some(t) = spool.preparing.take() {
-                t.join().expect("prepared");
+            let after = segments(dir.path()).expect("segments");
+            if after.len() > before && before > 0 {
+                rotations += 1;
+                // Started in the prepared file: as long as it, not as the batch.
+                let (first, live) = after.last().expect("live");
+                assert_eq!(*first, from);
+                assert_eq!(fs::metadata(live).expect("live").len(), PREPARED_BYTES);
+                spool.wait_prepared();
+                assert!(prepared.exists(), "another one prepared");
             }
         }
-        let segs = segments(dir.path()).expect("segments");
-        assert!(segs.len() >= 2, "rotated: {segs:?}");
-        for (_, path) in &segs[..segs.len() - 1] {
-            // Finished segments are cut to their records.
-            assert!(fs::read(path).expect("seg").ends_with(b"\n"));
-        }
-        assert!(prepared.exists(), "one is ready for the next segment");
+        assert_eq!(rotations, 3);
         let mut reader = Reader::new(dir.path(), spool.live.clone());
         assert_eq!(read_all(&mut reader, 0), (1..=2400).collect::<Vec<_>>());
         drop(spool);
         let (_, _, head) = Spool::open(dir.path(), PREPARED_BYTES).expect("reopen");
         assert_eq!((head.seq, head.hash), (2400, prev));
         assert_eq!(seqs_on_disk(dir.path()), (1..=2400).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn preparing_gives_way_to_records() {
+        let dir = tempfile::tempdir().expect("tmp");
+        // Stopped (closing, or the disk full): nothing of it is left.
+        let cancel = AtomicBool::new(true);
+        let e = prepare_segment(dir.path(), PREPARED_BYTES, &cancel).expect_err("stopped");
+        assert_eq!(e.kind(), io::ErrorKind::Interrupted);
+        // Where the disk has no room for a segment and the headroom besides,
+        // none is prepared (this one asks for more than any disk has).
+        assert!(!room_to_prepare(dir.path(), u64::MAX / 2));
+        assert!(room_to_prepare(dir.path(), PREPARED_BYTES));
+        let names: Vec<_> = fs::read_dir(dir.path()).expect("dir").collect();
+        assert!(names.is_empty(), "{names:?}");
+        // One a crash left half written is removed on open.
+        fs::write(dir.path().join(PREPARE_TMP), [0; 100]).expect("tmp");
+        let (mut spool, _, _) = Spool::open(dir.path(), PREPARED_BYTES).expect("open");
+        spool.wait_prepared();
+        assert!(!dir.path().join(PREPARE_TMP).exists());
     }
 
     #[test]
@@ -1359,12 +1441,15 @@ mod tests {
         append_batches(&mut spool, 1, 5, &mut prev);
         let mut reader = Reader::new(dir.path(), spool.live.clone());
         assert_eq!(read_all(&mut reader, 0), (1..=20).collect::<Vec<_>>());
-        // The first three are acknowledged: two are kept for reuse.
+        // The first three are acknowledged: two are kept for reuse (the
+        // prepared segment besides them).
+        spool.wait_prepared();
+        assert!(free_path(dir.path(), PREPARED_NUMBER).exists());
         let before = spool.bytes.load(Ordering::Relaxed);
         let freed = reader.release(12, &spool.bytes).expect("release");
         assert_eq!(spool.bytes.load(Ordering::Relaxed), before - freed);
         let released = files(dir.path(), FREE_SUFFIX).expect("free");
-        let released = released.iter().filter(|(n, _)| *n != PREPARED);
+        let released = released.iter().filter(|(n, _)| *n != PREPARED_NUMBER);
         assert_eq!(released.count(), FREE_KEEP);
         assert_eq!(seqs_on_disk(dir.path()), (13..=20).collect::<Vec<_>>());
 
@@ -1378,7 +1463,7 @@ mod tests {
         }
         let left = files(dir.path(), FREE_SUFFIX).expect("free");
         assert!(
-            left.iter().all(|(n, _)| *n == PREPARED),
+            left.iter().all(|(n, _)| *n == PREPARED_NUMBER),
             "both released segments were written over: {left:?}"
         );
         assert_eq!(seqs_on_disk(dir.path()), (13..=40).collect::<Vec<_>>());
@@ -1446,7 +1531,7 @@ mod tests {
     fn a_full_disk_gets_the_released_segments_back() {
         let dir = tempfile::tempdir().expect("tmp");
         let (spool, _, _) = Spool::open(dir.path(), 200).expect("open");
-        let free = dir.path().join(format!("{:020}{FREE_SUFFIX}", 1));
+        let free = free_path(dir.path(), 1);
         fs::write(&free, b"older bytes").expect("write");
         spool.on_write_error(&io::Error::other("not this one"));
         assert!(free.exists(), "kept for reuse");
@@ -1481,7 +1566,7 @@ mod tests {
         fs::remove_file(segment_path(dir.path(), 1)).expect("remove");
         fs::write(segment_path(dir.path(), 7), b"torn").expect("write");
         // (with a released segment of the old chain, which must go too)
-        let free = dir.path().join(format!("{:020}{FREE_SUFFIX}", 3));
+        let free = free_path(dir.path(), 3);
         fs::write(&free, lines(3, 4, &mut GENESIS.clone())).expect("write");
         let (spool, other, head) = Spool::open(dir.path(), 1 << 20).expect("reopen");
         assert_ne!(other, instance);

@@ -315,7 +315,7 @@ impl Disk {
         mut spool: Spool,
         mut copy: Option<Box<dyn Write + Send>>,
         fsync: bool,
-        took: crate::telemetry::AtomicHistogram,
+        write_time: crate::telemetry::AtomicHistogram,
     ) -> io::Result<Self> {
         let (jobs, appends) = std::sync::mpsc::channel::<Append>();
         let (closing, closed) = oneshot::channel();
@@ -326,7 +326,7 @@ impl Disk {
                 for job in appends {
                     let start = Instant::now();
                     let result = spool.append(&job.lines, job.first_seq, fsync);
-                    took.observe(start.elapsed());
+                    write_time.observe(start.elapsed());
                     if result.is_ok()
                         && let Some(copy) = &mut copy
                         && let Err(e) = copy.write_all(&job.lines).and_then(|()| copy.flush())
