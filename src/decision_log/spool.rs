@@ -27,7 +27,8 @@
 //! and kept as released segments numbered 0 (below every real segment, so
 //! recovery never takes one for newer records). A new spool's first
 //! segment is prepared before it opens: its first batches' fsyncs are
-//! cheap too.
+//! cheap too. Zeros after the newest segment's records are no damage:
+//! recovery leaves them, and the chain goes on over them after a restart.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -207,8 +208,14 @@ impl Spool {
                 }
             }
         }
+        // Only zeros after the records (the rest of a prepared segment) are
+        // kept: the chain goes on over them, as before the stop.
+        let mut head_records = None;
         if let Some((path, kept, zeros_after)) = cut {
-            cut_after(path, kept, zeros_after)?;
+            if !zeros_after {
+                cut_after(path, kept)?;
+            }
+            head_records = Some(kept);
         }
         // Segments after it have no records (only damage leaves one): the
         // chain goes on in a segment named by its next seq, as recovery
@@ -224,8 +231,11 @@ impl Spool {
         let _ = fs::remove_file(dir.join(PREPARE_TMP));
         sync_dir(dir)?;
         let mut total = 0;
-        for (_, path) in segments(dir)? {
-            total += fs::metadata(path)?.len();
+        for (first, path) in segments(dir)? {
+            total += match head_records {
+                Some(kept) if Some(first) == head_segment => kept,
+                _ => fs::metadata(path)?.len(),
+            };
         }
         // A new spool's first segment is started like every other: it is
         // named once its first batch is on disk.
@@ -247,10 +257,12 @@ impl Spool {
             .write(true)
             .truncate(false) // recovered above: its records go on after the end
             .open(&path)?;
-        // A segment being started holds no records yet, whatever its length.
-        let file_len = match unnamed {
-            Some(_) => 0,
-            None => file.seek(SeekFrom::End(0))?,
+        // A segment being started holds no records yet, whatever its length;
+        // the newest one holds its records, and perhaps zeros after them.
+        let file_len = match (unnamed.is_some(), head_records) {
+            (true, _) => 0,
+            (false, Some(kept)) => kept,
+            (false, None) => file.seek(SeekFrom::End(0))?,
         };
         let live = Arc::new(Live::default());
         live.set(first, file_len);
@@ -651,20 +663,15 @@ fn recover(path: &Path, first_seq: u64, instance: &str) -> io::Result<(Option<He
     Ok((last, kept as u64, zeros_after))
 }
 
-/// Cuts a segment to its first `kept` bytes (see [`recover`]); only zeros
-/// after them (the rest of a prepared segment) are no news.
-fn cut_after(path: &Path, kept: u64, zeros_after: bool) -> io::Result<()> {
+/// Cuts a segment to its first `kept` bytes (see [`recover`]).
+fn cut_after(path: &Path, kept: u64) -> io::Result<()> {
     let len = fs::metadata(path)?.len();
     if kept < len {
-        if zeros_after {
-            tracing::debug!(segment = %path.display(), cut = len - kept, "decision spool: cut the unused part of a prepared segment");
-        } else {
-            tracing::warn!(
-                segment = %path.display(),
-                cut = len - kept,
-                "decision spool: cut what follows the last whole record (torn by a crash, or older bytes of a reused segment)"
-            );
-        }
+        tracing::warn!(
+            segment = %path.display(),
+            cut = len - kept,
+            "decision spool: cut what follows the last whole record (torn by a crash, or older bytes of a reused segment)"
+        );
         let f = OpenOptions::new().write(true).open(path)?;
         f.set_len(kept)?;
         f.sync_all()?;
@@ -1063,7 +1070,9 @@ mod tests {
             let (_, again, head) = Spool::open(dir.path(), 1 << 20).expect("reopen");
             assert_eq!((again, head.seq, head.hash), (instance, 10, prev));
             let on_disk = fs::read(segment_path(dir.path(), 1)).expect("read");
-            assert_eq!(on_disk, text, "nothing cut");
+            // The records, then the prepared segment's zeros.
+            assert!(on_disk.starts_with(&text), "nothing cut");
+            assert!(on_disk[text.len()..].iter().all(|b| *b == 0));
         }
         // A torn record after damage is still cut, and so are a reused
         // segment's older records after it.
@@ -1149,7 +1158,7 @@ mod tests {
         let (head, kept, _) = recover(&path, 1, "i").expect("recover");
         assert_eq!((head.map(|h| h.seq), kept), (Some(2), whole));
         assert_eq!(fs::read(&path).expect("read"), text, "not cut yet");
-        cut_after(&path, kept, false).expect("cut");
+        cut_after(&path, kept).expect("cut");
         assert_eq!(fs::metadata(&path).expect("len").len(), whole);
     }
 
@@ -1185,16 +1194,26 @@ mod tests {
         let mut reader = Reader::new(dir.path(), spool.live.clone());
         assert_eq!(read_all(&mut reader, 0), vec![1, 2, 3]);
 
-        // Stopped (or killed) there: the zeros after the records are cut
-        // on open, and the chain goes on after them.
+        // Stopped (or killed) there: the zeros after the records stay, and
+        // the chain goes on over them.
         drop(spool);
         let (mut spool, _, head) = Spool::open(dir.path(), PREPARED_BYTES).expect("reopen");
         assert_eq!((head.seq, head.hash), (3, prev));
-        assert_eq!(fs::read(&first).expect("seg"), batch);
-        spool
-            .append(&lines(4, 5, &mut prev), 4, true)
-            .expect("append");
-        assert_eq!(seqs_on_disk(dir.path()), (1..=5).collect::<Vec<_>>());
+        assert_eq!(spool.bytes.load(Ordering::Relaxed), batch.len() as u64);
+        let more = lines(4, 5, &mut prev);
+        spool.append(&more, 4, true).expect("append");
+        let on_disk = fs::read(&first).expect("seg");
+        assert_eq!(
+            on_disk.len() as u64,
+            PREPARED_BYTES,
+            "written over in place"
+        );
+        assert_eq!(&on_disk[..batch.len() + more.len()], [batch, more].concat());
+        let mut reader = Reader::new(dir.path(), spool.live.clone());
+        assert_eq!(read_all(&mut reader, 0), (1..=5).collect::<Vec<_>>());
+        drop(spool);
+        let (_, _, head) = Spool::open(dir.path(), PREPARED_BYTES).expect("reopen");
+        assert_eq!((head.seq, head.hash), (5, prev));
     }
 
     #[test]
@@ -1279,8 +1298,15 @@ mod tests {
     /// a run of consecutive records and nothing else.
     fn seqs_on_disk(dir: &Path) -> Vec<u64> {
         let mut all = Vec::new();
-        for (first, path) in segments(dir).expect("list") {
-            let bytes = fs::read(&path).expect("read");
+        let segs = segments(dir).expect("list");
+        let newest = segs.last().map(|(first, _)| *first);
+        for (first, path) in segs {
+            let mut bytes = fs::read(&path).expect("read");
+            if Some(first) == newest {
+                // The rest of a prepared segment.
+                let records = bytes.iter().rposition(|b| *b != 0).map_or(0, |i| i + 1);
+                bytes.truncate(records);
+            }
             assert!(bytes.is_empty() || bytes.ends_with(b"\n"), "{path:?}");
             let seqs: Vec<u64> = bytes
                 .split(|b| *b == b'\n')
