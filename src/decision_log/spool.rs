@@ -31,7 +31,7 @@
 //! recovery leaves them, and the chain goes on over them after a restart.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -155,7 +155,8 @@ fn segment_path(dir: &Path, first_seq: u64) -> PathBuf {
 impl Spool {
     /// Opens (or creates) the spool, recovering after a crash: what follows
     /// the last record of the chain is cut off (a torn line, older bytes),
-    /// and the chain resumes after that record.
+    /// unless it is only zeros (the rest of a prepared segment, written over
+    /// in place), and the chain resumes after that record.
     pub fn open(dir: &Path, segment_max: u64) -> io::Result<(Self, String, Head)> {
         fs::create_dir_all(dir)?;
         let lock = lock(dir)?;
@@ -252,18 +253,15 @@ impl Spool {
                 (dir.join(NEXT), Some(segment_path(dir, 1)))
             }
         };
-        let mut file = OpenOptions::new()
+        let file = OpenOptions::new()
             .create(true)
             .write(true)
             .truncate(false) // recovered above: its records go on after the end
             .open(&path)?;
         // A segment being started holds no records yet, whatever its length;
-        // the newest one holds its records, and perhaps zeros after them.
-        let file_len = match (unnamed.is_some(), head_records) {
-            (true, _) => 0,
-            (false, Some(kept)) => kept,
-            (false, None) => file.seek(SeekFrom::End(0))?,
-        };
+        // the newest one holds its records, and perhaps zeros after them
+        // (never its file's length: see above).
+        let file_len = head_records.unwrap_or(0);
         let live = Arc::new(Live::default());
         live.set(first, file_len);
         let mut spool = Self {
@@ -604,6 +602,7 @@ fn write_at(file: &File, buf: &[u8], offset: u64) -> io::Result<()> {
     }
     #[cfg(not(unix))]
     {
+        use std::io::{Seek, SeekFrom};
         let mut file = file;
         file.seek(SeekFrom::Start(offset))?;
         file.write_all(buf)
@@ -1200,8 +1199,13 @@ mod tests {
         let (mut spool, _, head) = Spool::open(dir.path(), PREPARED_BYTES).expect("reopen");
         assert_eq!((head.seq, head.hash), (3, prev));
         assert_eq!(spool.bytes.load(Ordering::Relaxed), batch.len() as u64);
+        // A reader made at open (as the shipper's is) stops at the records,
+        // and finds the next batch where it is written.
+        let mut shipping = Reader::new(dir.path(), spool.live.clone());
+        assert_eq!(read_all(&mut shipping, 0), vec![1, 2, 3]);
         let more = lines(4, 5, &mut prev);
         spool.append(&more, 4, true).expect("append");
+        assert_eq!(read_all(&mut shipping, 3), vec![4, 5]);
         let on_disk = fs::read(&first).expect("seg");
         assert_eq!(
             on_disk.len() as u64,
@@ -1295,7 +1299,8 @@ mod tests {
     }
 
     /// Every seq in the segment files, in order, each file checked to hold
-    /// a run of consecutive records and nothing else.
+    /// a run of consecutive records and nothing else (but for zeros after
+    /// the newest one's: the rest of a prepared segment).
     fn seqs_on_disk(dir: &Path) -> Vec<u64> {
         let mut all = Vec::new();
         let segs = segments(dir).expect("list");
