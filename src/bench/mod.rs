@@ -1247,11 +1247,15 @@ async fn shipping_report(http_addr: &str) -> String {
         return "  (no metrics)".into();
     };
     let mut out = String::new();
+    let mut writes = String::new();
     for when in ["end of load", "+2 s"] {
         if when == "+2 s" {
             tokio::time::sleep(Duration::from_secs(2)).await;
         }
         let page = client.get("/metrics").await.unwrap_or_default();
+        if when == "end of load" {
+            writes = spool_writes(&page);
+        }
         let m = |n: &str| metric_value(&page, n).unwrap_or(-1.0);
         let spooled = m("arbiter_decision_log_spooled_records_total");
         let acked = m("arbiter_decision_log_acknowledged_records_total");
@@ -1263,19 +1267,24 @@ async fn shipping_report(http_addr: &str) -> String {
             m("arbiter_decision_log_refused_decisions_total"),
         ));
     }
-    let page = client.get("/metrics").await.unwrap_or_default();
-    let m = |n: &str| metric_value(&page, n);
-    if let (Some(writes), Some(secs)) = (
+    out.push_str(&writes);
+    out
+}
+
+/// The spool's writes so far and their mean time, from a metrics page
+/// (empty if it has none).
+fn spool_writes(page: &str) -> String {
+    let m = |n: &str| metric_value(page, n);
+    match (
         m("arbiter_decision_log_spool_write_seconds_count"),
         m("arbiter_decision_log_spool_write_seconds_sum"),
-    ) && writes > 0.0
-    {
-        out.push_str(&format!(
+    ) {
+        (Some(writes), Some(secs)) if writes > 0.0 => format!(
             "  spool writes: {writes:.0}, mean {:.0} µs each (fsync included)\n",
             secs / writes * 1e6
-        ));
+        ),
+        _ => String::new(),
     }
-    out
 }
 
 fn control_plane_addr(line: &str) -> Option<String> {
@@ -1492,7 +1501,22 @@ async fn swap_test(args: &BenchArgs, tmp: &Path, duration: Duration) -> Result<(
 
 #[cfg(test)]
 mod tests {
-    use super::{buffered_verdict, cpus_allowed, median_interval};
+    use super::{buffered_verdict, cpus_allowed, median_interval, spool_writes};
+
+    #[test]
+    fn spool_writes_are_reported_from_the_histogram() {
+        let page = "arbiter_decision_log_spool_write_seconds_sum 0.5\narbiter_decision_log_spool_write_seconds_count 2000\n";
+        assert_eq!(
+            spool_writes(page),
+            "  spool writes: 2000, mean 250 µs each (fsync included)\n"
+        );
+        // No writes yet, or no trail: nothing to say.
+        assert_eq!(
+            spool_writes("arbiter_decision_log_spool_write_seconds_count 0\n"),
+            ""
+        );
+        assert_eq!(spool_writes(""), "");
+    }
 
     #[test]
     fn the_medians_interval_comes_from_order_statistics() {
