@@ -300,3 +300,47 @@ async fn bundle_reads_need_the_sidecar_token_when_there_is_one() {
     assert_eq!(without.revision().await, None);
     assert_ne!(without.get("/readyz").await.0, 200);
 }
+
+/// A database a newer build has migrated is refused at start, untouched:
+/// storing records into it without what the newer schema keeps would show
+/// them as chain breaks after the next upgrade.
+#[test]
+fn a_store_from_a_newer_build_is_refused_untouched() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    run(&["bundle", "keygen", "--out", s(&w.join("ops"))]);
+    let db = w.join("cp.db");
+    {
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        conn.execute_batch("CREATE TABLE from_the_future (x); PRAGMA user_version = 99;")
+            .unwrap();
+    }
+    let mut child = std::process::Command::new(common::BIN)
+        .args(["control-plane", "--addr", "127.0.0.1:0", "--db", s(&db)])
+        .args(["--trusted-key", s(&w.join("ops.pub.pem")), "--token", TOKEN])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = common::wait_bounded(&mut child, Duration::from_secs(20));
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success(), "{err}");
+    assert!(
+        err.contains("schema version 99") && err.contains("newer arbiter"),
+        "{err}"
+    );
+
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    let tables: Vec<String> = conn
+        .prepare("SELECT name FROM sqlite_master")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!((version, tables), (99, vec!["from_the_future".to_owned()]));
+}

@@ -281,10 +281,12 @@ pub async fn serve(
     if let Some(dir) = settings.db.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
-    let store = Store::open(&settings.db)?;
+    // The decision store first: it refuses a file a newer build migrated
+    // before anything else is written to it.
     let decisions = Arc::new(
         DecisionStore::open(&settings.db).map_err(|e| ServerError::Decisions(e.to_string()))?,
     );
+    let store = Store::open(&settings.db)?;
     let journeys = Arc::new(
         Journeys::open(&settings.db, decisions.clone(), settings.approval_ttl)
             .map_err(|e| ServerError::Decisions(e.to_string()))?,

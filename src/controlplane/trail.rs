@@ -348,6 +348,7 @@ fn index_forked_records(conn: &Connection) -> Result<(), TrailError> {
 impl DecisionStore {
     pub fn open(path: &Path) -> Result<Self, TrailError> {
         let conn = Connection::open(path)?;
+        refuse_newer_store(&conn, path)?;
         conn.execute_batch(
             "PRAGMA journal_mode = WAL;
              PRAGMA synchronous = FULL;
@@ -446,11 +447,11 @@ impl DecisionStore {
         if version < 2 {
             // Stores made before heads were kept: each chain's last record
             // as it is now stands for what was received.
-            conn.execute_batch(
+            conn.execute_batch(&format!(
                 "INSERT OR IGNORE INTO chain_heads (instance, seq, hash)
                    SELECT instance, MAX(seq), hash FROM decisions GROUP BY instance;
-                 PRAGMA user_version = 2",
-            )?;
+                 PRAGMA user_version = {STORE_VERSION}"
+            ))?;
         }
         // Every open, not once: an older version may have kept some since.
         index_forked_records(&conn)?;
@@ -891,6 +892,25 @@ fn anchor_in(conn: &Connection, instance: &str) -> Result<(u64, Hash), TrailErro
         None => (0, GENESIS),
         Some((seq, hash)) => (seq as u64, hash.try_into().unwrap_or(GENESIS)),
     })
+}
+
+/// The decision store's schema version (`PRAGMA user_version`), raised by
+/// each migration in [`DecisionStore::open`].
+const STORE_VERSION: i64 = 2;
+
+/// Refuses a store a newer build has migrated, before anything is written
+/// to it: this build would store records without what the newer schema
+/// keeps (as a build before chain heads did, whose records read as "never
+/// received" breaks after the next upgrade), so it fails closed instead.
+fn refuse_newer_store(conn: &Connection, path: &Path) -> Result<(), TrailError> {
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if version > STORE_VERSION {
+        return Err(TrailError::Bad(format!(
+            "decision store {}: schema version {version} was written by a newer arbiter (this one knows up to {STORE_VERSION}); run a control plane of that version or later on it",
+            path.display()
+        )));
+    }
+    Ok(())
 }
 
 /// Whether the walked chain ends where the head kept on receipt says it
