@@ -315,16 +315,12 @@ fn a_store_from_a_newer_build_is_refused_untouched() {
         conn.execute_batch("CREATE TABLE from_the_future (x); PRAGMA user_version = 99;")
             .unwrap();
     }
-    let mut child = std::process::Command::new(common::BIN)
-        .args(["control-plane", "--addr", "127.0.0.1:0", "--db", s(&db)])
-        .args(["--trusted-key", s(&w.join("ops.pub.pem")), "--token", TOKEN])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let status = common::wait_bounded(&mut child, Duration::from_secs(20));
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    let (status, err) = common::exit_and_stderr(
+        std::process::Command::new(common::BIN)
+            .args(["control-plane", "--addr", "127.0.0.1:0", "--db", s(&db)])
+            .args(["--trusted-key", s(&w.join("ops.pub.pem")), "--token", TOKEN]),
+        Duration::from_secs(20),
+    );
     assert!(!status.success(), "{err}");
     assert!(
         err.contains("schema version 99") && err.contains("newer arbiter"),

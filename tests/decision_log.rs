@@ -1117,19 +1117,15 @@ async fn a_spool_that_lost_shipped_records_is_flagged_as_a_fork() {
     let mut sidecar = Sidecar::start(&example("documents"), &args);
     // A second sidecar on the same spool would fork it while both run: it
     // is refused at start.
-    let mut second = std::process::Command::new(common::BIN)
-        .arg("serve")
-        .arg("--bundle")
-        .arg(example("documents"))
-        .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
-        .args(&args)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let status = common::wait_bounded(&mut second, Duration::from_secs(20));
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut err).unwrap();
+    let (status, err) = common::exit_and_stderr(
+        std::process::Command::new(common::BIN)
+            .arg("serve")
+            .arg("--bundle")
+            .arg(example("documents"))
+            .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+            .args(&args),
+        Duration::from_secs(20),
+    );
     assert!(!status.success(), "a second writer started");
     assert!(err.contains("in use by another process"), "{err}");
     assert_eq!(once(200, sidecar.grpc_addr.clone()).await.failures, 0);

@@ -348,7 +348,7 @@ fn index_forked_records(conn: &Connection) -> Result<(), TrailError> {
 impl DecisionStore {
     pub fn open(path: &Path) -> Result<Self, TrailError> {
         let conn = Connection::open(path)?;
-        refuse_newer_store(&conn, path)?;
+        let version = known_version(&conn, path)?;
         conn.execute_batch(
             "PRAGMA journal_mode = WAL;
              PRAGMA synchronous = FULL;
@@ -435,7 +435,6 @@ impl DecisionStore {
         // Records stored before receipt times were kept get the upgrade's
         // time as theirs, once: a record whose own time is unreadable then
         // ages from the upgrade instead of stopping retention for good.
-        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
         if version < 1 {
             let now = crate::decision_log::time::now_micros() as i64;
             conn.execute(
@@ -898,11 +897,12 @@ fn anchor_in(conn: &Connection, instance: &str) -> Result<(u64, Hash), TrailErro
 /// each migration in [`DecisionStore::open`].
 const STORE_VERSION: i64 = 2;
 
-/// Refuses a store a newer build has migrated, before anything is written
-/// to it: this build would store records without what the newer schema
-/// keeps (as a build before chain heads did, whose records read as "never
-/// received" breaks after the next upgrade), so it fails closed instead.
-fn refuse_newer_store(conn: &Connection, path: &Path) -> Result<(), TrailError> {
+/// The store's schema version, refusing one a newer build has migrated
+/// before anything is written to it: this build would store records
+/// without what the newer schema keeps (as a build before chain heads did,
+/// whose records read as "never received" breaks after the next upgrade),
+/// so it fails closed instead.
+fn known_version(conn: &Connection, path: &Path) -> Result<i64, TrailError> {
     let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     if version > STORE_VERSION {
         return Err(TrailError::Bad(format!(
@@ -910,7 +910,7 @@ fn refuse_newer_store(conn: &Connection, path: &Path) -> Result<(), TrailError> 
             path.display()
         )));
     }
-    Ok(())
+    Ok(version)
 }
 
 /// Whether the walked chain ends where the head kept on receipt says it

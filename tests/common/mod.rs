@@ -151,6 +151,19 @@ pub fn wait_bounded(child: &mut Child, limit: Duration) -> ExitStatus {
     }
 }
 
+/// Runs `cmd` to its exit, bounded by `limit`: its status and stderr.
+pub fn exit_and_stderr(cmd: &mut Command, limit: Duration) -> (ExitStatus, String) {
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = wait_bounded(&mut child, limit);
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    (status, err)
+}
+
 /// Reads an example request file as the gRPC message.
 pub fn example_request(file: &str) -> arbiter::api::pb::v1::CheckRequest {
     let text = std::fs::read_to_string(example("documents").join(file)).unwrap();
