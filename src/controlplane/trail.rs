@@ -158,7 +158,12 @@ pub fn parse_batch<'a>(
             "batch holds {held} lines; a sidecar sends at most {MAX_BATCH_LINES} in one"
         ));
     }
-    if first_seq == 0 || first_seq.checked_add(u64::from(count)).is_none() {
+    // Seqs are stored as SQLite integers (i64): one past that would read
+    // back negative and sort before the chain's first record.
+    let last_fits = first_seq
+        .checked_add(u64::from(count))
+        .is_some_and(|end| end <= i64::MAX as u64);
+    if first_seq == 0 || !last_fits {
         return Err(format!(
             "batch at seq {first_seq} is outside the seqs a chain has"
         ));
@@ -1530,6 +1535,8 @@ mod tests {
             ("i1", 3, u32::MAX, "holds 3"),
             ("i1", 3, 4, "holds 3"),
             ("i1", u64::MAX, 3, "outside"),
+            ("i1", 1 << 63, 3, "outside"),
+            ("i1", i64::MAX as u64 - 1, 3, "outside"),
         ] {
             let err = parse_batch(instance, first, count, &text)
                 .err()
