@@ -429,6 +429,14 @@ async fn records_are_masked_chained_explained_and_tamper_evident() {
     );
     let (code, _, err) = cli(&cp, &["verify", "--instance", &instance]);
     assert_eq!(code, 1, "{err}");
+
+    // Every record deleted: a break at seq 1, not an empty store.
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.execute("DELETE FROM decisions", []).unwrap();
+    drop(conn);
+    let (code, _, err) = cli(&cp, &["verify", "--instance", &instance]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("first break at seq 1:"), "{err}");
 }
 
 #[tokio::test]

@@ -250,7 +250,11 @@ pub fn verify_remote(src: &Source, instance: Option<&str>) -> Result<String, Fai
     let mut out = String::new();
     let mut broken = false;
     let reports = v["instances"].as_array().cloned().unwrap_or_default();
-    if reports.is_empty() || reports.iter().all(|r| r["last_seq"] == 0) {
+    if reports.is_empty()
+        || reports
+            .iter()
+            .all(|r| r["last_seq"] == 0 && r["first_break"].is_null())
+    {
         return Err(Failure {
             message: "no decision records stored for that".into(),
             code: 1,
