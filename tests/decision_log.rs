@@ -31,7 +31,8 @@ fn requests() -> Vec<CheckRequest> {
 
 /// The example bundle plus masking rules: entity properties are erased and
 /// the subject id is hashed, so `"department"` and `"engineering"` must
-/// never reach a record.
+/// never reach a record. One more policy fails on document `doc-9`, whose
+/// owner is not known, with a Cedar error that names the owner.
 fn masked_bundle(work: &Path) -> PathBuf {
     let dir = work.join("bundle");
     let ok = std::process::Command::new("cp")
@@ -42,6 +43,14 @@ fn masked_bundle(work: &Path) -> PathBuf {
     std::fs::write(
         dir.join("masking.json"),
         r#"{"erase": ["/subject/properties", "/resource/properties"], "hash": ["/subject/id"], "salt": "t"}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("zz-errors.cedar"),
+        r#"@id("owner-department")
+forbid(principal, action == Action::"share", resource)
+when { resource == Document::"doc-9" && resource.owner.department == "nowhere" };
+"#,
     )
     .unwrap();
     dir
@@ -256,9 +265,17 @@ async fn records_are_masked_chained_explained_and_tamper_evident() {
     // 60 decisions plus one with a trace id.
     let mut client = sidecar.client().await;
     let step_up_id = traced_check(&mut client).await;
+    // A decision that fails closed on a Cedar error quoting masked values.
+    let mut unknown_owner = example_request("requests/allow-share-internal.json");
+    unknown_owner.resource.as_mut().unwrap().id = "doc-9".into();
+    let failed = client.check(unknown_owner).await.unwrap().into_inner();
+    assert!(
+        failed.errors[0].contains(r#"`User::"bob"` does not exist"#),
+        "{failed:?}"
+    );
     let seen = load_all(sidecar.grpc_addr.clone(), 60, 2).await;
     assert_eq!((seen.ids.len(), seen.failures), (60, 0));
-    let total = seen.ids.len() + 1;
+    let total = seen.ids.len() + 2;
     eventually(
         "every record is stored",
         Duration::from_secs(20),
@@ -280,9 +297,24 @@ async fn records_are_masked_chained_explained_and_tamper_evident() {
         bytes_under(w), // cp.db and its WAL
     ]
     .concat();
-    for secret in ["\"department\"", "engineering", "\"alice\"", "\"bob\""] {
+    for secret in [
+        "\"department\"",
+        "engineering",
+        "\"alice\"",
+        "\"bob\"",
+        // As they appear inside a JSON string, e.g. in an error message.
+        r#"\"alice\""#,
+        r#"\"bob\""#,
+    ] {
         assert!(!contains(&stored, secret), "{secret} leaked into a record");
     }
+    // The failed decision's record keeps what failed, not the values.
+    let (code, out, err) = cli(&cp, &["show", &failed.decision_id]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("error while evaluating policy `owner-department`: an entity it refers to does not exist (details withheld"),
+        "{out}"
+    );
 
     // log show: the whole record, with its deciding policies' text.
     let (code, out, err) = cli(&cp, &["show", &step_up_id]);

@@ -103,6 +103,12 @@ pub struct Decision {
     pub obligations: Vec<Obligation>,
     /// Evaluation errors; non-empty only with `DENY` (fail closed).
     pub errors: Vec<String>,
+    /// `errors` without the request values they quote (Cedar's messages name
+    /// entities and attribute values): each names the policy and the kind of
+    /// failure only. The decision log writes these when the bundle masks
+    /// request fields. `None` when `errors` quote nothing from the request.
+    #[serde(skip)]
+    pub redacted_errors: Option<Vec<String>>,
 }
 
 impl Decision {
@@ -114,6 +120,7 @@ impl Decision {
             approver_groups: Vec::new(),
             obligations: Vec::new(),
             errors,
+            redacted_errors: None,
         }
     }
 }

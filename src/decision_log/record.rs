@@ -156,8 +156,9 @@ impl Json<'_> {
         self.0.push(b'}');
     }
 
-    /// The decision's fields, continuing an object.
-    fn decision(&mut self, d: &Decision) {
+    /// The decision's fields, continuing an object; `errors` stand in for
+    /// the decision's own (they may be its redacted ones).
+    fn decision(&mut self, d: &Decision, errors: &[String]) {
         self.raw(b",\"outcome\":");
         self.str(d.outcome.as_str());
         self.raw(b",\"policy_ids\":");
@@ -189,7 +190,7 @@ impl Json<'_> {
             j.0.push(b'}');
         });
         self.raw(b",\"errors\":");
-        self.strs(&d.errors);
+        self.strs(errors);
     }
 
     /// `,"key":"value"` when there is a value.
@@ -250,7 +251,7 @@ pub fn decision_tail(e: &Entry, out: &mut Vec<u8>) {
         e.mask.apply(&mut form);
         j.value(&form);
     }
-    j.decision(&e.decision);
+    j.decision(&e.decision, recorded_errors(e));
     j.optional("session_id", e.request.session_id.as_deref());
     let l = &e.links;
     j.optional("approval_id", l.approval_id.as_deref());
@@ -265,6 +266,15 @@ pub fn decision_tail(e: &Entry, out: &mut Vec<u8>) {
     j.optional("trace_id", e.trace_id.as_deref());
     j.optional("span_id", e.span_id.as_deref());
     j.0.push(b'}');
+}
+
+/// The errors a record carries: under masking rules, none that quote the
+/// request, since Cedar's messages name the entities and values involved.
+fn recorded_errors(e: &Entry) -> &[String] {
+    match &e.decision.redacted_errors {
+        Some(redacted) if !e.mask.is_empty() => redacted,
+        _ => &e.decision.errors,
+    }
 }
 
 /// A marker standing in for records that were dropped (overflow `drop`), so
@@ -347,6 +357,10 @@ mod tests {
         request.sort_all_objects();
         e.mask.apply(&mut request);
         request.sort_all_objects();
+        let decision = Decision {
+            errors: recorded_errors(e).to_vec(),
+            ..(*e.decision).clone()
+        };
         let r = Reference {
             kind: e.kind,
             time: crate::decision_log::time::format_micros(e.time_us),
@@ -354,7 +368,7 @@ mod tests {
             bundle: &e.bundle,
             revision: &e.revision,
             request,
-            decision: &e.decision,
+            decision: &decision,
             session_id: e.request.session_id.as_deref(),
             links: &e.links,
             depends_on_arguments: e.depends_on_arguments,
@@ -429,6 +443,7 @@ mod tests {
                 policy_id: "p2".into(),
             }],
             errors: vec!["an \"error\"".into()],
+            redacted_errors: None,
         };
         let mut no_max_age = full.clone();
         no_max_age.step_up.as_mut().expect("step-up").max_age = None;
@@ -456,7 +471,12 @@ mod tests {
             )
             .expect("rules"),
         );
-        let mut masked = entry(request(awkward.clone()), Decision::deny(vec![], vec![]));
+        let failed = Decision {
+            redacted_errors: Some(vec!["withheld \"p\"".into()]),
+            ..Decision::deny(vec![], vec!["`User::\"u\"` lacks `level`".into()])
+        };
+        cases.push(entry(request(Map::new()), failed.clone()));
+        let mut masked = entry(request(awkward.clone()), failed.clone());
         masked.mask = rules.clone();
         // A hashed object hashes the same whatever order its keys came in.
         let mut sorted_all = Value::Object(awkward);
@@ -464,7 +484,7 @@ mod tests {
         let Value::Object(sorted_all) = sorted_all else {
             unreachable!()
         };
-        let mut masked_sorted = entry(request(sorted_all), Decision::deny(vec![], vec![]));
+        let mut masked_sorted = entry(request(sorted_all), failed);
         masked_sorted.mask = rules;
         let (mut a, mut b) = (Vec::new(), Vec::new());
         decision_tail(&masked, &mut a);
@@ -533,5 +553,35 @@ mod tests {
         assert_eq!(v["outcome"], serde_json::json!(Outcome::Deny));
         assert_eq!(v["policy_ids"], serde_json::json!(["p1"]));
         assert_eq!(v["latency_us"], 12);
+    }
+
+    #[test]
+    fn masked_records_carry_errors_without_request_values() {
+        let failed = Decision {
+            redacted_errors: Some(vec!["policy `p1` read a missing attribute".into()]),
+            ..Decision::deny(vec![], vec!["`User::\"alice\"` lacks `level`".into()])
+        };
+        let mut e = entry(request(Map::new()), failed);
+        let errors_of = |e: &Entry| {
+            let mut tail = Vec::new();
+            decision_tail(e, &mut tail);
+            serde_json::from_slice::<Value>(&tail).expect("json")["errors"].clone()
+        };
+        // No masking rules: the log keeps Cedar's message, values and all.
+        assert_eq!(
+            errors_of(&e),
+            serde_json::json!(["`User::\"alice\"` lacks `level`"])
+        );
+        e.mask = Arc::new(MaskRules::parse(br#"{"hash":["/subject/id"]}"#).expect("rules"));
+        assert_eq!(
+            errors_of(&e),
+            serde_json::json!(["policy `p1` read a missing attribute"])
+        );
+        // Errors the sidecar wrote itself quote nothing and are kept.
+        e.decision = Arc::new(Decision::deny(
+            vec![],
+            vec!["the session is revoked".into()],
+        ));
+        assert_eq!(errors_of(&e), serde_json::json!(["the session is revoked"]));
     }
 }

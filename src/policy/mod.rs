@@ -440,9 +440,8 @@ impl Engine {
         let response =
             self.authorizer
                 .is_authorized(&prepared.request, &slice.all, &prepared.entities);
-        let errors = sorted_errors(&response);
-        if !errors.is_empty() {
-            return Ok(Decision::deny(Vec::new(), errors));
+        if let Some(failed) = failed_closed(&response) {
+            return Ok(failed);
         }
         let reason: Vec<&PolicyMeta> = response
             .diagnostics()
@@ -460,9 +459,8 @@ impl Engine {
         let permits =
             self.authorizer
                 .is_authorized(&prepared.request, &slice.permits, &prepared.entities);
-        let errors = sorted_errors(&permits);
-        if !errors.is_empty() {
-            return Ok(Decision::deny(Vec::new(), errors));
+        if let Some(failed) = failed_closed(&permits) {
+            return Ok(failed);
         }
         let applying: Vec<&PolicyMeta> = if permits.decision() == cedar_policy::Decision::Allow {
             permits
@@ -555,10 +553,49 @@ fn validate(
         .collect()
 }
 
-fn sorted_errors(r: &cedar_policy::Response) -> Vec<String> {
-    let mut errors: Vec<String> = r.diagnostics().errors().map(|e| e.to_string()).collect();
+/// The DENY for a response whose evaluation went wrong, carrying Cedar's
+/// messages and, for the decision log under masking rules, the same errors
+/// without the request values those messages quote.
+fn failed_closed(r: &cedar_policy::Response) -> Option<Decision> {
+    let mut errors = Vec::new();
+    let mut redacted = Vec::new();
+    for e in r.diagnostics().errors() {
+        errors.push(e.to_string());
+        let cedar_policy::AuthorizationError::PolicyEvaluationError(e) = e;
+        redacted.push(format!(
+            "error while evaluating policy `{}`: {} (details withheld: the bundle masks request fields)",
+            e.policy_id(),
+            evaluation_error_kind(e.inner())
+        ));
+    }
+    if errors.is_empty() {
+        return None;
+    }
     errors.sort();
-    errors
+    redacted.sort();
+    Some(Decision {
+        redacted_errors: Some(redacted),
+        ..Decision::deny(Vec::new(), errors)
+    })
+}
+
+/// What kind of evaluation error this is, in words that quote nothing from
+/// the request.
+fn evaluation_error_kind(e: &cedar_policy::EvaluationError) -> &'static str {
+    use cedar_policy::EvaluationError as E;
+    match e {
+        E::EntityDoesNotExist(_) => "an entity it refers to does not exist",
+        E::EntityAttrDoesNotExist(_) => "an entity lacks an attribute it reads",
+        E::RecordAttrDoesNotExist(_) => "a record lacks an attribute it reads",
+        E::FailedExtensionFunctionLookup(_) => "an extension function is unknown",
+        E::TypeError(_) => "a value has the wrong type",
+        E::WrongNumArguments(_) => "a function got the wrong number of arguments",
+        E::IntegerOverflow(_) => "integer overflow",
+        E::UnlinkedSlot(_) => "a template slot is not linked",
+        E::FailedExtensionFunctionExecution(_) => "an extension function failed",
+        E::NonValue(_) => "an expression did not reduce to a value",
+        E::RecursionLimit(_) => "the recursion limit was reached",
+    }
 }
 
 fn line_of(text: &str, offset: usize) -> usize {

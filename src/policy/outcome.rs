@@ -101,6 +101,7 @@ pub fn allow(permits: &[&PolicyMeta]) -> Decision {
         approver_groups: Vec::new(),
         obligations: obligations(permits),
         errors: Vec::new(),
+        redacted_errors: None,
     }
 }
 
@@ -126,6 +127,7 @@ pub fn deny(forbids: &[&PolicyMeta], permits: &[&PolicyMeta]) -> Decision {
         approver_groups: Vec::new(),
         obligations: obligations(&deciding),
         errors: Vec::new(),
+        redacted_errors: None,
     };
     let step_ups: Vec<&StepUp> = forbids.iter().filter_map(|f| f.step_up.as_ref()).collect();
     if step_ups.is_empty() {
