@@ -466,6 +466,74 @@ pub(crate) mod tests {
         running.close().await;
     }
 
+    /// An NDJSON copy that holds each append on the disk thread until told
+    /// to go on, so a test can act while a write is in flight.
+    struct GatedCopy {
+        written: Arc<std::sync::Mutex<Vec<u8>>>,
+        entered: mpsc::UnboundedSender<()>,
+        go: std::sync::mpsc::Receiver<()>,
+    }
+
+    impl std::io::Write for GatedCopy {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.written.lock().expect("lock").extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            let _ = self.entered.send(());
+            let _ = self.go.recv();
+            Ok(())
+        }
+    }
+
+    async fn within<T>(what: impl Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(5), what)
+            .await
+            .expect("in time")
+    }
+
+    #[tokio::test]
+    async fn at_shutdown_a_record_is_written_or_refused_never_answered_and_lost() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let written = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (entered_tx, mut entered) = mpsc::unbounded_channel();
+        let (go, go_rx) = std::sync::mpsc::channel();
+        let copy = GatedCopy {
+            written: written.clone(),
+            entered: entered_tx,
+            go: go_rx,
+        };
+        let (sink, running) = start_with_copy(
+            settings(&dir),
+            DecisionLogMetrics::default(),
+            Some(Box::new(copy)),
+        )
+        .expect("starts");
+        let answered = |h: Handoff| matches!(h, Handoff::Done);
+        let mut answers = Vec::new();
+        answers.push(answered(sink.record(entry())));
+        within(entered.recv()).await.expect("first write in flight");
+        // Told to stop while a record is still on its way to the queue.
+        let _ = running.stop.send(true);
+        answers.push(answered(sink.record(entry())));
+        go.send(()).expect("disk thread waits");
+        within(entered.recv())
+            .await
+            .expect("the last write in flight");
+        // Past the last drain: this one cannot be written any more.
+        answers.push(answered(sink.record(entry())));
+        go.send(()).expect("disk thread waits");
+        within(running.writer).await.expect("writer ends");
+        let lines = written
+            .lock()
+            .expect("lock")
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .count();
+        assert_eq!(answers, [true, true, false], "the last record is refused");
+        assert_eq!(lines, 2, "every answered record is written");
+    }
+
     #[tokio::test]
     async fn a_writer_held_at_the_cap_stops_when_its_running_handle_is_dropped() {
         let dir = tempfile::tempdir().expect("tmp");

@@ -58,12 +58,23 @@ impl Writer {
         let mut last_write = Instant::now();
         loop {
             let mut stop = self.stop.clone();
-            let first = tokio::select! {
-                biased;
-                q = self.rx.recv() => q,
-                _ = stop.wait_for(|s| *s) => None,
+            // Once told to stop, the next turn is the last, however much is
+            // queued: under load the queue never runs dry.
+            let first = if self.stopping() {
+                None
+            } else {
+                tokio::select! {
+                    biased;
+                    q = self.rx.recv() => q,
+                    _ = stop.wait_for(|s| *s) => None,
+                }
             };
             let closing = first.is_none();
+            if closing {
+                // Before the last drain, so a record sent after it is
+                // refused instead of answered and then lost with the queue.
+                self.rx.close();
+            }
             batch.extend(first);
             // Gathering only while a batch has room: with a full batch
             // already queued, sleeping would cap the rate the writer keeps
