@@ -1307,6 +1307,58 @@ async fn a_spool_that_lost_shipped_records_is_flagged_as_a_fork() {
     assert!(said.contains("300 records kept apart as forked"), "{said}");
 }
 
+/// Damage that changed one spooled record's own seq: the record is shipped
+/// where it stands, as evidence, and every other record joins the chain.
+/// (Taken at its damaged seq, it would have moved the stored head far
+/// ahead, skipped the records up to it, and set every later record apart.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_whose_seq_was_damaged_in_the_spool_is_kept_in_its_place() {
+    let (work, public) = work_with_key();
+    let w = work.path();
+    let spool = w.join("spool");
+    let nowhere = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    let mut sidecar = Sidecar::start(&example("documents"), &spool_args(&nowhere, &spool));
+    assert_eq!(load_all(sidecar.grpc_addr.clone(), 10, 1).await.failures, 0);
+    sidecar.terminate();
+    let segment = std::fs::read_dir(&spool)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| std::fs::read(p).unwrap().starts_with(b"{\"hash\""))
+        .expect("a segment");
+    let text = String::from_utf8(std::fs::read(&segment).unwrap()).unwrap();
+    assert!(text.contains(r#""seq":3,"#));
+    std::fs::write(
+        &segment,
+        text.replacen(r#""seq":3,"#, r#""seq":900000,"#, 1),
+    )
+    .unwrap();
+
+    let cp = ControlPlane::start(&w.join("cp.db"), &public);
+    let _sidecar = Sidecar::start(&example("documents"), &spool_args(&cp.1, &spool));
+    eventually("all ten stored", Duration::from_secs(30), || async {
+        stored_records(&cp).await == 10
+    })
+    .await;
+    let r = report(&cp).await;
+    assert_eq!(r["last_seq"], 10, "{r}");
+    let flagged: Vec<u64> = r["flagged_on_receipt"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(flagged, [3], "{r}");
+    let (code, out, err) = cli(&cp, &["query", "--forked", "--limit", "100"]);
+    assert_eq!(
+        (code, out.lines().count()),
+        (0, 0),
+        "nothing set apart: {out}{err}"
+    );
+}
+
 /// Damage in one spool segment that merged two records into one line and
 /// split a later one in two: a chunk's line count comes out right at its
 /// end, so the sidecar's quick check ships it and the control plane refuses

@@ -168,12 +168,17 @@ pub fn parse_batch<'a>(
             "batch at seq {first_seq} is outside the seqs a chain has"
         ));
     }
-    let lines = whole.into_iter().flat_map(|w| w.split(|b| *b == b'\n'));
+    let lines: Vec<&[u8]> = whole
+        .into_iter()
+        .flat_map(|w| w.split(|b| *b == b'\n'))
+        .collect();
+    let parsed: Vec<_> = lines.iter().map(|l| chain::parse_line(l)).collect();
+    let in_place = |i: usize| matches!(parsed.get(i), Some(Ok(p)) if p.seq == first_seq + i as u64 && p.instance == instance);
     let mut out = Vec::with_capacity(held);
-    for (i, line) in lines.enumerate() {
+    for (i, (line, p)) in lines.iter().zip(&parsed).enumerate() {
         let want = first_seq + i as u64;
-        match chain::parse_line(line) {
-            Ok(p) if p.seq == want && p.instance == instance => out.push(Incoming {
+        match p {
+            Ok(p) if in_place(i) => out.push(Incoming {
                 seq: want,
                 hash: p.hash,
                 body: p.body,
@@ -182,8 +187,10 @@ pub fn parse_batch<'a>(
             // (or damage shifted its lines, and the sidecar numbers what
             // follows by its count). Storing it would put intact records
             // at the wrong seqs, and the sidecar would skip the real ones:
-            // refused, visibly, rather than lost.
-            Ok(p) => {
+            // refused, visibly, rather than lost. Unless the line after it
+            // is in place: then this record's own seq (or instance) was
+            // damaged, and it goes as evidence like an unreadable line.
+            Ok(p) if !in_place(i + 1) => {
                 return Err(format!(
                     "batch line {} is seq {} of instance {}, expected seq {want} of {instance}: if this sidecar's spool is damaged, `arbiter log verify --file SPOOL_DIR` shows where",
                     i + 1,
@@ -191,14 +198,16 @@ pub fn parse_batch<'a>(
                     p.instance
                 ));
             }
-            // Damaged in place in the sidecar's spool (unreadable, or
-            // empty): kept as evidence at the seq it stands for. It matches
-            // no hash, so the chain shows the break there, and shipping goes
-            // on (refusing the batch would make the sidecar resend it
-            // forever).
-            Err(_) => out.push(Incoming {
+            // Damaged in place in the sidecar's spool (unreadable, empty,
+            // or misnumbered): kept as evidence at the seq it stands for.
+            // It does not match its hash (none, if unreadable), so the chain
+            // shows the break there, and shipping goes on (refusing the
+            // batch would make the sidecar resend it forever). A hash it
+            // still carries lets the next record link to it: the break is
+            // this record alone.
+            _ => out.push(Incoming {
                 seq: want,
-                hash: [0; 32],
+                hash: p.as_ref().map_or([0; 32], |p| p.hash),
                 body: line,
             }),
         }
@@ -1523,6 +1532,21 @@ mod tests {
             err.contains("line 3 is seq 9") && err.contains("verify --file"),
             "{err}"
         );
+        // A record whose own seq was damaged, between two in place, stands
+        // at its position too: taking its seq would skip the records after.
+        let misnumbered = String::from_utf8(text.clone()).expect("utf-8").replacen(
+            "\"seq\":4",
+            "\"seq\":70000",
+            1,
+        );
+        let parsed = parse_batch("i1", 3, 3, misnumbered.as_bytes()).expect("kept");
+        let intact = parse_batch("i1", 3, 3, &text).expect("valid");
+        assert_eq!(
+            parsed.iter().map(|r| (r.seq, r.hash)).collect::<Vec<_>>(),
+            intact.iter().map(|r| (r.seq, r.hash)).collect::<Vec<_>>(),
+            "each at its seq, with the hash its line carries"
+        );
+        assert!(String::from_utf8_lossy(parsed[1].body).contains("70000"));
         let lines: Vec<&[u8]> = text.split(|b| *b == b'\n').collect();
         let emptied = [lines[0], b"", lines[2], b""].join(&b'\n');
         let parsed = parse_batch("i1", 3, 3, &emptied).expect("kept");

@@ -649,6 +649,13 @@ fn recover(path: &Path, first_seq: u64, instance: &str) -> io::Result<(Option<He
         let past_damage =
             damaged > 0 && ours && line.seq > expected && line.seq - expected <= most_skipped;
         if !(in_order || past_damage) {
+            // A record whose own seq (or instance) was damaged, right
+            // before the next record: damage where it lies, like an
+            // unreadable line. Anything else ends what the segment holds.
+            if line.seq != expected && holds_record(&bytes[next..], expected + 1, instance) {
+                at = next;
+                continue;
+            }
             break;
         }
         last = Some(Head {
@@ -660,6 +667,13 @@ fn recover(path: &Path, first_seq: u64, instance: &str) -> io::Result<(Option<He
     }
     let zeros_after = bytes[kept..].iter().all(|b| *b == 0);
     Ok((last, kept as u64, zeros_after))
+}
+
+/// Whether `bytes` start with a whole line that is record `seq` of `instance`.
+fn holds_record(bytes: &[u8], seq: u64, instance: &str) -> bool {
+    memchr::memchr(b'\n', bytes).is_some_and(|nl| {
+        chain::parse_line(&bytes[..nl]).is_ok_and(|p| p.seq == seq && p.instance == instance)
+    })
 }
 
 /// Cuts a segment to its first `kept` bytes (see [`recover`]).
@@ -788,6 +802,7 @@ impl Reader {
         max_bytes: usize,
     ) -> io::Result<Option<Chunk>> {
         let mut first_seq = None;
+        let mut placed = false;
         let mut taken = 0; // bytes of `pending` that go into the chunk
         let mut count = 0u32;
         loop {
@@ -797,7 +812,22 @@ impl Reader {
                 if first_seq.is_none() {
                     // Only the first line of a chunk is parsed: the rest
                     // follow it without gaps (one writer numbers them).
-                    match chain::parse_line(line) {
+                    let parsed = chain::parse_line(line);
+                    match parsed {
+                        // Damaged (unreadable, or its own seq changed), right
+                        // after the last line shipped and right before the
+                        // record after next: it is the next seq, and goes as
+                        // evidence (the control plane keeps it there and the
+                        // chain breaks there). Taking a damaged seq would
+                        // skip the records up to it. Damage that merged or
+                        // split records cannot be placed so.
+                        _ if !parsed.as_ref().is_ok_and(|p| p.seq == after + 1)
+                            && self.before_pending == Some(after)
+                            && self.holds_at(taken + nl + 1, after + 2) =>
+                        {
+                            first_seq = Some(after + 1);
+                            placed = true;
+                        }
                         Ok(p) if p.seq <= after => {
                             let seq = p.seq;
                             self.pending.drain(..=taken + nl);
@@ -805,17 +835,6 @@ impl Reader {
                             continue;
                         }
                         Ok(p) => first_seq = Some(p.seq),
-                        // Damaged, right after the last line shipped and
-                        // right before the record after next: it is the next
-                        // seq, and goes as evidence (the control plane keeps
-                        // it there and the chain breaks there). Damage that
-                        // merged or split records cannot be placed so.
-                        Err(_)
-                            if self.before_pending == Some(after)
-                                && self.holds_at(taken + nl + 1, after + 2) =>
-                        {
-                            first_seq = Some(after + 1)
-                        }
                         Err(e) => {
                             tracing::warn!("decision spool: skipping an unreadable line: {e}");
                             self.pending.drain(..=taken + nl);
@@ -826,7 +845,9 @@ impl Reader {
                 }
                 taken += nl + 1;
                 count += 1;
-                if count as usize >= max_lines || taken >= max_bytes {
+                // A placed line goes with the one after it, whose seq shows
+                // the control plane where it stands.
+                if (count as usize >= max_lines || taken >= max_bytes) && !(placed && count < 2) {
                     break;
                 }
             }
@@ -1057,7 +1078,12 @@ mod tests {
             let at = breaks[2] + 10;
             text[at] = if text[at] == b'0' { b'1' } else { b'0' };
         };
-        for damage in [garble, merge_and_split, flip] {
+        // A record's own seq changed: it reads, in the wrong place.
+        let renumber: Damage = |text, _| {
+            let at = memchr::memmem::find(text, b"\"seq\":3,").expect("record 3");
+            text.splice(at..at + 7, b"\"seq\":900000".iter().copied());
+        };
+        for damage in [garble, merge_and_split, flip, renumber] {
             let dir = tempfile::tempdir().expect("tmp");
             let (mut spool, instance, _) = Spool::open(dir.path(), 1 << 20).expect("open");
             let mut prev = GENESIS;
@@ -1370,6 +1396,31 @@ mod tests {
         });
         let mut reader = Reader::new(dir.path(), spool.live.clone());
         assert_eq!(chunk_at(&mut reader, 2), (5, 1));
+    }
+
+    /// A record whose own seq was damaged (higher or lower) goes out at
+    /// the seq it stands at, as evidence: taking its seq would skip every
+    /// record up to it, or pass it over as already shipped.
+    #[test]
+    fn a_record_whose_seq_was_damaged_is_shipped_at_its_place() {
+        for claimed in ["\"seq\":70000", "\"seq\":1"] {
+            let (dir, spool, _) = damaged_spool(5, |text, _| {
+                let at = memchr::memmem::find(text, b"\"seq\":3").expect("record 3");
+                text.splice(at..at + 7, claimed.bytes());
+            });
+            let mut reader = Reader::new(dir.path(), spool.live.clone());
+            // Mid-chunk it rides along at its place.
+            assert_eq!(chunk_at(&mut reader, 0), (1, 5), "{claimed}");
+            let mut fresh = Reader::new(dir.path(), spool.live.clone());
+            assert_eq!(chunk_at(&mut fresh, 2), (3, 3), "{claimed}");
+            // Never alone: the record after it shows where it stands.
+            let mut fresh = Reader::new(dir.path(), spool.live.clone());
+            let one = fresh
+                .next_chunk(2, 1, usize::MAX)
+                .expect("read")
+                .expect("3..=4");
+            assert_eq!((one.first_seq, one.count), (3, 2), "{claimed}");
+        }
     }
 
     /// A spool holding records 1..=`to` as one batch, `damage`d first (it
