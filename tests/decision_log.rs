@@ -56,6 +56,25 @@ when { resource == Document::"doc-9" && resource.owner.department == "nowhere" }
     dir
 }
 
+/// What `masked_bundle`'s rules keep out of every record, also as it
+/// appears inside a JSON string (an error message quoting it).
+const MASKED: [&str; 6] = [
+    "\"department\"",
+    "engineering",
+    "\"alice\"",
+    "\"bob\"",
+    r#"\"alice\""#,
+    r#"\"bob\""#,
+];
+
+/// A request `masked_bundle` fails closed on, with a Cedar error naming
+/// the (masked) owner `bob`.
+fn unknown_owner_request() -> CheckRequest {
+    let mut r = example_request("requests/allow-share-internal.json");
+    r.resource.as_mut().unwrap().id = "doc-9".into();
+    r
+}
+
 fn spool_args<'a>(cp: &'a str, spool: &'a Path) -> Vec<&'a str> {
     vec!["--decision-log-to", cp, "--decision-log-spool", s(spool)]
 }
@@ -266,9 +285,11 @@ async fn records_are_masked_chained_explained_and_tamper_evident() {
     let mut client = sidecar.client().await;
     let step_up_id = traced_check(&mut client).await;
     // A decision that fails closed on a Cedar error quoting masked values.
-    let mut unknown_owner = example_request("requests/allow-share-internal.json");
-    unknown_owner.resource.as_mut().unwrap().id = "doc-9".into();
-    let failed = client.check(unknown_owner).await.unwrap().into_inner();
+    let failed = client
+        .check(unknown_owner_request())
+        .await
+        .unwrap()
+        .into_inner();
     assert!(
         failed.errors[0].contains(r#"`User::"bob"` does not exist"#),
         "{failed:?}"
@@ -297,15 +318,7 @@ async fn records_are_masked_chained_explained_and_tamper_evident() {
         bytes_under(w), // cp.db and its WAL
     ]
     .concat();
-    for secret in [
-        "\"department\"",
-        "engineering",
-        "\"alice\"",
-        "\"bob\"",
-        // As they appear inside a JSON string, e.g. in an error message.
-        r#"\"alice\""#,
-        r#"\"bob\""#,
-    ] {
+    for secret in MASKED {
         assert!(!contains(&stored, secret), "{secret} leaked into a record");
     }
     // The failed decision's record keeps what failed, not the values.
@@ -820,12 +833,14 @@ async fn otlp_export_carries_masked_records_and_joins_the_callers_trace() {
 
     let mut client = sidecar.client().await;
     let id = traced_check(&mut client).await;
+    let failed = client.check(unknown_owner_request()).await.unwrap();
+    assert!(!failed.into_inner().errors.is_empty());
     let more = load_all(sidecar.grpc_addr.clone(), 10, 1).await;
     assert_eq!(more.failures, 0);
 
     // Logs are exported before the batch's spans: wait for both.
     eventually(
-        "11 records and a span are exported",
+        "12 records and a span are exported",
         Duration::from_secs(20),
         || async {
             let logs = seen.logs.lock().unwrap();
@@ -835,7 +850,7 @@ async fn otlp_export_carries_masked_records_and_joins_the_callers_trace() {
                 .flat_map(|r| &r.scope_logs)
                 .map(|s| s.log_records.len())
                 .sum();
-            records == 11 && !seen.traces.lock().unwrap().is_empty()
+            records == 12 && !seen.traces.lock().unwrap().is_empty()
         },
     )
     .await;
@@ -844,7 +859,7 @@ async fn otlp_export_carries_masked_records_and_joins_the_callers_trace() {
         contains(&bytes, &id),
         "the record of the traced call is exported"
     );
-    for secret in ["\"department\"", "engineering", "\"alice\"", "\"bob\""] {
+    for secret in MASKED {
         assert!(
             !contains(&bytes, secret),
             "{secret} leaked into the OTLP export"
