@@ -358,11 +358,9 @@ fn sidecar_check(
 fn router(state: Arc<AppState>, limits: ArchiveLimits, sidecar_token: Option<String>) -> Router {
     let check = sidecar_check(sidecar_token);
     let ship = tonic::service::interceptor::InterceptedService::new(
-        DecisionLogServer::new(DecisionLogService {
-            store: state.decisions.clone(),
-        })
-        // Batches arrive compressed inside the message (see the proto).
-        .max_decoding_message_size(16 << 20),
+        DecisionLogServer::new(DecisionLogService::new(state.decisions.clone()))
+            // Batches arrive compressed inside the message (see the proto).
+            .max_decoding_message_size(16 << 20),
         check.clone(),
     );
     let sessions = SessionsServer::with_interceptor(

@@ -1142,7 +1142,25 @@ fn acked_hash(head: (u64, Hash)) -> Vec<u8> {
 
 /// The gRPC service sidecars ship to.
 pub struct DecisionLogService {
-    pub store: Arc<DecisionStore>,
+    store: Arc<DecisionStore>,
+    /// Batches being unpacked and stored at once, across all streams. A
+    /// batch may unpack to 64 MiB, and appends take the store's one
+    /// connection in turn anyway: more at once would only hold memory.
+    /// A stream waiting here holds its one received (compressed) batch and
+    /// stops reading, so flow control holds back what its sidecar sends.
+    storing: Arc<tokio::sync::Semaphore>,
+}
+
+impl DecisionLogService {
+    /// Batches unpacked and stored at once: one appending, one unpacking.
+    const STORING_AT_ONCE: usize = 2;
+
+    pub fn new(store: Arc<DecisionStore>) -> Self {
+        Self {
+            store,
+            storing: Arc::new(tokio::sync::Semaphore::new(Self::STORING_AT_ONCE)),
+        }
+    }
 }
 
 type AckStream = Pin<Box<dyn Stream<Item = Result<ShipAck, Status>> + Send>>;
@@ -1170,7 +1188,7 @@ impl DecisionLog for DecisionLogService {
                 "`control-plane` is the control plane's own chain; sidecars may not write to it",
             ));
         }
-        let store = self.store.clone();
+        let (store, storing) = (self.store.clone(), self.storing.clone());
         let lookup = store.clone();
         let who = instance.clone();
         let mut head = tokio::task::spawn_blocking(move || lookup.head(&who))
@@ -1212,7 +1230,11 @@ impl DecisionLog for DecisionLogService {
                 }
                 let (s, who) = (store.clone(), instance.clone());
                 let batch_last_seq = (batch.first_seq + u64::from(batch.count)).saturating_sub(1);
+                let Ok(turn) = storing.clone().acquire_owned().await else {
+                    return;
+                };
                 let stored = tokio::task::spawn_blocking(move || {
+                    let _turn = turn;
                     let text = match unpack(&batch) {
                         Ok(t) => t,
                         Err(e) => return (Err(TrailError::Bad(e)), head),
