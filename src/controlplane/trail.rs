@@ -266,7 +266,7 @@ struct Columns<'i> {
     subject_id: Option<&'i str>,
     resource_type: Option<&'i str>,
     resource_id: Option<&'i str>,
-    /// `,id1,id2,`: a policy id is found with its commas.
+    /// `,id1,id2,`, each id [`listed`]: a policy id is found with its commas.
     policy_ids: Option<String>,
 }
 
@@ -304,7 +304,7 @@ impl<'i> Columns<'i> {
             subject_id: subject.and_then(|e| e.id.as_deref()),
             resource_type: resource.and_then(|e| e.kind.as_deref()),
             resource_id: resource.and_then(|e| e.id.as_deref()),
-            policy_ids: ix.map(|i| format!(",{},", i.policy_ids.join(","))),
+            policy_ids: ix.map(|i| policy_list(&i.policy_ids)),
         }
     }
 }
@@ -323,6 +323,61 @@ fn add_missing_columns(
             conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {kind}"))?;
         }
     }
+    Ok(())
+}
+
+/// A policy id as it stands between the commas of the `policy_ids`
+/// column: `@id` may hold commas, so `\` and `,` are escaped (`\\`, `\c`),
+/// and one id's search never matches part of another.
+fn listed(id: &str) -> Cow<'_, str> {
+    if !id.contains([',', '\\']) {
+        return Cow::Borrowed(id);
+    }
+    Cow::Owned(id.replace('\\', "\\\\").replace(',', "\\c"))
+}
+
+/// The `policy_ids` column of a record deciding by `ids`.
+fn policy_list<S: AsRef<str>>(ids: &[S]) -> String {
+    let mut out = String::from(",");
+    for id in ids {
+        out.push_str(&listed(id.as_ref()));
+        out.push(',');
+    }
+    out
+}
+
+/// Lists again the policy ids of records stored before ids were escaped
+/// (store version 3): only records whose ids hold a comma or a backslash
+/// change, and only those deciding by more than one policy, or with a
+/// backslash in the column, can hold one.
+fn relist_policy_ids(conn: &Connection) -> Result<(), TrailError> {
+    let tx = conn.unchecked_transaction()?;
+    for table in ["decisions", "forked_records"] {
+        let rows = tx
+            .prepare(&format!(
+                "SELECT instance, seq, hash, body FROM {table}
+                 WHERE instr(policy_ids, '\\') > 0
+                    OR length(policy_ids) - length(replace(policy_ids, ',', '')) > 2"
+            ))?
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, Vec<u8>>(2)?,
+                    r.get::<_, String>(3)?,
+                ))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut update = tx.prepare(&format!(
+            "UPDATE {table} SET policy_ids = ?4 WHERE instance = ?1 AND seq = ?2 AND hash = ?3"
+        ))?;
+        for (instance, seq, hash, body) in rows {
+            if let Ok(ix) = serde_json::from_str::<Indexed>(&body) {
+                update.execute(params![instance, seq, hash, policy_list(&ix.policy_ids)])?;
+            }
+        }
+    }
+    tx.commit()?;
     Ok(())
 }
 
@@ -460,11 +515,15 @@ impl DecisionStore {
         if version < 2 {
             // Stores made before heads were kept: each chain's last record
             // as it is now stands for what was received.
-            conn.execute_batch(&format!(
+            conn.execute_batch(
                 "INSERT OR IGNORE INTO chain_heads (instance, seq, hash)
                    SELECT instance, MAX(seq), hash FROM decisions GROUP BY instance;
-                 PRAGMA user_version = {STORE_VERSION}"
-            ))?;
+                 PRAGMA user_version = 2",
+            )?;
+        }
+        if version < 3 {
+            relist_policy_ids(&conn)?;
+            conn.execute_batch(&format!("PRAGMA user_version = {STORE_VERSION}"))?;
         }
         // Every open, not once: an older version may have kept some since.
         index_forked_records(&conn)?;
@@ -590,7 +649,7 @@ impl DecisionStore {
             }
         }
         if let Some(p) = &f.policy {
-            args.push(Box::new(format!(",{p},")));
+            args.push(Box::new(format!(",{},", listed(p))));
             clauses.push(format!("instr(policy_ids, ?{}) > 0", args.len()));
         }
         let filter = if clauses.is_empty() {
@@ -909,7 +968,7 @@ fn anchor_in(conn: &Connection, instance: &str) -> Result<(u64, Hash), TrailErro
 
 /// The decision store's schema version (`PRAGMA user_version`), raised by
 /// each migration in [`DecisionStore::open`].
-const STORE_VERSION: i64 = 2;
+const STORE_VERSION: i64 = 3;
 
 /// The store's schema version, refusing one a newer build has migrated
 /// before anything is written to it: this build would store records
@@ -1727,6 +1786,77 @@ mod tests {
             .followed_by("other", 0, Some("s\"1\\"), None)
             .expect("linked");
         assert_eq!(next.len(), 1);
+    }
+
+    #[test]
+    fn a_policy_id_holding_commas_is_found_alone() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("cp.db");
+        let store = DecisionStore::open(&path).expect("open");
+        let mut head = store.head("i").expect("head");
+        let mut incoming = Vec::new();
+        let bodies: Vec<String> = [r#"["a,b"]"#, r#"["a","b"]"#, r#"["c\\","d"]"#]
+            .iter()
+            .enumerate()
+            .map(|(i, ids)| {
+                format!(
+                    r#"{{"v":1,"instance":"i","seq":{},"kind":"check","time":"2026-11-24T10:00:00Z","decision_id":"d{}","outcome":"ALLOW","policy_ids":{ids}}}"#,
+                    i + 1,
+                    i + 1
+                )
+            })
+            .collect();
+        for (i, body) in bodies.iter().enumerate() {
+            let hash = chain::link(&head.1, body.as_bytes());
+            head.1 = hash;
+            incoming.push(Incoming {
+                seq: i as u64 + 1,
+                hash,
+                body: body.as_bytes(),
+            });
+        }
+        let mut at = store.head("i").expect("head");
+        store.append("i", &mut at, &incoming).expect("stored");
+        let found = |store: &DecisionStore, policy: &str| -> Vec<String> {
+            let f = Filter {
+                policy: Some(policy.into()),
+                ..Filter::default()
+            };
+            let mut ids: Vec<String> = store
+                .query(&f)
+                .expect("query")
+                .iter()
+                .map(|r| {
+                    serde_json::from_str::<serde_json::Value>(r.record.get()).expect("json")["decision_id"]
+                        .as_str()
+                        .expect("id")
+                        .to_owned()
+                })
+                .collect();
+            ids.sort();
+            ids
+        };
+        let expect = |store: &DecisionStore| {
+            assert_eq!(found(store, "a,b"), ["d1"]);
+            assert_eq!(found(store, "a"), ["d2"]);
+            assert_eq!(found(store, "b"), ["d2"]);
+            assert_eq!(found(store, "c\\"), ["d3"]);
+            assert!(found(store, "c").is_empty());
+        };
+        expect(&store);
+        // A store from before ids were escaped lists them again on open.
+        drop(store);
+        {
+            let conn = Connection::open(&path).expect("open");
+            conn.execute_batch(
+                "UPDATE decisions SET policy_ids = ',a,b,' WHERE decision_id = 'd1';
+                 UPDATE decisions SET policy_ids = ',c\\,d,' WHERE decision_id = 'd3';
+                 PRAGMA user_version = 2;",
+            )
+            .expect("as before");
+        }
+        let store = DecisionStore::open(&path).expect("reopen");
+        expect(&store);
     }
 
     #[test]
