@@ -336,8 +336,12 @@ fn listed(id: &str) -> Cow<'_, str> {
     Cow::Owned(id.replace('\\', "\\\\").replace(',', "\\c"))
 }
 
-/// The `policy_ids` column of a record deciding by `ids`.
+/// The `policy_ids` column of a record deciding by `ids` (`,,` for none,
+/// as before ids were escaped).
 fn policy_list<S: AsRef<str>>(ids: &[S]) -> String {
+    if ids.is_empty() {
+        return ",,".into();
+    }
     let mut out = String::from(",");
     for id in ids {
         out.push_str(&listed(id.as_ref()));
@@ -347,17 +351,20 @@ fn policy_list<S: AsRef<str>>(ids: &[S]) -> String {
 }
 
 /// Lists again the policy ids of records stored before ids were escaped
-/// (store version 3): only records whose ids hold a comma or a backslash
-/// change, and only those deciding by more than one policy, or with a
-/// backslash in the column, can hold one.
+/// (store version 3): only records with an id holding a comma or a
+/// backslash change. SQLite finds them (its JSON reader runs only where the
+/// column has a backslash or more than one id), so only those are read.
 fn relist_policy_ids(conn: &Connection) -> Result<(), TrailError> {
     let tx = conn.unchecked_transaction()?;
     for table in ["decisions", "forked_records"] {
         let rows = tx
             .prepare(&format!(
                 "SELECT instance, seq, hash, body FROM {table}
-                 WHERE instr(policy_ids, '\\') > 0
-                    OR length(policy_ids) - length(replace(policy_ids, ',', '')) > 2"
+                 WHERE (instr(policy_ids, '\\') > 0
+                        OR length(policy_ids) - length(replace(policy_ids, ',', '')) > 2)
+                   AND CASE WHEN json_valid(body) THEN EXISTS (
+                         SELECT 1 FROM json_each(body, '$.policy_ids')
+                         WHERE instr(value, ',') > 0 OR instr(value, '\\') > 0) END"
             ))?
             .query_map([], |r| {
                 Ok((
@@ -1851,6 +1858,8 @@ mod tests {
             conn.execute_batch(
                 "UPDATE decisions SET policy_ids = ',a,b,' WHERE decision_id = 'd1';
                  UPDATE decisions SET policy_ids = ',c\\,d,' WHERE decision_id = 'd3';
+                 INSERT INTO decisions (instance, seq, hash, body, policy_ids)
+                   VALUES ('i', 4, x'00', 'damaged, not JSON', ',x,y,');
                  PRAGMA user_version = 2;",
             )
             .expect("as before");

@@ -59,17 +59,28 @@ pub const FREE_KEEP: usize = 2;
 
 /// The segment the writer appends to, and how many of its bytes are records
 /// (a reused segment holds older bytes after them).
+/// Also the spool's instance, which every record in it names.
 #[derive(Debug, Default)]
-pub struct Live(Mutex<(u64, u64)>);
+pub struct Live {
+    span: Mutex<(u64, u64)>,
+    instance: String,
+}
 
 impl Live {
+    fn new(instance: &str) -> Self {
+        Self {
+            span: Mutex::default(),
+            instance: instance.to_owned(),
+        }
+    }
+
     fn set(&self, first_seq: u64, len: u64) {
-        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = (first_seq, len);
+        *self.span.lock().unwrap_or_else(PoisonError::into_inner) = (first_seq, len);
     }
 
     /// The segment being written: its first seq and its length.
     pub(crate) fn get(&self) -> (u64, u64) {
-        *self.0.lock().unwrap_or_else(PoisonError::into_inner)
+        *self.span.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -262,7 +273,7 @@ impl Spool {
         // the newest one holds its records, and perhaps zeros after them
         // (never its file's length: see above).
         let file_len = head_records.unwrap_or(0);
-        let live = Arc::new(Live::default());
+        let live = Arc::new(Live::new(&instance));
         live.set(first, file_len);
         let mut spool = Self {
             dir: dir.to_path_buf(),
@@ -652,7 +663,9 @@ fn recover(path: &Path, first_seq: u64, instance: &str) -> io::Result<(Option<He
             // A record whose own seq (or instance) was damaged, right
             // before the next record: damage where it lies, like an
             // unreadable line. Anything else ends what the segment holds.
-            if line.seq != expected && holds_record(&bytes[next..], expected + 1, instance) {
+            if (line.seq != expected || !ours)
+                && holds_record(&bytes[next..], expected + 1, instance)
+            {
                 at = next;
                 continue;
             }
@@ -803,6 +816,7 @@ impl Reader {
     ) -> io::Result<Option<Chunk>> {
         let mut first_seq = None;
         let mut placed = false;
+        let mut undecided = false;
         let mut taken = 0; // bytes of `pending` that go into the chunk
         let mut count = 0u32;
         loop {
@@ -814,19 +828,30 @@ impl Reader {
                     // follow it without gaps (one writer numbers them).
                     let parsed = chain::parse_line(line);
                     match parsed {
-                        // Damaged (unreadable, or its own seq changed), right
+                        // Damaged (unreadable, or its own seq or instance
+                        // changed), right
                         // after the last line shipped and right before the
                         // record after next: it is the next seq, and goes as
                         // evidence (the control plane keeps it there and the
                         // chain breaks there). Taking a damaged seq would
                         // skip the records up to it. Damage that merged or
                         // split records cannot be placed so.
-                        _ if !parsed.as_ref().is_ok_and(|p| p.seq == after + 1)
+                        _ if !self.is_record(&parsed, after + 1)
                             && self.before_pending == Some(after)
                             && self.holds_at(taken + nl + 1, after + 2) =>
                         {
                             first_seq = Some(after + 1);
                             placed = true;
+                        }
+                        // The same, with the line after it not read yet:
+                        // read on before judging (where a read or a segment
+                        // ends must not decide), or wait for it.
+                        _ if !self.is_record(&parsed, after + 1)
+                            && self.before_pending == Some(after)
+                            && memchr::memchr(b'\n', &self.pending[taken + nl + 1..]).is_none() =>
+                        {
+                            undecided = true;
+                            break;
                         }
                         Ok(p) if p.seq <= after => {
                             let seq = p.seq;
@@ -851,6 +876,13 @@ impl Reader {
                     break;
                 }
             }
+            if undecided {
+                undecided = false;
+                if self.fill(after)? {
+                    continue;
+                }
+                return Ok(None);
+            }
             let full = count as usize >= max_lines || taken >= max_bytes;
             if full || !self.fill(after)? {
                 break;
@@ -860,7 +892,12 @@ impl Reader {
             return Ok(None);
         };
         let careful = first_seq <= self.careful_until;
-        let (count, taken) = in_place(&self.pending[..taken], first_seq, count, careful);
+        let (count, taken) = in_place(
+            &self.pending[..taken],
+            (first_seq, &self.live.instance),
+            count,
+            careful,
+        );
         self.before_pending = Some(first_seq + u64::from(count) - 1);
         // The chunk keeps the buffer; only the partial rest is copied.
         let rest = self.pending.split_off(taken);
@@ -873,9 +910,18 @@ impl Reader {
 
     /// Whether the line at `at` in `pending` is whole and the record `seq`.
     fn holds_at(&self, at: usize, seq: u64) -> bool {
-        let rest = &self.pending[at.min(self.pending.len())..];
-        memchr::memchr(b'\n', rest)
-            .is_some_and(|nl| chain::parse_line(&rest[..nl]).is_ok_and(|p| p.seq == seq))
+        holds_record(
+            &self.pending[at.min(self.pending.len())..],
+            seq,
+            &self.live.instance,
+        )
+    }
+
+    /// Whether a parsed line is this spool's record `seq`.
+    fn is_record(&self, parsed: &Result<chain::Line<'_>, String>, seq: u64) -> bool {
+        parsed
+            .as_ref()
+            .is_ok_and(|p| p.seq == seq && p.instance == self.live.instance)
     }
 
     /// Reads more bytes; false when nothing new is there yet.
@@ -931,12 +977,18 @@ impl Reader {
 /// next chunk's start, where a line that cannot be placed is skipped into a
 /// gap the control plane flags. Parses the last line when all is well,
 /// every line when not or when `careful`.
-fn in_place(lines: &[u8], first_seq: u64, count: u32, careful: bool) -> (u32, usize) {
+fn in_place(
+    lines: &[u8],
+    (first_seq, instance): (u64, &str),
+    count: u32,
+    careful: bool,
+) -> (u32, usize) {
     let body = &lines[..lines.len().saturating_sub(1)];
     let last_start = memchr::memrchr(b'\n', body).map_or(0, |i| i + 1);
     let last_seq = first_seq + u64::from(count) - 1;
+    let ours = |p: &chain::Line<'_>, seq: u64| p.seq == seq && p.instance == instance;
     if count == 1
-        || !careful && chain::parse_line(&body[last_start..]).is_ok_and(|p| p.seq == last_seq)
+        || !careful && chain::parse_line(&body[last_start..]).is_ok_and(|p| ours(&p, last_seq))
     {
         return (count, lines.len());
     }
@@ -947,7 +999,7 @@ fn in_place(lines: &[u8], first_seq: u64, count: u32, careful: bool) -> (u32, us
     for (i, line) in whole.enumerate() {
         at += line.len();
         match chain::parse_line(&line[..line.len() - 1]) {
-            Ok(p) if p.seq == first_seq + i as u64 + 1 => (kept, kept_bytes) = (i as u32 + 2, at),
+            Ok(p) if ours(&p, first_seq + i as u64 + 1) => (kept, kept_bytes) = (i as u32 + 2, at),
             Ok(_) => break,
             // Unreadable lines go where they are counted, as evidence, until
             // a readable one shows the count is off.
@@ -969,6 +1021,16 @@ fn in_place(lines: &[u8], first_seq: u64, count: u32, careful: bool) -> (u32, us
 mod tests {
     use super::*;
 
+    /// Opens a spool whose instance is `i`, as `lines` writes records of
+    /// (unless the directory already names one).
+    fn open_as_i(dir: &Path, segment_max: u64) -> io::Result<(Spool, String, Head)> {
+        fs::create_dir_all(dir)?;
+        if !dir.join("instance").exists() {
+            fs::write(dir.join("instance"), "i")?;
+        }
+        Spool::open(dir, segment_max)
+    }
+
     fn lines(from: u64, to: u64, prev: &mut Hash) -> Vec<u8> {
         lines_of("i", from, to, prev)
     }
@@ -987,21 +1049,21 @@ mod tests {
     #[test]
     fn a_spool_in_use_cannot_be_opened_again_until_it_is_closed() {
         let dir = tempfile::tempdir().expect("tmp");
-        let (spool, instance, _) = Spool::open(dir.path(), 200).expect("open");
-        let Err(e) = Spool::open(dir.path(), 200) else {
+        let (spool, instance, _) = open_as_i(dir.path(), 200).expect("open");
+        let Err(e) = open_as_i(dir.path(), 200) else {
             panic!("a second writer opened the spool");
         };
         assert_eq!(e.kind(), io::ErrorKind::ResourceBusy);
         assert!(e.to_string().contains("in use by another process"), "{e}");
         drop(spool);
-        let (_, again, _) = Spool::open(dir.path(), 200).expect("open once closed");
+        let (_, again, _) = open_as_i(dir.path(), 200).expect("open once closed");
         assert_eq!(again, instance);
     }
 
     #[test]
     fn appends_rotates_reads_back_and_deletes_only_what_is_acked() {
         let dir = tempfile::tempdir().expect("tmp");
-        let (mut spool, instance, head) = Spool::open(dir.path(), 200).expect("open");
+        let (mut spool, instance, head) = open_as_i(dir.path(), 200).expect("open");
         assert_eq!(head.seq, 0);
         // A new spool's first segment too is named with its first batch.
         assert!(segments(dir.path()).expect("list").is_empty());
@@ -1036,14 +1098,14 @@ mod tests {
 
         // Restart: same instance, chain resumes after seq 20.
         drop(spool);
-        let (_, again, head) = Spool::open(dir.path(), 200).expect("reopen");
+        let (_, again, head) = open_as_i(dir.path(), 200).expect("reopen");
         assert_eq!((again, head.seq, head.hash), (instance, 20, prev));
     }
 
     #[test]
     fn a_torn_tail_is_cut_on_open() {
         let dir = tempfile::tempdir().expect("tmp");
-        let (mut spool, _, _) = Spool::open(dir.path(), 1 << 20).expect("open");
+        let (mut spool, _, _) = open_as_i(dir.path(), 1 << 20).expect("open");
         let mut prev = GENESIS;
         spool
             .append(&lines(1, 3, &mut prev), 1, true)
@@ -1052,7 +1114,7 @@ mod tests {
             .append(br#"{"hash":"00","rec"#, 4, true)
             .expect("torn");
         drop(spool);
-        let (spool, _, head) = Spool::open(dir.path(), 1 << 20).expect("reopen");
+        let (spool, _, head) = open_as_i(dir.path(), 1 << 20).expect("reopen");
         assert_eq!((head.seq, head.hash), (3, prev));
         let on_disk = fs::read(segment_path(dir.path(), 1)).expect("read");
         assert!(on_disk.ends_with(b"}\n"));
@@ -1083,16 +1145,24 @@ mod tests {
             let at = memchr::memmem::find(text, b"\"seq\":3,").expect("record 3");
             text.splice(at..at + 7, b"\"seq\":900000".iter().copied());
         };
-        for damage in [garble, merge_and_split, flip, renumber] {
+        // Its instance changed (the first digit of the id).
+        let other_instance: Damage = |text, breaks| {
+            let line = breaks[1] + 1;
+            let at = line
+                + memchr::memmem::find(&text[line..], b"\"instance\":\"").expect("instance")
+                + 12;
+            text[at] = if text[at] == b'0' { b'1' } else { b'0' };
+        };
+        for damage in [garble, merge_and_split, flip, renumber, other_instance] {
             let dir = tempfile::tempdir().expect("tmp");
-            let (mut spool, instance, _) = Spool::open(dir.path(), 1 << 20).expect("open");
+            let (mut spool, instance, _) = open_as_i(dir.path(), 1 << 20).expect("open");
             let mut prev = GENESIS;
             let mut text = lines_of(&instance, 1, 10, &mut prev);
             let breaks: Vec<usize> = memchr::memchr_iter(b'\n', &text).collect();
             damage(&mut text, &breaks);
             spool.append(&text, 1, true).expect("append");
             drop(spool);
-            let (_, again, head) = Spool::open(dir.path(), 1 << 20).expect("reopen");
+            let (_, again, head) = open_as_i(dir.path(), 1 << 20).expect("reopen");
             assert_eq!((again, head.seq, head.hash), (instance, 10, prev));
             let on_disk = fs::read(segment_path(dir.path(), 1)).expect("read");
             // The records, then the prepared segment's zeros.
@@ -1102,7 +1172,7 @@ mod tests {
         // A torn record after damage is still cut, and so are a reused
         // segment's older records after it.
         let dir = tempfile::tempdir().expect("tmp");
-        let (spool, instance, _) = Spool::open(dir.path(), 1 << 20).expect("open");
+        let (spool, instance, _) = open_as_i(dir.path(), 1 << 20).expect("open");
         drop(spool);
         let mut prev = GENESIS;
         let mut text = lines_of(&instance, 5, 8, &mut prev);
@@ -1112,7 +1182,7 @@ mod tests {
         text.extend_from_slice(br#"{"hash":"00","rec"#);
         text.extend_from_slice(&lines_of(&instance, 1, 2, &mut GENESIS.clone()));
         fs::write(segment_path(dir.path(), 5), &text).expect("segment");
-        let (_, _, head) = Spool::open(dir.path(), 1 << 20).expect("reopen");
+        let (_, _, head) = open_as_i(dir.path(), 1 << 20).expect("reopen");
         assert_eq!((head.seq, head.hash), (8, prev));
         let on_disk = fs::read(segment_path(dir.path(), 5)).expect("read");
         assert_eq!(on_disk.len(), whole);
@@ -1123,7 +1193,7 @@ mod tests {
         // reuse.
         for (whose, seq) in [("another", 5), ("this", 800)] {
             let dir = tempfile::tempdir().expect("tmp");
-            let (spool, instance, _) = Spool::open(dir.path(), 1 << 20).expect("open");
+            let (spool, instance, _) = open_as_i(dir.path(), 1 << 20).expect("open");
             drop(spool);
             let mut prev = GENESIS;
             let mut text = lines_of(&instance, 1, 3, &mut prev);
@@ -1133,7 +1203,7 @@ mod tests {
             fs::write(segment_path(dir.path(), 1), &text).expect("segment");
             let stale = free_path(dir.path(), 700);
             fs::write(&stale, lines_of(&instance, 700, 701, &mut GENESIS.clone())).expect("free");
-            let (_, _, head) = Spool::open(dir.path(), 1 << 20).expect("reopen");
+            let (_, _, head) = open_as_i(dir.path(), 1 << 20).expect("reopen");
             assert_eq!((head.seq, head.hash), (3, prev), "{after} {seq}");
             assert!(!stale.exists(), "a released segment past the head is gone");
         }
@@ -1145,13 +1215,13 @@ mod tests {
     #[test]
     fn a_lost_instance_file_is_found_again_in_the_records() {
         let dir = tempfile::tempdir().expect("tmp");
-        let (mut spool, instance, _) = Spool::open(dir.path(), 1 << 20).expect("open");
+        let (mut spool, instance, _) = open_as_i(dir.path(), 1 << 20).expect("open");
         let mut prev = GENESIS;
         let text = lines_of(&instance, 1, 3, &mut prev);
         spool.append(&text, 1, true).expect("append");
         drop(spool);
         fs::remove_file(dir.path().join("instance")).expect("lose it");
-        let (_, again, head) = Spool::open(dir.path(), 1 << 20).expect("reopen");
+        let (_, again, head) = open_as_i(dir.path(), 1 << 20).expect("reopen");
         assert_eq!((again.as_str(), head.seq), (instance.as_str(), 3));
         let kept = fs::read_to_string(dir.path().join("instance")).expect("restored");
         assert_eq!(kept, instance);
@@ -1159,13 +1229,13 @@ mod tests {
         // Only a segment's own first record names it: a later line could
         // be a reused segment's older bytes, of another chain.
         let dir = tempfile::tempdir().expect("tmp");
-        let (spool, instance, _) = Spool::open(dir.path(), 1 << 20).expect("open");
+        let (spool, instance, _) = open_as_i(dir.path(), 1 << 20).expect("open");
         drop(spool);
         let mut text = b"#garble#\n".to_vec();
         text.extend_from_slice(&lines_of("older", 2, 2, &mut GENESIS.clone()));
         fs::write(segment_path(dir.path(), 1), &text).expect("segment");
         fs::remove_file(dir.path().join("instance")).expect("lose it");
-        let (_, minted, _) = Spool::open(dir.path(), 1 << 20).expect("reopen");
+        let (_, minted, _) = open_as_i(dir.path(), 1 << 20).expect("reopen");
         assert!(minted != "older" && minted != instance, "{minted}");
     }
 
@@ -1203,7 +1273,7 @@ mod tests {
     #[test]
     fn a_new_spool_writes_its_first_records_over_a_prepared_segment() {
         let dir = tempfile::tempdir().expect("tmp");
-        let (mut spool, _, _) = Spool::open(dir.path(), PREPARED_BYTES).expect("open");
+        let (mut spool, _, _) = open_as_i(dir.path(), PREPARED_BYTES).expect("open");
         let next = dir.path().join(NEXT);
         let before = fs::read(&next).expect("next");
         assert_eq!(before.len() as u64, PREPARED_BYTES);
@@ -1222,7 +1292,7 @@ mod tests {
         // Stopped (or killed) there: the zeros after the records stay, and
         // the chain goes on over them.
         drop(spool);
-        let (mut spool, _, head) = Spool::open(dir.path(), PREPARED_BYTES).expect("reopen");
+        let (mut spool, _, head) = open_as_i(dir.path(), PREPARED_BYTES).expect("reopen");
         assert_eq!((head.seq, head.hash), (3, prev));
         assert_eq!(spool.bytes.load(Ordering::Relaxed), batch.len() as u64);
         // A reader made at open (as the shipper's is) stops at the records,
@@ -1242,14 +1312,14 @@ mod tests {
         let mut reader = Reader::new(dir.path(), spool.live.clone());
         assert_eq!(read_all(&mut reader, 0), (1..=5).collect::<Vec<_>>());
         drop(spool);
-        let (_, _, head) = Spool::open(dir.path(), PREPARED_BYTES).expect("reopen");
+        let (_, _, head) = open_as_i(dir.path(), PREPARED_BYTES).expect("reopen");
         assert_eq!((head.seq, head.hash), (5, prev));
     }
 
     #[test]
     fn a_segment_is_prepared_ahead_for_the_next_one() {
         let dir = tempfile::tempdir().expect("tmp");
-        let (mut spool, _, _) = Spool::open(dir.path(), PREPARED_BYTES).expect("open");
+        let (mut spool, _, _) = open_as_i(dir.path(), PREPARED_BYTES).expect("open");
         spool.wait_prepared();
         let prepared = free_path(dir.path(), PREPARED_NUMBER);
         let bytes = fs::read(&prepared).expect("prepared");
@@ -1282,7 +1352,7 @@ mod tests {
         let mut reader = Reader::new(dir.path(), spool.live.clone());
         assert_eq!(read_all(&mut reader, 0), (1..=2400).collect::<Vec<_>>());
         drop(spool);
-        let (_, _, head) = Spool::open(dir.path(), PREPARED_BYTES).expect("reopen");
+        let (_, _, head) = open_as_i(dir.path(), PREPARED_BYTES).expect("reopen");
         assert_eq!((head.seq, head.hash), (2400, prev));
         assert_eq!(seqs_on_disk(dir.path()), (1..=2400).collect::<Vec<_>>());
     }
@@ -1302,7 +1372,7 @@ mod tests {
         assert!(names.is_empty(), "{names:?}");
         // One a crash left half written is removed on open.
         fs::write(dir.path().join(PREPARE_TMP), [0; 100]).expect("tmp");
-        let (mut spool, _, _) = Spool::open(dir.path(), PREPARED_BYTES).expect("open");
+        let (mut spool, _, _) = open_as_i(dir.path(), PREPARED_BYTES).expect("open");
         spool.wait_prepared();
         assert!(!dir.path().join(PREPARE_TMP).exists());
     }
@@ -1403,10 +1473,16 @@ mod tests {
     /// record up to it, or pass it over as already shipped.
     #[test]
     fn a_record_whose_seq_was_damaged_is_shipped_at_its_place() {
-        for claimed in ["\"seq\":70000", "\"seq\":1"] {
+        // Its seq higher, lower, or its instance another.
+        for claimed in [
+            "\"seq\":70000,\"instance\":\"i\"",
+            "\"seq\":1,\"instance\":\"i\"",
+            "\"seq\":3,\"instance\":\"j\"",
+        ] {
             let (dir, spool, _) = damaged_spool(5, |text, _| {
-                let at = memchr::memmem::find(text, b"\"seq\":3").expect("record 3");
-                text.splice(at..at + 7, claimed.bytes());
+                let at =
+                    memchr::memmem::find(text, b"\"seq\":3,\"instance\":\"i\"").expect("record 3");
+                text.splice(at..at + 22, claimed.bytes());
             });
             let mut reader = Reader::new(dir.path(), spool.live.clone());
             // Mid-chunk it rides along at its place.
@@ -1423,6 +1499,45 @@ mod tests {
         }
     }
 
+    /// Where a segment (or a read) ends does not decide: a damaged record
+    /// last in its segment is placed by the first record of the next, and
+    /// one whose next record is not written yet waits for it.
+    #[test]
+    fn a_damaged_record_last_in_its_segment_is_placed_by_the_next() {
+        let dir = tempfile::tempdir().expect("tmp");
+        // Segments of one four-record batch each.
+        let (mut spool, _, _) = open_as_i(dir.path(), 100).expect("open");
+        let mut prev = GENESIS;
+        append_batches(&mut spool, 1, 1, &mut prev);
+        let first = segment_path(dir.path(), 1);
+        let text = String::from_utf8(fs::read(&first).expect("read")).expect("utf-8");
+        assert!(
+            text.trim_end_matches('\0')
+                .ends_with("\"seq\":4,\"instance\":\"i\"}}\n")
+        );
+        // Same length: the segment being written is read as far as its
+        // records go.
+        let damaged = text.replacen("\"seq\":4,", "\"seq\":9,", 1);
+        fs::write(&first, damaged).expect("damage");
+        let mut reader = Reader::new(dir.path(), spool.live.clone());
+        let head = reader
+            .next_chunk(0, 3, usize::MAX)
+            .expect("read")
+            .expect("1..=3");
+        assert_eq!((head.first_seq, head.count), (1, 3));
+        // Record 5 not written yet: no jump to seq 9, nothing yet.
+        assert!(
+            reader
+                .next_chunk(3, 100, usize::MAX)
+                .expect("read")
+                .is_none()
+        );
+        append_batches(&mut spool, 5, 1, &mut prev);
+        assert_eq!(chunk_at(&mut reader, 3), (4, 5), "placed by record 5");
+        let mut fresh = Reader::new(dir.path(), spool.live.clone());
+        assert_eq!(chunk_at(&mut fresh, 3), (4, 5), "read afresh");
+    }
+
     /// A spool holding records 1..=`to` as one batch, `damage`d first (it
     /// gets the lines and where each ends); returned with a reader of it
     /// and the lines as written.
@@ -1431,7 +1546,7 @@ mod tests {
         damage: impl FnOnce(&mut Vec<u8>, &[usize]),
     ) -> (tempfile::TempDir, Spool, Vec<u8>) {
         let dir = tempfile::tempdir().expect("tmp");
-        let (mut spool, _, _) = Spool::open(dir.path(), 1 << 20).expect("open");
+        let (mut spool, _, _) = open_as_i(dir.path(), 1 << 20).expect("open");
         let mut text = lines(1, to, &mut GENESIS.clone());
         let breaks: Vec<usize> = memchr::memchr_iter(b'\n', &text).collect();
         damage(&mut text, &breaks);
@@ -1517,7 +1632,7 @@ mod tests {
     #[test]
     fn released_segments_are_written_over_without_their_older_records_showing() {
         let dir = tempfile::tempdir().expect("tmp");
-        let (mut spool, _, _) = Spool::open(dir.path(), 200).expect("open");
+        let (mut spool, _, _) = open_as_i(dir.path(), 200).expect("open");
         let mut prev = GENESIS;
         // Five segments of four records each (a batch fills a segment).
         append_batches(&mut spool, 1, 5, &mut prev);
@@ -1553,14 +1668,14 @@ mod tests {
         assert_eq!(read_all(&mut fresh, 12), (13..=40).collect::<Vec<_>>());
 
         drop(spool);
-        let (_, _, head) = Spool::open(dir.path(), 200).expect("reopen");
+        let (_, _, head) = open_as_i(dir.path(), 200).expect("reopen");
         assert_eq!((head.seq, head.hash), (40, prev));
     }
 
     #[test]
     fn a_crash_in_a_reused_segment_keeps_only_its_own_records() {
         let dir = tempfile::tempdir().expect("tmp");
-        let (mut spool, _, _) = Spool::open(dir.path(), 200).expect("open");
+        let (mut spool, _, _) = open_as_i(dir.path(), 200).expect("open");
         let mut prev = GENESIS;
         append_batches(&mut spool, 1, 3, &mut prev);
         let reader = Reader::new(dir.path(), spool.live.clone());
@@ -1576,7 +1691,7 @@ mod tests {
         fs::write(dir.path().join(NEXT), b"half a batch").expect("next");
         drop(spool);
 
-        let (mut spool, _, head) = Spool::open(dir.path(), 200).expect("reopen");
+        let (mut spool, _, head) = open_as_i(dir.path(), 200).expect("reopen");
         assert_eq!((head.seq, head.hash), (13, prev));
         assert_eq!(seqs_on_disk(dir.path()), (9..=13).collect::<Vec<_>>());
         let on_disk: u64 = segments(dir.path())
@@ -1589,7 +1704,7 @@ mod tests {
         append_batches(&mut spool, 14, 3, &mut prev);
         assert_eq!(seqs_on_disk(dir.path()), (9..=25).collect::<Vec<_>>());
         drop(spool);
-        let (_, _, head) = Spool::open(dir.path(), 200).expect("reopen");
+        let (_, _, head) = open_as_i(dir.path(), 200).expect("reopen");
         assert_eq!((head.seq, head.hash), (25, prev));
     }
 
@@ -1604,7 +1719,7 @@ mod tests {
         bytes.extend(lines(4, 4, &mut other));
         bytes.extend(lines(2, 2, &mut prev));
         fs::write(segment_path(dir.path(), 1), &bytes).expect("write");
-        let (_, _, head) = Spool::open(dir.path(), 1 << 20).expect("open");
+        let (_, _, head) = open_as_i(dir.path(), 1 << 20).expect("open");
         assert_eq!((head.seq, head.hash), (3, good));
         assert_eq!(seqs_on_disk(dir.path()), vec![1, 2, 3]);
     }
@@ -1612,7 +1727,7 @@ mod tests {
     #[test]
     fn a_full_disk_gets_the_released_segments_back() {
         let dir = tempfile::tempdir().expect("tmp");
-        let (spool, _, _) = Spool::open(dir.path(), 200).expect("open");
+        let (spool, _, _) = open_as_i(dir.path(), 200).expect("open");
         let free = free_path(dir.path(), 1);
         fs::write(&free, b"older bytes").expect("write");
         spool.on_write_error(&io::Error::other("not this one"));
@@ -1624,7 +1739,7 @@ mod tests {
     #[test]
     fn segments_without_records_go_and_a_lost_chain_starts_anew() {
         let dir = tempfile::tempdir().expect("tmp");
-        let (mut spool, instance, _) = Spool::open(dir.path(), 200).expect("open");
+        let (mut spool, instance, _) = open_as_i(dir.path(), 200).expect("open");
         let mut prev = GENESIS;
         spool
             .append(&lines(1, 4, &mut prev), 1, true)
@@ -1632,14 +1747,14 @@ mod tests {
         drop(spool);
         // Damage: a later segment with nothing readable in it.
         fs::write(segment_path(dir.path(), 9), b"\0\0\0").expect("write");
-        let (mut spool, again, head) = Spool::open(dir.path(), 1 << 20).expect("reopen");
+        let (mut spool, again, head) = open_as_i(dir.path(), 1 << 20).expect("reopen");
         assert_eq!((again.as_str(), head.seq), (instance.as_str(), 4));
         assert!(!segment_path(dir.path(), 9).exists());
         spool
             .append(&lines(5, 6, &mut prev), 5, true)
             .expect("append");
         drop(spool);
-        let (_, _, head) = Spool::open(dir.path(), 1 << 20).expect("reopen");
+        let (_, _, head) = open_as_i(dir.path(), 1 << 20).expect("reopen");
         assert_eq!((head.seq, head.hash), (6, prev));
         assert_eq!(seqs_on_disk(dir.path()), (1..=6).collect::<Vec<_>>());
 
@@ -1650,7 +1765,7 @@ mod tests {
         // (with a released segment of the old chain, which must go too)
         let free = free_path(dir.path(), 3);
         fs::write(&free, lines(3, 4, &mut GENESIS.clone())).expect("write");
-        let (spool, other, head) = Spool::open(dir.path(), 1 << 20).expect("reopen");
+        let (spool, other, head) = open_as_i(dir.path(), 1 << 20).expect("reopen");
         assert_ne!(other, instance);
         assert_eq!(head.seq, 0);
         assert!(!free.exists());
@@ -1658,13 +1773,13 @@ mod tests {
 
         // An empty first segment is no lost record (older versions left one).
         fs::write(segment_path(dir.path(), 1), b"").expect("write");
-        let (spool, same, head) = Spool::open(dir.path(), 1 << 20).expect("reopen");
+        let (spool, same, head) = open_as_i(dir.path(), 1 << 20).expect("reopen");
         assert_eq!((same.as_str(), head.seq), (other.as_str(), 0));
         drop(spool);
 
         // But a lost first segment is: its records may have been shipped.
         fs::write(segment_path(dir.path(), 1), b"torn").expect("write");
-        let (_, third, head) = Spool::open(dir.path(), 1 << 20).expect("reopen");
+        let (_, third, head) = open_as_i(dir.path(), 1 << 20).expect("reopen");
         assert_ne!(third, other);
         assert_eq!(head.seq, 0);
     }
