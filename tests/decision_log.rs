@@ -1322,6 +1322,23 @@ async fn a_spool_that_lost_shipped_records_is_flagged_as_a_fork() {
     assert!(said.contains("300 records kept apart as forked"), "{said}");
 }
 
+/// Ten decisions spooled in `spool` by a sidecar with nowhere to ship
+/// them, stopped; the segment that holds them.
+async fn ten_unshipped_records(spool: &Path) -> PathBuf {
+    let nowhere = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    let mut sidecar = Sidecar::start(&example("documents"), &spool_args(&nowhere, spool));
+    assert_eq!(load_all(sidecar.grpc_addr.clone(), 10, 1).await.failures, 0);
+    sidecar.terminate();
+    std::fs::read_dir(spool)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| std::fs::read(p).unwrap().starts_with(b"{\"hash\""))
+        .expect("a segment")
+}
+
 /// Damage that changed one spooled record's own seq: the record is shipped
 /// where it stands, as evidence, and every other record joins the chain.
 /// (Taken at its damaged seq, it would have moved the stored head far
@@ -1331,18 +1348,7 @@ async fn a_record_whose_seq_was_damaged_in_the_spool_is_kept_in_its_place() {
     let (work, public) = work_with_key();
     let w = work.path();
     let spool = w.join("spool");
-    let nowhere = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        format!("http://{}", l.local_addr().unwrap())
-    };
-    let mut sidecar = Sidecar::start(&example("documents"), &spool_args(&nowhere, &spool));
-    assert_eq!(load_all(sidecar.grpc_addr.clone(), 10, 1).await.failures, 0);
-    sidecar.terminate();
-    let segment = std::fs::read_dir(&spool)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| std::fs::read(p).unwrap().starts_with(b"{\"hash\""))
-        .expect("a segment");
+    let segment = ten_unshipped_records(&spool).await;
     let text = String::from_utf8(std::fs::read(&segment).unwrap()).unwrap();
     assert!(text.contains(r#""seq":3,"#));
     std::fs::write(
@@ -1384,19 +1390,7 @@ async fn damage_that_merged_and_split_records_is_shipped_around() {
     let (work, public) = work_with_key();
     let w = work.path();
     let spool = w.join("spool");
-    // First with nowhere to ship: the records stay in the spool.
-    let nowhere = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        format!("http://{}", l.local_addr().unwrap())
-    };
-    let mut sidecar = Sidecar::start(&example("documents"), &spool_args(&nowhere, &spool));
-    assert_eq!(load_all(sidecar.grpc_addr.clone(), 10, 1).await.failures, 0);
-    sidecar.terminate();
-    let segment = std::fs::read_dir(&spool)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| std::fs::read(p).unwrap().starts_with(b"{\"hash\""))
-        .expect("a segment");
+    let segment = ten_unshipped_records(&spool).await;
     let mut text = std::fs::read(&segment).unwrap();
     let breaks: Vec<usize> = text
         .iter()

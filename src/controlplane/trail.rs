@@ -350,6 +350,16 @@ fn policy_list<S: AsRef<str>>(ids: &[S]) -> String {
     out
 }
 
+/// `(instance, seq, hash, body)` rows of a query selecting those columns.
+type KeyedBody = (String, i64, Vec<u8>, String);
+
+fn keyed_bodies(conn: &Connection, sql: &str) -> Result<Vec<KeyedBody>, TrailError> {
+    Ok(conn
+        .prepare(sql)?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+        .collect::<Result<Vec<_>, _>>()?)
+}
+
 /// Lists again the policy ids of records stored before ids were escaped
 /// (store version 3): only records with an id holding a comma or a
 /// backslash change. SQLite finds them (its JSON reader runs only where the
@@ -357,24 +367,17 @@ fn policy_list<S: AsRef<str>>(ids: &[S]) -> String {
 fn relist_policy_ids(conn: &Connection) -> Result<(), TrailError> {
     let tx = conn.unchecked_transaction()?;
     for table in ["decisions", "forked_records"] {
-        let rows = tx
-            .prepare(&format!(
+        let rows = keyed_bodies(
+            &tx,
+            &format!(
                 "SELECT instance, seq, hash, body FROM {table}
                  WHERE (instr(policy_ids, '\\') > 0
                         OR length(policy_ids) - length(replace(policy_ids, ',', '')) > 2)
                    AND CASE WHEN json_valid(body) THEN EXISTS (
                          SELECT 1 FROM json_each(body, '$.policy_ids')
                          WHERE instr(value, ',') > 0 OR instr(value, '\\') > 0) END"
-            ))?
-            .query_map([], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, i64>(1)?,
-                    r.get::<_, Vec<u8>>(2)?,
-                    r.get::<_, String>(3)?,
-                ))
-            })?
-            .collect::<Result<Vec<_>, _>>()?;
+            ),
+        )?;
         let mut update = tx.prepare(&format!(
             "UPDATE {table} SET policy_ids = ?4 WHERE instance = ?1 AND seq = ?2 AND hash = ?3"
         ))?;
@@ -392,17 +395,10 @@ fn relist_policy_ids(conn: &Connection) -> Result<(), TrailError> {
 /// had them, in one transaction.
 fn index_forked_records(conn: &Connection) -> Result<(), TrailError> {
     let tx = conn.unchecked_transaction()?;
-    let rows = tx
-        .prepare("SELECT instance, seq, hash, body FROM forked_records WHERE time_us IS NULL")?
-        .query_map([], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, i64>(1)?,
-                r.get::<_, Vec<u8>>(2)?,
-                r.get::<_, String>(3)?,
-            ))
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
+    let rows = keyed_bodies(
+        &tx,
+        "SELECT instance, seq, hash, body FROM forked_records WHERE time_us IS NULL",
+    )?;
     {
         let mut update = tx.prepare(&format!(
             "UPDATE forked_records SET ({FILTERED}) = (?4, ?5, ?6, ?7, ?8, ?9, ?10)
