@@ -114,8 +114,26 @@ pub struct Spool {
 
 struct Preparing {
     thread: std::thread::JoinHandle<()>,
+    state: Arc<PrepareState>,
+}
+
+/// What the writer and a preparing thread share.
+#[derive(Default)]
+struct PrepareState {
     /// Tells the thread to stop and remove what it wrote.
-    cancel: Arc<AtomicBool>,
+    cancel: AtomicBool,
+    /// Whether the thread is past putting its segment in place (placed,
+    /// given up or failed). Its rename happens under this lock, so a writer
+    /// holding it knows whether a segment is still to come; a thread that
+    /// has placed its segment but not yet returned must not count as
+    /// "still preparing", or a rotation taking that segment prepares none.
+    settled: Mutex<bool>,
+}
+
+impl PrepareState {
+    fn settled(&self) -> std::sync::MutexGuard<'_, bool> {
+        self.settled.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 impl Drop for Spool {
@@ -123,7 +141,7 @@ impl Drop for Spool {
     /// most), so the spool is left alone once it is closed.
     fn drop(&mut self) {
         if let Some(p) = self.preparing.take() {
-            p.cancel.store(true, Ordering::Relaxed);
+            p.state.cancel.store(true, Ordering::Relaxed);
             let _ = p.thread.join();
         }
     }
@@ -256,7 +274,7 @@ impl Spool {
             Some(f) => (segment_path(dir, f), None),
             None => {
                 if files(dir, FREE_SUFFIX)?.is_empty()
-                    && let Err(e) = prepare_segment(dir, segment_max, &AtomicBool::new(false))
+                    && let Err(e) = prepare_segment(dir, segment_max, &PrepareState::default())
                 {
                     tracing::warn!("decision spool: cannot prepare its first segment: {e}");
                 }
@@ -343,7 +361,7 @@ impl Spool {
             return;
         }
         if let Some(p) = &self.preparing {
-            p.cancel.store(true, Ordering::Relaxed);
+            p.state.cancel.store(true, Ordering::Relaxed);
         }
         match files(&self.dir, FREE_SUFFIX) {
             Ok(free) => {
@@ -363,8 +381,16 @@ impl Spool {
         }
         self.file.sync_data()?;
         let next = self.dir.join(NEXT);
-        take_free(&self.dir)?;
-        self.keep_one_ready();
+        let still_coming = {
+            // Held across the take: a segment still to come is placed after
+            // it, for the next rotation.
+            let settled = self.preparing.as_ref().map(|p| p.state.settled());
+            take_free(&self.dir)?;
+            settled.is_some_and(|s| !*s)
+        };
+        if !still_coming {
+            self.keep_one_ready();
+        }
         // Not truncated: writing over the blocks it has is the point.
         self.file = OpenOptions::new()
             .create(true)
@@ -383,11 +409,7 @@ impl Spool {
     /// released one is there or one is being prepared. Best effort: without
     /// it the next segment is a new file, as before preparing.
     fn keep_one_ready(&mut self) {
-        if self
-            .preparing
-            .as_ref()
-            .is_some_and(|p| !p.thread.is_finished())
-        {
+        if self.preparing.as_ref().is_some_and(|p| !*p.state.settled()) {
             return;
         }
         match files(&self.dir, FREE_SUFFIX) {
@@ -399,13 +421,15 @@ impl Spool {
             }
         }
         let (dir, len) = (self.dir.clone(), self.segment_max);
-        let cancel = Arc::new(AtomicBool::new(false));
-        let stop = cancel.clone();
+        let state = Arc::new(PrepareState::default());
+        let shared = state.clone();
         let started = std::thread::Builder::new()
             .name("decision-log-prep".into())
             .spawn(move || {
                 super::background_priority(PREPARE_NICE);
-                match prepare_segment(&dir, len, &stop) {
+                let outcome = prepare_segment(&dir, len, &shared);
+                *shared.settled() = true;
+                match outcome {
                     Err(e) if e.kind() != io::ErrorKind::Interrupted => {
                         tracing::warn!("decision spool: cannot prepare a segment: {e}");
                     }
@@ -413,7 +437,7 @@ impl Spool {
                 }
             });
         match started {
-            Ok(thread) => self.preparing = Some(Preparing { thread, cancel }),
+            Ok(thread) => self.preparing = Some(Preparing { thread, state }),
             Err(e) => tracing::warn!("decision spool: cannot start preparing a segment: {e}"),
         }
     }
@@ -448,7 +472,7 @@ fn take_free(dir: &Path) -> io::Result<()> {
 /// without a journal commit, and no block is allocated as records arrive.
 /// Does nothing where the file system is short of space (see
 /// [`PREPARE_HEADROOM_BYTES`]); `Interrupted` once `cancel` is set.
-fn prepare_segment(dir: &Path, len: u64, cancel: &AtomicBool) -> io::Result<()> {
+fn prepare_segment(dir: &Path, len: u64, state: &PrepareState) -> io::Result<()> {
     let len = len.min(PREPARE_MAX_BYTES);
     if !room_to_prepare(dir, len) {
         tracing::debug!("decision spool: short of disk space; no segment prepared");
@@ -460,7 +484,7 @@ fn prepare_segment(dir: &Path, len: u64, cancel: &AtomicBool) -> io::Result<()> 
         let zeros = vec![0; 1 << 20];
         let mut left = len;
         while left > 0 {
-            if cancel.load(Ordering::Relaxed) {
+            if state.cancel.load(Ordering::Relaxed) {
                 return Err(io::ErrorKind::Interrupted.into());
             }
             let n = left.min(zeros.len() as u64) as usize;
@@ -468,7 +492,10 @@ fn prepare_segment(dir: &Path, len: u64, cancel: &AtomicBool) -> io::Result<()> 
             left -= n as u64;
         }
         file.sync_data()?;
-        fs::rename(&tmp, free_path(dir, PREPARED_NUMBER))
+        let mut settled = state.settled();
+        fs::rename(&tmp, free_path(dir, PREPARED_NUMBER))?;
+        *settled = true;
+        Ok(())
     };
     fill().inspect_err(|_| {
         let _ = fs::remove_file(&tmp);
@@ -1361,8 +1388,9 @@ mod tests {
     fn preparing_gives_way_to_records() {
         let dir = tempfile::tempdir().expect("tmp");
         // Stopped (closing, or the disk full): nothing of it is left.
-        let cancel = AtomicBool::new(true);
-        let e = prepare_segment(dir.path(), PREPARED_BYTES, &cancel).expect_err("stopped");
+        let stopped = PrepareState::default();
+        stopped.cancel.store(true, Ordering::Relaxed);
+        let e = prepare_segment(dir.path(), PREPARED_BYTES, &stopped).expect_err("stopped");
         assert_eq!(e.kind(), io::ErrorKind::Interrupted);
         // Where the disk has no room for a segment and the headroom besides,
         // none is prepared (this one asks for more than any disk has).
@@ -1670,6 +1698,49 @@ mod tests {
         drop(spool);
         let (_, _, head) = open_as_i(dir.path(), 200).expect("reopen");
         assert_eq!((head.seq, head.hash), (40, prev));
+    }
+
+    #[test]
+    fn a_segment_taken_before_its_thread_returned_is_followed_by_another() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (mut spool, _, _) = open_as_i(dir.path(), 200).expect("open");
+        spool.wait_prepared();
+        assert!(free_path(dir.path(), PREPARED_NUMBER).exists());
+        // The thread that prepared it has put it in place but not returned
+        // yet (a busy machine can hold it there for a while).
+        let (go, held) = std::sync::mpsc::channel::<()>();
+        let state = Arc::new(PrepareState::default());
+        *state.settled() = true;
+        let thread = std::thread::spawn(move || {
+            let _ = held.recv();
+        });
+        spool.preparing = Some(Preparing { thread, state });
+        // The second batch starts a segment in the prepared one.
+        let mut prev = GENESIS;
+        append_batches(&mut spool, 1, 2, &mut prev);
+        drop(go);
+        spool.wait_prepared();
+        assert!(
+            free_path(dir.path(), PREPARED_NUMBER).exists(),
+            "another is prepared behind it"
+        );
+
+        // One still being written is left to come: none is started beside it.
+        let state = Arc::new(PrepareState::default());
+        let writing = state.clone();
+        let (go, held) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let _ = held.recv();
+            *writing.settled() = true;
+        });
+        let waited_for = thread.thread().id();
+        fs::remove_file(free_path(dir.path(), PREPARED_NUMBER)).expect("rm");
+        spool.preparing = Some(Preparing { thread, state });
+        append_batches(&mut spool, 9, 1, &mut prev);
+        let still = spool.preparing.as_ref().expect("kept");
+        assert_eq!(still.thread.thread().id(), waited_for, "none started");
+        drop(go);
+        spool.wait_prepared();
     }
 
     #[test]
