@@ -21,7 +21,9 @@ use tonic::{Request, Response, Status};
 use super::convert::{self, Limits};
 use super::grpc::{call, status};
 use super::pb::v1::{self as pb, tool_access_server::ToolAccess};
-use crate::decision::{Active, CheckError, Decider, Decision, EntityRef, Links, Outcome};
+use crate::decision::{
+    Active, CheckError, DETAILS_WITHHELD, Decider, Decision, EntityRef, Links, Outcome,
+};
 use crate::sessions::feed::Link;
 use crate::sessions::{SessionChange, subject_key};
 
@@ -454,14 +456,26 @@ impl ToolService {
                     ..(*decision).clone()
                 }
             }
-            Ok(v) => Decision::deny(
-                decision.policy_ids.clone(),
-                vec![format!(
-                    "approval `{approval_id}` does not allow this call: {}",
-                    v.reason
-                )],
-            ),
-            Err(e) => Decision::deny(decision.policy_ids.clone(), vec![e]),
+            // The approval id is the caller's and the reason the approver's:
+            // either may quote the request, so the log's form leaves them out.
+            Ok(v) => Decision {
+                redacted_errors: Some(vec![format!(
+                    "the approval does not allow this call {DETAILS_WITHHELD}"
+                )]),
+                ..Decision::deny(
+                    decision.policy_ids.clone(),
+                    vec![format!(
+                        "approval `{approval_id}` does not allow this call: {}",
+                        v.reason
+                    )],
+                )
+            },
+            Err(e) => Decision {
+                redacted_errors: Some(vec![format!(
+                    "the approval could not be checked {DETAILS_WITHHELD}"
+                )]),
+                ..Decision::deny(decision.policy_ids.clone(), vec![e])
+            },
         };
         (Arc::new(decided), links)
     }

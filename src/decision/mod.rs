@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwapOption;
 use moka::sync::Cache;
 
-pub use model::{Answer, Decision, EntityRef, Obligation, Outcome, Request, StepUp};
+pub use model::{
+    Answer, DETAILS_WITHHELD, Decision, EntityRef, Obligation, Outcome, Request, StepUp,
+};
 
 use crate::decision_log::Entry;
 use crate::policy::{Engine, RequestError};
@@ -261,7 +263,7 @@ impl Decider {
             return None;
         }
         let why = sessions.stale_denial()?;
-        Some(Arc::new(Decision::deny(Vec::new(), vec![why])))
+        Some(Arc::new(Decision::deny_own(Vec::new(), vec![why])))
     }
 
     /// Like `evaluate`, with context attribute `unknown` not known yet (a
@@ -289,7 +291,7 @@ impl Decider {
     }
 
     fn stale_deny() -> Decision {
-        Decision::deny(
+        Decision::deny_own(
             Vec::new(),
             vec!["the policy bundle is stale and the fail mode is deny-all".to_owned()],
         )
@@ -340,7 +342,7 @@ impl Decider {
             } else {
                 format!("the session is revoked (signal {})", s.event_id)
             };
-            return Arc::new(Decision::deny(decided.policy_ids.clone(), vec![what]));
+            return Arc::new(Decision::deny_own(decided.policy_ids.clone(), vec![what]));
         }
         decided
     }

@@ -103,13 +103,18 @@ pub struct Decision {
     pub obligations: Vec<Obligation>,
     /// Evaluation errors; non-empty only with `DENY` (fail closed).
     pub errors: Vec<String>,
-    /// `errors` without the request values they quote (Cedar's messages name
-    /// entities and attribute values): each names the policy and the kind of
-    /// failure only. The decision log writes these when the bundle masks
-    /// request fields. `None` when `errors` quote nothing from the request.
+    /// `errors` without the request values they may quote (Cedar's messages
+    /// name entities and attribute values): for Cedar's, each names the
+    /// policy and the kind of failure only. The decision log writes these
+    /// when the bundle masks request fields; with `None` it withholds each
+    /// error. [`Decision::deny_own`] sets them for the sidecar's own errors.
     #[serde(skip)]
     pub redacted_errors: Option<Vec<String>>,
 }
+
+/// Ends an error's redacted form: what the log writes under masking rules
+/// in place of the request values the error would quote.
+pub const DETAILS_WITHHELD: &str = "(details withheld: the bundle masks request fields)";
 
 impl Decision {
     pub fn deny(policy_ids: Vec<String>, errors: Vec<String>) -> Self {
@@ -121,6 +126,16 @@ impl Decision {
             obligations: Vec::new(),
             errors,
             redacted_errors: None,
+        }
+    }
+
+    /// A deny with errors the sidecar wrote itself from what it knows (its
+    /// bundle, its signal feed, its control plane), quoting no request
+    /// value: they are logged as they are, also under masking rules.
+    pub fn deny_own(policy_ids: Vec<String>, errors: Vec<String>) -> Self {
+        Self {
+            redacted_errors: Some(errors.clone()),
+            ..Self::deny(policy_ids, errors)
         }
     }
 }

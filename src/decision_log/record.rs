@@ -2,6 +2,7 @@
 //! build: it moves the request and shares the decision), written there as
 //! canonical JSON without its chain position, which the writer adds.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -251,7 +252,7 @@ pub fn decision_tail(e: &Entry, out: &mut Vec<u8>) {
         e.mask.apply(&mut form);
         j.value(&form);
     }
-    j.decision(&e.decision, recorded_errors(e));
+    j.decision(&e.decision, &recorded_errors(e));
     j.optional("session_id", e.request.session_id.as_deref());
     let l = &e.links;
     j.optional("approval_id", l.approval_id.as_deref());
@@ -268,14 +269,24 @@ pub fn decision_tail(e: &Entry, out: &mut Vec<u8>) {
     j.0.push(b'}');
 }
 
-/// The errors a record carries: under masking rules, none that quote the
-/// request, since Cedar's messages name the entities and values involved.
-fn recorded_errors(e: &Entry) -> &[String] {
+/// The errors a record carries: under masking rules, none that may quote
+/// the request (Cedar's messages name the entities and values involved).
+/// An error with no redacted form is withheld, not written: redacting is
+/// the default, so a new source of errors cannot leak masked values.
+fn recorded_errors(e: &Entry) -> Cow<'_, [String]> {
+    let errors = &e.decision.errors;
+    if e.mask.is_empty() || errors.is_empty() {
+        return Cow::Borrowed(errors);
+    }
     match &e.decision.redacted_errors {
-        Some(redacted) if !e.mask.is_empty() => redacted,
-        _ => &e.decision.errors,
+        Some(redacted) => Cow::Borrowed(redacted),
+        None => Cow::Owned(vec![WITHHELD_ERROR.to_owned(); errors.len()]),
     }
 }
+
+/// What a record holds, under masking rules, for an error that may quote
+/// the request and has no redacted form.
+const WITHHELD_ERROR: &str = "error withheld: the bundle masks request fields";
 
 /// A marker standing in for records that were dropped (overflow `drop`), so
 /// the loss itself is in the chain.
@@ -358,7 +369,7 @@ mod tests {
         e.mask.apply(&mut request);
         request.sort_all_objects();
         let decision = Decision {
-            errors: recorded_errors(e).to_vec(),
+            errors: recorded_errors(e).into_owned(),
             ..(*e.decision).clone()
         };
         let r = Reference {
@@ -578,10 +589,20 @@ mod tests {
             serde_json::json!(["policy `p1` read a missing attribute"])
         );
         // Errors the sidecar wrote itself quote nothing and are kept.
-        e.decision = Arc::new(Decision::deny(
+        e.decision = Arc::new(Decision::deny_own(
             vec![],
             vec!["the session is revoked".into()],
         ));
         assert_eq!(errors_of(&e), serde_json::json!(["the session is revoked"]));
+        // Any other error without a redacted form is withheld, one for one:
+        // nobody has said it quotes nothing.
+        let unvetted = vec!["`User::\"alice\"` is unknown".into(), "bob".into()];
+        e.decision = Arc::new(Decision::deny(vec![], unvetted.clone()));
+        assert_eq!(
+            errors_of(&e),
+            serde_json::json!([WITHHELD_ERROR, WITHHELD_ERROR])
+        );
+        e.mask = Arc::new(MaskRules::default());
+        assert_eq!(errors_of(&e), serde_json::json!(unvetted));
     }
 }

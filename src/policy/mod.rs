@@ -27,7 +27,7 @@ use outcome::PolicyMeta;
 pub use schema::TypeModel;
 
 use crate::bundle::Bundle;
-use crate::decision::{Decision, Request};
+use crate::decision::{DETAILS_WITHHELD, Decision, Request};
 
 /// How a bundle is compiled.
 #[derive(Debug, Clone, Copy)]
@@ -563,7 +563,7 @@ fn failed_closed(r: &cedar_policy::Response) -> Option<Decision> {
         errors.push(e.to_string());
         let cedar_policy::AuthorizationError::PolicyEvaluationError(e) = e;
         redacted.push(format!(
-            "error while evaluating policy `{}`: {} (details withheld: the bundle masks request fields)",
+            "error while evaluating policy `{}`: {} {DETAILS_WITHHELD}",
             e.policy_id(),
             evaluation_error_kind(e.inner())
         ));
