@@ -535,6 +535,53 @@ pub(crate) mod tests {
     }
 
     #[tokio::test]
+    async fn a_write_given_up_at_shutdown_ends_the_writer_and_counts_the_queue_as_dropped() {
+        let dir = tempfile::tempdir().expect("tmp");
+        // Batches of more than three records fail, after half of them are
+        // on disk; shorter ones are written.
+        spool::faults::fail_appends_longer_than(dir.path(), 3);
+        let metrics = DecisionLogMetrics::default();
+        let settings = Settings {
+            batch_interval: Duration::from_millis(300),
+            ..settings(&dir)
+        };
+        let (sink, running) = start(settings, metrics.clone()).expect("starts");
+        for i in 0..10 {
+            assert!(sink.record(entry()).settle().await.is_ok(), "answered");
+            if i == 0 {
+                // The writer has the first and gathers the batch.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        // Stopped while the writer gathers its batch: that turn is not its
+        // last, and its write of ten fails until the writer gives up.
+        let _ = running.stop.send(true);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // Queued behind the failing batch.
+        let late = [sink.record(entry()), sink.record(entry())];
+        let mut answered = 10;
+        for h in late {
+            answered += u64::from(h.settle().await.is_ok());
+        }
+        within(running.writer).await.expect("writer ends");
+        drop(running.spool_lock);
+
+        // Whatever reached the spool is one intact chain (a later batch at
+        // the given-up one's seqs would be written over its torn half), and
+        // every answered record is on it or counted as dropped.
+        let mut v = chain::Verifier::default();
+        let segments = spool::segments(dir.path()).expect("list");
+        for (i, (first, path)) in segments.iter().enumerate() {
+            let newest = (i + 1 == segments.len()).then_some(*first);
+            let bytes = std::fs::read(path).expect("read");
+            chain::verify_into(&mut v, &bytes, newest).expect("intact chain");
+        }
+        let (_, _, head) = spool::Spool::open(dir.path(), 1 << 20).expect("reopen");
+        assert_eq!(head.seq + metrics.dropped.get(), answered);
+        assert_eq!(metrics.dropped.get(), answered, "nothing was written");
+    }
+
+    #[tokio::test]
     async fn a_writer_held_at_the_cap_stops_when_its_running_handle_is_dropped() {
         let dir = tempfile::tempdir().expect("tmp");
         let settings = Settings {

@@ -325,6 +325,11 @@ impl Spool {
         if self.file_len >= self.segment_max && self.unnamed.is_none() {
             self.start_segment(next_seq)?;
         }
+        #[cfg(test)]
+        if let Some(part) = faults::torn_write(&self.dir, lines) {
+            write_at(&self.file, part, self.file_len)?;
+            return Err(io::Error::other("a write failure the test asked for"));
+        }
         write_at(&self.file, lines, self.file_len).inspect_err(|e| self.on_write_error(e))?;
         if sync || self.unnamed.is_some() {
             self.file
@@ -513,6 +518,32 @@ fn room_to_prepare(dir: &Path, len: u64) -> bool {
     }
     let _ = (dir, len);
     true
+}
+
+/// Write failures for tests of what fails above the spool: a full or
+/// failing disk cannot be had on demand.
+#[cfg(test)]
+pub(super) mod faults {
+    use std::path::{Path, PathBuf};
+    use std::sync::Mutex;
+
+    /// Spool directories whose appends of more than so many lines fail.
+    static LONG_APPENDS_FAIL: Mutex<Vec<(PathBuf, usize)>> = Mutex::new(Vec::new());
+
+    /// Appends of more than `lines` lines to the spool in `dir` fail from
+    /// now on, after writing the first half of their lines (a torn write).
+    pub fn fail_appends_longer_than(dir: &Path, lines: usize) {
+        let mut failing = LONG_APPENDS_FAIL.lock().expect("lock");
+        failing.push((dir.to_path_buf(), lines));
+    }
+
+    /// The part of `lines` written before the failure, if this one fails.
+    pub(super) fn torn_write<'a>(dir: &Path, lines: &'a [u8]) -> Option<&'a [u8]> {
+        let failing = LONG_APPENDS_FAIL.lock().expect("lock");
+        let max = failing.iter().find(|(d, _)| d == dir)?.1;
+        let ends: Vec<usize> = memchr::memchr_iter(b'\n', lines).collect();
+        (ends.len() > max).then(|| &lines[..=ends[ends.len() / 2 - 1]])
+    }
 }
 
 /// Where a released (or prepared) segment numbered `first` is kept.

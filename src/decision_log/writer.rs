@@ -191,8 +191,9 @@ impl Writer {
 
     /// Chains the batch into `lines` and has it spooled; gives the buffer
     /// back for the next batch, or `None` once nothing can be written any
-    /// more (the disk thread is gone): the writer ends, and with it the
-    /// queue, so decisions that need a record are refused.
+    /// more (the disk thread is gone, or the spool kept failing at
+    /// shutdown): the writer ends, and with it the queue, so decisions that
+    /// need a record are refused.
     async fn write(&mut self, batch: &mut Vec<Queued>, mut lines: Vec<u8>) -> Option<Vec<u8>> {
         lines.clear();
         let first_seq = self.head.seq + 1;
@@ -243,12 +244,19 @@ impl Writer {
                     if self.stopping()
                         && failing_since.is_some_and(|t| t.elapsed() > Duration::from_secs(2))
                     {
+                        // And on the queue: the head stays where it was, so
+                        // a later batch would take this one's seqs and be
+                        // written over whatever part of it reached the disk.
+                        self.rx.close();
+                        while let Ok(q) = self.rx.try_recv() {
+                            batch.push(q);
+                        }
                         tracing::error!(
                             "decision log: giving up on {} records at shutdown",
                             batch.len()
                         );
                         self.lose(batch, dropped);
-                        return Some(lines);
+                        return None;
                     }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
