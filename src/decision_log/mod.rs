@@ -534,6 +534,42 @@ pub(crate) mod tests {
         assert_eq!(lines, 2, "every answered record is written");
     }
 
+    /// Checks the spool in `dir` as `log verify` does; returns its head.
+    fn verified_head(dir: &std::path::Path) -> u64 {
+        let mut v = chain::Verifier::default();
+        let segments = spool::segments(dir).expect("list");
+        for (i, (first, path)) in segments.iter().enumerate() {
+            let newest = (i + 1 == segments.len()).then_some(*first);
+            let bytes = std::fs::read(path).expect("read");
+            chain::verify_into(&mut v, &bytes, newest).expect("intact chain");
+        }
+        let (_, _, head) = spool::Spool::open(dir, 1 << 20).expect("reopen");
+        head.seq
+    }
+
+    #[tokio::test]
+    async fn a_failed_spool_write_is_retried_in_place_and_nothing_is_lost() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let metrics = DecisionLogMetrics::default();
+        let (sink, running) = start(settings(&dir), metrics.clone()).expect("starts");
+        let mut spooled = running.spooled.clone();
+        assert!(sink.record(entry()).settle().await.is_ok());
+        within(spooled.wait_for(|s| *s == 1))
+            .await
+            .expect("spooled");
+        // The next three writes tear, then the disk recovers.
+        spool::faults::fail_next_appends(dir.path(), 3, std::io::ErrorKind::Other);
+        for _ in 0..6 {
+            assert!(sink.record(entry()).settle().await.is_ok());
+        }
+        within(spooled.wait_for(|s| *s == 7))
+            .await
+            .expect("spooled");
+        running.close().await;
+        assert_eq!(verified_head(dir.path()), 7);
+        assert_eq!(metrics.dropped.get(), 0);
+    }
+
     #[tokio::test]
     async fn a_write_given_up_at_shutdown_ends_the_writer_and_counts_the_queue_as_dropped() {
         let dir = tempfile::tempdir().expect("tmp");
@@ -569,15 +605,8 @@ pub(crate) mod tests {
         // Whatever reached the spool is one intact chain (a later batch at
         // the given-up one's seqs would be written over its torn half), and
         // every answered record is on it or counted as dropped.
-        let mut v = chain::Verifier::default();
-        let segments = spool::segments(dir.path()).expect("list");
-        for (i, (first, path)) in segments.iter().enumerate() {
-            let newest = (i + 1 == segments.len()).then_some(*first);
-            let bytes = std::fs::read(path).expect("read");
-            chain::verify_into(&mut v, &bytes, newest).expect("intact chain");
-        }
-        let (_, _, head) = spool::Spool::open(dir.path(), 1 << 20).expect("reopen");
-        assert_eq!(head.seq + metrics.dropped.get(), answered);
+        let head = verified_head(dir.path());
+        assert_eq!(head + metrics.dropped.get(), answered);
         assert_eq!(metrics.dropped.get(), answered, "nothing was written");
     }
 

@@ -326,9 +326,11 @@ impl Spool {
             self.start_segment(next_seq)?;
         }
         #[cfg(test)]
-        if let Some(part) = faults::torn_write(&self.dir, lines) {
+        if let Some((part, kind)) = faults::torn_write(&self.dir, lines) {
             write_at(&self.file, part, self.file_len)?;
-            return Err(io::Error::other("a write failure the test asked for"));
+            let e = io::Error::new(kind, "a write failure the test asked for");
+            self.on_write_error(&e);
+            return Err(e);
         }
         write_at(&self.file, lines, self.file_len).inspect_err(|e| self.on_write_error(e))?;
         if sync || self.unnamed.is_some() {
@@ -524,25 +526,61 @@ fn room_to_prepare(dir: &Path, len: u64) -> bool {
 /// failing disk cannot be had on demand.
 #[cfg(test)]
 pub(super) mod faults {
+    use std::io::ErrorKind;
     use std::path::{Path, PathBuf};
     use std::sync::Mutex;
 
-    /// Spool directories whose appends of more than so many lines fail.
-    static LONG_APPENDS_FAIL: Mutex<Vec<(PathBuf, usize)>> = Mutex::new(Vec::new());
-
-    /// Appends of more than `lines` lines to the spool in `dir` fail from
-    /// now on, after writing the first half of their lines (a torn write).
-    pub fn fail_appends_longer_than(dir: &Path, lines: usize) {
-        let mut failing = LONG_APPENDS_FAIL.lock().expect("lock");
-        failing.push((dir.to_path_buf(), lines));
+    struct Fault {
+        dir: PathBuf,
+        /// Appends of more lines than this fail...
+        longer_than: usize,
+        /// ...this many times more (`None`: every time)...
+        times: Option<u32>,
+        /// ...with this error.
+        kind: ErrorKind,
     }
 
-    /// The part of `lines` written before the failure, if this one fails.
-    pub(super) fn torn_write<'a>(dir: &Path, lines: &'a [u8]) -> Option<&'a [u8]> {
-        let failing = LONG_APPENDS_FAIL.lock().expect("lock");
-        let max = failing.iter().find(|(d, _)| d == dir)?.1;
+    static FAULTS: Mutex<Vec<Fault>> = Mutex::new(Vec::new());
+
+    /// Appends of more than `lines` lines to the spool in `dir` fail from
+    /// now on, after writing half of their lines and half the next one (a
+    /// torn write).
+    pub fn fail_appends_longer_than(dir: &Path, lines: usize) {
+        add(dir, lines, None, ErrorKind::Other);
+    }
+
+    /// The next `times` appends to the spool in `dir` fail the same way,
+    /// with `kind`.
+    pub fn fail_next_appends(dir: &Path, times: u32, kind: ErrorKind) {
+        add(dir, 0, Some(times), kind);
+    }
+
+    fn add(dir: &Path, longer_than: usize, times: Option<u32>, kind: ErrorKind) {
+        let mut faults = FAULTS.lock().expect("lock");
+        faults.push(Fault {
+            dir: dir.to_path_buf(),
+            longer_than,
+            times,
+            kind,
+        });
+    }
+
+    /// The part of `lines` written before the failure, and the error, if
+    /// this one fails.
+    pub(super) fn torn_write<'a>(dir: &Path, lines: &'a [u8]) -> Option<(&'a [u8], ErrorKind)> {
+        let mut faults = FAULTS.lock().expect("lock");
         let ends: Vec<usize> = memchr::memchr_iter(b'\n', lines).collect();
-        (ends.len() > max).then(|| &lines[..=ends[ends.len() / 2 - 1]])
+        let fault = faults
+            .iter_mut()
+            .find(|f| f.dir == dir && ends.len() > f.longer_than && f.times != Some(0))?;
+        if let Some(n) = &mut fault.times {
+            *n -= 1;
+        }
+        // Half the lines, and half of the next one.
+        let k = ends.len() / 2;
+        let start = k.checked_sub(1).map_or(0, |i| ends[i] + 1);
+        let next_end = ends.get(k).map_or(lines.len(), |e| e + 1);
+        Some((&lines[..start + (next_end - start) / 2], fault.kind))
     }
 }
 
@@ -1775,6 +1813,32 @@ mod tests {
     }
 
     #[test]
+    fn a_full_disk_gets_the_kept_segments_back_and_the_write_is_retried_in_place() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (mut spool, _, _) = open_as_i(dir.path(), PREPARED_BYTES).expect("open");
+        spool.wait_prepared();
+        assert_eq!(files(dir.path(), FREE_SUFFIX).expect("free").len(), 1);
+        let mut prev = GENESIS;
+        let batch = lines(1, 3, &mut prev);
+        // Any other failure keeps them for reuse.
+        faults::fail_next_appends(dir.path(), 1, io::ErrorKind::Other);
+        spool.append(&batch, 1, true).expect_err("failing");
+        assert_eq!(files(dir.path(), FREE_SUFFIX).expect("free").len(), 1);
+        faults::fail_next_appends(dir.path(), 1, io::ErrorKind::StorageFull);
+        let e = spool.append(&batch, 1, true).expect_err("disk full");
+        assert_eq!(e.kind(), io::ErrorKind::StorageFull);
+        // The prepared segment's blocks are the spool's own: given back.
+        assert!(files(dir.path(), FREE_SUFFIX).expect("free").is_empty());
+        // Retried over the torn half, the batch is there once.
+        spool.append(&batch, 1, true).expect("retried");
+        let mut reader = Reader::new(dir.path(), spool.live.clone());
+        assert_eq!(read_all(&mut reader, 0), vec![1, 2, 3]);
+        drop(spool);
+        let (_, _, head) = open_as_i(dir.path(), PREPARED_BYTES).expect("reopen");
+        assert_eq!((head.seq, head.hash), (3, prev));
+    }
+
+    #[test]
     fn a_crash_in_a_reused_segment_keeps_only_its_own_records() {
         let dir = tempfile::tempdir().expect("tmp");
         let (mut spool, _, _) = open_as_i(dir.path(), 200).expect("open");
@@ -1824,18 +1888,6 @@ mod tests {
         let (_, _, head) = open_as_i(dir.path(), 1 << 20).expect("open");
         assert_eq!((head.seq, head.hash), (3, good));
         assert_eq!(seqs_on_disk(dir.path()), vec![1, 2, 3]);
-    }
-
-    #[test]
-    fn a_full_disk_gets_the_released_segments_back() {
-        let dir = tempfile::tempdir().expect("tmp");
-        let (spool, _, _) = open_as_i(dir.path(), 200).expect("open");
-        let free = free_path(dir.path(), 1);
-        fs::write(&free, b"older bytes").expect("write");
-        spool.on_write_error(&io::Error::other("not this one"));
-        assert!(free.exists(), "kept for reuse");
-        spool.on_write_error(&io::Error::from(io::ErrorKind::StorageFull));
-        assert!(!free.exists(), "given back");
     }
 
     #[test]
