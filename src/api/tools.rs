@@ -456,8 +456,8 @@ impl ToolService {
                     ..(*decision).clone()
                 }
             }
-            // The approval id is the caller's and the reason the approver's:
-            // either may quote the request, so the log's form leaves them out.
+            // The approver's reason may quote the request, so the log's form
+            // leaves it out (the record names the approval in `approval_id`).
             Ok(v) => Decision {
                 redacted_errors: Some(vec![format!(
                     "the approval does not allow this call {DETAILS_WITHHELD}"

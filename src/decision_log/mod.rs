@@ -599,7 +599,11 @@ pub(crate) mod tests {
         for h in late {
             answered += u64::from(h.settle().await.is_ok());
         }
-        within(running.writer).await.expect("writer ends");
+        // Giving up takes 2 s of failing writes.
+        tokio::time::timeout(Duration::from_secs(10), running.writer)
+            .await
+            .expect("writer ends in time")
+            .expect("writer ends");
         drop(running.spool_lock);
 
         // Whatever reached the spool is one intact chain (a later batch at

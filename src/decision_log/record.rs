@@ -258,7 +258,12 @@ pub fn decision_tail(e: &Entry, out: &mut Vec<u8>) {
     j.optional("approval_id", l.approval_id.as_deref());
     j.optional("approval_expires_at", l.approval_expires_at.as_deref());
     j.optional("approved_by", l.approved_by.as_deref());
-    j.optional("approval_error", l.approval_error.as_deref());
+    // The control plane's or the transport's words: not vetted either.
+    let approval_error = match l.approval_error.as_deref() {
+        Some(_) if !e.mask.is_empty() => Some(WITHHELD_ERROR),
+        error => error,
+    };
+    j.optional("approval_error", approval_error);
     if e.depends_on_arguments {
         j.raw(b",\"depends_on_arguments\":true");
     }
@@ -372,6 +377,10 @@ mod tests {
             errors: recorded_errors(e).into_owned(),
             ..(*e.decision).clone()
         };
+        let mut links = e.links.clone();
+        if !e.mask.is_empty() && links.approval_error.is_some() {
+            links.approval_error = Some(WITHHELD_ERROR.into());
+        }
         let r = Reference {
             kind: e.kind,
             time: crate::decision_log::time::format_micros(e.time_us),
@@ -381,7 +390,7 @@ mod tests {
             request,
             decision: &decision,
             session_id: e.request.session_id.as_deref(),
-            links: &e.links,
+            links: &links,
             depends_on_arguments: e.depends_on_arguments,
             latency_us: e.latency.as_micros() as u64,
             trace_id: e.trace_id.as_deref(),
@@ -496,13 +505,26 @@ mod tests {
             unreachable!()
         };
         let mut masked_sorted = entry(request(sorted_all), failed);
-        masked_sorted.mask = rules;
+        masked_sorted.mask = rules.clone();
+        // The approval's error may quote the request too: withheld.
+        let mut masked_links = entry(request(Map::new()), Decision::deny(vec![], vec![]));
+        masked_links.mask = rules;
+        masked_links.links = crate::decision::Links {
+            approval_id: Some("a1".into()),
+            approval_error: Some("`bob` may not".into()),
+            ..Default::default()
+        };
         let (mut a, mut b) = (Vec::new(), Vec::new());
         decision_tail(&masked, &mut a);
         decision_tail(&masked_sorted, &mut b);
         assert_eq!(String::from_utf8_lossy(&a), String::from_utf8_lossy(&b));
         assert!(String::from_utf8_lossy(&a).contains(r#""z":"sha256:"#));
         cases.push(masked);
+        let mut withheld = Vec::new();
+        decision_tail(&masked_links, &mut withheld);
+        let withheld: Value = serde_json::from_slice(&withheld).expect("json");
+        assert_eq!(withheld["approval_error"], WITHHELD_ERROR);
+        cases.push(masked_links);
         let mut out = Vec::new();
         for e in &cases {
             decision_tail(e, &mut out);

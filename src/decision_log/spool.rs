@@ -367,9 +367,12 @@ impl Spool {
         ) {
             return;
         }
-        if let Some(p) = &self.preparing {
+        // Under the preparing thread's lock: one already past its last
+        // check must not put its segment in place after the cleanup.
+        let _settled = self.preparing.as_ref().map(|p| {
             p.state.cancel.store(true, Ordering::Relaxed);
-        }
+            p.state.settled()
+        });
         match files(&self.dir, FREE_SUFFIX) {
             Ok(free) => {
                 for (_, path) in free {
@@ -500,6 +503,9 @@ fn prepare_segment(dir: &Path, len: u64, state: &PrepareState) -> io::Result<()>
         }
         file.sync_data()?;
         let mut settled = state.settled();
+        if state.cancel.load(Ordering::Relaxed) {
+            return Err(io::ErrorKind::Interrupted.into());
+        }
         fs::rename(&tmp, free_path(dir, PREPARED_NUMBER))?;
         *settled = true;
         Ok(())

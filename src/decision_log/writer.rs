@@ -251,6 +251,7 @@ impl Writer {
                         while let Ok(q) = self.rx.try_recv() {
                             batch.push(q);
                         }
+                        self.shared.metrics.queued.set(0);
                         tracing::error!(
                             "decision log: giving up on {} records at shutdown",
                             batch.len()
