@@ -123,9 +123,8 @@ struct PrepareState {
     /// Tells the thread to stop and remove what it wrote.
     cancel: AtomicBool,
     /// Whether the thread is past putting its segment in place (placed,
-    /// given up or failed). Its rename happens under this lock, so a writer
-    /// holding it knows whether a segment is still to come; a thread that
-    /// has placed its segment but not yet returned must not count as
+    /// given up or failed), set with its rename under this lock: a thread
+    /// that has placed its segment but not yet returned must not count as
     /// "still preparing", or a rotation taking that segment prepares none.
     settled: Mutex<bool>,
 }
@@ -391,16 +390,8 @@ impl Spool {
         }
         self.file.sync_data()?;
         let next = self.dir.join(NEXT);
-        let still_coming = {
-            // Held across the take: a segment still to come is placed after
-            // it, for the next rotation.
-            let settled = self.preparing.as_ref().map(|p| p.state.settled());
-            take_free(&self.dir)?;
-            settled.is_some_and(|s| !*s)
-        };
-        if !still_coming {
-            self.keep_one_ready();
-        }
+        take_free(&self.dir)?;
+        self.keep_one_ready();
         // Not truncated: writing over the blocks it has is the point.
         self.file = OpenOptions::new()
             .create(true)
