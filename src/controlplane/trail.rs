@@ -2190,4 +2190,105 @@ mod tests {
         let report = store.verify(Some("i1")).expect("verify");
         assert_eq!(report[0].first_break.as_ref().map(|b| b.seq), Some(10));
     }
+
+    /// Shipped batches are unpacked and stored two at a time across all
+    /// streams, and a stream waiting for a turn is answered once one frees:
+    /// without the limit the first ack comes while both turns are held, and
+    /// a turn never given back hangs the batches after it.
+    #[tokio::test]
+    async fn at_most_two_batches_are_stored_at_once_and_each_gives_its_turn_back() {
+        use crate::api::pb::v1::decision_log_client::DecisionLogClient;
+        use crate::api::pb::v1::decision_log_server::DecisionLogServer;
+        use std::time::Duration;
+
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = Arc::new(DecisionStore::open(&dir.path().join("cp.db")).expect("open"));
+        let service = DecisionLogService::new(store.clone());
+        let storing = service.storing.clone();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(DecisionLogServer::new(service))
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+        );
+
+        let mut prev = GENESIS;
+        let mut batch = |from: u64, to: u64| {
+            let mut text = Vec::new();
+            for (_, hash, body) in records(from, to, &mut prev) {
+                chain::write_line(&mut text, &hash, &body);
+            }
+            RecordBatch {
+                instance_id: "i1".into(),
+                first_seq: from,
+                count: (to - from + 1) as u32,
+                lines_deflate: Vec::new(),
+                lines_lz4: crate::decision_log::shipper::compress(&text).expect("packs"),
+            }
+        };
+        let (tx, rx) = mpsc::channel(4);
+        tx.send(RecordBatch {
+            instance_id: "i1".into(),
+            ..RecordBatch::default()
+        })
+        .await
+        .expect("hello");
+        let mut client = DecisionLogClient::connect(url).await.expect("connect");
+        let mut inbound = client
+            .ship(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .expect("stream")
+            .into_inner();
+        // Read acks on their own task, so waiting for one can time out
+        // without cancelling a read half done.
+        let (acks_tx, mut acks) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok(Some(ack)) = inbound.message().await {
+                let _ = acks_tx.send(ack);
+            }
+        });
+        let next = Duration::from_secs(10);
+        let hello = tokio::time::timeout(next, acks.recv())
+            .await
+            .expect("hello ack");
+        assert_eq!(hello.expect("ack").acked_seq, 0);
+
+        // Both turns taken (as by two other streams' batches): a batch waits.
+        let first_turn = storing.clone().acquire_owned().await.expect("turn");
+        let second_turn = storing.clone().acquire_owned().await.expect("turn");
+        tx.send(batch(1, 3)).await.expect("send");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), acks.recv())
+                .await
+                .is_err(),
+            "a batch was stored while both turns were held"
+        );
+        assert_eq!(store.head("i1").expect("head").0, 0, "nothing stored yet");
+        drop(first_turn);
+        let ack = tokio::time::timeout(next, acks.recv()).await.expect("ack");
+        assert_eq!(ack.expect("ack").acked_seq, 3);
+
+        // One turn left: each batch must give it back for the next.
+        for from in [4, 7, 10] {
+            tx.send(batch(from, from + 2)).await.expect("send");
+            let ack = tokio::time::timeout(next, acks.recv())
+                .await
+                .expect("the turn came back");
+            assert_eq!(ack.expect("ack").acked_seq, from + 2);
+        }
+        assert_eq!(storing.available_permits(), 1);
+        drop(second_turn);
+        assert_eq!(
+            storing.available_permits(),
+            DecisionLogService::STORING_AT_ONCE
+        );
+        assert!(
+            store.verify(Some("i1")).expect("verify")[0]
+                .first_break
+                .is_none()
+        );
+    }
 }
